@@ -1,0 +1,693 @@
+//! The conformance cases. Each takes the store under test and panics on a violation of
+//! the `Store` contract. The [`suite!`](crate::suite) macro runs all of them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use fascicle_api::chrono::{Duration, Utc};
+use fascicle_api::{
+    BackendErrorKind, Error, InlineExecutor, Limits, NewBatch, NewOperation, Notifier, OperationId,
+    Queue, Status, Store,
+};
+use serde_json::{Value, json};
+
+use crate::faults::{FailingNotifier, FaultPlan, FaultyStore};
+
+fn batch_of(kind: &str, n: usize) -> NewBatch {
+    NewBatch::new(kind)
+        .with_metadata(json!({ "source": "conformance", "children": n }))
+        .children((0..n).map(|i| {
+            NewOperation::new(
+                "retain",
+                json!({ "index": i, "text": format!("document {i}") }),
+            )
+        }))
+}
+
+/// A batch whose every id is chosen up front, so a failed submit can be checked for
+/// leftovers by id.
+fn batch_with_ids(n: usize) -> (NewBatch, OperationId, Vec<OperationId>) {
+    let parent = OperationId::new();
+    let ids: Vec<OperationId> = (0..n).map(|_| OperationId::new()).collect();
+    let batch = NewBatch::new("batch_retain").with_id(parent).children(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| NewOperation::new("retain", json!({ "index": i })).with_id(*id)),
+    );
+    (batch, parent, ids)
+}
+
+fn faulty(store: &Arc<dyn Store>, plan: FaultPlan) -> Arc<dyn Store> {
+    Arc::new(FaultyStore::new(Arc::clone(store), plan))
+}
+
+fn assert_injected(result: fascicle_api::Result<impl std::fmt::Debug>) {
+    match result {
+        Err(Error::Backend {
+            kind: BackendErrorKind::Injected,
+            ..
+        }) => {}
+        other => panic!("expected the injected failure to surface, got {other:?}"),
+    }
+}
+
+/// Nothing with these ids exists, and the store holds no work and no batch at all.
+async fn assert_nothing_stored(
+    store: &Arc<dyn Store>,
+    parent: OperationId,
+    children: &[OperationId],
+) {
+    assert!(
+        store.get(parent).await.unwrap().is_none(),
+        "parent {parent} survived a failed batch"
+    );
+    for id in children {
+        assert!(
+            store.get(*id).await.unwrap().is_none(),
+            "child {id} survived a failed batch"
+        );
+    }
+    assert!(store.children_of(parent).await.unwrap().is_empty());
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.work().total(), 0, "work rows left behind: {stats:?}");
+    assert_eq!(stats.batches.total(), 0, "parents left behind: {stats:?}");
+}
+
+async fn assert_batch_stored(
+    store: &Arc<dyn Store>,
+    parent: OperationId,
+    children: &[OperationId],
+) {
+    let stored = store
+        .get(parent)
+        .await
+        .unwrap()
+        .expect("committed parent is missing");
+    assert!(stored.is_parent());
+    assert_eq!(stored.children.unwrap().total, children.len() as u64);
+    let stored_children: Vec<OperationId> = store
+        .children_of(parent)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(
+        stored_children, children,
+        "children missing or out of order"
+    );
+}
+
+/// A committed batch: parent and children readable, children in insertion order, every
+/// field as submitted.
+pub async fn batch_commit_makes_parent_and_children_visible(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let receipt = queue
+        .submit_batch(batch_of("batch_retain", 3))
+        .await
+        .unwrap();
+    assert!(receipt.created && receipt.notified);
+    assert_eq!(receipt.child_ids.len(), 3);
+
+    let parent = store.get(receipt.parent_id).await.unwrap().expect("parent");
+    assert_eq!(parent.kind, "batch_retain");
+    assert_eq!(parent.status, Status::Pending);
+    assert_eq!(parent.parent_id, None);
+    let counters = parent.children.expect("a parent carries child counters");
+    assert_eq!((counters.total, counters.terminal()), (3, 0));
+
+    let children = store.children_of(receipt.parent_id).await.unwrap();
+    let ids: Vec<OperationId> = children.iter().map(|c| c.id).collect();
+    assert_eq!(
+        ids, receipt.child_ids,
+        "children_of must follow insertion order"
+    );
+    for (i, child) in children.iter().enumerate() {
+        assert_eq!(child.kind, "retain");
+        assert_eq!(child.status, Status::Pending);
+        assert_eq!(child.parent_id, Some(receipt.parent_id));
+        assert_eq!(
+            child.payload,
+            Some(json!({ "index": i, "text": format!("document {i}") }))
+        );
+        assert_eq!(child.attempts, 0);
+        assert_eq!(child.max_attempts, fascicle_api::DEFAULT_MAX_ATTEMPTS);
+        assert!(child.children.is_none() && child.completed_at.is_none());
+        let fetched = store.get(child.id).await.unwrap().expect("child by id");
+        assert_eq!(&fetched, child);
+    }
+}
+
+/// The 2nd of 3 children fails to insert: no row at all remains, the parent included,
+/// and the same ids can be submitted afterwards.
+pub async fn rollback_on_child_failure(store: Arc<dyn Store>) {
+    let (batch, parent, children) = batch_with_ids(3);
+    let broken = Queue::new(faulty(
+        &store,
+        FaultPlan {
+            fail_child: Some(2),
+            ..FaultPlan::default()
+        },
+    ));
+    assert_injected(broken.submit_batch(batch.clone()).await);
+    assert_nothing_stored(&store, parent, &children).await;
+
+    let receipt = Queue::new(Arc::clone(&store))
+        .submit_batch(batch)
+        .await
+        .unwrap();
+    assert!(receipt.created);
+    assert_batch_stored(&store, parent, &children).await;
+}
+
+/// The very first child fails: the parent, already inserted, is rolled back too.
+pub async fn rollback_on_first_child_failure(store: Arc<dyn Store>) {
+    let (batch, parent, children) = batch_with_ids(4);
+    let broken = Queue::new(faulty(
+        &store,
+        FaultPlan {
+            fail_child: Some(1),
+            ..FaultPlan::default()
+        },
+    ));
+    assert_injected(broken.submit_batch(batch).await);
+    assert_nothing_stored(&store, parent, &children).await;
+}
+
+/// The commit fails: nothing is visible, and the store stays usable.
+pub async fn rollback_on_commit_failure(store: Arc<dyn Store>) {
+    let (batch, parent, children) = batch_with_ids(3);
+    let broken = Queue::new(faulty(
+        &store,
+        FaultPlan {
+            fail_commit: true,
+            ..FaultPlan::default()
+        },
+    ));
+    assert_injected(broken.submit_batch(batch.clone()).await);
+    assert_nothing_stored(&store, parent, &children).await;
+    Queue::new(Arc::clone(&store))
+        .submit_batch(batch)
+        .await
+        .unwrap();
+    assert_batch_stored(&store, parent, &children).await;
+}
+
+async fn insert_by_hand(
+    store: &Arc<dyn Store>,
+    n: usize,
+) -> (
+    Box<dyn fascicle_api::Transaction>,
+    OperationId,
+    Vec<OperationId>,
+) {
+    let now = Utc::now();
+    let parent = fascicle_api::ParentRecord {
+        id: OperationId::new(),
+        kind: "batch_retain".into(),
+        metadata: Value::Null,
+        children_total: n as u64,
+        created_at: now,
+    };
+    let children: Vec<fascicle_api::ChildRecord> = (0..n)
+        .map(|i| fascicle_api::ChildRecord {
+            id: OperationId::new(),
+            parent_id: Some(parent.id),
+            kind: "retain".into(),
+            payload: json!({ "index": i }),
+            priority: 0,
+            run_at: now,
+            serialization_key: None,
+            max_attempts: 3,
+            created_at: now,
+        })
+        .collect();
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_parent(&parent).await.unwrap();
+    tx.insert_child(&children[0]).await.unwrap();
+    tx.insert_children(&children[1..]).await.unwrap();
+    let ids = children.iter().map(|c| c.id).collect();
+    (tx, parent.id, ids)
+}
+
+/// Dropping an uncommitted transaction discards everything it inserted.
+pub async fn dropped_transaction_rolls_back(store: Arc<dyn Store>) {
+    let (tx, parent, children) = insert_by_hand(&store, 5).await;
+    drop(tx);
+    assert_nothing_stored(&store, parent, &children).await;
+    // The store is usable again at once (a dropped transaction released its lock).
+    let receipt = Queue::new(Arc::clone(&store))
+        .submit_batch(batch_of("batch_retain", 2))
+        .await
+        .unwrap();
+    assert_eq!(store.children_of(receipt.parent_id).await.unwrap().len(), 2);
+}
+
+/// An explicit rollback discards everything inserted.
+pub async fn explicit_rollback(store: Arc<dyn Store>) {
+    let (tx, parent, children) = insert_by_hand(&store, 5).await;
+    tx.rollback().await.unwrap();
+    assert_nothing_stored(&store, parent, &children).await;
+    let (tx, parent, children) = insert_by_hand(&store, 2).await;
+    tx.commit().await.unwrap();
+    assert_batch_stored(&store, parent, &children).await;
+}
+
+/// Rows inserted in an open transaction are invisible to `get`, `children_of` and
+/// `stats` until the commit returns; then all of them appear at once.
+pub async fn uncommitted_rows_are_invisible_to_other_callers(store: Arc<dyn Store>) {
+    let (tx, parent, children) = insert_by_hand(&store, 4).await;
+    let reader = Arc::clone(&store);
+    let seen = tokio::spawn(async move {
+        let stats = reader.stats().await.unwrap();
+        (
+            reader.get(parent).await.unwrap(),
+            reader.get(children[0]).await.unwrap(),
+            reader.children_of(parent).await.unwrap().len(),
+            stats.work().total(),
+            stats.batches.total(),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen, (None, None, 0, 0, 0), "uncommitted rows were visible");
+    tx.commit().await.unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.work().ready, 4);
+    assert_eq!(stats.batches.open, 1);
+    assert_eq!(store.children_of(parent).await.unwrap().len(), 4);
+}
+
+/// Notifiers run after the commit: an inline executor reads every notified child back.
+pub async fn notify_runs_after_commit(store: Arc<dyn Store>) {
+    let executor = Arc::new(InlineExecutor::new(Arc::clone(&store)));
+    let queue = Queue::new(Arc::clone(&store)).with_notifier(executor.clone());
+    let receipt = queue
+        .submit_batch(batch_of("batch_retain", 3))
+        .await
+        .unwrap();
+    assert!(
+        receipt.notified,
+        "the inline executor could not see the committed rows"
+    );
+    let seen = executor.seen();
+    let ids: Vec<OperationId> = seen.iter().map(|op| op.id).collect();
+    assert_eq!(ids, receipt.child_ids);
+    for op in &seen {
+        assert_eq!(op.parent_id, Some(receipt.parent_id));
+        assert_eq!(op.status, Status::Pending);
+    }
+}
+
+/// A submit that fails before its commit notifies nobody.
+pub async fn notify_not_called_when_submit_fails(store: Arc<dyn Store>) {
+    let executor = Arc::new(InlineExecutor::new(Arc::clone(&store)));
+    let queue = Queue::new(faulty(
+        &store,
+        FaultPlan {
+            fail_child: Some(2),
+            ..FaultPlan::default()
+        },
+    ))
+    .with_notifier(executor.clone());
+    assert_injected(queue.submit_batch(batch_of("batch_retain", 3)).await);
+    assert!(
+        executor.seen().is_empty(),
+        "a failed submit notified workers"
+    );
+    let queue = Queue::new(faulty(
+        &store,
+        FaultPlan {
+            fail_commit: true,
+            ..FaultPlan::default()
+        },
+    ))
+    .with_notifier(executor.clone());
+    assert_injected(queue.submit_batch(batch_of("batch_retain", 3)).await);
+    assert!(
+        executor.seen().is_empty(),
+        "a failed commit notified workers"
+    );
+}
+
+/// A notifier failing after the commit loses nothing: the rows stay, pending and ready.
+pub async fn notify_failure_keeps_the_batch(store: Arc<dyn Store>) {
+    let failing: Arc<dyn Notifier> = Arc::new(FailingNotifier);
+    let queue = Queue::new(Arc::clone(&store)).with_notifier(failing);
+    let receipt = queue
+        .submit_batch(batch_of("batch_retain", 3))
+        .await
+        .unwrap();
+    assert!(!receipt.notified);
+    assert_batch_stored(&store, receipt.parent_id, &receipt.child_ids).await;
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.work().ready, 3);
+    for id in &receipt.child_ids {
+        assert_eq!(
+            store.get(*id).await.unwrap().unwrap().status,
+            Status::Pending
+        );
+    }
+}
+
+/// The parent is an aggregator: no payload, its metadata kept; every child has one.
+pub async fn parent_has_no_payload(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let receipt = queue
+        .submit_batch(batch_of("batch_retain", 2))
+        .await
+        .unwrap();
+    let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
+    assert_eq!(parent.payload, None);
+    assert_eq!(
+        parent.metadata,
+        Some(json!({ "source": "conformance", "children": 2 }))
+    );
+    for child in store.children_of(receipt.parent_id).await.unwrap() {
+        assert!(child.payload.is_some() && !child.is_parent());
+    }
+}
+
+/// Queue depth counts children and stand-alone operations only; parents are batches.
+pub async fn stats_do_not_count_parents_as_work(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    queue
+        .submit_batch(batch_of("batch_retain", 3))
+        .await
+        .unwrap();
+    queue
+        .submit_batch(batch_of("batch_retain", 3))
+        .await
+        .unwrap();
+    queue
+        .submit(NewOperation::new("consolidate", json!({})))
+        .await
+        .unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.work().total(), 7);
+    assert_eq!(stats.work().ready, 7);
+    assert_eq!(stats.batches.open, 2);
+    assert_eq!(stats.batches.total(), 2);
+    assert!(
+        !stats.kinds.contains_key("batch_retain"),
+        "a parent kind was counted as work: {stats:?}"
+    );
+    assert_eq!(stats.kinds["retain"].ready, 6);
+    assert_eq!(stats.kinds["consolidate"].ready, 1);
+}
+
+/// An operation scheduled in the future is `scheduled`, not `ready`, and keeps its
+/// `run_at`.
+pub async fn scheduled_operations_are_not_ready(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let later = Utc::now() + Duration::hours(1);
+    let receipt = queue
+        .submit_batch(
+            NewBatch::new("batch")
+                .child(NewOperation::new("retain", json!({})))
+                .child(NewOperation::new("retain", json!({})).with_run_at(later)),
+        )
+        .await
+        .unwrap();
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (stats.kinds["retain"].ready, stats.kinds["retain"].scheduled),
+        (1, 1)
+    );
+    let scheduled = store.get(receipt.child_ids[1]).await.unwrap().unwrap();
+    let drift = (scheduled.run_at - later).num_microseconds().unwrap().abs();
+    assert!(
+        drift <= 1,
+        "run_at not kept: {} vs {later}",
+        scheduled.run_at
+    );
+}
+
+fn assert_invalid(result: fascicle_api::Result<impl std::fmt::Debug>, needle: &str) {
+    match result {
+        Err(Error::InvalidInput(message)) => assert!(
+            message.contains(needle),
+            "error `{message}` does not mention `{needle}`"
+        ),
+        other => panic!("expected InvalidInput mentioning `{needle}`, got {other:?}"),
+    }
+}
+
+async fn assert_store_empty(store: &Arc<dyn Store>) {
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.work().total() + stats.batches.total(), 0, "{stats:?}");
+}
+
+/// A batch with no children is refused and writes nothing.
+pub async fn empty_batch_rejected_nothing_written(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let id = OperationId::new();
+    assert_invalid(
+        queue
+            .submit_batch(NewBatch::new("batch_retain").with_id(id))
+            .await,
+        "no children",
+    );
+    assert!(store.get(id).await.unwrap().is_none());
+    assert_store_empty(&store).await;
+}
+
+/// A payload over the limit is refused, naming the child; one at the limit is taken.
+pub async fn oversized_payload_rejected(store: Arc<dyn Store>) {
+    let default_queue = Queue::new(Arc::clone(&store));
+    let huge = "x".repeat(1024 * 1024);
+    assert_invalid(
+        default_queue
+            .submit_batch(
+                NewBatch::new("batch")
+                    .child(NewOperation::new("retain", json!({})))
+                    .child(NewOperation::new("retain", json!(huge))),
+            )
+            .await,
+        "child #1 payload",
+    );
+    assert_store_empty(&store).await;
+
+    let limit = 64;
+    let queue = Queue::new(Arc::clone(&store)).with_limits(Limits {
+        max_payload_bytes: limit,
+        ..Limits::default()
+    });
+    // A JSON string of n characters serializes to n + 2 bytes.
+    let at_limit = json!("y".repeat(limit - 2));
+    let over_limit = json!("y".repeat(limit - 1));
+    assert_invalid(
+        queue.submit(NewOperation::new("retain", over_limit)).await,
+        "limit is 64",
+    );
+    assert_store_empty(&store).await;
+    let receipt = queue
+        .submit(NewOperation::new("retain", at_limit.clone()))
+        .await
+        .unwrap();
+    let stored = store.get(receipt.id).await.unwrap().unwrap();
+    assert_eq!(stored.payload, Some(at_limit));
+}
+
+/// Two children with the same id are refused before anything is written.
+pub async fn duplicate_child_ids_rejected(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let dup = OperationId::new();
+    assert_invalid(
+        queue
+            .submit_batch(
+                NewBatch::new("batch")
+                    .child(NewOperation::new("retain", json!(1)).with_id(dup))
+                    .child(NewOperation::new("retain", json!(2)))
+                    .child(NewOperation::new("retain", json!(3)).with_id(dup)),
+            )
+            .await,
+        "child #2 repeats id",
+    );
+    assert!(store.get(dup).await.unwrap().is_none());
+    let parent = OperationId::new();
+    assert_invalid(
+        queue
+            .submit_batch(
+                NewBatch::new("batch")
+                    .with_id(parent)
+                    .child(NewOperation::new("retain", json!(1)).with_id(parent)),
+            )
+            .await,
+        "repeats id",
+    );
+    assert_store_empty(&store).await;
+}
+
+/// Empty kinds, NUL characters and zero attempts are refused with a typed error.
+pub async fn invalid_names_and_values_rejected(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    assert_invalid(
+        queue.submit_batch(batch_of("", 1)).await,
+        "batch kind is empty",
+    );
+    assert_invalid(
+        queue
+            .submit_batch(NewBatch::new("batch").child(NewOperation::new(" ", json!({}))))
+            .await,
+        "child #0 kind is empty",
+    );
+    assert_invalid(
+        queue
+            .submit(NewOperation::new(
+                "retain",
+                json!({ "text": "nul\u{0}inside" }),
+            ))
+            .await,
+        "NUL",
+    );
+    assert_invalid(
+        queue
+            .submit(NewOperation::new("re\u{0}tain", json!({})))
+            .await,
+        "NUL",
+    );
+    assert_invalid(
+        queue
+            .submit(NewOperation::new("retain", json!({})).with_max_attempts(0))
+            .await,
+        "max_attempts",
+    );
+    assert_store_empty(&store).await;
+}
+
+/// Resubmitting a caller-supplied parent id returns the existing batch; nothing is
+/// duplicated.
+pub async fn idempotent_submit_returns_existing_batch(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let id = OperationId::new();
+    let first = queue
+        .submit_batch(batch_of("batch_retain", 3).with_id(id))
+        .await
+        .unwrap();
+    assert!(first.created);
+    let again = queue
+        .submit_batch(batch_of("batch_retain", 3).with_id(id))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.parent_id, id);
+    assert_eq!(again.child_ids, first.child_ids);
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.work().total(), stats.batches.total()), (3, 1));
+}
+
+/// Eight identical submits racing: exactly one creates the batch, all return it.
+pub async fn concurrent_identical_submits_create_one_batch(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let id = OperationId::new();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                queue
+                    .submit_batch(batch_of("batch_retain", 4).with_id(id))
+                    .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    let mut child_sets = HashSet::new();
+    for task in tasks {
+        let receipt = task.await.unwrap().unwrap();
+        assert_eq!(receipt.parent_id, id);
+        created += usize::from(receipt.created);
+        child_sets.insert(receipt.child_ids);
+    }
+    assert_eq!(created, 1, "more than one submit created the batch");
+    assert_eq!(
+        child_sets.len(),
+        1,
+        "submits disagree on the batch's children"
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.work().total(), stats.batches.total()), (4, 1));
+}
+
+/// A child whose id another batch already uses fails the whole new batch.
+pub async fn child_id_taken_by_another_batch_rolls_back(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let (first, first_parent, first_children) = batch_with_ids(2);
+    queue.submit_batch(first).await.unwrap();
+    let second_parent = OperationId::new();
+    let fresh = OperationId::new();
+    let result = queue
+        .submit_batch(
+            NewBatch::new("batch_retain")
+                .with_id(second_parent)
+                .child(NewOperation::new("retain", json!(0)).with_id(fresh))
+                .child(NewOperation::new("retain", json!(1)).with_id(first_children[1])),
+        )
+        .await;
+    assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
+    assert!(store.get(second_parent).await.unwrap().is_none());
+    assert!(store.get(fresh).await.unwrap().is_none());
+    assert_batch_stored(&store, first_parent, &first_children).await;
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.work().total(), stats.batches.total()), (2, 1));
+}
+
+/// A stand-alone operation has no parent, is ready at once, and is idempotent on its id.
+pub async fn standalone_submit_is_visible_and_idempotent(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let id = OperationId::new();
+    let op = NewOperation::new("consolidate", json!({ "bank": "b1" }))
+        .with_id(id)
+        .with_priority(7)
+        .with_serialization_key("bank:b1")
+        .with_max_attempts(2);
+    let first = queue.submit(op.clone()).await.unwrap();
+    assert!(first.created && first.id == id);
+    let again = queue.submit(op).await.unwrap();
+    assert!(!again.created);
+    let stored = store.get(id).await.unwrap().unwrap();
+    assert_eq!(stored.parent_id, None);
+    assert_eq!(stored.priority, 7);
+    assert_eq!(stored.serialization_key.as_deref(), Some("bank:b1"));
+    assert_eq!(stored.max_attempts, 2);
+    assert_eq!(stored.status, Status::Pending);
+    assert_eq!(store.stats().await.unwrap().work().total(), 1);
+
+    // A parent id reused as a stand-alone id is a conflict, not a silent success.
+    let batch = queue.submit_batch(batch_of("batch", 1)).await.unwrap();
+    let result = queue
+        .submit(NewOperation::new("consolidate", json!({})).with_id(batch.parent_id))
+        .await;
+    assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
+}
+
+/// 10,000 children: a failure on the very last one leaves nothing; then the whole batch
+/// commits and is visible at once.
+pub async fn large_batch_10k_children_commits_atomically(store: Arc<dyn Store>) {
+    const N: usize = 10_000;
+    let (batch, parent, children) = batch_with_ids(N);
+    let broken = Queue::new(faulty(
+        &store,
+        FaultPlan {
+            fail_child: Some(N),
+            ..FaultPlan::default()
+        },
+    ));
+    assert_injected(broken.submit_batch(batch.clone()).await);
+    assert_nothing_stored(
+        &store,
+        parent,
+        &[children[0], children[N - 2], children[N - 1]],
+    )
+    .await;
+
+    let receipt = Queue::new(Arc::clone(&store))
+        .submit_batch(batch)
+        .await
+        .unwrap();
+    assert_eq!(receipt.child_ids.len(), N);
+    assert_batch_stored(&store, parent, &children).await;
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.work().ready, N as u64);
+    assert_eq!(stats.batches.open, 1);
+}

@@ -1,0 +1,249 @@
+//! Fault-injecting wrappers: they make a real driver fail at a chosen step, so the
+//! suite checks each driver's rollback, not only the queue's logic.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use fascicle_api::{
+    BackendErrorKind, Capabilities, ChildRecord, Error, Notifier, Operation, OperationId,
+    ParentRecord, Result, Stats, Store, Submitted, Transaction,
+};
+
+/// Where a [`FaultyStore`] fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Fail the k-th child inserted in a transaction (1-based), after the first k-1
+    /// reached the driver.
+    pub fail_child: Option<usize>,
+    /// Fail the commit: the driver's transaction is dropped uncommitted.
+    pub fail_commit: bool,
+}
+
+fn injected(what: &str) -> Error {
+    Error::backend(
+        "fault-injection",
+        BackendErrorKind::Injected,
+        format!("injected failure: {what}"),
+    )
+}
+
+/// Wraps a store and injects the failures of a [`FaultPlan`] into its transactions.
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    plan: FaultPlan,
+}
+
+impl FaultyStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Store>, plan: FaultPlan) -> Self {
+        Self { inner, plan }
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    fn driver(&self) -> &'static str {
+        self.inner.driver()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn begin(&self) -> Result<Box<dyn Transaction>> {
+        Ok(Box::new(FaultyTransaction {
+            inner: self.inner.begin().await?,
+            plan: self.plan,
+            children_seen: 0,
+        }))
+    }
+
+    async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
+        self.inner.get(id).await
+    }
+
+    async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
+        self.inner.children_of(parent_id).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        self.inner.stats().await
+    }
+}
+
+struct FaultyTransaction {
+    inner: Box<dyn Transaction>,
+    plan: FaultPlan,
+    children_seen: usize,
+}
+
+#[async_trait]
+impl Transaction for FaultyTransaction {
+    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+        self.inner.insert_parent(parent).await
+    }
+
+    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
+        self.children_seen += 1;
+        if self.plan.fail_child == Some(self.children_seen) {
+            return Err(injected(&format!(
+                "insert of child #{}",
+                self.children_seen
+            )));
+        }
+        self.inner.insert_child(child).await
+    }
+
+    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        let first = self.children_seen + 1;
+        match self.plan.fail_child {
+            Some(k) if (first..first + children.len()).contains(&k) => {
+                let before = k - first;
+                if before > 0 {
+                    self.inner.insert_children(&children[..before]).await?;
+                }
+                self.children_seen = k;
+                Err(injected(&format!("insert of child #{k}")))
+            }
+            _ => {
+                self.children_seen += children.len();
+                self.inner.insert_children(children).await
+            }
+        }
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        if self.plan.fail_commit {
+            drop(self.inner);
+            return Err(injected("commit"));
+        }
+        self.inner.commit().await
+    }
+
+    async fn rollback(self: Box<Self>) -> Result<()> {
+        self.inner.rollback().await
+    }
+}
+
+/// A notifier that always fails, for checking that a failed notification loses nothing.
+#[derive(Debug, Default)]
+pub struct FailingNotifier;
+
+#[async_trait]
+impl Notifier for FailingNotifier {
+    async fn notify(&self, _submitted: &Submitted) -> Result<()> {
+        Err(injected("notification"))
+    }
+}
+
+/// A deliberately broken store reproducing the bug fascicle exists to prevent: it
+/// commits the parent in its own transaction, outside the batch's. The suite must
+/// catch it (`rollback_on_child_failure` fails); this is the suite's self-test.
+pub struct AutocommitParentStore {
+    inner: Arc<dyn Store>,
+}
+
+impl fmt::Debug for AutocommitParentStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AutocommitParentStore")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl AutocommitParentStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self { inner }
+    }
+}
+
+#[async_trait]
+impl Store for AutocommitParentStore {
+    fn driver(&self) -> &'static str {
+        "broken-autocommit-parent"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn begin(&self) -> Result<Box<dyn Transaction>> {
+        Ok(Box::new(AutocommitParentTransaction {
+            store: Arc::clone(&self.inner),
+            batch: self.inner.begin().await?,
+        }))
+    }
+
+    async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
+        self.inner.get(id).await
+    }
+
+    async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
+        self.inner.children_of(parent_id).await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        self.inner.stats().await
+    }
+}
+
+struct AutocommitParentTransaction {
+    store: Arc<dyn Store>,
+    batch: Box<dyn Transaction>,
+}
+
+#[async_trait]
+impl Transaction for AutocommitParentTransaction {
+    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+        // The bug: a second connection, auto-committing the parent on its own. The
+        // batch's transaction must be committed out of the way first on single-writer
+        // backends, so swap in a fresh one afterwards.
+        let batch = std::mem::replace(&mut self.batch, Box::new(NoTransaction));
+        batch.rollback().await?;
+        let mut own = self.store.begin().await?;
+        own.insert_parent(parent).await?;
+        own.commit().await?;
+        self.batch = self.store.begin().await?;
+        Ok(())
+    }
+
+    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
+        self.batch.insert_child(child).await
+    }
+
+    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        self.batch.insert_children(children).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.batch.commit().await
+    }
+
+    async fn rollback(self: Box<Self>) -> Result<()> {
+        self.batch.rollback().await
+    }
+}
+
+struct NoTransaction;
+
+#[async_trait]
+impl Transaction for NoTransaction {
+    async fn insert_parent(&mut self, _parent: &ParentRecord) -> Result<()> {
+        Err(injected("no transaction"))
+    }
+
+    async fn insert_child(&mut self, _child: &ChildRecord) -> Result<()> {
+        Err(injected("no transaction"))
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+
+    async fn rollback(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,160 @@
+#![doc = include_str!("../README.md")]
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Once};
+
+use fascicle_api::Store;
+
+pub mod cases;
+pub mod faults;
+
+/// A boxed, sendable future with no output, as every case returns.
+pub type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// One conformance case: takes the store under test, panics on a violation.
+pub type CaseFn = fn(Arc<dyn Store>) -> CaseFuture;
+
+type Cleanup = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What a driver's factory hands the suite for one case: an isolated store (fresh
+/// schema, file or instance), an optional clean-up run after the case whether it passed
+/// or not, or a reason to skip.
+pub struct Fixture {
+    store: Option<Arc<dyn Store>>,
+    cleanup: Option<Cleanup>,
+    skip_reason: Option<String>,
+}
+
+impl fmt::Debug for Fixture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fixture")
+            .field("store", &self.store)
+            .field("cleanup", &self.cleanup.is_some())
+            .field("skip_reason", &self.skip_reason)
+            .finish()
+    }
+}
+
+impl Fixture {
+    /// A fixture over `store`.
+    pub fn new(store: impl Store + 'static) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A fixture over a shared store.
+    pub fn from_arc(store: Arc<dyn Store>) -> Self {
+        Self {
+            store: Some(store),
+            cleanup: None,
+            skip_reason: None,
+        }
+    }
+
+    /// Runs `cleanup` after the case (dropping a schema, deleting a file).
+    pub fn with_cleanup(mut self, cleanup: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.cleanup = Some(Box::pin(cleanup));
+        self
+    }
+
+    /// No backend is available: every case prints one line (once per test binary) and
+    /// passes without running. Use only where the environment allows skipping.
+    pub fn skipped(reason: impl Into<String>) -> Self {
+        Self {
+            store: None,
+            cleanup: None,
+            skip_reason: Some(reason.into()),
+        }
+    }
+}
+
+/// Runs one case on a fresh multi-threaded runtime. Used by [`suite!`]; call it directly
+/// to run a single case by hand.
+pub fn run_case<Fac, FacFut>(name: &str, factory: Fac, case: CaseFn)
+where
+    Fac: FnOnce() -> FacFut,
+    FacFut: Future<Output = Fixture>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime for the conformance case");
+    runtime.block_on(async move {
+        let fixture = factory().await;
+        let Some(store) = fixture.store else {
+            static SKIP_LINE: Once = Once::new();
+            let reason = fixture.skip_reason.unwrap_or_default();
+            SKIP_LINE.call_once(|| eprintln!("SKIPPED conformance suite: {reason}"));
+            let _ = name;
+            return;
+        };
+        let outcome = tokio::spawn(case(store)).await;
+        if let Some(cleanup) = fixture.cleanup {
+            cleanup.await;
+        }
+        if let Err(join_error) = outcome {
+            match join_error.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(e) => panic!("conformance case {name} did not finish: {e}"),
+            }
+        }
+    });
+}
+
+/// Expands into one `#[test]` per conformance case, each running on a fresh store from
+/// `$factory` — an expression evaluating to a future whose output is a [`Fixture`].
+///
+/// ```ignore
+/// mod conformance {
+///     fascicle_conformance::suite!(async { fascicle_conformance::Fixture::new(MyStore::new()) });
+/// }
+/// ```
+#[macro_export]
+macro_rules! suite {
+    ($factory:expr) => {
+        $crate::__suite_cases!(
+            $factory;
+            batch_commit_makes_parent_and_children_visible,
+            rollback_on_child_failure,
+            rollback_on_first_child_failure,
+            rollback_on_commit_failure,
+            dropped_transaction_rolls_back,
+            explicit_rollback,
+            uncommitted_rows_are_invisible_to_other_callers,
+            notify_runs_after_commit,
+            notify_not_called_when_submit_fails,
+            notify_failure_keeps_the_batch,
+            parent_has_no_payload,
+            stats_do_not_count_parents_as_work,
+            scheduled_operations_are_not_ready,
+            empty_batch_rejected_nothing_written,
+            oversized_payload_rejected,
+            duplicate_child_ids_rejected,
+            invalid_names_and_values_rejected,
+            idempotent_submit_returns_existing_batch,
+            concurrent_identical_submits_create_one_batch,
+            child_id_taken_by_another_batch_rolls_back,
+            standalone_submit_is_visible_and_idempotent,
+            large_batch_10k_children_commits_atomically,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __suite_cases {
+    ($factory:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::run_case(
+                    ::core::stringify!($case),
+                    || $factory,
+                    |store| ::std::boxed::Box::pin($crate::cases::$case(store)),
+                );
+            }
+        )+
+    };
+}

@@ -1,0 +1,6 @@
+#![doc = include_str!("../README.md")]
+
+mod store;
+mod tx;
+
+pub use store::MemoryStore;

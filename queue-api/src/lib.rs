@@ -1,0 +1,31 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod capabilities;
+mod error;
+mod notify;
+mod queue;
+mod store;
+mod types;
+
+pub use capabilities::Capabilities;
+pub use error::{BackendErrorKind, BoxError, Error, Result};
+pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
+pub use queue::{Limits, Queue};
+pub use store::{Store, Transaction};
+pub use types::{
+    BatchReceipt, BatchStats, ChildCounters, ChildRecord, DEFAULT_MAX_ATTEMPTS, KindStats,
+    NewBatch, NewOperation, Operation, OperationId, ParentRecord, Receipt, Stats, Status,
+};
+
+#[cfg(any(test, feature = "mock"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
+pub use notify::MockNotifier;
+#[cfg(any(test, feature = "mock"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
+pub use store::{MockStore, MockTransaction};
+
+pub use async_trait::async_trait;
+pub use chrono;
+pub use serde_json;
+pub use uuid;

@@ -1,0 +1,491 @@
+//! Submitting operations and batches: validate → begin → parent → children → commit →
+//! notify.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::notify::{Notifier, Submitted};
+use crate::store::Store;
+use crate::types::{
+    BatchReceipt, ChildRecord, DEFAULT_MAX_ATTEMPTS, NewBatch, NewOperation, OperationId,
+    ParentRecord, Receipt,
+};
+
+/// Input limits enforced before anything is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest serialized payload (or batch metadata) in bytes. Default 1 MiB.
+    pub max_payload_bytes: usize,
+    /// Most children in one batch. Default 1,000,000.
+    pub max_children: usize,
+    /// Longest kind or serialization key in bytes. Default 255.
+    pub max_name_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1024 * 1024,
+            max_children: 1_000_000,
+            max_name_bytes: 255,
+        }
+    }
+}
+
+/// The entry point for producers: submits operations and batches to a [`Store`] and
+/// wakes workers through its [`Notifier`]s after each commit.
+#[derive(Clone)]
+pub struct Queue {
+    store: Arc<dyn Store>,
+    notifiers: Vec<Arc<dyn Notifier>>,
+    limits: Limits,
+}
+
+impl fmt::Debug for Queue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Queue")
+            .field("store", &self.store)
+            .field("notifiers", &self.notifiers)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl Queue {
+    /// A queue over `store` with default limits and no notifier.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            notifiers: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Adds a notifier, called after every commit.
+    pub fn with_notifier(mut self, notifier: Arc<dyn Notifier>) -> Self {
+        self.notifiers.push(notifier);
+        self
+    }
+
+    /// Replaces the input limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Submits a batch atomically: the parent and every child become visible together,
+    /// or — on any error before the commit — nothing is written and nothing notified.
+    ///
+    /// A caller-supplied parent id that is already stored returns the existing batch
+    /// (`created == false`). A notifier failing after the commit does not lose the
+    /// batch; the receipt says `notified == false`.
+    pub async fn submit_batch(&self, batch: NewBatch) -> Result<BatchReceipt> {
+        let (parent, children) = self.prepare_batch(batch)?;
+        if let Some(existing) = self.existing_batch(parent.id).await? {
+            return Ok(existing);
+        }
+        let mut tx = self.store.begin().await?;
+        match tx.insert_parent(&parent).await {
+            Ok(()) => {}
+            Err(Error::Conflict(reason)) => {
+                // Lost a race with an identical submit: theirs is the batch.
+                drop(tx);
+                return self
+                    .existing_batch(parent.id)
+                    .await?
+                    .ok_or(Error::Conflict(reason));
+            }
+            Err(e) => return Err(e),
+        }
+        tx.insert_children(&children).await?;
+        match tx.commit().await {
+            Ok(()) => {}
+            Err(Error::Conflict(reason)) => {
+                // A store that checks ids at commit time: an identical submit got there
+                // first, or a child id is taken (then there is no batch to return).
+                return self
+                    .existing_batch(parent.id)
+                    .await?
+                    .ok_or(Error::Conflict(reason));
+            }
+            Err(e) => return Err(e),
+        }
+
+        let submitted = Submitted {
+            parent_id: Some(parent.id),
+            operation_ids: children.iter().map(|c| c.id).collect(),
+        };
+        let notified = self.notify(&submitted).await;
+        Ok(BatchReceipt {
+            parent_id: parent.id,
+            child_ids: submitted.operation_ids,
+            created: true,
+            notified,
+        })
+    }
+
+    /// Submits one stand-alone operation (no parent). Idempotent on a caller-supplied id.
+    pub async fn submit(&self, operation: NewOperation) -> Result<Receipt> {
+        let now = Utc::now();
+        let record = self.prepare_operation(operation, None, now, "operation")?;
+        if self.store.get(record.id).await?.is_some() {
+            return self.existing_operation(record.id).await;
+        }
+        let mut tx = self.store.begin().await?;
+        match tx.insert_child(&record).await {
+            Ok(()) => {}
+            Err(Error::Conflict(_)) => {
+                drop(tx);
+                return self.existing_operation(record.id).await;
+            }
+            Err(e) => return Err(e),
+        }
+        tx.commit().await?;
+        let submitted = Submitted {
+            parent_id: None,
+            operation_ids: vec![record.id],
+        };
+        let notified = self.notify(&submitted).await;
+        Ok(Receipt {
+            id: record.id,
+            created: true,
+            notified,
+        })
+    }
+
+    async fn notify(&self, submitted: &Submitted) -> bool {
+        let mut all_ok = true;
+        for notifier in &self.notifiers {
+            if let Err(error) = notifier.notify(submitted).await {
+                all_ok = false;
+                tracing::warn!(
+                    %error,
+                    operations = submitted.operation_ids.len(),
+                    "notification after commit failed; polling workers will still find the operations"
+                );
+            }
+        }
+        all_ok
+    }
+
+    async fn existing_batch(&self, parent_id: OperationId) -> Result<Option<BatchReceipt>> {
+        let Some(existing) = self.store.get(parent_id).await? else {
+            return Ok(None);
+        };
+        if !existing.is_parent() {
+            return Err(Error::Conflict(format!(
+                "id {parent_id} is already used by a stand-alone operation of kind `{}`, not a batch",
+                existing.kind
+            )));
+        }
+        let child_ids = self
+            .store
+            .children_of(parent_id)
+            .await?
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        Ok(Some(BatchReceipt {
+            parent_id,
+            child_ids,
+            created: false,
+            notified: true,
+        }))
+    }
+
+    async fn existing_operation(&self, id: OperationId) -> Result<Receipt> {
+        match self.store.get(id).await? {
+            Some(op) if !op.is_parent() => Ok(Receipt {
+                id,
+                created: false,
+                notified: true,
+            }),
+            Some(_) => Err(Error::Conflict(format!(
+                "id {id} is already used by a batch parent, not a stand-alone operation"
+            ))),
+            None => Err(Error::Conflict(format!(
+                "id {id} conflicted on insert but is not stored"
+            ))),
+        }
+    }
+
+    /// Validates a batch and resolves ids, defaults and timestamps.
+    fn prepare_batch(&self, batch: NewBatch) -> Result<(ParentRecord, Vec<ChildRecord>)> {
+        validate_name("batch kind", &batch.kind, self.limits.max_name_bytes)?;
+        if batch.children.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "batch `{}` has no children; a batch needs at least one child operation",
+                batch.kind
+            )));
+        }
+        if batch.children.len() > self.limits.max_children {
+            return Err(Error::InvalidInput(format!(
+                "batch `{}` has {} children; the limit is {}",
+                batch.kind,
+                batch.children.len(),
+                self.limits.max_children
+            )));
+        }
+        validate_json(
+            "batch metadata",
+            &batch.metadata,
+            self.limits.max_payload_bytes,
+        )?;
+        let now = Utc::now();
+        let parent_id = batch.id.unwrap_or_default();
+        let mut seen = HashSet::with_capacity(batch.children.len() + 1);
+        seen.insert(parent_id);
+        let children_total = batch.children.len() as u64;
+        let mut children = Vec::with_capacity(batch.children.len());
+        for (index, child) in batch.children.into_iter().enumerate() {
+            let what = format!("child #{index}");
+            let record = self.prepare_operation(child, Some(parent_id), now, &what)?;
+            if !seen.insert(record.id) {
+                return Err(Error::InvalidInput(format!(
+                    "{what} repeats id {} already used in this batch; ids must be unique",
+                    record.id
+                )));
+            }
+            children.push(record);
+        }
+        let parent = ParentRecord {
+            id: parent_id,
+            kind: batch.kind,
+            metadata: batch.metadata,
+            children_total,
+            created_at: now,
+        };
+        Ok((parent, children))
+    }
+
+    fn prepare_operation(
+        &self,
+        op: NewOperation,
+        parent_id: Option<OperationId>,
+        now: chrono::DateTime<Utc>,
+        what: &str,
+    ) -> Result<ChildRecord> {
+        validate_name(
+            &format!("{what} kind"),
+            &op.kind,
+            self.limits.max_name_bytes,
+        )?;
+        if let Some(key) = &op.serialization_key {
+            validate_name(
+                &format!("{what} serialization key"),
+                key,
+                self.limits.max_name_bytes,
+            )?;
+        }
+        validate_json(
+            &format!("{what} payload"),
+            &op.payload,
+            self.limits.max_payload_bytes,
+        )?;
+        let max_attempts = op.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if max_attempts == 0 || max_attempts > i32::MAX as u32 {
+            return Err(Error::InvalidInput(format!(
+                "{what}: max_attempts must be between 1 and {}, got {max_attempts}",
+                i32::MAX
+            )));
+        }
+        Ok(ChildRecord {
+            id: op.id.unwrap_or_default(),
+            parent_id,
+            kind: op.kind,
+            payload: op.payload,
+            priority: op.priority,
+            run_at: op.run_at.unwrap_or(now),
+            serialization_key: op.serialization_key,
+            max_attempts,
+            created_at: now,
+        })
+    }
+}
+
+fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<()> {
+    if name.trim().is_empty() {
+        return Err(Error::InvalidInput(format!("{what} is empty")));
+    }
+    if name.len() > max_bytes {
+        return Err(Error::InvalidInput(format!(
+            "{what} is {} bytes long; the limit is {max_bytes}",
+            name.len()
+        )));
+    }
+    if name.contains('\0') {
+        return Err(Error::InvalidInput(format!(
+            "{what} contains a NUL character, which no backend can store"
+        )));
+    }
+    Ok(())
+}
+
+/// Rejects payloads over the size limit and strings holding NUL, which PostgreSQL's
+/// `jsonb` cannot store: every driver refuses the same input the same way.
+fn validate_json(what: &str, value: &Value, max_bytes: usize) -> Result<()> {
+    if contains_nul(value) {
+        return Err(Error::InvalidInput(format!(
+            "{what} contains a NUL character (\\u0000), which no backend can store"
+        )));
+    }
+    let size = serde_json::to_vec(value)
+        .map_err(|e| Error::InvalidInput(format!("{what} cannot be serialized: {e}")))?
+        .len();
+    if size > max_bytes {
+        return Err(Error::InvalidInput(format!(
+            "{what} is {size} bytes serialized; the limit is {max_bytes}"
+        )));
+    }
+    Ok(())
+}
+
+fn contains_nul(value: &Value) -> bool {
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) if s.contains('\0') => return true,
+            Value::Array(items) => stack.extend(items),
+            Value::Object(map) => {
+                for (k, v) in map {
+                    if k.contains('\0') {
+                        return true;
+                    }
+                    stack.push(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use mockall::Sequence;
+    use serde_json::json;
+
+    use super::*;
+    use crate::error::BackendErrorKind;
+    use crate::notify::MockNotifier;
+    use crate::store::{MockStore, MockTransaction};
+    use crate::types::NewOperation;
+
+    fn three_children() -> NewBatch {
+        NewBatch::new("batch_retain")
+            .children((0..3).map(|i| NewOperation::new("retain", json!({ "n": i }))))
+    }
+
+    #[tokio::test]
+    async fn submit_calls_begin_parent_children_commit_then_notify_in_order() {
+        let mut seq = Sequence::new();
+        let mut store = MockStore::new();
+        store
+            .expect_get()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|_| Ok(None));
+        let slot = Arc::new(std::sync::Mutex::new(None::<MockTransaction>));
+        let taken = Arc::clone(&slot);
+        store
+            .expect_begin()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(move || {
+                let tx = taken.lock().unwrap().take().expect("begin called twice");
+                Ok(Box::new(tx))
+            });
+        let mut tx = MockTransaction::new();
+        tx.expect_insert_parent()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|p| {
+                assert_eq!(p.children_total, 3);
+                Ok(())
+            });
+        tx.expect_insert_children()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|children| {
+                assert_eq!(children.len(), 3);
+                Ok(())
+            });
+        tx.expect_commit()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|| Ok(()));
+        tx.expect_rollback().never();
+        *slot.lock().unwrap() = Some(tx);
+        let mut notifier = MockNotifier::new();
+        notifier
+            .expect_notify()
+            .times(1)
+            .in_sequence(&mut seq)
+            .returning(|s| {
+                assert_eq!(s.operation_ids.len(), 3);
+                Ok(())
+            });
+
+        let queue = Queue::new(Arc::new(store)).with_notifier(Arc::new(notifier));
+        let receipt = queue.submit_batch(three_children()).await.unwrap();
+        assert!(receipt.created && receipt.notified);
+        assert_eq!(receipt.child_ids.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn failing_child_insert_means_no_commit_and_no_notify() {
+        let mut store = MockStore::new();
+        store.expect_get().returning(|_| Ok(None));
+        let mut tx = MockTransaction::new();
+        tx.expect_insert_parent().times(1).returning(|_| Ok(()));
+        tx.expect_insert_children().times(1).returning(|_| {
+            Err(Error::backend(
+                "mock",
+                BackendErrorKind::Connection,
+                "connection reset while inserting child #2",
+            ))
+        });
+        tx.expect_commit().never();
+        let mut tx = Some(tx);
+        store
+            .expect_begin()
+            .times(1)
+            .returning(move || Ok(Box::new(tx.take().expect("begin called twice"))));
+        let mut notifier = MockNotifier::new();
+        notifier.expect_notify().never();
+
+        let queue = Queue::new(Arc::new(store)).with_notifier(Arc::new(notifier));
+        let err = queue.submit_batch(three_children()).await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+    }
+
+    #[tokio::test]
+    async fn invalid_batch_never_reaches_the_store() {
+        let mut store = MockStore::new();
+        store.expect_begin().never();
+        store.expect_get().never();
+        let queue = Queue::new(Arc::new(store));
+        let err = queue
+            .submit_batch(NewBatch::new("batch_retain"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    }
+}

@@ -1,0 +1,103 @@
+//! The `Store` and `Transaction` traits every driver implements.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::capabilities::Capabilities;
+use crate::error::Result;
+use crate::types::{ChildRecord, Operation, OperationId, ParentRecord, Stats};
+
+/// Durable storage for operations and batches.
+///
+/// # Contract
+///
+/// - [`begin`](Store::begin) opens a [`Transaction`]. Nothing inserted through it is
+///   visible to [`get`](Store::get), [`children_of`](Store::children_of),
+///   [`stats`](Store::stats) or any other caller until
+///   [`commit`](Transaction::commit) has returned `Ok`.
+/// - A transaction that is dropped, rolled back, or whose commit fails leaves no row
+///   behind: a batch is wholly visible or absent.
+/// - An id that is already stored is refused with `Error::Conflict` by
+///   `insert_parent` / `insert_child` (at the latest on commit); it never duplicates.
+/// - A batch parent has no payload and is never handed to a worker.
+/// - Driver failures are mapped into [`Error`](crate::Error); a busy database is an
+///   `Error::Backend` whose [`is_transient`](crate::Error::is_transient) is true.
+///
+/// # Transactions
+///
+/// A transaction owns its connection until it is committed, rolled back or dropped.
+/// Dropping it without committing rolls it back, like sqlx's `Transaction`.
+///
+/// # Capabilities
+///
+/// [`capabilities`](Store::capabilities) is synchronous and returns the same value for
+/// the life of the store. An operation a driver does not support answers
+/// `Error::Unsupported`, never a silent no-op.
+///
+/// # Implementing a driver
+///
+/// Implement this trait and [`Transaction`], then run the shared behaviour suite from
+/// your driver's `tests/` with one call of `fascicle_conformance::suite!` (crate
+/// `fascicle-conformance`). Policy — validation, idempotency, notification order — lives
+/// in [`Queue`](crate::Queue); a driver supplies only atomic primitives.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// The driver's name, e.g. `"sqlite"`.
+    fn driver(&self) -> &'static str;
+
+    /// What this store can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Opens a transaction.
+    async fn begin(&self) -> Result<Box<dyn Transaction>>;
+
+    /// Reads one operation or parent by id.
+    async fn get(&self, id: OperationId) -> Result<Option<Operation>>;
+
+    /// The children of a batch, in the order they were inserted.
+    async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>>;
+
+    /// Queue depth by kind, with batch parents reported separately.
+    async fn stats(&self) -> Result<Stats>;
+}
+
+/// An open write transaction on a [`Store`]. Rolled back on drop.
+///
+/// # Contract
+///
+/// Rows inserted here are invisible to every other caller until
+/// [`commit`](Transaction::commit) returns `Ok`; after a failed commit, an explicit
+/// [`rollback`](Transaction::rollback) or a drop, none of them exist.
+#[cfg_attr(any(test, feature = "mock"), mockall::automock)]
+#[async_trait]
+pub trait Transaction: Send {
+    /// Inserts a batch parent (no payload; `children_total` set from the record).
+    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()>;
+
+    /// Inserts one child or stand-alone operation.
+    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()>;
+
+    /// Inserts many children. The provided version calls
+    /// [`insert_child`](Transaction::insert_child) for each; a driver should override it
+    /// with a bulk statement (one round trip where it can).
+    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        for child in children {
+            self.insert_child(child).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes every row inserted visible at once.
+    async fn commit(self: Box<Self>) -> Result<()>;
+
+    /// Discards every row inserted.
+    async fn rollback(self: Box<Self>) -> Result<()>;
+}
+
+impl fmt::Debug for dyn Transaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Transaction")
+    }
+}

@@ -1,0 +1,494 @@
+//! Operation ids, statuses, new-batch values and the operation read model.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::Error;
+
+/// The id of an operation or batch: a UUID, v7 (time ordered) when fascicle makes it.
+///
+/// Callers may supply their own id; submitting again with the same id returns the
+/// existing operation instead of creating a duplicate.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OperationId(Uuid);
+
+impl OperationId {
+    /// A new time-ordered (UUID v7) id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Wraps an existing UUID.
+    pub const fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    /// The UUID inside.
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+
+    /// The 16 bytes of the UUID, big-endian.
+    pub const fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+}
+
+impl Default for OperationId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<Uuid> for OperationId {
+    fn from(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+}
+
+impl From<OperationId> for Uuid {
+    fn from(id: OperationId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for OperationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for OperationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "OperationId({})", self.0)
+    }
+}
+
+impl FromStr for OperationId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s.trim())
+            .map(Self)
+            .map_err(|e| Error::InvalidInput(format!("`{s}` is not an operation id (a UUID): {e}")))
+    }
+}
+
+/// Where an operation is in its life.
+///
+/// `Pending` → `Processing` → `Completed` / `Failed` / `Cancelled`. A batch parent stays
+/// `Pending` until its last child is terminal, then takes its terminal state exactly once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting to be claimed (or, for a parent, waiting for its children).
+    Pending,
+    /// Claimed by a worker that holds a lease.
+    Processing,
+    /// Finished successfully.
+    Completed,
+    /// Finished with an error, or exhausted its attempts.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl Status {
+    /// Every status, in lifecycle order.
+    pub const ALL: [Status; 5] = [
+        Status::Pending,
+        Status::Processing,
+        Status::Completed,
+        Status::Failed,
+        Status::Cancelled,
+    ];
+
+    /// The lowercase name stored by the drivers.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether no further transition is possible.
+    pub const fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| Error::InvalidInput(format!("unknown status `{s}`")))
+    }
+}
+
+/// Default number of attempts an operation gets before it fails for good.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
+/// One operation to enqueue: on its own with `Queue::submit`, or as a child of a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewOperation {
+    /// Caller-supplied id; `None` lets fascicle make a UUID v7.
+    pub id: Option<OperationId>,
+    /// Operation type, e.g. `retain`. Must be non-empty.
+    pub kind: String,
+    /// The handler's input. Must serialize within the queue's payload limit.
+    pub payload: Value,
+    /// Higher runs first among ready operations. Default 0.
+    pub priority: i32,
+    /// Not claimable before this instant; `None` means now.
+    pub run_at: Option<DateTime<Utc>>,
+    /// At most one operation with the same key is processing at any time.
+    pub serialization_key: Option<String>,
+    /// Attempts before the operation fails for good; `None` means [`DEFAULT_MAX_ATTEMPTS`].
+    pub max_attempts: Option<u32>,
+}
+
+impl NewOperation {
+    /// An operation of `kind` with `payload` and default settings.
+    pub fn new(kind: impl Into<String>, payload: Value) -> Self {
+        Self {
+            id: None,
+            kind: kind.into(),
+            payload,
+            priority: 0,
+            run_at: None,
+            serialization_key: None,
+            max_attempts: None,
+        }
+    }
+
+    /// Uses a caller-supplied id (idempotent submit).
+    pub fn with_id(mut self, id: OperationId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Sets the priority (higher first).
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Schedules the operation for later.
+    pub fn with_run_at(mut self, run_at: DateTime<Utc>) -> Self {
+        self.run_at = Some(run_at);
+        self
+    }
+
+    /// Sets the serialization key.
+    pub fn with_serialization_key(mut self, key: impl Into<String>) -> Self {
+        self.serialization_key = Some(key.into());
+        self
+    }
+
+    /// Sets the maximum number of attempts.
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = Some(max_attempts);
+        self
+    }
+}
+
+/// A batch to enqueue atomically: one parent status row plus its children.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewBatch {
+    /// Caller-supplied parent id; resubmitting it returns the existing batch.
+    pub id: Option<OperationId>,
+    /// The parent's kind, e.g. `batch_retain`.
+    pub kind: String,
+    /// Free-form description of the batch kept on the parent (the parent has no payload).
+    pub metadata: Value,
+    /// The child operations; at least one.
+    pub children: Vec<NewOperation>,
+}
+
+impl NewBatch {
+    /// A batch of `kind` with no children yet.
+    pub fn new(kind: impl Into<String>) -> Self {
+        Self {
+            id: None,
+            kind: kind.into(),
+            metadata: Value::Null,
+            children: Vec::new(),
+        }
+    }
+
+    /// Uses a caller-supplied parent id (idempotent submit).
+    pub fn with_id(mut self, id: OperationId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Sets the parent's metadata.
+    pub fn with_metadata(mut self, metadata: Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// Adds one child.
+    pub fn child(mut self, child: NewOperation) -> Self {
+        self.children.push(child);
+        self
+    }
+
+    /// Adds several children.
+    pub fn children(mut self, children: impl IntoIterator<Item = NewOperation>) -> Self {
+        self.children.extend(children);
+        self
+    }
+}
+
+/// A batch parent as handed to [`Transaction::insert_parent`](crate::Transaction::insert_parent):
+/// ids resolved, validated, timestamps set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentRecord {
+    /// The parent's id.
+    pub id: OperationId,
+    /// The parent's kind.
+    pub kind: String,
+    /// The batch metadata.
+    pub metadata: Value,
+    /// How many children the batch has; the driver stores it as the parent's
+    /// `children_total` counter.
+    pub children_total: u64,
+    /// Creation instant.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A child (or stand-alone) operation as handed to
+/// [`Transaction::insert_child`](crate::Transaction::insert_child).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildRecord {
+    /// The operation's id.
+    pub id: OperationId,
+    /// The batch parent, `None` for a stand-alone operation.
+    pub parent_id: Option<OperationId>,
+    /// The operation's kind.
+    pub kind: String,
+    /// The handler's input.
+    pub payload: Value,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Not claimable before this instant.
+    pub run_at: DateTime<Utc>,
+    /// At most one processing operation per key.
+    pub serialization_key: Option<String>,
+    /// Attempts before it fails for good (≥ 1).
+    pub max_attempts: u32,
+    /// Creation instant.
+    pub created_at: DateTime<Utc>,
+}
+
+/// A parent's child counters, kept up to date in O(1) per child transition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildCounters {
+    /// Children in the batch.
+    pub total: u64,
+    /// Children that completed.
+    pub completed: u64,
+    /// Children that failed for good.
+    pub failed: u64,
+    /// Children that were cancelled.
+    pub cancelled: u64,
+}
+
+impl ChildCounters {
+    /// Children that reached a terminal state.
+    pub fn terminal(&self) -> u64 {
+        self.completed + self.failed + self.cancelled
+    }
+}
+
+/// A stored operation or batch parent, as read back from a store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Operation {
+    /// Its id.
+    pub id: OperationId,
+    /// Its kind.
+    pub kind: String,
+    /// Its status.
+    pub status: Status,
+    /// The handler input; `None` exactly for batch parents.
+    pub payload: Option<Value>,
+    /// The batch metadata (parents only).
+    pub metadata: Option<Value>,
+    /// The batch this operation belongs to.
+    pub parent_id: Option<OperationId>,
+    /// Higher runs first.
+    pub priority: i32,
+    /// At most one processing operation per key.
+    pub serialization_key: Option<String>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Not claimable before this instant.
+    pub run_at: DateTime<Utc>,
+    /// The worker holding the lease, while processing.
+    pub worker_id: Option<String>,
+    /// When the current lease runs out, while processing.
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Child counters (parents only).
+    pub children: Option<ChildCounters>,
+    /// The last error.
+    pub error: Option<String>,
+    /// The handler's result (or, for a parent, the summary of its children).
+    pub result: Option<Value>,
+    /// When it was submitted.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When it reached a terminal state.
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl Operation {
+    /// Whether this is a batch parent (an aggregator that is never executed).
+    pub fn is_parent(&self) -> bool {
+        self.payload.is_none()
+    }
+}
+
+/// Queue depth of one operation kind. Parents are never counted here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindStats {
+    /// Pending and claimable now.
+    pub ready: u64,
+    /// Pending but not before a later `run_at` (scheduled or waiting out a retry backoff).
+    pub scheduled: u64,
+    /// Held by a worker.
+    pub processing: u64,
+    /// Completed.
+    pub completed: u64,
+    /// Failed for good.
+    pub failed: u64,
+    /// Cancelled.
+    pub cancelled: u64,
+}
+
+impl KindStats {
+    /// Operations not yet terminal.
+    pub fn outstanding(&self) -> u64 {
+        self.ready + self.scheduled + self.processing
+    }
+
+    /// Every operation counted.
+    pub fn total(&self) -> u64 {
+        self.outstanding() + self.completed + self.failed + self.cancelled
+    }
+}
+
+/// Batch parents by status, reported apart from the work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchStats {
+    /// Parents whose children are not all terminal yet.
+    pub open: u64,
+    /// Parents whose children all completed.
+    pub completed: u64,
+    /// Parents with at least one failed child.
+    pub failed: u64,
+    /// Parents whose remaining children were cancelled.
+    pub cancelled: u64,
+}
+
+impl BatchStats {
+    /// Every parent counted.
+    pub fn total(&self) -> u64 {
+        self.open + self.completed + self.failed + self.cancelled
+    }
+}
+
+/// Queue statistics: work per kind, batches separately.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Work (children and stand-alone operations) by kind.
+    pub kinds: BTreeMap<String, KindStats>,
+    /// Batch parents, never counted as work.
+    pub batches: BatchStats,
+}
+
+impl Stats {
+    /// All kinds added up.
+    pub fn work(&self) -> KindStats {
+        self.kinds
+            .values()
+            .fold(KindStats::default(), |mut acc, k| {
+                acc.ready += k.ready;
+                acc.scheduled += k.scheduled;
+                acc.processing += k.processing;
+                acc.completed += k.completed;
+                acc.failed += k.failed;
+                acc.cancelled += k.cancelled;
+                acc
+            })
+    }
+}
+
+/// What a submit returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchReceipt {
+    /// The parent's id.
+    pub parent_id: OperationId,
+    /// The children's ids, in submission order.
+    pub child_ids: Vec<OperationId>,
+    /// `false` when the id was already taken and the existing batch was returned.
+    pub created: bool,
+    /// `false` when a notifier failed after commit; the rows are stored and polling
+    /// workers will still find them.
+    pub notified: bool,
+}
+
+/// What a stand-alone submit returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Receipt {
+    /// The operation's id.
+    pub id: OperationId,
+    /// `false` when the id was already taken and the existing operation was returned.
+    pub created: bool,
+    /// `false` when a notifier failed after commit.
+    pub notified: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_round_trips_through_its_name() {
+        for status in Status::ALL {
+            assert_eq!(status.as_str().parse::<Status>().unwrap(), status);
+        }
+        assert!("running".parse::<Status>().is_err());
+        assert!(Status::Cancelled.is_terminal() && !Status::Processing.is_terminal());
+    }
+
+    #[test]
+    fn operation_id_parses_and_rejects_garbage() {
+        let id = OperationId::new();
+        assert_eq!(id.to_string().parse::<OperationId>().unwrap(), id);
+        let err = "not-a-uuid".parse::<OperationId>().unwrap_err();
+        assert!(err.to_string().contains("not-a-uuid"), "{err}");
+    }
+}
