@@ -1,0 +1,406 @@
+//! `SqliteStore`: a small connection pool over one database file, every call on the
+//! blocking thread pool.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fascicle_api::{
+    BatchStats, Capabilities, ChildCounters, Operation, OperationId, Result, Stats, Status, Store,
+    Transaction,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
+
+use crate::error::{self, DRIVER};
+use crate::schema;
+use crate::tx::SqliteTransaction;
+
+/// How hard SQLite syncs the file on commit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// `synchronous=FULL` (default): a committed batch survives power loss.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: faster commits in WAL mode; a power loss (not a process
+    /// crash) may roll back the most recent commits. The database stays consistent and
+    /// batches stay atomic either way.
+    Normal,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+        }
+    }
+}
+
+/// Options for [`SqliteStore::open_with`].
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    path: PathBuf,
+    synchronous: Synchronous,
+    busy_timeout: Duration,
+    max_idle_connections: usize,
+}
+
+impl SqliteOptions {
+    /// Options for the database file at `path` (created if missing).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            max_idle_connections: 8,
+        }
+    }
+
+    /// Sync mode; default [`Synchronous::Full`].
+    pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// How long a writer waits for another writer (in this or another process) before
+    /// giving up with a transient `Busy` error. Default 5 s.
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Connections kept open between calls. Default 8.
+    pub fn max_idle_connections(mut self, n: usize) -> Self {
+        self.max_idle_connections = n.max(1);
+        self
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+pub(crate) struct Inner {
+    options: SqliteOptions,
+    location: String,
+    idle: Mutex<Vec<Connection>>,
+    /// Keeps the directory of a `open_temporary` store alive; deleted on drop.
+    _temporary: Option<tempfile::TempDir>,
+}
+
+impl Inner {
+    fn open_connection(&self) -> Result<Connection> {
+        let conn = Connection::open_with_flags(
+            &self.options.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(|e| error::storage(&self.location, e))?;
+        conn.busy_timeout(self.options.busy_timeout)
+            .map_err(|e| error::storage(&self.location, e))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .map_err(|e| error::storage(&self.location, e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(fascicle_api::Error::Storage {
+                location: self.location.clone(),
+                reason: format!("cannot switch the database to WAL mode (it stays in `{mode}`)"),
+            });
+        }
+        conn.execute_batch(&format!(
+            "PRAGMA foreign_keys = ON; PRAGMA synchronous = {};",
+            self.options.synchronous.pragma()
+        ))
+        .map_err(|e| error::storage(&self.location, e))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        Ok(conn)
+    }
+
+    pub(crate) fn acquire(&self) -> Result<Connection> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => self.open_connection(),
+        }
+    }
+
+    /// Returns a connection to the pool. Only connections outside any transaction come
+    /// back here.
+    pub(crate) fn release(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.options.max_idle_connections {
+            idle.push(conn);
+        }
+    }
+}
+
+/// The embedded SQLite store: one database file in WAL mode, shared safely by several
+/// stores and processes (writers take the lock with `BEGIN IMMEDIATE` and wait on the
+/// busy handler; readers never block writers).
+///
+/// Every SQLite call runs on tokio's blocking pool, never on the async runtime.
+/// Clones share the same connection pool.
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.inner.options.path)
+            .field("synchronous", &self.inner.options.synchronous)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` with default options, and
+    /// applies pending schema migrations.
+    pub async fn open(path: impl Into<PathBuf>) -> Result<Self> {
+        Self::open_with(SqliteOptions::new(path)).await
+    }
+
+    /// Opens the database described by `options`.
+    pub async fn open_with(options: SqliteOptions) -> Result<Self> {
+        Self::open_inner(options, None).await
+    }
+
+    /// A private database in a new temporary directory, deleted when the last clone of
+    /// the store is dropped — what `sqlite::memory:` means for fascicle. (SQLite's own
+    /// `:memory:` databases cannot be shared by the several connections a store uses
+    /// for concurrent readers and a writer.)
+    pub async fn open_temporary() -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("fascicle-sqlite-")
+            .tempdir()
+            .map_err(|e| fascicle_api::Error::Storage {
+                location: std::env::temp_dir().display().to_string(),
+                reason: format!("cannot create a temporary directory: {e}"),
+            })?;
+        let options = SqliteOptions::new(dir.path().join("fascicle.db"));
+        Self::open_inner(options, Some(dir)).await
+    }
+
+    async fn open_inner(
+        options: SqliteOptions,
+        temporary: Option<tempfile::TempDir>,
+    ) -> Result<Self> {
+        let location = options.path.display().to_string();
+        let inner = Arc::new(Inner {
+            options,
+            location,
+            idle: Mutex::new(Vec::new()),
+            _temporary: temporary,
+        });
+        let opened = Arc::clone(&inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = opened.open_connection()?;
+            schema::migrate(&mut conn, &opened.location)?;
+            opened.release(conn);
+            Ok::<_, fascicle_api::Error>(())
+        })
+        .await
+        .map_err(error::task)??;
+        Ok(Self { inner })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.options.path
+    }
+
+    /// Runs `f` with a pooled connection on the blocking pool.
+    pub(crate) async fn with_conn<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.acquire()?;
+            let result = f(&mut conn);
+            if conn.is_autocommit() {
+                inner.release(conn);
+            }
+            result
+        })
+        .await
+        .map_err(error::task)?
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+}
+
+pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id, priority, \
+    serialization_key, attempts, max_attempts, run_at, worker_id, lease_expires_at, \
+    children_total, children_completed, children_failed, children_cancelled, error, result, \
+    created_at, updated_at, completed_at";
+
+pub(crate) fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn instant(micros: i64) -> rusqlite::Result<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Integer,
+            format!("timestamp {micros} out of range").into(),
+        )
+    })
+}
+
+fn id_from(bytes: Vec<u8>) -> rusqlite::Result<OperationId> {
+    uuid::Uuid::from_slice(&bytes)
+        .map(OperationId::from_uuid)
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(e))
+        })
+}
+
+fn json(text: Option<String>) -> rusqlite::Result<Option<serde_json::Value>> {
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
+}
+
+pub(crate) fn operation_from_row(row: &Row<'_>) -> rusqlite::Result<Operation> {
+    let status: String = row.get(2)?;
+    let total: Option<i64> = row.get(13)?;
+    Ok(Operation {
+        id: id_from(row.get(0)?)?,
+        kind: row.get(1)?,
+        status: status.parse().map_err(|e: fascicle_api::Error| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+        })?,
+        payload: json(row.get(3)?)?,
+        metadata: json(row.get(4)?)?,
+        parent_id: row.get::<_, Option<Vec<u8>>>(5)?.map(id_from).transpose()?,
+        priority: row.get(6)?,
+        serialization_key: row.get(7)?,
+        attempts: row.get(8)?,
+        max_attempts: row.get(9)?,
+        run_at: instant(row.get(10)?)?,
+        worker_id: row.get(11)?,
+        lease_expires_at: row.get::<_, Option<i64>>(12)?.map(instant).transpose()?,
+        children: match total {
+            Some(total) => Some(ChildCounters {
+                total: total as u64,
+                completed: row.get::<_, i64>(14)? as u64,
+                failed: row.get::<_, i64>(15)? as u64,
+                cancelled: row.get::<_, i64>(16)? as u64,
+            }),
+            None => None,
+        },
+        error: row.get(17)?,
+        result: json(row.get(18)?)?,
+        created_at: instant(row.get(19)?)?,
+        updated_at: instant(row.get(20)?)?,
+        completed_at: row.get::<_, Option<i64>>(21)?.map(instant).transpose()?,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn driver(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            uses_observation_sources_table: true,
+        }
+    }
+
+    async fn begin(&self) -> Result<Box<dyn Transaction>> {
+        Ok(Box::new(
+            SqliteTransaction::begin(Arc::clone(self.inner())).await?,
+        ))
+    }
+
+    async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
+        self.with_conn(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM fascicle_operations WHERE id = ?1"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![id.as_bytes()], operation_from_row)
+                    .optional()
+            })
+            .map_err(error::map)
+        })
+        .await
+    }
+
+    async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM fascicle_operations WHERE parent_id = ?1 ORDER BY seq"
+                ))
+                .map_err(error::map)?;
+            stmt.query_map(params![parent_id.as_bytes()], operation_from_row)
+                .and_then(|rows| rows.collect())
+                .map_err(error::map)
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let now = micros(Utc::now());
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT kind, status, payload IS NULL, status = 'pending' AND run_at > ?1, count(*)
+                     FROM fascicle_operations GROUP BY 1, 2, 3, 4",
+                )
+                .map_err(error::map)?;
+            let mut rows = stmt.query(params![now]).map_err(error::map)?;
+            let mut stats = Stats::default();
+            while let Some(row) = rows.next().map_err(error::map)? {
+                let kind: String = row.get(0).map_err(error::map)?;
+                let status: String = row.get(1).map_err(error::map)?;
+                let is_parent: bool = row.get(2).map_err(error::map)?;
+                let scheduled: bool = row.get(3).map_err(error::map)?;
+                let count = row.get::<_, i64>(4).map_err(error::map)? as u64;
+                let status: Status = status.parse()?;
+                if is_parent {
+                    count_batch(&mut stats.batches, status, count);
+                    continue;
+                }
+                let k = stats.kinds.entry(kind).or_default();
+                match status {
+                    Status::Pending if scheduled => k.scheduled += count,
+                    Status::Pending => k.ready += count,
+                    Status::Processing => k.processing += count,
+                    Status::Completed => k.completed += count,
+                    Status::Failed => k.failed += count,
+                    Status::Cancelled => k.cancelled += count,
+                }
+            }
+            Ok(stats)
+        })
+        .await
+    }
+}
+
+fn count_batch(batches: &mut BatchStats, status: Status, count: u64) {
+    match status {
+        Status::Pending | Status::Processing => batches.open += count,
+        Status::Completed => batches.completed += count,
+        Status::Failed => batches.failed += count,
+        Status::Cancelled => batches.cancelled += count,
+    }
+}
