@@ -1,1 +1,15 @@
-//! stub
+#![doc = include_str!("../README.md")]
+
+mod error;
+mod schema;
+mod store;
+mod tx;
+
+pub use error::redact_url;
+pub use store::{PostgresOptions, PostgresStore};
+
+/// The schema version this build of the driver writes.
+pub const SCHEMA_VERSION: i64 = schema::CURRENT_VERSION;
+
+/// Re-exported so callers can hold the pool and transactions `submit_batch_in` takes.
+pub use sqlx;

@@ -95,7 +95,7 @@ impl Queue {
     /// (`created == false`). A notifier failing after the commit does not lose the
     /// batch; the receipt says `notified == false`.
     pub async fn submit_batch(&self, batch: NewBatch) -> Result<BatchReceipt> {
-        let (parent, children) = self.prepare_batch(batch)?;
+        let (parent, children) = self.limits.prepare_batch(batch)?;
         if let Some(existing) = self.existing_batch(parent.id).await? {
             return Ok(existing);
         }
@@ -142,7 +142,9 @@ impl Queue {
     /// Submits one stand-alone operation (no parent). Idempotent on a caller-supplied id.
     pub async fn submit(&self, operation: NewOperation) -> Result<Receipt> {
         let now = Utc::now();
-        let record = self.prepare_operation(operation, None, now, "operation")?;
+        let record = self
+            .limits
+            .prepare_operation(operation, None, now, "operation")?;
         if self.store.get(record.id).await?.is_some() {
             return self.existing_operation(record.id).await;
         }
@@ -223,29 +225,29 @@ impl Queue {
             ))),
         }
     }
+}
 
-    /// Validates a batch and resolves ids, defaults and timestamps.
-    fn prepare_batch(&self, batch: NewBatch) -> Result<(ParentRecord, Vec<ChildRecord>)> {
-        validate_name("batch kind", &batch.kind, self.limits.max_name_bytes)?;
+impl Limits {
+    /// Validates a batch and resolves ids, defaults and timestamps: what
+    /// [`Queue::submit_batch`] hands to a transaction. Drivers that enqueue inside a
+    /// caller's own transaction use it to apply the same rules.
+    pub fn prepare_batch(&self, batch: NewBatch) -> Result<(ParentRecord, Vec<ChildRecord>)> {
+        validate_name("batch kind", &batch.kind, self.max_name_bytes)?;
         if batch.children.is_empty() {
             return Err(Error::InvalidInput(format!(
                 "batch `{}` has no children; a batch needs at least one child operation",
                 batch.kind
             )));
         }
-        if batch.children.len() > self.limits.max_children {
+        if batch.children.len() > self.max_children {
             return Err(Error::InvalidInput(format!(
                 "batch `{}` has {} children; the limit is {}",
                 batch.kind,
                 batch.children.len(),
-                self.limits.max_children
+                self.max_children
             )));
         }
-        validate_json(
-            "batch metadata",
-            &batch.metadata,
-            self.limits.max_payload_bytes,
-        )?;
+        validate_json("batch metadata", &batch.metadata, self.max_payload_bytes)?;
         let now = Utc::now();
         let parent_id = batch.id.unwrap_or_default();
         let mut seen = HashSet::with_capacity(batch.children.len() + 1);
@@ -273,29 +275,26 @@ impl Queue {
         Ok((parent, children))
     }
 
-    fn prepare_operation(
+    /// Validates one operation and resolves its id and defaults.
+    pub fn prepare_operation(
         &self,
         op: NewOperation,
         parent_id: Option<OperationId>,
         now: chrono::DateTime<Utc>,
         what: &str,
     ) -> Result<ChildRecord> {
-        validate_name(
-            &format!("{what} kind"),
-            &op.kind,
-            self.limits.max_name_bytes,
-        )?;
+        validate_name(&format!("{what} kind"), &op.kind, self.max_name_bytes)?;
         if let Some(key) = &op.serialization_key {
             validate_name(
                 &format!("{what} serialization key"),
                 key,
-                self.limits.max_name_bytes,
+                self.max_name_bytes,
             )?;
         }
         validate_json(
             &format!("{what} payload"),
             &op.payload,
-            self.limits.max_payload_bytes,
+            self.max_payload_bytes,
         )?;
         let max_attempts = op.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if max_attempts == 0 || max_attempts > i32::MAX as u32 {

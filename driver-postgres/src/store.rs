@@ -1,0 +1,351 @@
+//! `PostgresStore`: a sqlx pool over one schema.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fascicle_api::{
+    BatchReceipt, BatchStats, Capabilities, ChildCounters, Error, Limits, NewBatch, Operation,
+    OperationId, Result, Stats, Status, Store, Transaction,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::{self, DRIVER, redact_url};
+use crate::schema::{self, Sql, sql};
+use crate::tx::{PostgresTransaction, insert_children, insert_parent};
+
+/// Options for [`PostgresStore::connect_with`].
+#[derive(Clone)]
+pub struct PostgresOptions {
+    url: String,
+    schema: String,
+    max_connections: u32,
+    statement_timeout: Option<Duration>,
+    acquire_timeout: Duration,
+    application_name: Option<String>,
+}
+
+impl fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("url", &redact_url(&self.url))
+            .field("schema", &self.schema)
+            .field("max_connections", &self.max_connections)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("application_name", &self.application_name)
+            .finish()
+    }
+}
+
+impl PostgresOptions {
+    /// Options for the database at `url` (`postgres://user:password@host:port/db`), in the
+    /// default schema `fascicle`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            schema: "fascicle".into(),
+            max_connections: 10,
+            statement_timeout: None,
+            acquire_timeout: Duration::from_secs(30),
+            application_name: None,
+        }
+    }
+
+    /// The schema holding fascicle's tables (created if missing). Must match
+    /// `^[a-z_][a-z0-9_]{0,62}$`; anything else is refused with `Error::InvalidInput`.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// Pool size; default 10.
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// A server-side `statement_timeout` for every connection; default none.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = Some(timeout);
+        self
+    }
+
+    /// How long to wait for a pooled connection; default 30 s.
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// `application_name` shown in `pg_stat_activity`; default sqlx's.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = Some(name.into());
+        self
+    }
+}
+
+/// The PostgreSQL store: many processes on many machines against one schema.
+///
+/// A batch reaches the server in a constant number of round trips whatever its size
+/// (`INSERT … SELECT FROM unnest(…)`, one statement per 50,000 children), and the
+/// `NOTIFY` that wakes listening workers is issued inside the same transaction, so
+/// PostgreSQL delivers it only on commit.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    schema: Arc<str>,
+    sql: Arc<Sql>,
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.schema)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to `url` with default options and migrates the `fascicle` schema.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(PostgresOptions::new(url)).await
+    }
+
+    /// Connects with `options` and migrates the schema.
+    pub async fn connect_with(options: PostgresOptions) -> Result<Self> {
+        schema::validate_schema(&options.schema)?;
+        let location = redact_url(&options.url);
+        let mut connect = PgConnectOptions::from_str(&options.url).map_err(|e| {
+            Error::InvalidInput(format!("{location} is not a usable PostgreSQL URL: {e}"))
+        })?;
+        if let Some(name) = &options.application_name {
+            connect = connect.application_name(name);
+        }
+        if let Some(timeout) = options.statement_timeout {
+            connect = connect.options([("statement_timeout", timeout.as_millis().to_string())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| schema::connect_error(&location, e))?;
+        schema::migrate(&pool, &options.schema, &location).await?;
+        Ok(Self::assemble(pool, &options.schema))
+    }
+
+    /// Uses an existing pool; migrates `schema` first.
+    pub async fn from_pool(pool: PgPool, schema: &str) -> Result<Self> {
+        schema::validate_schema(schema)?;
+        schema::migrate(&pool, schema, "existing pool").await?;
+        Ok(Self::assemble(pool, schema))
+    }
+
+    fn assemble(pool: PgPool, schema: &str) -> Self {
+        Self {
+            pool,
+            schema: schema.into(),
+            sql: Arc::new(Sql::new(schema)),
+        }
+    }
+
+    /// The pool underneath.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The channel this store `NOTIFY`s on commit of a submit (`fascicle_<schema>`).
+    pub fn notify_channel(&self) -> &str {
+        &self.sql.channel
+    }
+
+    /// Submits a batch inside a transaction the caller holds (like River's `InsertTx`):
+    /// the rows exist only if the caller commits, and vanish with the caller's rollback.
+    ///
+    /// Validation is the same as `Queue::submit_batch` with default [`Limits`]. A parent
+    /// id that already exists returns the existing batch without disturbing the caller's
+    /// transaction. Workers are woken by the `NOTIFY` PostgreSQL delivers on commit.
+    ///
+    /// ```no_run
+    /// # async fn example(store: fascicle_postgres::PostgresStore) -> fascicle_api::Result<()> {
+    /// use fascicle_api::{NewBatch, NewOperation};
+    /// let mut tx = store.pool().begin().await.unwrap();
+    /// // ... the caller's own writes on `tx` ...
+    /// let batch = NewBatch::new("batch_retain")
+    ///     .child(NewOperation::new("retain", serde_json::json!({"doc": 1})));
+    /// store.submit_batch_in(&mut tx, batch).await?;
+    /// tx.commit().await.unwrap();
+    /// # Ok(()) }
+    /// ```
+    pub async fn submit_batch_in(
+        &self,
+        conn: &mut PgConnection,
+        batch: NewBatch,
+    ) -> Result<BatchReceipt> {
+        self.submit_batch_in_with(conn, batch, &Limits::default())
+            .await
+    }
+
+    /// [`submit_batch_in`](Self::submit_batch_in) with explicit limits.
+    pub async fn submit_batch_in_with(
+        &self,
+        conn: &mut PgConnection,
+        batch: NewBatch,
+        limits: &Limits,
+    ) -> Result<BatchReceipt> {
+        let (parent, children) = limits.prepare_batch(batch)?;
+        let inserted = insert_parent(&mut *conn, &self.sql, &parent, true).await?;
+        if !inserted {
+            let child_ids: Vec<Uuid> = sqlx::query_scalar(sql(&self.sql.children_ids))
+                .bind(parent.id.as_uuid())
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(error::map)?;
+            return Ok(BatchReceipt {
+                parent_id: parent.id,
+                child_ids: child_ids.into_iter().map(OperationId::from_uuid).collect(),
+                created: false,
+                notified: true,
+            });
+        }
+        insert_children(&mut *conn, &self.sql, &children).await?;
+        Ok(BatchReceipt {
+            parent_id: parent.id,
+            child_ids: children.iter().map(|c| c.id).collect(),
+            created: true,
+            notified: true,
+        })
+    }
+}
+
+fn operation_from_row(row: &PgRow) -> sqlx::Result<Operation> {
+    let status: String = row.try_get(2)?;
+    let total: Option<i64> = row.try_get(13)?;
+    let count = |i: usize| -> sqlx::Result<u64> { Ok(row.try_get::<i64, _>(i)? as u64) };
+    Ok(Operation {
+        id: OperationId::from_uuid(row.try_get(0)?),
+        kind: row.try_get(1)?,
+        status: status
+            .parse()
+            .map_err(|e: Error| sqlx::Error::Decode(e.into()))?,
+        payload: row.try_get(3)?,
+        metadata: row.try_get(4)?,
+        parent_id: row
+            .try_get::<Option<Uuid>, _>(5)?
+            .map(OperationId::from_uuid),
+        priority: row.try_get(6)?,
+        serialization_key: row.try_get(7)?,
+        attempts: row.try_get::<i32, _>(8)? as u32,
+        max_attempts: row.try_get::<i32, _>(9)? as u32,
+        run_at: row.try_get(10)?,
+        worker_id: row.try_get(11)?,
+        lease_expires_at: row.try_get(12)?,
+        children: match total {
+            Some(total) => Some(ChildCounters {
+                total: total as u64,
+                completed: count(14)?,
+                failed: count(15)?,
+                cancelled: count(16)?,
+            }),
+            None => None,
+        },
+        error: row.try_get(17)?,
+        result: row.try_get(18)?,
+        created_at: row.try_get(19)?,
+        updated_at: row.try_get(20)?,
+        completed_at: row.try_get(21)?,
+    })
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn driver(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            uses_observation_sources_table: false,
+        }
+    }
+
+    async fn begin(&self) -> Result<Box<dyn Transaction>> {
+        let tx = self.pool.begin().await.map_err(error::map)?;
+        Ok(Box::new(PostgresTransaction::new(
+            tx,
+            Arc::clone(&self.sql),
+        )))
+    }
+
+    async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
+        let row = sqlx::query(sql(&self.sql.get))
+            .bind(id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(error::map)?;
+        row.as_ref()
+            .map(operation_from_row)
+            .transpose()
+            .map_err(error::map)
+    }
+
+    async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
+        let rows = sqlx::query(sql(&self.sql.children_of))
+            .bind(parent_id.as_uuid())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(error::map)?;
+        rows.iter()
+            .map(operation_from_row)
+            .collect::<sqlx::Result<_>>()
+            .map_err(error::map)
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let rows = sqlx::query(sql(&self.sql.stats))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(error::map)?;
+        let mut stats = Stats::default();
+        for row in rows {
+            let kind: String = row.try_get(0).map_err(error::map)?;
+            let status: String = row.try_get(1).map_err(error::map)?;
+            let is_parent: bool = row.try_get(2).map_err(error::map)?;
+            let scheduled: bool = row.try_get(3).map_err(error::map)?;
+            let count = row.try_get::<i64, _>(4).map_err(error::map)? as u64;
+            let status: Status = status.parse()?;
+            if is_parent {
+                count_batch(&mut stats.batches, status, count);
+                continue;
+            }
+            let k = stats.kinds.entry(kind).or_default();
+            match status {
+                Status::Pending if scheduled => k.scheduled += count,
+                Status::Pending => k.ready += count,
+                Status::Processing => k.processing += count,
+                Status::Completed => k.completed += count,
+                Status::Failed => k.failed += count,
+                Status::Cancelled => k.cancelled += count,
+            }
+        }
+        Ok(stats)
+    }
+}
+
+fn count_batch(batches: &mut BatchStats, status: Status, count: u64) {
+    match status {
+        Status::Pending | Status::Processing => batches.open += count,
+        Status::Completed => batches.completed += count,
+        Status::Failed => batches.failed += count,
+        Status::Cancelled => batches.cancelled += count,
+    }
+}

@@ -1,0 +1,139 @@
+//! `PostgresTransaction` and the insert statements shared with caller transactions.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use fascicle_api::{ChildRecord, Error, ParentRecord, Result, Transaction};
+use sqlx::{PgConnection, Postgres};
+use uuid::Uuid;
+
+use crate::error;
+use crate::schema::{Sql, sql};
+
+/// Children per `INSERT … SELECT FROM unnest(…)` statement.
+const CHUNK: usize = 50_000;
+
+/// Inserts a parent. With `skip_existing`, an id already stored is not an error and the
+/// result says whether the row was inserted (for caller transactions, which a unique
+/// violation would abort).
+pub(crate) async fn insert_parent(
+    conn: &mut PgConnection,
+    statements: &Sql,
+    parent: &ParentRecord,
+    skip_existing: bool,
+) -> Result<bool> {
+    if skip_existing {
+        let text: Arc<str> =
+            format!("{} ON CONFLICT (id) DO NOTHING", statements.insert_parent).into();
+        let done = sqlx::query(sql(&text))
+            .bind(parent.id.as_uuid())
+            .bind(&parent.kind)
+            .bind(&parent.metadata)
+            .bind(parent.created_at)
+            .bind(parent.children_total as i64)
+            .execute(conn)
+            .await
+            .map_err(error::map)?;
+        return Ok(done.rows_affected() == 1);
+    }
+    sqlx::query(sql(&statements.insert_parent))
+        .bind(parent.id.as_uuid())
+        .bind(&parent.kind)
+        .bind(&parent.metadata)
+        .bind(parent.created_at)
+        .bind(parent.children_total as i64)
+        .execute(conn)
+        .await
+        .map_err(error::map)?;
+    Ok(true)
+}
+
+/// Inserts children in one statement per [`CHUNK`], each also queuing a `NOTIFY`.
+pub(crate) async fn insert_children(
+    conn: &mut PgConnection,
+    statements: &Sql,
+    children: &[ChildRecord],
+) -> Result<()> {
+    for chunk in children.chunks(CHUNK) {
+        let n = chunk.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut parents = Vec::with_capacity(n);
+        let mut priorities = Vec::with_capacity(n);
+        let mut keys = Vec::with_capacity(n);
+        let mut attempts = Vec::with_capacity(n);
+        let mut run_ats: Vec<DateTime<Utc>> = Vec::with_capacity(n);
+        let mut created: Vec<DateTime<Utc>> = Vec::with_capacity(n);
+        for child in chunk {
+            ids.push(*child.id.as_uuid());
+            kinds.push(child.kind.as_str());
+            payloads.push(child.payload.to_string());
+            parents.push(child.parent_id.map(Uuid::from));
+            priorities.push(child.priority);
+            keys.push(child.serialization_key.as_deref());
+            attempts.push(child.max_attempts as i32);
+            run_ats.push(child.run_at);
+            created.push(child.created_at);
+        }
+        let inserted: i64 = sqlx::query_scalar(sql(&statements.insert_children))
+            .bind(&ids)
+            .bind(&kinds)
+            .bind(&payloads)
+            .bind(&parents)
+            .bind(&priorities)
+            .bind(&keys)
+            .bind(&attempts)
+            .bind(&run_ats)
+            .bind(&created)
+            .bind(&statements.channel)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(error::map)?;
+        if inserted as usize != n {
+            return Err(Error::backend(
+                error::DRIVER,
+                fascicle_api::BackendErrorKind::Other,
+                format!("inserted {inserted} of {n} children"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A transaction on its own pooled connection; sqlx rolls it back if it is dropped.
+pub(crate) struct PostgresTransaction {
+    tx: sqlx::Transaction<'static, Postgres>,
+    sql: Arc<Sql>,
+}
+
+impl PostgresTransaction {
+    pub(crate) fn new(tx: sqlx::Transaction<'static, Postgres>, sql: Arc<Sql>) -> Self {
+        Self { tx, sql }
+    }
+}
+
+#[async_trait]
+impl Transaction for PostgresTransaction {
+    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+        insert_parent(&mut self.tx, &self.sql, parent, false).await?;
+        Ok(())
+    }
+
+    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
+        insert_children(&mut self.tx, &self.sql, std::slice::from_ref(child)).await
+    }
+
+    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        insert_children(&mut self.tx, &self.sql, children).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().await.map_err(error::map)
+    }
+
+    async fn rollback(self: Box<Self>) -> Result<()> {
+        self.tx.rollback().await.map_err(error::map)
+    }
+}
