@@ -82,16 +82,16 @@ impl State {
         self.insert(op);
     }
 
-    pub(crate) fn apply_child(&mut self, child: &ChildRecord) {
+    pub(crate) fn apply_child(&mut self, child: ChildRecord) {
         let op = Operation {
             id: child.id,
-            kind: child.kind.clone(),
+            kind: child.kind,
             status: Status::Pending,
-            payload: Some(child.payload.clone()),
+            payload: Some(child.payload),
             metadata: None,
             parent_id: child.parent_id,
             priority: child.priority,
-            serialization_key: child.serialization_key.clone(),
+            serialization_key: child.serialization_key,
             attempts: 0,
             max_attempts: child.max_attempts,
             run_at: child.run_at,

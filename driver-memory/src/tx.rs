@@ -59,8 +59,34 @@ impl Transaction for MemoryTransaction {
         Ok(())
     }
 
+    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        {
+            let state = self.store.lock();
+            for child in children {
+                if let Some(parent) = child.parent_id
+                    && !self.staged_ids.contains(&parent)
+                    && !state.contains(&parent)
+                {
+                    return Err(Error::NotFound(format!(
+                        "parent {parent} of child {} does not exist",
+                        child.id
+                    )));
+                }
+                if state.contains(&child.id) || !self.staged_ids.insert(child.id) {
+                    return Err(Error::Conflict(format!(
+                        "operation id {} already exists",
+                        child.id
+                    )));
+                }
+            }
+        }
+        self.children.extend_from_slice(children);
+        Ok(())
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
-        let mut state = self.store.lock();
+        let store = self.store.clone();
+        let mut state = store.lock();
         // Check every id before writing any row, so a conflict with a transaction that
         // committed after we staged leaves the store untouched.
         if let Some(taken) = self.staged_ids.iter().find(|id| state.contains(id)) {
@@ -68,10 +94,11 @@ impl Transaction for MemoryTransaction {
                 "operation id {taken} was committed by another transaction first"
             )));
         }
-        for parent in &self.parents {
+        let this = *self;
+        for parent in &this.parents {
             state.apply_parent(parent);
         }
-        for child in &self.children {
+        for child in this.children {
             state.apply_child(child);
         }
         Ok(())

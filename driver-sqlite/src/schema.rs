@@ -16,7 +16,9 @@ const MIGRATIONS: &[&str] = &[
         status              TEXT NOT NULL CHECK (status IN ('pending','processing','completed','failed','cancelled')),
         payload             TEXT,
         metadata            TEXT,
-        parent_id           BLOB REFERENCES fascicle_operations(id) ON DELETE CASCADE,
+        -- No FOREIGN KEY: it costs a lookup per child row; the driver checks each
+        -- distinct parent once per insert instead, and pruning removes whole batches.
+        parent_id           BLOB,
         priority            INTEGER NOT NULL DEFAULT 0,
         serialization_key   TEXT,
         attempts            INTEGER NOT NULL DEFAULT 0,

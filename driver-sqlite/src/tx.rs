@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use fascicle_api::{ChildRecord, Error, ParentRecord, Result, Transaction};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::error;
 use crate::store::{Inner, micros};
@@ -15,10 +15,112 @@ const INSERT_PARENT: &str = "INSERT INTO fascicle_operations
      created_at, updated_at)
     VALUES (?1, ?2, 'pending', NULL, ?3, NULL, 0, 0, 0, ?4, ?5, 0, 0, 0, ?4, ?4)";
 
-const INSERT_CHILD: &str = "INSERT INTO fascicle_operations
+const INSERT_CHILD_COLUMNS: &str = "INSERT INTO fascicle_operations
     (id, kind, status, payload, parent_id, priority, serialization_key, attempts, max_attempts,
-     run_at, created_at, updated_at)
-    VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?6, 0, ?7, ?8, ?9, ?9)";
+     run_at, created_at, updated_at) VALUES ";
+const CHILD_VALUES: &str = "(?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?, ?, ?)";
+const PARAMS_PER_CHILD: usize = 10;
+/// Rows per multi-row INSERT; fewer statements to step through for a large batch.
+const ROWS_PER_STATEMENT: usize = 64;
+
+fn insert_children_sql(rows: usize) -> String {
+    let mut sql =
+        String::with_capacity(INSERT_CHILD_COLUMNS.len() + rows * (CHILD_VALUES.len() + 1));
+    sql.push_str(INSERT_CHILD_COLUMNS);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(CHILD_VALUES);
+    }
+    sql
+}
+
+/// A child ready to bind: its payload already serialized, so the blocking task owns
+/// everything it needs without cloning JSON values.
+struct ChildRow {
+    id: [u8; 16],
+    kind: String,
+    payload: String,
+    parent_id: Option<[u8; 16]>,
+    priority: i32,
+    serialization_key: Option<String>,
+    max_attempts: u32,
+    run_at: i64,
+    created_at: i64,
+}
+
+impl From<&ChildRecord> for ChildRow {
+    fn from(child: &ChildRecord) -> Self {
+        Self {
+            id: *child.id.as_bytes(),
+            kind: child.kind.clone(),
+            payload: child.payload.to_string(),
+            parent_id: child.parent_id.map(|p| *p.as_bytes()),
+            priority: child.priority,
+            serialization_key: child.serialization_key.clone(),
+            max_attempts: child.max_attempts,
+            run_at: micros(child.run_at),
+            created_at: micros(child.created_at),
+        }
+    }
+}
+
+fn bind_child(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    first: usize,
+    row: &ChildRow,
+) -> rusqlite::Result<()> {
+    stmt.raw_bind_parameter(first, &row.id[..])?;
+    stmt.raw_bind_parameter(first + 1, row.kind.as_str())?;
+    stmt.raw_bind_parameter(first + 2, row.payload.as_str())?;
+    stmt.raw_bind_parameter(first + 3, row.parent_id.as_ref().map(|p| &p[..]))?;
+    stmt.raw_bind_parameter(first + 4, row.priority)?;
+    stmt.raw_bind_parameter(first + 5, row.serialization_key.as_deref())?;
+    stmt.raw_bind_parameter(first + 6, row.max_attempts)?;
+    stmt.raw_bind_parameter(first + 7, row.run_at)?;
+    stmt.raw_bind_parameter(first + 8, row.created_at)?;
+    stmt.raw_bind_parameter(first + 9, row.created_at)?;
+    Ok(())
+}
+
+/// Inserts rows with multi-row statements after checking, once per distinct parent,
+/// that the parent exists (in this transaction or before it).
+fn insert_rows(conn: &Connection, rows: &[ChildRow]) -> rusqlite::Result<Option<Error>> {
+    let mut parents: Vec<[u8; 16]> = rows.iter().filter_map(|r| r.parent_id).collect();
+    parents.sort_unstable();
+    parents.dedup();
+    for parent in &parents {
+        let found: Option<i64> = conn
+            .prepare_cached("SELECT 1 FROM fascicle_operations WHERE id = ?1 AND payload IS NULL")?
+            .query_row(params![&parent[..]], |r| r.get(0))
+            .optional()?;
+        if found.is_none() {
+            return Ok(Some(Error::NotFound(format!(
+                "parent {} does not exist",
+                uuid::Uuid::from_bytes(*parent)
+            ))));
+        }
+    }
+    let full = insert_children_sql(ROWS_PER_STATEMENT);
+    let mut chunks = rows.chunks_exact(ROWS_PER_STATEMENT);
+    for chunk in &mut chunks {
+        let mut stmt = conn.prepare_cached(&full)?;
+        for (i, row) in chunk.iter().enumerate() {
+            bind_child(&mut stmt, 1 + i * PARAMS_PER_CHILD, row)?;
+        }
+        stmt.raw_execute()?;
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut stmt = conn.prepare_cached(&insert_children_sql(1))?;
+        for row in rest {
+            bind_child(&mut stmt, 1, row)?;
+            stmt.raw_execute()?;
+        }
+    }
+    Ok(None)
+}
 
 /// A write transaction. It takes SQLite's write lock at `begin` (`BEGIN IMMEDIATE`), so a
 /// concurrent writer waits on the busy handler instead of failing half-way; if the wait
@@ -93,23 +195,6 @@ impl SqliteTransaction {
     }
 }
 
-fn insert_child(conn: &Connection, child: &ChildRecord) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached(INSERT_CHILD)?;
-    let payload = child.payload.to_string();
-    stmt.execute(params![
-        child.id.as_bytes(),
-        child.kind,
-        payload,
-        child.parent_id.as_ref().map(|p| p.as_bytes()),
-        child.priority,
-        child.serialization_key,
-        child.max_attempts,
-        micros(child.run_at),
-        micros(child.created_at),
-    ])?;
-    Ok(())
-}
-
 #[async_trait]
 impl Transaction for SqliteTransaction {
     async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
@@ -128,19 +213,15 @@ impl Transaction for SqliteTransaction {
     }
 
     async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
-        let child = child.clone();
-        self.run(move |conn| insert_child(conn, &child)).await
+        self.insert_children(std::slice::from_ref(child)).await
     }
 
     async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
-        let children = children.to_vec();
-        self.run(move |conn| {
-            for child in &children {
-                insert_child(conn, child)?;
-            }
-            Ok(())
-        })
-        .await
+        let rows: Vec<ChildRow> = children.iter().map(ChildRow::from).collect();
+        match self.run(move |conn| insert_rows(conn, &rows)).await? {
+            None => Ok(()),
+            Some(missing_parent) => Err(missing_parent),
+        }
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {

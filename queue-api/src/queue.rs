@@ -142,9 +142,7 @@ impl Queue {
     /// Submits one stand-alone operation (no parent). Idempotent on a caller-supplied id.
     pub async fn submit(&self, operation: NewOperation) -> Result<Receipt> {
         let now = Utc::now();
-        let record = self
-            .limits
-            .prepare_operation(operation, None, now, "operation")?;
+        let record = self.limits.prepare_operation(operation, None, now)?;
         if self.store.get(record.id).await?.is_some() {
             return self.existing_operation(record.id).await;
         }
@@ -232,7 +230,7 @@ impl Limits {
     /// [`Queue::submit_batch`] hands to a transaction. Drivers that enqueue inside a
     /// caller's own transaction use it to apply the same rules.
     pub fn prepare_batch(&self, batch: NewBatch) -> Result<(ParentRecord, Vec<ChildRecord>)> {
-        validate_name("batch kind", &batch.kind, self.max_name_bytes)?;
+        validate_name(Subject::Batch, "kind", &batch.kind, self.max_name_bytes)?;
         if batch.children.is_empty() {
             return Err(Error::InvalidInput(format!(
                 "batch `{}` has no children; a batch needs at least one child operation",
@@ -247,7 +245,12 @@ impl Limits {
                 self.max_children
             )));
         }
-        validate_json("batch metadata", &batch.metadata, self.max_payload_bytes)?;
+        validate_json(
+            Subject::Batch,
+            "metadata",
+            &batch.metadata,
+            self.max_payload_bytes,
+        )?;
         let now = Utc::now();
         let parent_id = batch.id.unwrap_or_default();
         let mut seen = HashSet::with_capacity(batch.children.len() + 1);
@@ -255,8 +258,8 @@ impl Limits {
         let children_total = batch.children.len() as u64;
         let mut children = Vec::with_capacity(batch.children.len());
         for (index, child) in batch.children.into_iter().enumerate() {
-            let what = format!("child #{index}");
-            let record = self.prepare_operation(child, Some(parent_id), now, &what)?;
+            let what = Subject::Child(index);
+            let record = self.prepare_child(child, Some(parent_id), now, what)?;
             if !seen.insert(record.id) {
                 return Err(Error::InvalidInput(format!(
                     "{what} repeats id {} already used in this batch; ids must be unique",
@@ -281,21 +284,22 @@ impl Limits {
         op: NewOperation,
         parent_id: Option<OperationId>,
         now: chrono::DateTime<Utc>,
-        what: &str,
     ) -> Result<ChildRecord> {
-        validate_name(&format!("{what} kind"), &op.kind, self.max_name_bytes)?;
+        self.prepare_child(op, parent_id, now, Subject::Operation)
+    }
+
+    fn prepare_child(
+        &self,
+        op: NewOperation,
+        parent_id: Option<OperationId>,
+        now: chrono::DateTime<Utc>,
+        what: Subject,
+    ) -> Result<ChildRecord> {
+        validate_name(what, "kind", &op.kind, self.max_name_bytes)?;
         if let Some(key) = &op.serialization_key {
-            validate_name(
-                &format!("{what} serialization key"),
-                key,
-                self.max_name_bytes,
-            )?;
+            validate_name(what, "serialization key", key, self.max_name_bytes)?;
         }
-        validate_json(
-            &format!("{what} payload"),
-            &op.payload,
-            self.max_payload_bytes,
-        )?;
+        validate_json(what, "payload", &op.payload, self.max_payload_bytes)?;
         let max_attempts = op.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if max_attempts == 0 || max_attempts > i32::MAX as u32 {
             return Err(Error::InvalidInput(format!(
@@ -317,7 +321,8 @@ impl Limits {
     }
 }
 
-fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<()> {
+fn validate_name(subject: Subject, field: &str, name: &str, max_bytes: usize) -> Result<()> {
+    let what = Described(subject, field);
     if name.trim().is_empty() {
         return Err(Error::InvalidInput(format!("{what} is empty")));
     }
@@ -337,21 +342,64 @@ fn validate_name(what: &str, name: &str, max_bytes: usize) -> Result<()> {
 
 /// Rejects payloads over the size limit and strings holding NUL, which PostgreSQL's
 /// `jsonb` cannot store: every driver refuses the same input the same way.
-fn validate_json(what: &str, value: &Value, max_bytes: usize) -> Result<()> {
+fn validate_json(subject: Subject, field: &str, value: &Value, max_bytes: usize) -> Result<()> {
+    let what = Described(subject, field);
     if contains_nul(value) {
         return Err(Error::InvalidInput(format!(
             "{what} contains a NUL character (\\u0000), which no backend can store"
         )));
     }
-    let size = serde_json::to_vec(value)
-        .map_err(|e| Error::InvalidInput(format!("{what} cannot be serialized: {e}")))?
-        .len();
+    let mut counter = ByteCounter(0);
+    serde_json::to_writer(&mut counter, value)
+        .map_err(|e| Error::InvalidInput(format!("{what} cannot be serialized: {e}")))?;
+    let size = counter.0;
     if size > max_bytes {
         return Err(Error::InvalidInput(format!(
             "{what} is {size} bytes serialized; the limit is {max_bytes}"
         )));
     }
     Ok(())
+}
+
+/// What a validation message is about; formatted only when there is an error, so a
+/// valid batch of 100,000 children allocates no message text.
+#[derive(Clone, Copy, Debug)]
+enum Subject {
+    Batch,
+    Child(usize),
+    Operation,
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Batch => f.write_str("batch"),
+            Self::Child(index) => write!(f, "child #{index}"),
+            Self::Operation => f.write_str("operation"),
+        }
+    }
+}
+
+struct Described<'a>(Subject, &'a str);
+
+impl fmt::Display for Described<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.0, self.1)
+    }
+}
+
+/// Counts serialized bytes without keeping them.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn contains_nul(value: &Value) -> bool {

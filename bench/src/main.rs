@@ -1,0 +1,225 @@
+//! `fascicle-bench`: the headline benchmark table. Every figure is printed next to a
+//! baseline measured in the same run, because only ratios compare on a shared machine.
+//!
+//! ```text
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--quick] [--json] [--runs N]
+//! ```
+//!
+//! PostgreSQL is reached through `DATABASE_URL` (default
+//! `postgres://root@127.0.0.1:5432/test`); the harness works in its own schema
+//! `fascicle_bench_<random>` and drops it at the end. SQLite runs on temporary files.
+
+mod submit;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Driver {
+    Memory,
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug)]
+struct Args {
+    drivers: Vec<Driver>,
+    quick: bool,
+    json: bool,
+    runs: usize,
+}
+
+const USAGE: &str =
+    "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--quick] [--json] [--runs N]";
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        drivers: vec![Driver::Memory, Driver::Sqlite, Driver::Postgres],
+        quick: false,
+        json: false,
+        runs: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => args.quick = true,
+            "--json" => args.json = true,
+            "--driver" => {
+                let value = it.next().ok_or("--driver needs a value")?;
+                args.drivers = match value.as_str() {
+                    "memory" => vec![Driver::Memory],
+                    "sqlite" => vec![Driver::Sqlite],
+                    "postgres" => vec![Driver::Postgres],
+                    "all" => vec![Driver::Memory, Driver::Sqlite, Driver::Postgres],
+                    other => return Err(format!("unknown driver `{other}`\n{USAGE}")),
+                };
+            }
+            "--runs" => {
+                let value = it.next().ok_or("--runs needs a value")?;
+                args.runs = value
+                    .parse()
+                    .map_err(|_| format!("--runs takes a whole number, got `{value}`"))?;
+            }
+            "-h" | "--help" => return Err(USAGE.to_string()),
+            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
+        }
+    }
+    if args.runs == 0 {
+        args.runs = if args.quick { 5 } else { 9 };
+    }
+    Ok(args)
+}
+
+/// How a measurement is judged.
+#[derive(Clone, Copy, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Target {
+    /// The median must reach this many units per second.
+    AtLeast { value: f64 },
+    /// The median divided by the baseline median must reach this ratio.
+    RatioAtLeast { value: f64 },
+}
+
+/// One row of the table.
+#[derive(Debug, Serialize)]
+struct Measurement {
+    scenario: String,
+    driver: &'static str,
+    unit: &'static str,
+    samples: Vec<f64>,
+    baseline_name: Option<String>,
+    baseline_samples: Vec<f64>,
+    target: Option<Target>,
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+fn min_max(samples: &[f64]) -> (f64, f64) {
+    samples
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+impl Measurement {
+    fn ratio(&self) -> Option<f64> {
+        (!self.baseline_samples.is_empty())
+            .then(|| median(&self.samples) / median(&self.baseline_samples))
+    }
+
+    fn verdict(&self) -> &'static str {
+        match self.target {
+            None => "",
+            Some(Target::AtLeast { value }) if median(&self.samples) >= value => "PASS",
+            Some(Target::RatioAtLeast { value }) if self.ratio().is_some_and(|r| r >= value) => {
+                "PASS"
+            }
+            Some(_) => "MISS",
+        }
+    }
+
+    fn target_text(&self) -> String {
+        match self.target {
+            None => "-".into(),
+            Some(Target::AtLeast { value }) => format!(">= {}", human(value)),
+            Some(Target::RatioAtLeast { value }) => format!(">= {value}x baseline"),
+        }
+    }
+}
+
+fn human(x: f64) -> String {
+    if !x.is_finite() {
+        return "-".into();
+    }
+    if x >= 1_000_000.0 {
+        format!("{:.2}M", x / 1_000_000.0)
+    } else if x >= 1_000.0 {
+        format!("{:.1}k", x / 1_000.0)
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+fn print_table(rows: &[Measurement]) {
+    println!(
+        "| scenario | driver | median | min–max | baseline | baseline median | ratio | target | verdict |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let (lo, hi) = min_max(&row.samples);
+        println!(
+            "| {} | {} | {} {} | {}–{} | {} | {} | {} | {} | {} |",
+            row.scenario,
+            row.driver,
+            human(median(&row.samples)),
+            row.unit,
+            human(lo),
+            human(hi),
+            row.baseline_name.as_deref().unwrap_or("-"),
+            if row.baseline_samples.is_empty() {
+                "-".to_string()
+            } else {
+                human(median(&row.baseline_samples))
+            },
+            row.ratio().map_or("-".into(), |r| format!("{r:.1}x")),
+            row.target_text(),
+            row.verdict(),
+        );
+    }
+}
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://root@127.0.0.1:5432/test".into())
+}
+
+fn per_second(count: usize, elapsed: Duration) -> f64 {
+    count as f64 / elapsed.as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for driver in &args.drivers {
+        let result = match driver {
+            Driver::Memory => submit::memory(&args).await,
+            Driver::Sqlite => submit::sqlite(&args).await,
+            Driver::Postgres => submit::postgres(&args, &database_url()).await,
+        };
+        match result {
+            Ok(mut measured) => rows.append(&mut measured),
+            Err(e) => {
+                failed = true;
+                eprintln!("{driver:?}: benchmark failed: {e}");
+            }
+        }
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).expect("measurements serialize")
+        );
+    } else {
+        print_table(&rows);
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
