@@ -86,7 +86,12 @@ where
         let Some(store) = fixture.store else {
             static SKIP_LINE: Once = Once::new();
             let reason = fixture.skip_reason.unwrap_or_default();
-            SKIP_LINE.call_once(|| eprintln!("SKIPPED conformance suite: {reason}"));
+            SKIP_LINE.call_once(|| {
+                // Written to the process's stderr directly: the test harness captures
+                // `eprintln!`, and a skip must be seen.
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "SKIPPED conformance suite: {reason}");
+            });
             let _ = name;
             return;
         };

@@ -128,6 +128,12 @@ impl PostgresStore {
         if let Some(timeout) = options.statement_timeout {
             connect = connect.options([("statement_timeout", timeout.as_millis().to_string())]);
         }
+        // One direct connection first: an unreachable server or a refused login fails at
+        // once with its own error, instead of the pool retrying until acquire_timeout.
+        let probe = sqlx::ConnectOptions::connect(&connect)
+            .await
+            .map_err(|e| schema::connect_error(&location, e))?;
+        let _ = sqlx::Connection::close(probe).await;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)

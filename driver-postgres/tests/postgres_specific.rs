@@ -22,7 +22,7 @@ macro_rules! with_store {
         let $url = match common::database_url() {
             Ok(url) => url,
             Err(reason) => {
-                eprintln!("SKIPPED: {reason}");
+                common::announce_skip(&reason);
                 return;
             }
         };
@@ -225,7 +225,7 @@ async fn concurrent_first_connections_migrate_once() {
     let url = match common::database_url() {
         Ok(url) => url,
         Err(reason) => {
-            eprintln!("SKIPPED: {reason}");
+            common::announce_skip(&reason);
             return;
         }
     };
@@ -275,7 +275,7 @@ async fn passwords_never_appear_in_errors_or_debug() {
     let url = match common::database_url() {
         Ok(url) => url,
         Err(reason) => {
-            eprintln!("SKIPPED: {reason}");
+            common::announce_skip(&reason);
             return;
         }
     };

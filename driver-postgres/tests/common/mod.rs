@@ -21,6 +21,15 @@ pub fn database_url() -> Result<String, String> {
     }
 }
 
+/// Prints a skip line past the test harness's output capture, once per test binary.
+pub fn announce_skip(reason: &str) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {reason}");
+    });
+}
+
 pub fn fresh_schema() -> String {
     format!("fascicle_t_{}", uuid::Uuid::new_v4().simple())
 }

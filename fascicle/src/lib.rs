@@ -1,0 +1,154 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+use std::sync::Arc;
+
+pub use fascicle_api::*;
+
+/// The in-process memory driver.
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use fascicle_memory as memory;
+/// The PostgreSQL driver.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use fascicle_postgres as postgres;
+/// The embedded SQLite driver.
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub use fascicle_sqlite as sqlite;
+
+/// Which driver a URL names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scheme {
+    Postgres,
+    Sqlite,
+    SqliteTemporary,
+    Memory,
+}
+
+/// Splits a URL into the driver it names and the part that driver takes.
+fn parse(url: &str) -> Result<(Scheme, &str)> {
+    let url = url.trim();
+    if url.is_empty() {
+        return Err(Error::InvalidInput(
+            "the database URL is empty; try sqlite://fascicle.db".into(),
+        ));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok((Scheme::Postgres, url));
+    }
+    if url == "sqlite::memory:" || url == "sqlite://:memory:" {
+        return Ok((Scheme::SqliteTemporary, ""));
+    }
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(Error::InvalidInput(
+                "sqlite:// needs a file path, e.g. sqlite://fascicle.db".into(),
+            ));
+        }
+        return Ok((Scheme::Sqlite, path));
+    }
+    if let Some(path) = url.strip_prefix("sqlite:") {
+        return Ok((Scheme::Sqlite, path));
+    }
+    if url == "memory://" || url == "memory:" {
+        return Ok((Scheme::Memory, ""));
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        return Err(Error::InvalidInput(format!(
+            "unknown database URL scheme `{scheme}://`; use postgres://, sqlite://path or memory://"
+        )));
+    }
+    // A bare path is a SQLite file.
+    Ok((Scheme::Sqlite, url))
+}
+
+#[allow(dead_code)]
+fn not_compiled(driver: &str, feature: &str) -> Error {
+    Error::InvalidInput(format!(
+        "this build of fascicle has no {driver} driver; enable the cargo feature `{feature}` of the `fascicle` crate"
+    ))
+}
+
+/// Opens the store a URL names, among the drivers compiled in:
+///
+/// | URL | driver | feature |
+/// |---|---|---|
+/// | `postgres://user:pass@host/db`, `postgresql://…` | [`postgres::PostgresStore`] (schema `fascicle`) | `postgres` |
+/// | `sqlite://path/to/file.db`, `sqlite:file.db`, or a bare path | [`sqlite::SqliteStore`] | `sqlite` (default) |
+/// | `sqlite::memory:` | a private SQLite database deleted with the store | `sqlite` |
+/// | `memory://` | [`memory::MemoryStore`] | `memory` |
+///
+/// A scheme whose driver is not compiled in is an `Error::InvalidInput` naming the
+/// feature to enable. Passwords never appear in errors.
+pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    let (scheme, rest) = parse(url)?;
+    match scheme {
+        Scheme::Postgres => open_postgres(rest).await,
+        Scheme::Sqlite => open_sqlite(Some(rest)).await,
+        Scheme::SqliteTemporary => open_sqlite(None).await,
+        Scheme::Memory => open_memory(),
+    }
+}
+
+#[cfg(feature = "postgres")]
+async fn open_postgres(url: &str) -> Result<Arc<dyn Store>> {
+    Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn open_postgres(_url: &str) -> Result<Arc<dyn Store>> {
+    Err(not_compiled("PostgreSQL", "postgres"))
+}
+
+#[cfg(feature = "sqlite")]
+async fn open_sqlite(path: Option<&str>) -> Result<Arc<dyn Store>> {
+    Ok(Arc::new(match path {
+        Some(path) => sqlite::SqliteStore::open(path).await?,
+        None => sqlite::SqliteStore::open_temporary().await?,
+    }))
+}
+
+#[cfg(not(feature = "sqlite"))]
+async fn open_sqlite(_path: Option<&str>) -> Result<Arc<dyn Store>> {
+    Err(not_compiled("SQLite", "sqlite"))
+}
+
+#[cfg(feature = "memory")]
+fn open_memory() -> Result<Arc<dyn Store>> {
+    Ok(Arc::new(memory::MemoryStore::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn open_memory() -> Result<Arc<dyn Store>> {
+    Err(not_compiled("memory", "memory"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_pick_their_driver() {
+        assert_eq!(parse("postgres://u:p@h/db").unwrap().0, Scheme::Postgres);
+        assert_eq!(parse("postgresql://h/db").unwrap().0, Scheme::Postgres);
+        assert_eq!(parse("sqlite://q.db").unwrap(), (Scheme::Sqlite, "q.db"));
+        assert_eq!(parse("sqlite:q.db").unwrap(), (Scheme::Sqlite, "q.db"));
+        assert_eq!(
+            parse("./data/q.db").unwrap(),
+            (Scheme::Sqlite, "./data/q.db")
+        );
+        assert_eq!(parse("sqlite::memory:").unwrap().0, Scheme::SqliteTemporary);
+        assert_eq!(parse("memory://").unwrap().0, Scheme::Memory);
+        for bad in ["", "sqlite://", "mysql://root@h/db", "redis://h"] {
+            assert!(matches!(parse(bad), Err(Error::InvalidInput(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_missing_driver_names_the_feature() {
+        let message = not_compiled("PostgreSQL", "postgres").to_string();
+        assert!(message.contains("cargo feature `postgres`"), "{message}");
+    }
+}
