@@ -215,6 +215,7 @@ async fn insert_by_hand(
             parent_id: Some(parent.id),
             kind: "retain".into(),
             payload: json!({ "index": i }),
+            payload_json: json!({ "index": i }).to_string(),
             priority: 0,
             run_at: now,
             serialization_key: None,

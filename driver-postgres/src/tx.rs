@@ -69,7 +69,7 @@ pub(crate) async fn insert_children(
         for child in chunk {
             ids.push(*child.id.as_uuid());
             kinds.push(child.kind.as_str());
-            payloads.push(child.payload.to_string());
+            payloads.push(child.payload_json.as_str());
             parents.push(child.parent_id.map(Uuid::from));
             priorities.push(child.priority);
             keys.push(child.serialization_key.as_deref());

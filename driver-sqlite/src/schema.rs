@@ -37,10 +37,12 @@ const MIGRATIONS: &[&str] = &[
         updated_at          INTEGER NOT NULL,
         completed_at        INTEGER
     );
+    -- Index entries end with the rowid, which is `seq`: both indexes are ordered by seq
+    -- within their keys without storing it twice.
     CREATE INDEX fascicle_operations_by_parent
-        ON fascicle_operations (parent_id, seq) WHERE parent_id IS NOT NULL;
+        ON fascicle_operations (parent_id) WHERE parent_id IS NOT NULL;
     CREATE INDEX fascicle_operations_claimable
-        ON fascicle_operations (priority DESC, run_at, seq)
+        ON fascicle_operations (priority DESC, run_at)
         WHERE status = 'pending' AND payload IS NOT NULL;
     "#,
 ];

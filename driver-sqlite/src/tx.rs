@@ -55,7 +55,7 @@ impl From<&ChildRecord> for ChildRow {
         Self {
             id: *child.id.as_bytes(),
             kind: child.kind.clone(),
-            payload: child.payload.to_string(),
+            payload: child.payload_json.clone(),
             parent_id: child.parent_id.map(|p| *p.as_bytes()),
             priority: child.priority,
             serialization_key: child.serialization_key.clone(),

@@ -245,7 +245,7 @@ impl Limits {
                 self.max_children
             )));
         }
-        validate_json(
+        serialize_json(
             Subject::Batch,
             "metadata",
             &batch.metadata,
@@ -299,7 +299,7 @@ impl Limits {
         if let Some(key) = &op.serialization_key {
             validate_name(what, "serialization key", key, self.max_name_bytes)?;
         }
-        validate_json(what, "payload", &op.payload, self.max_payload_bytes)?;
+        let payload_json = serialize_json(what, "payload", &op.payload, self.max_payload_bytes)?;
         let max_attempts = op.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
         if max_attempts == 0 || max_attempts > i32::MAX as u32 {
             return Err(Error::InvalidInput(format!(
@@ -312,6 +312,7 @@ impl Limits {
             parent_id,
             kind: op.kind,
             payload: op.payload,
+            payload_json,
             priority: op.priority,
             run_at: op.run_at.unwrap_or(now),
             serialization_key: op.serialization_key,
@@ -335,27 +336,6 @@ fn validate_name(subject: Subject, field: &str, name: &str, max_bytes: usize) ->
     if name.contains('\0') {
         return Err(Error::InvalidInput(format!(
             "{what} contains a NUL character, which no backend can store"
-        )));
-    }
-    Ok(())
-}
-
-/// Rejects payloads over the size limit and strings holding NUL, which PostgreSQL's
-/// `jsonb` cannot store: every driver refuses the same input the same way.
-fn validate_json(subject: Subject, field: &str, value: &Value, max_bytes: usize) -> Result<()> {
-    let what = Described(subject, field);
-    if contains_nul(value) {
-        return Err(Error::InvalidInput(format!(
-            "{what} contains a NUL character (\\u0000), which no backend can store"
-        )));
-    }
-    let mut counter = ByteCounter(0);
-    serde_json::to_writer(&mut counter, value)
-        .map_err(|e| Error::InvalidInput(format!("{what} cannot be serialized: {e}")))?;
-    let size = counter.0;
-    if size > max_bytes {
-        return Err(Error::InvalidInput(format!(
-            "{what} is {size} bytes serialized; the limit is {max_bytes}"
         )));
     }
     Ok(())
@@ -388,18 +368,30 @@ impl fmt::Display for Described<'_> {
     }
 }
 
-/// Counts serialized bytes without keeping them.
-struct ByteCounter(usize);
-
-impl std::io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
+/// Rejects payloads over the size limit and strings holding NUL, which PostgreSQL's
+/// `jsonb` cannot store, so every driver refuses the same input the same way. Returns
+/// the serialized text, so SQL drivers need not serialize the payload a second time.
+fn serialize_json(
+    subject: Subject,
+    field: &str,
+    value: &Value,
+    max_bytes: usize,
+) -> Result<String> {
+    let what = Described(subject, field);
+    if contains_nul(value) {
+        return Err(Error::InvalidInput(format!(
+            "{what} contains a NUL character (\\u0000), which no backend can store"
+        )));
     }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+    let text = serde_json::to_string(value)
+        .map_err(|e| Error::InvalidInput(format!("{what} cannot be serialized: {e}")))?;
+    if text.len() > max_bytes {
+        return Err(Error::InvalidInput(format!(
+            "{what} is {} bytes serialized; the limit is {max_bytes}",
+            text.len()
+        )));
     }
+    Ok(text)
 }
 
 fn contains_nul(value: &Value) -> bool {

@@ -289,6 +289,10 @@ pub struct ChildRecord {
     pub kind: String,
     /// The handler's input.
     pub payload: Value,
+    /// `payload` serialized as compact JSON, as validated: SQL drivers store this text
+    /// instead of serializing the payload again. Must equal
+    /// `serde_json::to_string(&payload)`.
+    pub payload_json: String,
     /// Higher runs first.
     pub priority: i32,
     /// Not claimable before this instant.
