@@ -31,7 +31,7 @@ const MIGRATIONS: &[&str] = &[
         seq                 bigint GENERATED ALWAYS AS IDENTITY,
         id                  uuid PRIMARY KEY,
         kind                text NOT NULL,
-        status              text NOT NULL CHECK (status IN ('pending','processing','completed','failed','cancelled')),
+        status              text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending','processing','completed','failed','cancelled')),
         payload             jsonb,
         metadata            jsonb,
         parent_id           uuid,
@@ -139,6 +139,7 @@ pub(crate) struct Sql {
     pub(crate) channel: String,
     pub(crate) insert_parent: Arc<str>,
     pub(crate) insert_children: Arc<str>,
+    pub(crate) copy_children: String,
     pub(crate) get: Arc<str>,
     pub(crate) children_of: Arc<str>,
     pub(crate) stats: Arc<str>,
@@ -172,6 +173,10 @@ impl Sql {
                           created_at)
                 RETURNING 1)
                 SELECT count(*), pg_notify($10, count(*)::text) FROM inserted"),
+            copy_children: "COPY {schema}.operations (id, kind, payload, parent_id, priority,
+                serialization_key, max_attempts, run_at, created_at, updated_at)
+                FROM STDIN (FORMAT binary)"
+                .replace("{schema}", schema),
             get: s(&format!("SELECT {COLUMNS} FROM {{schema}}.operations WHERE id = $1")),
             children_of: s(&format!(
                 "SELECT {COLUMNS} FROM {{schema}}.operations WHERE parent_id = $1 ORDER BY seq"
