@@ -5,10 +5,80 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use fascicle_api::chrono::{DateTime, Utc};
 use fascicle_api::{
-    BackendErrorKind, Capabilities, ChildRecord, Error, Notifier, Operation, OperationId,
-    ParentRecord, Result, Stats, Store, Submitted, Transaction,
+    Applied, BackendErrorKind, CancelReport, Capabilities, ChildRecord, ClaimRequest,
+    ClaimedOperation, Completion, Error, Lease, LeaseStatus, Notifier, Operation, OperationId,
+    ParentRecord, PruneReport, ReconcileReport, RescueReport, Result, Stats, Store, Submitted,
+    Transaction,
 };
+
+/// Implements `Store` for a wrapper: the given methods (`driver`, `begin`) plus every
+/// other method forwarded to `self.inner`.
+macro_rules! wrapping_store {
+    ($ty:ty { $($own:item)* }) => {
+        #[async_trait]
+        impl Store for $ty {
+        $($own)*
+
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+
+        async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
+            self.inner.get(id).await
+        }
+
+        async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
+            self.inner.children_of(parent_id).await
+        }
+
+        async fn stats(&self) -> Result<Stats> {
+            self.inner.stats().await
+        }
+
+        async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
+            self.inner.claim(request).await
+        }
+
+        async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
+            self.inner.complete(completions).await
+        }
+
+        async fn heartbeat(
+            &self,
+            leases: &[Lease],
+            lease: std::time::Duration,
+        ) -> Result<Vec<LeaseStatus>> {
+            self.inner.heartbeat(leases, lease).await
+        }
+
+        async fn release(&self, leases: &[Lease]) -> Result<u64> {
+            self.inner.release(leases).await
+        }
+
+        async fn rescue_expired_leases(&self) -> Result<RescueReport> {
+            self.inner.rescue_expired_leases().await
+        }
+
+        async fn reconcile_orphan_parents(&self) -> Result<ReconcileReport> {
+            self.inner.reconcile_orphan_parents().await
+        }
+
+        async fn cancel(&self, id: OperationId) -> Result<CancelReport> {
+            self.inner.cancel(id).await
+        }
+
+        async fn retry_batch(&self, parent_id: OperationId) -> Result<u64> {
+            self.inner.retry_batch(parent_id).await
+        }
+
+        async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
+            self.inner.prune(completed_before).await
+        }
+        }
+    };
+}
 
 /// Where a [`FaultyStore`] fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,14 +112,9 @@ impl FaultyStore {
     }
 }
 
-#[async_trait]
-impl Store for FaultyStore {
+wrapping_store!(FaultyStore {
     fn driver(&self) -> &'static str {
         self.inner.driver()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>> {
@@ -60,18 +125,7 @@ impl Store for FaultyStore {
         }))
     }
 
-    async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
-        self.inner.get(id).await
-    }
-
-    async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
-        self.inner.children_of(parent_id).await
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        self.inner.stats().await
-    }
-}
+});
 
 struct FaultyTransaction {
     inner: Box<dyn Transaction>,
@@ -160,14 +214,9 @@ impl AutocommitParentStore {
     }
 }
 
-#[async_trait]
-impl Store for AutocommitParentStore {
+wrapping_store!(AutocommitParentStore {
     fn driver(&self) -> &'static str {
         "broken-autocommit-parent"
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>> {
@@ -177,18 +226,7 @@ impl Store for AutocommitParentStore {
         }))
     }
 
-    async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
-        self.inner.get(id).await
-    }
-
-    async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
-        self.inner.children_of(parent_id).await
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        self.inner.stats().await
-    }
-}
+});
 
 struct AutocommitParentTransaction {
     store: Arc<dyn Store>,

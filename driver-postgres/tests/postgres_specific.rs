@@ -19,17 +19,19 @@ fn batch(n: usize) -> NewBatch {
 /// Runs `body` with a fresh store, or prints one skip line; drops the schema afterwards.
 macro_rules! with_store {
     (|$url:ident, $store:ident| $body:block) => {{
-        let $url = match common::database_url() {
-            Ok(url) => url,
+        let database = match common::database().await {
+            Ok(database) => database,
             Err(reason) => {
                 common::announce_skip(&reason);
                 return;
             }
         };
+        let $url = database.url.clone();
         let $store = common::fresh_store(&$url).await;
         let cleanup = $store.clone();
         let outcome = tokio::spawn(async move { $body }).await;
         common::drop_schema(&cleanup).await;
+        drop(database);
         if let Err(e) = outcome {
             std::panic::resume_unwind(e.into_panic());
         }
@@ -222,13 +224,14 @@ async fn schema_name_injection_is_rejected_before_connecting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_connections_migrate_once() {
-    let url = match common::database_url() {
-        Ok(url) => url,
+    let database = match common::database().await {
+        Ok(database) => database,
         Err(reason) => {
             common::announce_skip(&reason);
             return;
         }
     };
+    let url = database.url.clone();
     let schema = common::fresh_schema();
     let connects: Vec<_> = (0..4)
         .map(|_| {
@@ -272,13 +275,14 @@ async fn concurrent_first_connections_migrate_once() {
 
 #[tokio::test]
 async fn passwords_never_appear_in_errors_or_debug() {
-    let url = match common::database_url() {
-        Ok(url) => url,
+    let database = match common::database().await {
+        Ok(database) => database,
         Err(reason) => {
             common::announce_skip(&reason);
             return;
         }
     };
+    let url = database.url.clone();
     // Same server, a database that does not exist, a password that must stay secret.
     let host = url.split('@').nth(1).unwrap_or("127.0.0.1:5432/test");
     let host = host.split('/').next().unwrap();

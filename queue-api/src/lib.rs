@@ -3,16 +3,24 @@
 
 mod capabilities;
 mod error;
+mod lifecycle;
 mod notify;
 mod queue;
 mod store;
 mod types;
+mod worker;
 
 pub use capabilities::Capabilities;
 pub use error::{BackendErrorKind, BoxError, Error, Result};
+pub use lifecycle::{
+    Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
+    LeaseToken, Outcome, PruneReport, ReconcileReport, RescueReport, RetryPolicy,
+    ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary,
+};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
 pub use queue::{Limits, Queue};
 pub use store::{Store, Transaction};
+pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};
 pub use types::{
     BatchReceipt, BatchStats, ChildCounters, ChildRecord, DEFAULT_MAX_ATTEMPTS, KindStats,
     NewBatch, NewOperation, Operation, OperationId, ParentRecord, Receipt, Stats, Status,

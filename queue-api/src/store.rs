@@ -4,8 +4,16 @@ use std::fmt;
 
 use async_trait::async_trait;
 
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
 use crate::capabilities::Capabilities;
 use crate::error::Result;
+use crate::lifecycle::{
+    Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
+    PruneReport, ReconcileReport, RescueReport,
+};
 use crate::types::{ChildRecord, Operation, OperationId, ParentRecord, Stats};
 
 /// Durable storage for operations and batches.
@@ -61,6 +69,52 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Queue depth by kind, with batch parents reported separately.
     async fn stats(&self) -> Result<Stats>;
+
+    /// Claims up to `request.limit` ready operations: `pending`, with a payload (never a
+    /// parent), `run_at` reached, of the requested kinds, highest `priority` first then
+    /// earliest `run_at` then submission order; never one whose serialization key is held
+    /// by a `processing` operation, and at most one per key. Each becomes `processing`
+    /// with a new lease token, `attempts + 1`, and a lease of `request.lease`.
+    /// Concurrent claimers never receive the same operation.
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>>;
+
+    /// Records finished attempts in one transaction. Each applies only if the operation
+    /// is still `processing` under the given lease token; otherwise it is
+    /// [`Applied::LeaseLost`] and changes nothing. A terminal outcome updates the
+    /// parent's counters in the same transaction and, when it was the last open child,
+    /// finalizes the parent by [`parent_outcome`](crate::parent_outcome) — exactly once.
+    async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>>;
+
+    /// Extends held leases by `lease` from now and reports, per lease, whether it is
+    /// still held and whether cancellation was requested.
+    async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>>;
+
+    /// Returns held operations to `pending` without spending an attempt (graceful
+    /// shutdown). Returns how many were released.
+    async fn release(&self, leases: &[Lease]) -> Result<u64>;
+
+    /// Puts `processing` operations whose lease expired back to `pending`, or fails them
+    /// (aggregating into their parent) once `attempts` reached `max_attempts`.
+    async fn rescue_expired_leases(&self) -> Result<RescueReport>;
+
+    /// Drives stranded parents to a terminal state: a parent with no child rows fails with
+    /// [`ZERO_CHILDREN_REASON`](crate::ZERO_CHILDREN_REASON); a pending parent whose
+    /// children are all terminal gets its counters recounted and is finalized.
+    async fn reconcile_orphan_parents(&self) -> Result<ReconcileReport>;
+
+    /// Cancels an operation or a whole batch: pending operations become `cancelled`
+    /// (aggregating into their parent), processing ones are asked to stop, terminal ones
+    /// stay. `Error::NotFound` if the id does not exist.
+    async fn cancel(&self, id: OperationId) -> Result<CancelReport>;
+
+    /// Re-queues a batch's failed and cancelled children (attempts reset) and reopens
+    /// the parent. `Error::Conflict` when there is nothing to retry, `Error::NotFound`
+    /// when the batch does not exist. Returns how many children were re-queued.
+    async fn retry_batch(&self, parent_id: OperationId) -> Result<u64>;
+
+    /// Deletes terminal operations that finished before `completed_before`. A batch goes
+    /// only as a whole, once its parent is terminal; a child is never deleted alone.
+    async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport>;
 }
 
 /// An open write transaction on a [`Store`]. Rolled back on drop.

@@ -2,23 +2,75 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::sync::OnceLock;
+
 use fascicle_conformance::Fixture;
 use fascicle_postgres::sqlx::AssertSqlSafe;
 use fascicle_postgres::{PostgresOptions, PostgresStore};
+use testcontainers_modules::postgres::Postgres;
+use testcontainers_modules::testcontainers::runners::AsyncRunner;
+use testcontainers_modules::testcontainers::{ContainerAsync, ImageExt};
 
 pub fn require_postgres() -> bool {
     std::env::var("REQUIRE_POSTGRES").is_ok_and(|v| v == "1")
 }
 
-/// The database URL, or the reason there is none (a failure when `REQUIRE_POSTGRES=1`).
-pub fn database_url() -> Result<String, String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Ok(url),
-        _ if require_postgres() => {
-            panic!("REQUIRE_POSTGRES=1 but DATABASE_URL is not set: cannot run the PostgreSQL tests")
-        }
-        _ => Err("DATABASE_URL is not set and no Docker engine is used; PostgreSQL tests skipped (set DATABASE_URL=postgres://… to run them)".into()),
+/// Where the tests' PostgreSQL comes from: `DATABASE_URL`, else a throw-away container
+/// when a Docker engine answers. Dropping it stops the container.
+pub struct Database {
+    pub url: String,
+    _container: Option<ContainerAsync<Postgres>>,
+}
+
+/// The test database, or the reason there is none (a failure when `REQUIRE_POSTGRES=1`).
+pub async fn database() -> Result<Database, String> {
+    if let Ok(url) = std::env::var("DATABASE_URL")
+        && !url.is_empty()
+    {
+        return Ok(Database {
+            url,
+            _container: None,
+        });
     }
+    match start_container().await {
+        Ok(database) => Ok(database),
+        Err(reason) if require_postgres() => panic!(
+            "REQUIRE_POSTGRES=1 but DATABASE_URL is not set and no PostgreSQL container could be started ({reason}): cannot run the PostgreSQL tests"
+        ),
+        Err(reason) => Err(format!(
+            "DATABASE_URL is not set and no Docker engine answered ({reason}); PostgreSQL tests skipped (set DATABASE_URL=postgres://… to run them)"
+        )),
+    }
+}
+
+/// Once Docker has failed to answer, later tests in this binary skip without retrying.
+static DOCKER_UNAVAILABLE: OnceLock<String> = OnceLock::new();
+
+async fn start_container() -> Result<Database, String> {
+    if let Some(reason) = DOCKER_UNAVAILABLE.get() {
+        return Err(reason.clone());
+    }
+    let started = async {
+        let container = Postgres::default()
+            .with_tag("16-alpine")
+            .start()
+            .await
+            .map_err(|e| e.to_string())?;
+        let host = container.get_host().await.map_err(|e| e.to_string())?;
+        let port = container
+            .get_host_port_ipv4(5432)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>(Database {
+            url: format!("postgres://postgres:postgres@{host}:{port}/postgres"),
+            _container: Some(container),
+        })
+    }
+    .await;
+    if let Err(reason) = &started {
+        let _ = DOCKER_UNAVAILABLE.set(reason.clone());
+    }
+    started
 }
 
 /// Prints a skip line past the test harness's output capture, once per test binary.
@@ -56,13 +108,17 @@ pub async fn fresh_store(url: &str) -> PostgresStore {
     .unwrap_or_else(|e| panic!("cannot connect to the test database: {e}"))
 }
 
-/// The conformance factory: a fresh schema per case, dropped after it.
+/// The conformance factory: a fresh schema per case, dropped after it (with the
+/// container, when the tests started one).
 pub async fn fixture() -> Fixture {
-    let url = match database_url() {
-        Ok(url) => url,
+    let database = match database().await {
+        Ok(database) => database,
         Err(reason) => return Fixture::skipped(reason),
     };
-    let store = fresh_store(&url).await;
+    let store = fresh_store(&database.url).await;
     let cleanup = store.clone();
-    Fixture::new(store).with_cleanup(async move { drop_schema(&cleanup).await })
+    Fixture::new(store).with_cleanup(async move {
+        drop_schema(&cleanup).await;
+        drop(database);
+    })
 }

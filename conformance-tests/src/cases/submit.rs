@@ -1,5 +1,4 @@
-//! The conformance cases. Each takes the store under test and panics on a violation of
-//! the `Store` contract. The [`suite!`](crate::suite) macro runs all of them.
+//! Submitting: atomic batches, validation, idempotency, notification order.
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -1,0 +1,660 @@
+//! The worker runtime: claims operations in batches, runs their handlers, heartbeats
+//! their leases, records outcomes in batched transactions, rescues and reconciles
+//! periodically, and shuts down gracefully.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::Instrument;
+
+use crate::error::Result;
+use crate::lifecycle::{
+    Applied, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseToken, Outcome, RetryPolicy,
+};
+use crate::notify::WakeSubscription;
+use crate::store::Store;
+use crate::types::OperationId;
+
+/// Why a handler failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandlerError {
+    /// Worth another attempt (after a backoff), while attempts remain.
+    Retryable(String),
+    /// Retrying cannot help: the operation fails at once.
+    Permanent(String),
+}
+
+impl HandlerError {
+    /// A retryable error.
+    pub fn retryable(error: impl fmt::Display) -> Self {
+        Self::Retryable(error.to_string())
+    }
+
+    /// A permanent error.
+    pub fn permanent(error: impl fmt::Display) -> Self {
+        Self::Permanent(error.to_string())
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Retryable(e) | Self::Permanent(e) => f.write_str(e),
+        }
+    }
+}
+
+/// What a handler knows about the operation it runs.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// The operation.
+    pub id: OperationId,
+    /// Its kind.
+    pub kind: String,
+    /// This attempt's number, from 1.
+    pub attempt: u32,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// The batch it belongs to.
+    pub parent_id: Option<OperationId>,
+    cancel: watch::Receiver<bool>,
+}
+
+impl Context {
+    /// Whether cancellation was requested (or the lease was lost): the handler should
+    /// stop and return an error.
+    pub fn is_cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Resolves when cancellation is requested.
+    pub async fn cancelled(&self) {
+        let mut cancel = self.cancel.clone();
+        while !*cancel.borrow_and_update() {
+            if cancel.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Reports progress (for example `done` of `total` items) as a tracing event on the
+    /// operation's span.
+    pub fn progress(&self, done: u64, total: u64) {
+        tracing::info!(operation = %self.id, done, total, "progress");
+    }
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
+type ErasedHandler = Arc<dyn Fn(Value, Context) -> HandlerFuture + Send + Sync>;
+
+/// Handlers by operation kind.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, ErasedHandler>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("kinds", &self.kinds())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// No handlers yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `handler` for `kind`. The payload is deserialized into `P`; a payload
+    /// that does not fit is a permanent failure. The handler's `Ok` value is stored as
+    /// the operation's result.
+    pub fn register<P, R, F, Fut>(&mut self, kind: impl Into<String>, handler: F) -> &mut Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: Serialize + 'static,
+        F: Fn(P, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<R, HandlerError>> + Send + 'static,
+    {
+        let kind = kind.into();
+        let handler = Arc::new(handler);
+        let erased: ErasedHandler = Arc::new(move |payload: Value, ctx: Context| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                let input: P = serde_json::from_value(payload).map_err(|e| {
+                    HandlerError::Permanent(format!(
+                        "payload does not match the `{}` handler's input: {e}",
+                        ctx.kind
+                    ))
+                })?;
+                let output = handler(input, ctx).await?;
+                serde_json::to_value(output).map_err(|e| {
+                    HandlerError::Permanent(format!("result cannot be serialized: {e}"))
+                })
+            })
+        });
+        self.handlers.insert(kind, erased);
+        self
+    }
+
+    /// The kinds with a handler, sorted.
+    pub fn kinds(&self) -> Vec<String> {
+        let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
+        kinds.sort();
+        kinds
+    }
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerReport {
+    /// Operations claimed.
+    pub claimed: u64,
+    /// Attempts that completed.
+    pub completed: u64,
+    /// Attempts that failed for good.
+    pub failed: u64,
+    /// Attempts that will be retried.
+    pub retried: u64,
+    /// Attempts that stopped on cancellation.
+    pub cancelled: u64,
+    /// Completions refused because the lease was lost (rescued or cancelled).
+    pub lease_lost: u64,
+    /// Operations released back to `pending` at shutdown.
+    pub released: u64,
+    /// Expired leases rescued by this worker's maintenance.
+    pub rescued: u64,
+    /// Stranded parents finalized by this worker's maintenance.
+    pub reconciled: u64,
+}
+
+struct Running {
+    token: LeaseToken,
+    cancel: watch::Sender<bool>,
+    abort: tokio::task::AbortHandle,
+}
+
+/// Runs handlers for claimed operations.
+///
+/// ```no_run
+/// # async fn example(store: std::sync::Arc<dyn fascicle_api::Store>) -> fascicle_api::Result<()> {
+/// use fascicle_api::{HandlerError, Registry, Worker};
+///
+/// let mut registry = Registry::new();
+/// registry.register("retain", |doc: serde_json::Value, _ctx| async move {
+///     Ok::<_, HandlerError>(serde_json::json!({ "stored": doc }))
+/// });
+/// let report = Worker::new(store, registry)
+///     .concurrency(8)
+///     .claim_batch(32)
+///     .run(tokio::time::sleep(std::time::Duration::from_secs(60)))
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct Worker {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    id: String,
+    concurrency: usize,
+    claim_batch: usize,
+    lease: Duration,
+    poll_interval: Duration,
+    maintenance_interval: Duration,
+    shutdown_timeout: Duration,
+    retry: RetryPolicy,
+    wake: Option<WakeSubscription>,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("concurrency", &self.concurrency)
+            .field("claim_batch", &self.claim_batch)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A worker for the kinds in `registry`, with defaults: concurrency 16, claim batch
+    /// 32, lease 30 s (heartbeat every third of it), poll every 1 s, maintenance every
+    /// 15 s, shutdown timeout 30 s, [`RetryPolicy::default`].
+    pub fn new(store: Arc<dyn Store>, registry: Registry) -> Self {
+        Self {
+            store,
+            registry: Arc::new(registry),
+            id: format!("worker-{}", uuid::Uuid::new_v4().simple()),
+            concurrency: 16,
+            claim_batch: 32,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            maintenance_interval: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            wake: None,
+        }
+    }
+
+    /// The id recorded on claimed operations.
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Handlers running at once.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Most operations claimed in one round trip.
+    pub fn claim_batch(mut self, n: usize) -> Self {
+        self.claim_batch = n.max(1);
+        self
+    }
+
+    /// Lease length; heartbeats extend it every third of it.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(Duration::from_millis(30));
+        self
+    }
+
+    /// How often to look for work when no notification arrives.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// How often this worker rescues expired leases and reconciles stranded parents.
+    pub fn maintenance_interval(mut self, interval: Duration) -> Self {
+        self.maintenance_interval = interval;
+        self
+    }
+
+    /// How long shutdown waits for running handlers before releasing them.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Backoff between attempts.
+    pub fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Wakes the worker as soon as something is submitted (in-process notifications).
+    pub fn wake_on(mut self, subscription: WakeSubscription) -> Self {
+        self.wake = Some(subscription);
+        self
+    }
+
+    /// Runs until `shutdown` resolves, then stops claiming, waits up to the shutdown
+    /// timeout for running handlers and releases what is left to `pending` without
+    /// spending an attempt.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerReport> {
+        let report = Arc::new(Mutex::new(WorkerReport::default()));
+        let running: Arc<Mutex<HashMap<OperationId, Running>>> = Arc::default();
+        let freed = Arc::new(Notify::new());
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let completer = tokio::spawn(record_completions(
+            Arc::clone(&self.store),
+            done_rx,
+            Arc::clone(&running),
+            Arc::clone(&freed),
+            Arc::clone(&report),
+        ));
+        let heartbeat = tokio::spawn(heartbeat_leases(
+            Arc::clone(&self.store),
+            Arc::clone(&running),
+            self.lease,
+            stop_rx.clone(),
+        ));
+        let maintenance = tokio::spawn(maintain(
+            Arc::clone(&self.store),
+            self.maintenance_interval,
+            Arc::clone(&report),
+            stop_rx.clone(),
+        ));
+
+        let kinds = self.registry.kinds();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let free = self
+                .concurrency
+                .saturating_sub(running.lock().expect("running set").len());
+            let mut claimed_full_batch = false;
+            if free > 0 {
+                let request = ClaimRequest {
+                    worker_id: self.id.clone(),
+                    limit: free.min(self.claim_batch),
+                    lease: self.lease,
+                    kinds: Some(kinds.clone()),
+                };
+                match self.store.claim(&request).await {
+                    Ok(claimed) => {
+                        claimed_full_batch = claimed.len() == request.limit;
+                        report.lock().expect("report").claimed += claimed.len() as u64;
+                        metrics::counter!("fascicle_claimed_total").increment(claimed.len() as u64);
+                        for op in claimed {
+                            self.spawn_handler(op, &running, &done_tx);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, worker = %self.id, "claim failed; retrying after the poll interval");
+                    }
+                }
+            }
+            if claimed_full_batch {
+                // More work is likely waiting; claim again unless asked to stop.
+                if futures_poll_ready(&mut shutdown) {
+                    break;
+                }
+                continue;
+            }
+            let wake = async {
+                match self.wake.as_mut() {
+                    Some(sub) => sub.woken().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let room = free > 0;
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = wake => {}
+                () = freed.notified(), if !room => {}
+                () = tokio::time::sleep(self.poll_interval) => {}
+            }
+        }
+
+        // Graceful shutdown: stop claiming, let handlers finish within the timeout.
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        loop {
+            if running.lock().expect("running set").is_empty() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, freed.notified()).await.is_err() {
+                break;
+            }
+        }
+        let left: Vec<(OperationId, Running)> =
+            running.lock().expect("running set").drain().collect();
+        let leases: Vec<Lease> = left
+            .iter()
+            .map(|(id, r)| {
+                let _ = r.cancel.send(true);
+                r.abort.abort();
+                Lease {
+                    id: *id,
+                    token: r.token,
+                }
+            })
+            .collect();
+        let _ = stop_tx.send(true);
+        drop(done_tx);
+        let _ = completer.await;
+        if !leases.is_empty() {
+            let released = self.store.release(&leases).await?;
+            report.lock().expect("report").released += released;
+        }
+        let _ = heartbeat.await;
+        let _ = maintenance.await;
+        let report = *report.lock().expect("report");
+        Ok(report)
+    }
+
+    fn spawn_handler(
+        &self,
+        claimed: ClaimedOperation,
+        running: &Arc<Mutex<HashMap<OperationId, Running>>>,
+        done: &mpsc::UnboundedSender<Completion>,
+    ) {
+        let op = claimed.operation;
+        let token = claimed.lease_token;
+        let Some(handler) = self.registry.handlers.get(&op.kind).cloned() else {
+            // Claims ask only for registered kinds; a driver that ignored the filter gets
+            // the operation failed rather than silently dropped.
+            let _ = done.send(Completion {
+                id: op.id,
+                lease_token: token,
+                outcome: Outcome::Failed(format!("no handler is registered for kind `{}`", op.kind)),
+            });
+            return;
+        };
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let ctx = Context {
+            id: op.id,
+            kind: op.kind.clone(),
+            attempt: op.attempts,
+            max_attempts: op.max_attempts,
+            parent_id: op.parent_id,
+            cancel: cancel_rx,
+        };
+        let retry = self.retry;
+        let done = done.clone();
+        let span = tracing::info_span!("operation", id = %op.id, kind = %op.kind, attempt = op.attempts);
+        let payload = op.payload.unwrap_or(Value::Null);
+        let attempt = op.attempts;
+        let max_attempts = op.max_attempts;
+        let id = op.id;
+        let cancelled = ctx.cancel.clone();
+        // Hold the lock while spawning so the task cannot finish before it is recorded.
+        let mut running = running.lock().expect("running set");
+        let handler_task = tokio::spawn(handler(payload, ctx).instrument(span.clone()));
+        let abort = handler_task.abort_handle();
+        tokio::spawn(
+            async move {
+                let outcome = match handler_task.await {
+                    // Aborted at shutdown: the lease is released instead.
+                    Err(join_error) if join_error.is_cancelled() => return,
+                    Ok(Ok(value)) => Outcome::Completed(value),
+                    Ok(Err(_)) | Err(_) if *cancelled.borrow() => {
+                        Outcome::Cancelled("cancellation requested".into())
+                    }
+                    Ok(Err(HandlerError::Permanent(error))) => Outcome::Failed(error),
+                    Ok(Err(HandlerError::Retryable(error))) => {
+                        retry_or_fail(error, attempt, max_attempts, &retry)
+                    }
+                    Err(join_error) => retry_or_fail(
+                        format!("handler panicked: {}", panic_message(join_error)),
+                        attempt,
+                        max_attempts,
+                        &retry,
+                    ),
+                };
+                let _ = done.send(Completion {
+                    id,
+                    lease_token: token,
+                    outcome,
+                });
+            }
+            .instrument(span),
+        );
+        running.insert(
+            id,
+            Running {
+                token,
+                cancel: cancel_tx,
+                abort,
+            },
+        );
+    }
+}
+
+fn retry_or_fail(error: String, attempt: u32, max_attempts: u32, retry: &RetryPolicy) -> Outcome {
+    if attempt >= max_attempts {
+        Outcome::Failed(format!(
+            "{error} (attempt {attempt} of {max_attempts}; no attempts left)"
+        ))
+    } else {
+        let wait = chrono::Duration::from_std(retry.backoff(attempt)).unwrap_or_default();
+        Outcome::Retry {
+            error,
+            run_at: Utc::now() + wait,
+        }
+    }
+}
+
+fn panic_message(error: tokio::task::JoinError) -> String {
+    match error.try_into_panic() {
+        Ok(panic) => panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Whether a pinned future is already complete, without waiting.
+fn futures_poll_ready<F: Future<Output = ()>>(future: &mut Pin<&mut F>) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    future.as_mut().poll(&mut cx).is_ready()
+}
+
+const COMPLETION_BATCH: usize = 256;
+
+async fn record_completions(
+    store: Arc<dyn Store>,
+    mut done: mpsc::UnboundedReceiver<Completion>,
+    running: Arc<Mutex<HashMap<OperationId, Running>>>,
+    freed: Arc<Notify>,
+    report: Arc<Mutex<WorkerReport>>,
+) {
+    let mut batch = Vec::with_capacity(COMPLETION_BATCH);
+    while done.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
+        let results = loop {
+            match store.complete(&batch).await {
+                Ok(results) => break results,
+                Err(error) => {
+                    // The outcomes are safe to write again: each names its lease token.
+                    tracing::warn!(%error, "recording completions failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        {
+            let mut report = report.lock().expect("report");
+            for (completion, applied) in batch.iter().zip(&results) {
+                if *applied == Applied::LeaseLost {
+                    report.lease_lost += 1;
+                    metrics::counter!("fascicle_lease_lost_total").increment(1);
+                    continue;
+                }
+                let (counter, name) = match completion.outcome {
+                    Outcome::Completed(_) => (&mut report.completed, "fascicle_completed_total"),
+                    Outcome::Failed(_) => (&mut report.failed, "fascicle_failed_total"),
+                    Outcome::Retry { .. } => (&mut report.retried, "fascicle_retried_total"),
+                    Outcome::Cancelled(_) => (&mut report.cancelled, "fascicle_cancelled_total"),
+                };
+                *counter += 1;
+                metrics::counter!(name).increment(1);
+            }
+        }
+        {
+            let mut running = running.lock().expect("running set");
+            for completion in &batch {
+                if running
+                    .get(&completion.id)
+                    .is_some_and(|r| r.token == completion.lease_token)
+                {
+                    running.remove(&completion.id);
+                }
+            }
+        }
+        freed.notify_waiters();
+        freed.notify_one();
+        batch.clear();
+    }
+}
+
+async fn heartbeat_leases(
+    store: Arc<dyn Store>,
+    running: Arc<Mutex<HashMap<OperationId, Running>>>,
+    lease: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = lease / 3;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let leases: Vec<Lease> = running
+            .lock()
+            .expect("running set")
+            .iter()
+            .map(|(id, r)| Lease {
+                id: *id,
+                token: r.token,
+            })
+            .collect();
+        if leases.is_empty() {
+            continue;
+        }
+        match store.heartbeat(&leases, lease).await {
+            Ok(statuses) => {
+                let running = running.lock().expect("running set");
+                for (l, status) in leases.iter().zip(statuses) {
+                    if (!status.held || status.cancel_requested)
+                        && let Some(r) = running.get(&l.id)
+                    {
+                        let _ = r.cancel.send(true);
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "heartbeat failed"),
+        }
+    }
+}
+
+async fn maintain(
+    store: Arc<dyn Store>,
+    every: Duration,
+    report: Arc<Mutex<WorkerReport>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        match store.rescue_expired_leases().await {
+            Ok(rescued) => {
+                let n = rescued.requeued + rescued.failed;
+                report.lock().expect("report").rescued += n;
+                metrics::counter!("fascicle_rescued_total").increment(n);
+            }
+            Err(error) => tracing::warn!(%error, "rescuing expired leases failed"),
+        }
+        match store.reconcile_orphan_parents().await {
+            Ok(reconciled) => {
+                report.lock().expect("report").reconciled +=
+                    reconciled.empty_parents_failed + reconciled.parents_finalized;
+            }
+            Err(error) => tracing::warn!(%error, "reconciling parents failed"),
+        }
+        if let Ok(stats) = store.stats().await {
+            for (kind, k) in &stats.kinds {
+                metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "ready")
+                    .set(k.ready as f64);
+                metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "processing")
+                    .set(k.processing as f64);
+            }
+        }
+    }
+}
