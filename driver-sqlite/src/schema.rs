@@ -45,6 +45,20 @@ const MIGRATIONS: &[&str] = &[
         ON fascicle_operations (priority DESC, run_at)
         WHERE status = 'pending' AND payload IS NOT NULL;
     "#,
+    // 2: the worker lifecycle: cancellation requests, one holder per serialization key,
+    // and indexes for the rescuer, the reconciler and pruning.
+    r#"
+    ALTER TABLE fascicle_operations ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX fascicle_operations_key_held
+        ON fascicle_operations (serialization_key)
+        WHERE status = 'processing' AND serialization_key IS NOT NULL;
+    CREATE INDEX fascicle_operations_leases
+        ON fascicle_operations (lease_expires_at) WHERE status = 'processing';
+    CREATE INDEX fascicle_operations_open_parents
+        ON fascicle_operations (created_at) WHERE payload IS NULL AND status = 'pending';
+    CREATE INDEX fascicle_operations_finished
+        ON fascicle_operations (completed_at) WHERE completed_at IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -9,12 +9,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fascicle_api::{
-    BatchStats, Capabilities, ChildCounters, Operation, OperationId, Result, Stats, Status, Store,
-    Transaction,
+    Applied, BatchStats, CancelReport, Capabilities, ChildCounters, ClaimRequest,
+    ClaimedOperation, Completion, Lease, LeaseStatus, Operation, OperationId, PruneReport,
+    ReconcileReport, RescueReport, Result, Stats, Status, Store, Transaction,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
 use crate::error::{self, DRIVER};
+use crate::lifecycle;
 use crate::schema;
 use crate::tx::SqliteTransaction;
 
@@ -235,6 +237,24 @@ impl SqliteStore {
         .map_err(error::task)?
     }
 
+    /// Runs `f` in a `BEGIN IMMEDIATE` transaction on the blocking pool; commits if it
+    /// returns `Ok`, rolls back otherwise.
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        self.with_conn(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(error::map)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(error::map)?;
+            Ok(out)
+        })
+        .await
+    }
+
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }
@@ -393,6 +413,57 @@ impl Store for SqliteStore {
             Ok(stats)
         })
         .await
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
+        let request = request.clone();
+        self.write(move |tx| lifecycle::claim(tx, &request, Utc::now()))
+            .await
+    }
+
+    async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
+        let completions = completions.to_vec();
+        self.write(move |tx| lifecycle::complete(tx, &completions, Utc::now()))
+            .await
+    }
+
+    async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
+        let leases = leases.to_vec();
+        self.write(move |tx| {
+            let now = Utc::now();
+            let until = now + chrono::Duration::from_std(lease).unwrap_or_default();
+            lifecycle::heartbeat(tx, &leases, until, now)
+        })
+        .await
+    }
+
+    async fn release(&self, leases: &[Lease]) -> Result<u64> {
+        let leases = leases.to_vec();
+        self.write(move |tx| lifecycle::release(tx, &leases, Utc::now()))
+            .await
+    }
+
+    async fn rescue_expired_leases(&self) -> Result<RescueReport> {
+        self.write(|tx| lifecycle::rescue(tx, Utc::now())).await
+    }
+
+    async fn reconcile_orphan_parents(&self) -> Result<ReconcileReport> {
+        self.write(|tx| lifecycle::reconcile(tx, Utc::now())).await
+    }
+
+    async fn cancel(&self, id: OperationId) -> Result<CancelReport> {
+        self.write(move |tx| lifecycle::cancel(tx, id, Utc::now()))
+            .await
+    }
+
+    async fn retry_batch(&self, parent_id: OperationId) -> Result<u64> {
+        self.write(move |tx| lifecycle::retry_batch(tx, parent_id, Utc::now()))
+            .await
+    }
+
+    async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
+        self.write(move |tx| lifecycle::prune(tx, completed_before))
+            .await
     }
 }
 

@@ -1,0 +1,610 @@
+//! The worker-side `Store` operations, each one `BEGIN IMMEDIATE` transaction. Every
+//! state change names the state (and lease token) it expects.
+
+use chrono::{DateTime, Utc};
+use fascicle_api::{
+    Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error,
+    Lease, LeaseStatus, LeaseToken, OperationId, Outcome, PruneReport, ReconcileReport,
+    RescueReport, Result, Status, ZERO_CHILDREN_REASON, most_common_error, parent_outcome,
+    parent_summary,
+};
+use rusqlite::{OptionalExtension, Transaction, params};
+
+use crate::error;
+use crate::store::{COLUMNS, micros, operation_from_row};
+
+/// `?` for rusqlite results inside fascicle-returning code.
+pub(crate) trait Db<T> {
+    fn db(self) -> Result<T>;
+}
+
+impl<T> Db<T> for rusqlite::Result<T> {
+    fn db(self) -> Result<T> {
+        self.map_err(error::map)
+    }
+}
+
+pub(crate) fn claim(
+    tx: &Transaction<'_>,
+    request: &ClaimRequest,
+    now: DateTime<Utc>,
+) -> Result<Vec<ClaimedOperation>> {
+    let now_us = micros(now);
+    let kinds = request
+        .kinds
+        .as_ref()
+        .map(|k| serde_json::to_string(k).expect("kinds serialize"));
+    let mut picked: Vec<i64> = Vec::with_capacity(request.limit);
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT seq, serialization_key FROM fascicle_operations AS o
+                 WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= ?1
+                   AND (?2 IS NULL OR kind IN (SELECT value FROM json_each(?2)))
+                   AND (serialization_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM fascicle_operations AS h
+                        WHERE h.serialization_key = o.serialization_key
+                          AND h.status = 'processing'))
+                 ORDER BY priority DESC, run_at, seq",
+            )
+            .db()?;
+        let mut rows = stmt.query(params![now_us, kinds]).db()?;
+        let mut keys = std::collections::HashSet::new();
+        while picked.len() < request.limit {
+            let Some(row) = rows.next().db()? else { break };
+            let key: Option<String> = row.get(1).db()?;
+            if let Some(key) = key
+                && !keys.insert(key)
+            {
+                continue;
+            }
+            picked.push(row.get(0).db()?);
+        }
+    }
+    let lease_until = micros(now) + request.lease.as_micros() as i64;
+    let mut stmt = tx
+        .prepare_cached(&format!(
+            "UPDATE fascicle_operations SET status = 'processing', attempts = attempts + 1,
+                 worker_id = ?2, lease_token = ?3, lease_expires_at = ?4, cancel_requested = 0,
+                 updated_at = ?5
+             WHERE seq = ?1 AND status = 'pending'
+             RETURNING {COLUMNS}"
+        ))
+        .db()?;
+    let mut claimed = Vec::with_capacity(picked.len());
+    for seq in picked {
+        let token = LeaseToken::new();
+        let operation = stmt
+            .query_row(
+                params![
+                    seq,
+                    request.worker_id,
+                    token.as_uuid().as_bytes(),
+                    lease_until,
+                    now_us
+                ],
+                operation_from_row,
+            )
+            .db()?;
+        claimed.push(ClaimedOperation {
+            operation,
+            lease_token: token,
+        });
+    }
+    Ok(claimed)
+}
+
+/// Moves an operation to a terminal state (it must be in `expected`, and hold `token`
+/// when one is given), then updates its parent's counters and finalizes the parent when
+/// this was its last open child. Returns whether the operation changed.
+fn finish(
+    tx: &Transaction<'_>,
+    id: &OperationId,
+    token: Option<&LeaseToken>,
+    status: Status,
+    error: Option<&str>,
+    result: Option<String>,
+    now: i64,
+) -> Result<bool> {
+    let parent: Option<Option<Vec<u8>>> = tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET status = ?3, error = ?4, result = ?5,
+                 worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+                 cancel_requested = 0, updated_at = ?6, completed_at = ?6
+             WHERE id = ?1 AND status IN ('pending', 'processing')
+               AND (?2 IS NULL OR (status = 'processing' AND lease_token = ?2))
+             RETURNING parent_id",
+        )
+        .db()?
+        .query_row(
+            params![
+                id.as_bytes(),
+                token.map(|t| t.as_uuid().as_bytes().to_vec()),
+                status.as_str(),
+                error,
+                result,
+                now
+            ],
+            |row| row.get(0),
+        )
+        .optional()
+        .db()?;
+    let Some(parent) = parent else {
+        return Ok(false);
+    };
+    if let Some(parent) = parent {
+        let (completed, failed, cancelled) = match status {
+            Status::Completed => (1, 0, 0),
+            Status::Failed => (0, 1, 0),
+            _ => (0, 0, 1),
+        };
+        tx.prepare_cached(
+            "UPDATE fascicle_operations SET children_completed = children_completed + ?2,
+                 children_failed = children_failed + ?3,
+                 children_cancelled = children_cancelled + ?4, updated_at = ?5
+             WHERE id = ?1",
+        )
+        .db()?
+        .execute(params![parent, completed, failed, cancelled, now])
+        .db()?;
+        finalize_parent(tx, &parent, now)?;
+    }
+    Ok(true)
+}
+
+/// Finalizes a pending parent whose counters say every child is terminal.
+fn finalize_parent(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<bool> {
+    let counters = tx
+        .prepare_cached(
+            "SELECT children_total, children_completed, children_failed, children_cancelled
+             FROM fascicle_operations WHERE id = ?1 AND status = 'pending'",
+        )
+        .db()?
+        .query_row(params![parent], |row| {
+            Ok(ChildCounters {
+                total: row.get::<_, i64>(0)? as u64,
+                completed: row.get::<_, i64>(1)? as u64,
+                failed: row.get::<_, i64>(2)? as u64,
+                cancelled: row.get::<_, i64>(3)? as u64,
+            })
+        })
+        .optional()
+        .db()?;
+    let Some(counters) = counters else {
+        return Ok(false);
+    };
+    let Some(outcome) = parent_outcome(&counters) else {
+        return Ok(false);
+    };
+    let error = if outcome == Status::Failed {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT error FROM fascicle_operations
+                 WHERE parent_id = ?1 AND status = 'failed' AND error IS NOT NULL",
+            )
+            .db()?;
+        let errors: Vec<String> = stmt
+            .query_map(params![parent], |row| row.get(0))
+            .db()?
+            .collect::<rusqlite::Result<_>>()
+            .db()?;
+        most_common_error(errors.iter().map(String::as_str))
+    } else {
+        None
+    };
+    let changed = tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET status = ?2, error = ?3, result = ?4,
+                 updated_at = ?5, completed_at = ?5
+             WHERE id = ?1 AND status = 'pending'",
+        )
+        .db()?
+        .execute(params![
+            parent,
+            outcome.as_str(),
+            error,
+            parent_summary(&counters).to_string(),
+            now
+        ])
+        .db()?;
+    Ok(changed == 1)
+}
+
+pub(crate) fn complete(
+    tx: &Transaction<'_>,
+    completions: &[Completion],
+    now: DateTime<Utc>,
+) -> Result<Vec<Applied>> {
+    let now = micros(now);
+    let mut applied = Vec::with_capacity(completions.len());
+    for c in completions {
+        let changed = match &c.outcome {
+            Outcome::Completed(result) => finish(
+                tx,
+                &c.id,
+                Some(&c.lease_token),
+                Status::Completed,
+                None,
+                Some(result.to_string()),
+                now,
+            )?,
+            Outcome::Failed(error) => finish(
+                tx,
+                &c.id,
+                Some(&c.lease_token),
+                Status::Failed,
+                Some(error),
+                None,
+                now,
+            )?,
+            Outcome::Cancelled(reason) => finish(
+                tx,
+                &c.id,
+                Some(&c.lease_token),
+                Status::Cancelled,
+                Some(reason),
+                None,
+                now,
+            )?,
+            Outcome::Retry { error, run_at } => {
+                tx.prepare_cached(
+                    "UPDATE fascicle_operations SET status = 'pending', error = ?3, run_at = ?4,
+                         worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+                         cancel_requested = 0, updated_at = ?5
+                     WHERE id = ?1 AND status = 'processing' AND lease_token = ?2",
+                )
+                .db()?
+                .execute(params![
+                    c.id.as_bytes(),
+                    c.lease_token.as_uuid().as_bytes(),
+                    error,
+                    micros(*run_at),
+                    now
+                ])
+                .db()?
+                    == 1
+            }
+        };
+        applied.push(if changed {
+            Applied::Applied
+        } else {
+            Applied::LeaseLost
+        });
+    }
+    Ok(applied)
+}
+
+pub(crate) fn heartbeat(
+    tx: &Transaction<'_>,
+    leases: &[Lease],
+    until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<Vec<LeaseStatus>> {
+    let mut stmt = tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET lease_expires_at = ?3, updated_at = ?4
+             WHERE id = ?1 AND status = 'processing' AND lease_token = ?2
+             RETURNING cancel_requested",
+        )
+        .db()?;
+    leases
+        .iter()
+        .map(|l| {
+            let cancel: Option<bool> = stmt
+                .query_row(
+                    params![
+                        l.id.as_bytes(),
+                        l.token.as_uuid().as_bytes(),
+                        micros(until),
+                        micros(now)
+                    ],
+                    |row| row.get(0),
+                )
+                .optional()
+                .db()?;
+            Ok(LeaseStatus {
+                held: cancel.is_some(),
+                cancel_requested: cancel.unwrap_or(false),
+            })
+        })
+        .collect()
+}
+
+pub(crate) fn release(tx: &Transaction<'_>, leases: &[Lease], now: DateTime<Utc>) -> Result<u64> {
+    let mut stmt = tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET status = 'pending', attempts = max(attempts - 1, 0),
+                 worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+                 cancel_requested = 0, updated_at = ?3
+             WHERE id = ?1 AND status = 'processing' AND lease_token = ?2",
+        )
+        .db()?;
+    let mut released = 0;
+    for l in leases {
+        released += stmt
+            .execute(params![
+                l.id.as_bytes(),
+                l.token.as_uuid().as_bytes(),
+                micros(now)
+            ])
+            .db()? as u64;
+    }
+    Ok(released)
+}
+
+fn id_of(bytes: Vec<u8>) -> Result<OperationId> {
+    uuid::Uuid::from_slice(&bytes)
+        .map(OperationId::from_uuid)
+        .map_err(|e| Error::backend(error::DRIVER, fascicle_api::BackendErrorKind::Other, e))
+}
+
+pub(crate) fn rescue(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<RescueReport> {
+    let now = micros(now);
+    let expired: Vec<(Vec<u8>, u32, u32)> = tx
+        .prepare_cached(
+            "SELECT id, attempts, max_attempts FROM fascicle_operations
+             WHERE status = 'processing' AND lease_expires_at < ?1",
+        )
+        .db()?
+        .query_map(params![now], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .db()?
+        .collect::<rusqlite::Result<_>>()
+        .db()?;
+    let mut report = RescueReport::default();
+    for (id, attempts, max_attempts) in expired {
+        let id = id_of(id)?;
+        if attempts >= max_attempts {
+            let error = format!(
+                "lease expired on attempt {attempts}, the last allowed; the worker probably crashed"
+            );
+            if finish(tx, &id, None, Status::Failed, Some(&error), None, now)? {
+                report.failed += 1;
+            }
+        } else {
+            report.requeued += tx
+                .prepare_cached(
+                    "UPDATE fascicle_operations SET status = 'pending',
+                         error = 'lease expired; the worker probably crashed',
+                         worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+                         run_at = ?2, updated_at = ?2
+                     WHERE id = ?1 AND status = 'processing' AND lease_expires_at < ?2",
+                )
+                .db()?
+                .execute(params![id.as_bytes(), now])
+                .db()? as u64;
+        }
+    }
+    Ok(report)
+}
+
+pub(crate) fn reconcile(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<ReconcileReport> {
+    let now = micros(now);
+    let stranded: Vec<Vec<u8>> = tx
+        .prepare_cached(
+            "SELECT id FROM fascicle_operations AS p
+             WHERE payload IS NULL AND status = 'pending'
+               AND NOT EXISTS (SELECT 1 FROM fascicle_operations AS c
+                               WHERE c.parent_id = p.id AND c.status IN ('pending', 'processing'))",
+        )
+        .db()?
+        .query_map([], |row| row.get(0))
+        .db()?
+        .collect::<rusqlite::Result<_>>()
+        .db()?;
+    let mut report = ReconcileReport::default();
+    for parent in stranded {
+        let mut counters = ChildCounters::default();
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT status, count(*) FROM fascicle_operations WHERE parent_id = ?1
+                     GROUP BY status",
+                )
+                .db()?;
+            let mut rows = stmt.query(params![parent]).db()?;
+            while let Some(row) = rows.next().db()? {
+                let status: String = row.get(0).db()?;
+                let n = row.get::<_, i64>(1).db()? as u64;
+                counters.total += n;
+                match status.as_str() {
+                    "completed" => counters.completed += n,
+                    "failed" => counters.failed += n,
+                    _ => counters.cancelled += n,
+                }
+            }
+        }
+        if counters.total == 0 {
+            report.empty_parents_failed += tx
+                .prepare_cached(
+                    "UPDATE fascicle_operations SET status = 'failed', error = ?2,
+                         children_total = 0, updated_at = ?3, completed_at = ?3
+                     WHERE id = ?1 AND status = 'pending'",
+                )
+                .db()?
+                .execute(params![parent, ZERO_CHILDREN_REASON, now])
+                .db()? as u64;
+            continue;
+        }
+        tx.prepare_cached(
+            "UPDATE fascicle_operations SET children_total = ?2, children_completed = ?3,
+                 children_failed = ?4, children_cancelled = ?5
+             WHERE id = ?1",
+        )
+        .db()?
+        .execute(params![
+            parent,
+            counters.total as i64,
+            counters.completed as i64,
+            counters.failed as i64,
+            counters.cancelled as i64
+        ])
+        .db()?;
+        if finalize_parent(tx, &parent, now)? {
+            report.parents_finalized += 1;
+        }
+    }
+    Ok(report)
+}
+
+fn cancel_one(
+    tx: &Transaction<'_>,
+    id: &OperationId,
+    status: Status,
+    now: i64,
+    report: &mut CancelReport,
+) -> Result<()> {
+    match status {
+        Status::Pending => {
+            if finish(
+                tx,
+                id,
+                None,
+                Status::Cancelled,
+                Some("cancelled before it ran"),
+                None,
+                now,
+            )? {
+                report.cancelled += 1;
+            }
+        }
+        Status::Processing => {
+            tx.prepare_cached(
+                "UPDATE fascicle_operations SET cancel_requested = 1, updated_at = ?2
+                 WHERE id = ?1 AND status = 'processing'",
+            )
+            .db()?
+            .execute(params![id.as_bytes(), now])
+            .db()?;
+            report.signalled += 1;
+        }
+        _ => report.already_terminal += 1,
+    }
+    Ok(())
+}
+
+fn status_of(text: String) -> Result<Status> {
+    text.parse()
+}
+
+pub(crate) fn cancel(
+    tx: &Transaction<'_>,
+    id: OperationId,
+    now: DateTime<Utc>,
+) -> Result<CancelReport> {
+    let now = micros(now);
+    let found: Option<(String, bool)> = tx
+        .prepare_cached("SELECT status, payload IS NULL FROM fascicle_operations WHERE id = ?1")
+        .db()?
+        .query_row(params![id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+        .db()?;
+    let Some((status, is_parent)) = found else {
+        return Err(Error::NotFound(format!("operation {id} does not exist")));
+    };
+    let mut report = CancelReport::default();
+    if is_parent {
+        let children: Vec<(Vec<u8>, String)> = tx
+            .prepare_cached(
+                "SELECT id, status FROM fascicle_operations WHERE parent_id = ?1 ORDER BY seq",
+            )
+            .db()?
+            .query_map(params![id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+            .db()?
+            .collect::<rusqlite::Result<_>>()
+            .db()?;
+        for (child, status) in children {
+            cancel_one(tx, &id_of(child)?, status_of(status)?, now, &mut report)?;
+        }
+    } else {
+        cancel_one(tx, &id, status_of(status)?, now, &mut report)?;
+    }
+    Ok(report)
+}
+
+pub(crate) fn retry_batch(
+    tx: &Transaction<'_>,
+    parent: OperationId,
+    now: DateTime<Utc>,
+) -> Result<u64> {
+    let now = micros(now);
+    let is_parent: Option<bool> = tx
+        .prepare_cached("SELECT payload IS NULL FROM fascicle_operations WHERE id = ?1")
+        .db()?
+        .query_row(params![parent.as_bytes()], |row| row.get(0))
+        .optional()
+        .db()?;
+    match is_parent {
+        None => return Err(Error::NotFound(format!("batch {parent} does not exist"))),
+        Some(false) => {
+            return Err(Error::InvalidInput(format!(
+                "{parent} is an operation, not a batch"
+            )));
+        }
+        Some(true) => {}
+    }
+    let (failed, cancelled): (i64, i64) = tx
+        .prepare_cached(
+            "SELECT coalesce(sum(status = 'failed'), 0), coalesce(sum(status = 'cancelled'), 0)
+             FROM fascicle_operations WHERE parent_id = ?1",
+        )
+        .db()?
+        .query_row(params![parent.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .db()?;
+    if failed + cancelled == 0 {
+        return Err(Error::Conflict(format!(
+            "batch {parent} has no failed or cancelled children to retry"
+        )));
+    }
+    tx.prepare_cached(
+        "UPDATE fascicle_operations SET status = 'pending', attempts = 0, error = NULL,
+             result = NULL, run_at = ?2, updated_at = ?2, completed_at = NULL
+         WHERE parent_id = ?1 AND status IN ('failed', 'cancelled')",
+    )
+    .db()?
+    .execute(params![parent.as_bytes(), now])
+    .db()?;
+    tx.prepare_cached(
+        "UPDATE fascicle_operations SET status = 'pending', error = NULL, result = NULL,
+             children_failed = children_failed - ?2, children_cancelled = children_cancelled - ?3,
+             updated_at = ?4, completed_at = NULL
+         WHERE id = ?1",
+    )
+    .db()?
+    .execute(params![parent.as_bytes(), failed, cancelled, now])
+    .db()?;
+    Ok((failed + cancelled) as u64)
+}
+
+pub(crate) fn prune(tx: &Transaction<'_>, before: DateTime<Utc>) -> Result<PruneReport> {
+    let before = micros(before);
+    let children = tx
+        .prepare_cached(
+            "DELETE FROM fascicle_operations WHERE parent_id IN (
+                 SELECT id FROM fascicle_operations
+                 WHERE payload IS NULL AND completed_at < ?1
+                   AND status IN ('completed', 'failed', 'cancelled'))",
+        )
+        .db()?
+        .execute(params![before])
+        .db()? as u64;
+    let batches = tx
+        .prepare_cached(
+            "DELETE FROM fascicle_operations WHERE payload IS NULL AND completed_at < ?1
+               AND status IN ('completed', 'failed', 'cancelled')",
+        )
+        .db()?
+        .execute(params![before])
+        .db()? as u64;
+    let standalone = tx
+        .prepare_cached(
+            "DELETE FROM fascicle_operations WHERE payload IS NOT NULL AND parent_id IS NULL
+               AND completed_at < ?1 AND status IN ('completed', 'failed', 'cancelled')",
+        )
+        .db()?
+        .execute(params![before])
+        .db()? as u64;
+    Ok(PruneReport {
+        operations: children + standalone,
+        batches,
+    })
+}
