@@ -156,7 +156,9 @@ impl State {
 
     /// Removes a row from the claim index and the held keys, before it changes.
     fn unindex(&mut self, id: OperationId) {
-        let Some(row) = self.rows.get(&id) else { return };
+        let Some(row) = self.rows.get(&id) else {
+            return;
+        };
         match row.op.status {
             Status::Pending if !row.op.is_parent() => {
                 self.ready.remove(&row.ready_key());
@@ -174,7 +176,9 @@ impl State {
 
     /// Adds a row to the claim index and the held keys, after it changed.
     fn index(&mut self, id: OperationId) {
-        let Some(row) = self.rows.get(&id) else { return };
+        let Some(row) = self.rows.get(&id) else {
+            return;
+        };
         match row.op.status {
             Status::Pending if !row.op.is_parent() => {
                 self.ready.insert(row.ready_key());
@@ -209,7 +213,7 @@ impl State {
             }
             let op = &self.rows[&id].op;
             if let Some(kinds) = &request.kinds
-                && !kinds.iter().any(|k| *k == op.kind)
+                && !kinds.contains(&op.kind)
             {
                 continue;
             }
@@ -328,9 +332,13 @@ impl State {
                 Some(result.clone()),
                 now,
             ),
-            Outcome::Failed(error) => {
-                self.finish(completion.id, Status::Failed, Some(error.clone()), None, now)
-            }
+            Outcome::Failed(error) => self.finish(
+                completion.id,
+                Status::Failed,
+                Some(error.clone()),
+                None,
+                now,
+            ),
             Outcome::Cancelled(reason) => self.finish(
                 completion.id,
                 Status::Cancelled,
@@ -353,7 +361,9 @@ impl State {
     }
 
     fn cancel_one(&mut self, id: OperationId, now: DateTime<Utc>, report: &mut CancelReport) {
-        let Some(row) = self.rows.get_mut(&id) else { return };
+        let Some(row) = self.rows.get_mut(&id) else {
+            return;
+        };
         match row.op.status {
             Status::Pending => {
                 self.finish(
@@ -437,10 +447,7 @@ impl Store for MemoryStore {
     async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
         let now = Utc::now();
         let mut state = self.lock();
-        Ok(completions
-            .iter()
-            .map(|c| state.complete(c, now))
-            .collect())
+        Ok(completions.iter().map(|c| state.complete(c, now)).collect())
     }
 
     async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod error;
+mod lifecycle;
 mod schema;
 mod store;
 mod tx;

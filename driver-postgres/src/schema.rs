@@ -58,6 +58,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX operations_claimable ON {schema}.operations (priority DESC, run_at, seq)
         WHERE status = 'pending' AND payload IS NOT NULL;
     "#,
+    // 2: the worker lifecycle: cancellation requests, one holder per serialization key,
+    // and indexes for the rescuer, the reconciler and pruning.
+    r#"
+    ALTER TABLE {schema}.operations ADD COLUMN cancel_requested boolean NOT NULL DEFAULT false;
+    CREATE UNIQUE INDEX operations_key_held ON {schema}.operations (serialization_key)
+        WHERE status = 'processing' AND serialization_key IS NOT NULL;
+    CREATE INDEX operations_leases ON {schema}.operations (lease_expires_at)
+        WHERE status = 'processing';
+    CREATE INDEX operations_open_parents ON {schema}.operations (created_at)
+        WHERE payload IS NULL AND status = 'pending';
+    CREATE INDEX operations_finished ON {schema}.operations (completed_at)
+        WHERE completed_at IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -136,6 +149,7 @@ pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id
 /// Every statement's text, built once with the schema name.
 #[derive(Debug)]
 pub(crate) struct Sql {
+    schema: String,
     pub(crate) channel: String,
     pub(crate) insert_parent: Arc<str>,
     pub(crate) insert_children: Arc<str>,
@@ -150,6 +164,7 @@ impl Sql {
     pub(crate) fn new(schema: &str) -> Self {
         let s = |text: &str| -> Arc<str> { text.replace("{schema}", schema).into() };
         Self {
+            schema: schema.to_string(),
             channel: format!("fascicle_{schema}"),
             insert_parent: s("INSERT INTO {schema}.operations
                 (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts,
@@ -185,6 +200,13 @@ impl Sql {
                 FROM {schema}.operations GROUP BY 1, 2, 3, 4"),
             children_ids: s("SELECT id FROM {schema}.operations WHERE parent_id = $1 ORDER BY seq"),
         }
+    }
+}
+
+impl Sql {
+    /// A statement whose only spliced identifier is the validated schema, written `{s}`.
+    pub(crate) fn text(&self, template: &str) -> AssertSqlSafe<String> {
+        AssertSqlSafe(template.replace("{s}", &self.schema))
     }
 }
 

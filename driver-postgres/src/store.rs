@@ -7,16 +7,31 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fascicle_api::{
-    BatchReceipt, BatchStats, Capabilities, ChildCounters, Error, Limits, NewBatch, Operation,
-    OperationId, Result, Stats, Status, Store, Transaction,
+    Applied, BatchReceipt, BatchStats, CancelReport, Capabilities, ChildCounters, ClaimRequest,
+    ClaimedOperation, Completion, Error, Lease, LeaseStatus, Limits, NewBatch, Operation,
+    OperationId, PruneReport, ReconcileReport, RescueReport, Result, Stats, Status, Store,
+    Transaction,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::{self, DRIVER, redact_url};
+use crate::lifecycle;
 use crate::schema::{self, Sql, sql};
 use crate::tx::{PostgresTransaction, insert_children, insert_parent};
+
+/// Runs `$body` (which uses `$conn: &mut PgConnection`) in a transaction of `$store`'s
+/// pool, committing when it returns `Ok`.
+macro_rules! transact {
+    ($store:ident, $conn:ident => $body:expr) => {{
+        let mut tx = $store.pool.begin().await.map_err(error::map)?;
+        let $conn: &mut PgConnection = &mut tx;
+        let out = $body.await?;
+        tx.commit().await.map_err(error::map)?;
+        Ok(out)
+    }};
+}
 
 /// Options for [`PostgresStore::connect_with`].
 #[derive(Clone)]
@@ -233,7 +248,7 @@ impl PostgresStore {
     }
 }
 
-fn operation_from_row(row: &PgRow) -> sqlx::Result<Operation> {
+pub(crate) fn operation_from_row(row: &PgRow) -> sqlx::Result<Operation> {
     let status: String = row.try_get(2)?;
     let total: Option<i64> = row.try_get(13)?;
     let count = |i: usize| -> sqlx::Result<u64> { Ok(row.try_get::<i64, _>(i)? as u64) };
@@ -344,6 +359,56 @@ impl Store for PostgresStore {
             }
         }
         Ok(stats)
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
+        // Two claimers can both see a serialization key as free; the unique index on
+        // held keys refuses the second, which then claims again with a fresh snapshot.
+        let mut attempt = 0;
+        loop {
+            match self.claim_once(request).await {
+                Err(Error::Conflict(_)) if attempt < 8 => attempt += 1,
+                result => return result,
+            }
+        }
+    }
+
+    async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
+        transact!(self, conn => lifecycle::complete(conn, &self.sql, completions))
+    }
+
+    async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
+        transact!(self, conn => lifecycle::heartbeat(conn, &self.sql, leases, lease))
+    }
+
+    async fn release(&self, leases: &[Lease]) -> Result<u64> {
+        transact!(self, conn => lifecycle::release(conn, &self.sql, leases))
+    }
+
+    async fn rescue_expired_leases(&self) -> Result<RescueReport> {
+        transact!(self, conn => lifecycle::rescue(conn, &self.sql))
+    }
+
+    async fn reconcile_orphan_parents(&self) -> Result<ReconcileReport> {
+        transact!(self, conn => lifecycle::reconcile(conn, &self.sql))
+    }
+
+    async fn cancel(&self, id: OperationId) -> Result<CancelReport> {
+        transact!(self, conn => lifecycle::cancel(conn, &self.sql, id))
+    }
+
+    async fn retry_batch(&self, parent_id: OperationId) -> Result<u64> {
+        transact!(self, conn => lifecycle::retry_batch(conn, &self.sql, parent_id))
+    }
+
+    async fn prune(&self, completed_before: chrono::DateTime<chrono::Utc>) -> Result<PruneReport> {
+        transact!(self, conn => lifecycle::prune(conn, &self.sql, completed_before))
+    }
+}
+
+impl PostgresStore {
+    async fn claim_once(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
+        transact!(self, conn => lifecycle::claim(conn, &self.sql, request))
     }
 }
 

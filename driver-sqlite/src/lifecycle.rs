@@ -3,10 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use fascicle_api::{
-    Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error,
-    Lease, LeaseStatus, LeaseToken, OperationId, Outcome, PruneReport, ReconcileReport,
-    RescueReport, Result, Status, ZERO_CHILDREN_REASON, most_common_error, parent_outcome,
-    parent_summary,
+    Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error, Lease,
+    LeaseStatus, LeaseToken, OperationId, Outcome, PruneReport, ReconcileReport, RescueReport,
+    Result, Status, ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary,
 };
 use rusqlite::{OptionalExtension, Transaction, params};
 
@@ -346,7 +345,9 @@ pub(crate) fn rescue(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<RescueR
              WHERE status = 'processing' AND lease_expires_at < ?1",
         )
         .db()?
-        .query_map(params![now], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .query_map(params![now], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
         .db()?
         .collect::<rusqlite::Result<_>>()
         .db()?;
@@ -548,7 +549,9 @@ pub(crate) fn retry_batch(
              FROM fascicle_operations WHERE parent_id = ?1",
         )
         .db()?
-        .query_row(params![parent.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
+        .query_row(params![parent.as_bytes()], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
         .db()?;
     if failed + cancelled == 0 {
         return Err(Error::Conflict(format!(

@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fascicle_api::{
-    Applied, BatchStats, CancelReport, Capabilities, ChildCounters, ClaimRequest,
-    ClaimedOperation, Completion, Lease, LeaseStatus, Operation, OperationId, PruneReport,
-    ReconcileReport, RescueReport, Result, Stats, Status, Store, Transaction,
+    Applied, BatchStats, CancelReport, Capabilities, ChildCounters, ClaimRequest, ClaimedOperation,
+    Completion, Lease, LeaseStatus, Operation, OperationId, PruneReport, ReconcileReport,
+    RescueReport, Result, Stats, Status, Store, Transaction,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 

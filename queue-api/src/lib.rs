@@ -20,11 +20,11 @@ pub use lifecycle::{
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
 pub use queue::{Limits, Queue};
 pub use store::{Store, Transaction};
-pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};
 pub use types::{
     BatchReceipt, BatchStats, ChildCounters, ChildRecord, DEFAULT_MAX_ATTEMPTS, KindStats,
     NewBatch, NewOperation, Operation, OperationId, ParentRecord, Receipt, Stats, Status,
 };
+pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};
 
 #[cfg(any(test, feature = "mock"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]

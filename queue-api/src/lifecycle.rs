@@ -264,9 +264,15 @@ mod tests {
     #[test]
     fn parent_state_follows_its_children() {
         assert_eq!(parent_outcome(&counters(3, 2, 0, 0)), None);
-        assert_eq!(parent_outcome(&counters(3, 3, 0, 0)), Some(Status::Completed));
+        assert_eq!(
+            parent_outcome(&counters(3, 3, 0, 0)),
+            Some(Status::Completed)
+        );
         assert_eq!(parent_outcome(&counters(3, 1, 1, 1)), Some(Status::Failed));
-        assert_eq!(parent_outcome(&counters(3, 1, 0, 2)), Some(Status::Cancelled));
+        assert_eq!(
+            parent_outcome(&counters(3, 1, 0, 2)),
+            Some(Status::Cancelled)
+        );
         assert_eq!(parent_outcome(&counters(0, 0, 0, 0)), None);
     }
 

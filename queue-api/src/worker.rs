@@ -386,7 +386,10 @@ impl Worker {
             if running.lock().expect("running set").is_empty() {
                 break;
             }
-            if tokio::time::timeout_at(deadline, freed.notified()).await.is_err() {
+            if tokio::time::timeout_at(deadline, freed.notified())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -430,7 +433,10 @@ impl Worker {
             let _ = done.send(Completion {
                 id: op.id,
                 lease_token: token,
-                outcome: Outcome::Failed(format!("no handler is registered for kind `{}`", op.kind)),
+                outcome: Outcome::Failed(format!(
+                    "no handler is registered for kind `{}`",
+                    op.kind
+                )),
             });
             return;
         };
@@ -445,7 +451,8 @@ impl Worker {
         };
         let retry = self.retry;
         let done = done.clone();
-        let span = tracing::info_span!("operation", id = %op.id, kind = %op.kind, attempt = op.attempts);
+        let span =
+            tracing::info_span!("operation", id = %op.id, kind = %op.kind, attempt = op.attempts);
         let payload = op.payload.unwrap_or(Value::Null);
         let attempt = op.attempts;
         let max_attempts = op.max_attempts;

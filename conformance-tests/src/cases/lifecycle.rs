@@ -43,7 +43,12 @@ async fn finish(store: &Arc<dyn Store>, claimed: &ClaimedOperation, outcome: Out
 }
 
 async fn status(store: &Arc<dyn Store>, id: OperationId) -> Status {
-    store.get(id).await.unwrap().expect("operation exists").status
+    store
+        .get(id)
+        .await
+        .unwrap()
+        .expect("operation exists")
+        .status
 }
 
 fn fast_worker(store: &Arc<dyn Store>, registry: Registry) -> Worker {
@@ -83,10 +88,17 @@ async fn run_until(
     handle.await.unwrap().unwrap()
 }
 
-
 fn parent_terminal(store: &Arc<dyn Store>, parent: OperationId) -> BoxedCheck {
     let store = Arc::clone(store);
-    Box::pin(async move { store.get(parent).await.unwrap().unwrap().status.is_terminal() })
+    Box::pin(async move {
+        store
+            .get(parent)
+            .await
+            .unwrap()
+            .unwrap()
+            .status
+            .is_terminal()
+    })
 }
 
 /// A parent is never handed to a worker, however long the queue is drained.
@@ -229,20 +241,31 @@ pub async fn max_attempts_exhausted_fails_and_fails_parent(store: Arc<dyn Store>
         .await
         .unwrap();
     let mut registry = Registry::new();
-    registry.register("ok", |_: Value, _| async { Ok::<_, HandlerError>(json!("done")) });
+    registry.register("ok", |_: Value, _| async {
+        Ok::<_, HandlerError>(json!("done"))
+    });
     registry.register("always_busy", |_: Value, _| async {
         Err::<Value, _>(HandlerError::retryable("database is busy"))
     });
     let parent = receipt.parent_id;
     let check = Arc::clone(&store);
-    run_until(fast_worker(&store, registry), move || parent_terminal(&check, parent)).await;
+    run_until(fast_worker(&store, registry), move || {
+        parent_terminal(&check, parent)
+    })
+    .await;
     let busy = store.get(receipt.child_ids[1]).await.unwrap().unwrap();
     assert_eq!(busy.status, Status::Failed);
     assert_eq!(busy.attempts, 2);
     assert!(busy.error.as_deref().unwrap().contains("database is busy"));
     let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
     assert_eq!(parent.status, Status::Failed);
-    assert!(parent.error.as_deref().unwrap().contains("database is busy"));
+    assert!(
+        parent
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("database is busy")
+    );
     assert_eq!(
         parent.children.unwrap(),
         ChildCounters {
@@ -333,13 +356,16 @@ pub async fn last_two_children_race(store: Arc<dyn Store>) {
     }
     let claimed = claim(&store, 400).await;
     assert_eq!(claimed.len(), 400);
-    let by_id: HashMap<OperationId, ClaimedOperation> = claimed
-        .into_iter()
-        .map(|c| (c.operation.id, c))
-        .collect();
+    let by_id: HashMap<OperationId, ClaimedOperation> =
+        claimed.into_iter().map(|c| (c.operation.id, c)).collect();
     let (left, right): (Vec<_>, Vec<_>) = pairs
         .iter()
-        .map(|r| (by_id[&r.child_ids[0]].clone(), by_id[&r.child_ids[1]].clone()))
+        .map(|r| {
+            (
+                by_id[&r.child_ids[0]].clone(),
+                by_id[&r.child_ids[1]].clone(),
+            )
+        })
         .unzip();
     let barrier = Arc::new(tokio::sync::Barrier::new(2));
     let tasks: Vec<_> = [left, right]
@@ -376,9 +402,9 @@ pub async fn concurrent_workers_no_double_processing(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
     for chunk in 0..(N / 500) {
         queue
-            .submit_batch(NewBatch::new("chunk").children((0..500).map(|i| {
-                NewOperation::new("count", json!({ "n": chunk * 500 + i }))
-            })))
+            .submit_batch(NewBatch::new("chunk").children(
+                (0..500).map(|i| NewOperation::new("count", json!({ "n": chunk * 500 + i }))),
+            ))
             .await
             .unwrap();
     }
@@ -389,11 +415,17 @@ pub async fn concurrent_workers_no_double_processing(store: Arc<dyn Store>) {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     for w in 0..4 {
         let mut registry = Registry::new();
-        let (runs, in_flight, overlaps) =
-            (Arc::clone(&runs), Arc::clone(&in_flight), Arc::clone(&overlaps));
+        let (runs, in_flight, overlaps) = (
+            Arc::clone(&runs),
+            Arc::clone(&in_flight),
+            Arc::clone(&overlaps),
+        );
         registry.register("count", move |p: Value, _| {
-            let (runs, in_flight, overlaps) =
-                (Arc::clone(&runs), Arc::clone(&in_flight), Arc::clone(&overlaps));
+            let (runs, in_flight, overlaps) = (
+                Arc::clone(&runs),
+                Arc::clone(&in_flight),
+                Arc::clone(&overlaps),
+            );
             async move {
                 let n = p["n"].as_u64().unwrap();
                 if !in_flight.lock().unwrap().insert(n) {
@@ -417,10 +449,17 @@ pub async fn concurrent_workers_no_double_processing(store: Arc<dyn Store>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let stats = store.stats().await.unwrap();
-        if stats.kinds.get("count").is_some_and(|k| k.completed == N as u64) {
+        if stats
+            .kinds
+            .get("count")
+            .is_some_and(|k| k.completed == N as u64)
+        {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "drain too slow: {stats:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drain too slow: {stats:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = stop_tx.send(true);
@@ -431,7 +470,11 @@ pub async fn concurrent_workers_no_double_processing(store: Arc<dyn Store>) {
         assert_eq!(report.lease_lost, 0);
     }
     assert_eq!(completed, N as u64);
-    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two handlers ran one operation at once");
+    assert_eq!(
+        overlaps.load(Ordering::SeqCst),
+        0,
+        "two handlers ran one operation at once"
+    );
     {
         let runs = runs.lock().unwrap();
         assert_eq!(runs.len(), N);
@@ -459,14 +502,17 @@ pub async fn expired_lease_is_rescued(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
     let receipt = queue
         .submit_batch(
-            NewBatch::new("batch")
-                .child(NewOperation::new("slow", json!({})).with_max_attempts(2)),
+            NewBatch::new("batch").child(NewOperation::new("slow", json!({})).with_max_attempts(2)),
         )
         .await
         .unwrap();
     let child = receipt.child_ids[0];
     let first = claim_with_short_lease(&store, Duration::from_millis(50)).await;
-    assert_eq!(store.rescue_expired_leases().await.unwrap().requeued, 0, "lease not yet expired");
+    assert_eq!(
+        store.rescue_expired_leases().await.unwrap().requeued,
+        0,
+        "lease not yet expired"
+    );
     tokio::time::sleep(Duration::from_millis(120)).await;
     let report = store.rescue_expired_leases().await.unwrap();
     assert_eq!((report.requeued, report.failed), (1, 0));
@@ -525,7 +571,10 @@ pub async fn rescued_worker_cannot_complete(store: Arc<dyn Store>) {
         Applied::Applied
     );
     let op = store.get(receipt.id).await.unwrap().unwrap();
-    assert_eq!((op.status, op.result), (Status::Completed, Some(json!("fresh"))));
+    assert_eq!(
+        (op.status, op.result),
+        (Status::Completed, Some(json!("fresh")))
+    );
     // A duplicate completion of the same attempt changes nothing either.
     assert_eq!(
         finish(&store, &fresh, Outcome::Failed("late duplicate".into())).await,
@@ -554,14 +603,20 @@ pub async fn reconcile_zero_child_parent(store: Arc<dyn Store>) {
         .unwrap();
 
     let report = store.reconcile_orphan_parents().await.unwrap();
-    assert_eq!((report.empty_parents_failed, report.parents_finalized), (1, 0));
+    assert_eq!(
+        (report.empty_parents_failed, report.parents_finalized),
+        (1, 0)
+    );
     let stranded = store.get(parent.id).await.unwrap().unwrap();
     assert_eq!(stranded.status, Status::Failed);
     assert_eq!(stranded.error.as_deref(), Some(ZERO_CHILDREN_REASON));
     assert!(stranded.completed_at.is_some());
     assert_eq!(status(&store, healthy.parent_id).await, Status::Pending);
     let again = store.reconcile_orphan_parents().await.unwrap();
-    assert_eq!((again.empty_parents_failed, again.parents_finalized), (0, 0));
+    assert_eq!(
+        (again.empty_parents_failed, again.parents_finalized),
+        (0, 0)
+    );
 }
 
 /// A pending parent whose children are all terminal (its counters drifted) is recounted
@@ -601,7 +656,10 @@ pub async fn reconcile_parent_with_all_children_terminal(store: Arc<dyn Store>) 
     assert_eq!(status(&store, parent.id).await, Status::Pending);
 
     let report = store.reconcile_orphan_parents().await.unwrap();
-    assert_eq!((report.empty_parents_failed, report.parents_finalized), (0, 1));
+    assert_eq!(
+        (report.empty_parents_failed, report.parents_finalized),
+        (0, 1)
+    );
     let fixed = store.get(parent.id).await.unwrap().unwrap();
     assert_eq!(fixed.status, Status::Failed);
     assert_eq!(fixed.error.as_deref(), Some("bad input"));
@@ -638,12 +696,23 @@ pub async fn cancel_batch_cascades(store: Arc<dyn Store>) {
         )
         .await
         .unwrap();
-    assert!(beat[0].held && beat[0].cancel_requested, "the handler must see the signal");
-    finish(&store, &running, Outcome::Cancelled("cancellation requested".into())).await;
+    assert!(
+        beat[0].held && beat[0].cancel_requested,
+        "the handler must see the signal"
+    );
+    finish(
+        &store,
+        &running,
+        Outcome::Cancelled("cancellation requested".into()),
+    )
+    .await;
     let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
     assert_eq!(parent.status, Status::Cancelled);
     assert_eq!(parent.children.unwrap().cancelled, 4);
-    assert!(claim(&store, 10).await.is_empty(), "cancelled children must not be claimed");
+    assert!(
+        claim(&store, 10).await.is_empty(),
+        "cancelled children must not be claimed"
+    );
     let again = store.cancel(receipt.parent_id).await.unwrap();
     assert_eq!(again.already_terminal, 4);
     assert!(matches!(
@@ -723,7 +792,10 @@ pub async fn serialization_key_exclusive(store: Arc<dyn Store>) {
     finish(&store, held, Outcome::Completed(json!(null))).await;
     let next = claim(&store, 10).await;
     assert_eq!(next.len(), 1);
-    assert_eq!(next[0].operation.serialization_key.as_deref(), Some("bank:1"));
+    assert_eq!(
+        next[0].operation.serialization_key.as_deref(),
+        Some("bank:1")
+    );
 
     // Concurrent claimers still never hold the same key twice.
     for i in 0..20 {
@@ -810,8 +882,7 @@ pub async fn stats_breakdown(store: Arc<dyn Store>) {
         .unwrap();
     queue
         .submit(
-            NewOperation::new("k", json!({}))
-                .with_run_at(Utc::now() + chrono::Duration::hours(1)),
+            NewOperation::new("k", json!({})).with_run_at(Utc::now() + chrono::Duration::hours(1)),
         )
         .await
         .unwrap();
@@ -822,7 +893,14 @@ pub async fn stats_breakdown(store: Arc<dyn Store>) {
     let stats = store.stats().await.unwrap();
     let k = stats.kinds["k"];
     assert_eq!(
-        (k.ready, k.scheduled, k.processing, k.completed, k.failed, k.cancelled),
+        (
+            k.ready,
+            k.scheduled,
+            k.processing,
+            k.completed,
+            k.failed,
+            k.cancelled
+        ),
         (2, 1, 1, 1, 1, 1)
     );
     assert_eq!(stats.batches.open, 1);
@@ -841,7 +919,10 @@ pub async fn prune_removes_only_whole_terminal_batches(store: Arc<dyn Store>) {
         .submit_batch(NewBatch::new("batch").children(children("b", 2)))
         .await
         .unwrap();
-    let single = queue.submit(NewOperation::new("c", json!({}))).await.unwrap();
+    let single = queue
+        .submit(NewOperation::new("c", json!({})))
+        .await
+        .unwrap();
     for c in claim(&store, 10).await {
         let keep_open = c.operation.id == open.child_ids[1];
         if !keep_open {
