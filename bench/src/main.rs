@@ -9,6 +9,7 @@
 //! `postgres://root@127.0.0.1:5432/test`); the harness works in its own schema
 //! `fascicle_bench_<random>` and drops it at the end. SQLite runs on temporary files.
 
+mod drain;
 mod submit;
 
 use std::time::Duration;
@@ -198,16 +199,21 @@ async fn main() {
     let mut rows = Vec::new();
     let mut failed = false;
     for driver in &args.drivers {
-        let result = match driver {
-            Driver::Memory => submit::memory(&args).await,
-            Driver::Sqlite => submit::sqlite(&args).await,
-            Driver::Postgres => submit::postgres(&args, &database_url()).await,
+        let results = match driver {
+            Driver::Memory => vec![submit::memory(&args).await, drain::memory(&args).await],
+            Driver::Sqlite => vec![submit::sqlite(&args).await, drain::sqlite(&args).await],
+            Driver::Postgres => vec![
+                submit::postgres(&args, &database_url()).await,
+                drain::postgres(&args, &database_url()).await,
+            ],
         };
-        match result {
-            Ok(mut measured) => rows.append(&mut measured),
-            Err(e) => {
-                failed = true;
-                eprintln!("{driver:?}: benchmark failed: {e}");
+        for result in results {
+            match result {
+                Ok(mut measured) => rows.append(&mut measured),
+                Err(e) => {
+                    failed = true;
+                    eprintln!("{driver:?}: benchmark failed: {e}");
+                }
             }
         }
     }

@@ -427,7 +427,11 @@ impl Store for MemoryStore {
                 count_batch(&mut stats.batches, op.status);
                 continue;
             }
-            let kind = stats.kinds.entry(op.kind.clone()).or_default();
+            // Look up by &str first: cloning every row's kind dominated this scan.
+            let kind = match stats.kinds.get_mut(op.kind.as_str()) {
+                Some(kind) => kind,
+                None => stats.kinds.entry(op.kind.clone()).or_default(),
+            };
             match op.status {
                 Status::Pending if op.run_at > now => kind.scheduled += 1,
                 Status::Pending => kind.ready += 1,

@@ -7,7 +7,7 @@ mod store;
 mod tx;
 
 pub use error::redact_url;
-pub use store::{PostgresOptions, PostgresStore};
+pub use store::{NotificationListener, PostgresOptions, PostgresStore};
 
 /// The schema version this build of the driver writes.
 pub const SCHEMA_VERSION: i64 = schema::CURRENT_VERSION;

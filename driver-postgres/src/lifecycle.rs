@@ -224,45 +224,99 @@ pub(crate) async fn complete(
     .execute(&mut *conn)
     .await
     .db()?;
-    let mut applied = Vec::with_capacity(completions.len());
+    // Every completion in one statement: the fenced updates, then each touched parent's
+    // counters moved by its children's outcomes in aggregate (O(1) per child).
+    let n = completions.len();
+    let mut tokens = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut results: Vec<Option<Value>> = Vec::with_capacity(n);
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut run_ats: Vec<Option<chrono::DateTime<chrono::Utc>>> = Vec::with_capacity(n);
     for c in completions {
-        let id = *c.id.as_uuid();
-        let token = Some(*c.lease_token.as_uuid());
-        let changed = match &c.outcome {
-            Outcome::Completed(result) => {
-                finish(conn, sql, id, token, Status::Completed, None, Some(result)).await?
-            }
-            Outcome::Failed(error) => {
-                finish(conn, sql, id, token, Status::Failed, Some(error), None).await?
-            }
-            Outcome::Cancelled(reason) => {
-                finish(conn, sql, id, token, Status::Cancelled, Some(reason), None).await?
-            }
+        tokens.push(*c.lease_token.as_uuid());
+        let (status, result, error, run_at) = match &c.outcome {
+            Outcome::Completed(value) => (Status::Completed, Some(value.clone()), None, None),
+            Outcome::Failed(error) => (Status::Failed, None, Some(error.as_str()), None),
+            Outcome::Cancelled(reason) => (Status::Cancelled, None, Some(reason.as_str()), None),
             Outcome::Retry { error, run_at } => {
-                sqlx::query(sql.text(
-                    "UPDATE {s}.operations SET status = 'pending', error = $3, run_at = $4,
-                         worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-                         cancel_requested = false, updated_at = now()
-                     WHERE id = $1 AND status = 'processing' AND lease_token = $2",
-                ))
-                .bind(id)
-                .bind(token)
-                .bind(error)
-                .bind(run_at)
-                .execute(&mut *conn)
-                .await
-                .db()?
-                .rows_affected()
-                    == 1
+                (Status::Pending, None, Some(error.as_str()), Some(*run_at))
             }
         };
-        applied.push(if changed {
-            Applied::Applied
-        } else {
-            Applied::LeaseLost
-        });
+        statuses.push(status.as_str());
+        results.push(result);
+        errors.push(error);
+        run_ats.push(run_at);
     }
-    Ok(applied)
+    let rows = sqlx::query(sql.text(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[],
+                                  $6::timestamptz[])
+                 AS t(id, token, status, result, error, run_at)),
+         updated AS (
+             UPDATE {s}.operations AS o
+             SET status = i.status, result = i.result, error = i.error,
+                 run_at = coalesce(i.run_at, o.run_at),
+                 worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+                 cancel_requested = false, updated_at = now(),
+                 completed_at = CASE WHEN i.status = 'pending' THEN NULL ELSE now() END
+             FROM input AS i
+             WHERE o.id = i.id AND o.status = 'processing' AND o.lease_token = i.token
+             RETURNING o.id, o.parent_id, o.status),
+         moved AS (
+             SELECT parent_id,
+                    count(*) FILTER (WHERE status = 'completed') AS completed,
+                    count(*) FILTER (WHERE status = 'failed') AS failed,
+                    count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+             FROM updated WHERE parent_id IS NOT NULL AND status <> 'pending'
+             GROUP BY parent_id),
+         parents AS (
+             UPDATE {s}.operations AS p
+             SET children_completed = p.children_completed + m.completed,
+                 children_failed = p.children_failed + m.failed,
+                 children_cancelled = p.children_cancelled + m.cancelled, updated_at = now()
+             FROM moved AS m WHERE p.id = m.parent_id
+             RETURNING p.id, p.children_total, p.children_completed, p.children_failed,
+                       p.children_cancelled, p.status)
+         SELECT false AS is_parent, id, 0::bigint, 0::bigint, 0::bigint, 0::bigint, status
+             FROM updated
+         UNION ALL
+         SELECT true, id, children_total, children_completed, children_failed,
+                children_cancelled, status
+             FROM parents",
+    ))
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(&statuses)
+    .bind(&results)
+    .bind(&errors)
+    .bind(&run_ats)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    let mut applied_ids = std::collections::HashSet::new();
+    for row in &rows {
+        let is_parent: bool = row.try_get(0).db()?;
+        let id: Uuid = row.try_get(1).db()?;
+        if !is_parent {
+            applied_ids.insert(id);
+            continue;
+        }
+        let counters = counters_from(row, 2)?;
+        let status: String = row.try_get(6).db()?;
+        if status == "pending" {
+            finalize_parent(conn, sql, id, &counters).await?;
+        }
+    }
+    Ok(ids
+        .iter()
+        .map(|id| {
+            if applied_ids.contains(id) {
+                Applied::Applied
+            } else {
+                Applied::LeaseLost
+            }
+        })
+        .collect())
 }
 
 pub(crate) async fn heartbeat(

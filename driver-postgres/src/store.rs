@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fascicle_api::InProcessWaker;
 use fascicle_api::{
     Applied, BatchReceipt, BatchStats, CancelReport, Capabilities, ChildCounters, ClaimRequest,
     ClaimedOperation, Completion, Error, Lease, LeaseStatus, Limits, NewBatch, Operation,
     OperationId, PruneReport, ReconcileReport, RescueReport, Result, Stats, Status, Store,
     Transaction,
 };
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -31,6 +32,18 @@ macro_rules! transact {
         tx.commit().await.map_err(error::map)?;
         Ok(out)
     }};
+}
+
+/// Forwards `NOTIFY` wake-ups while it lives; see [`PostgresStore::listen`].
+#[derive(Debug)]
+pub struct NotificationListener {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NotificationListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Options for [`PostgresStore::connect_with`].
@@ -187,6 +200,34 @@ impl PostgresStore {
     /// The channel this store `NOTIFY`s on commit of a submit (`fascicle_<schema>`).
     pub fn notify_channel(&self) -> &str {
         &self.sql.channel
+    }
+
+    /// Forwards this schema's `NOTIFY` wake-ups (sent when a submit commits, from any
+    /// process) to `waker`, whose subscribers are typically [`Worker`](fascicle_api::Worker)s
+    /// (`Worker::wake_on(waker.subscribe())`). Runs until the returned listener is dropped.
+    /// A lost connection is re-established by the next receive; wake-ups sent meanwhile
+    /// are missed, which the workers' poll interval covers. The listener holds one of the
+    /// pool's connections: drop it before closing the pool.
+    pub async fn listen(&self, waker: InProcessWaker) -> Result<NotificationListener> {
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(error::map)?;
+        listener
+            .listen(&self.sql.channel)
+            .await
+            .map_err(error::map)?;
+        let task = tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    Ok(_) => waker.wake(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection error; reconnecting");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        Ok(NotificationListener { task })
     }
 
     /// Submits a batch inside a transaction the caller holds (like River's `InsertTx`):

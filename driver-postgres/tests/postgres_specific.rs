@@ -294,3 +294,54 @@ async fn passwords_never_appear_in_errors_or_debug() {
     assert!(!shown.contains("hunter2secret"), "password leaked: {shown}");
     assert!(shown.contains("no_such_database_fascicle"), "{shown}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_wakes_a_worker_in_another_process_without_polling() {
+    with_store!(|url, store| {
+        use fascicle_api::{HandlerError, InProcessWaker, Registry, Worker};
+        use std::time::Duration;
+
+        // The worker's side: its own pool, LISTEN forwarded to an in-process waker, and a
+        // poll interval far longer than the test, so only the NOTIFY can wake it.
+        let worker_store = PostgresStore::connect_with(
+            PostgresOptions::new(&url).schema(store.schema().to_string()),
+        )
+        .await
+        .unwrap();
+        let waker = InProcessWaker::new();
+        let listener = worker_store.listen(waker.clone()).await.unwrap();
+        let (ran_tx, mut ran_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut registry = Registry::new();
+        registry.register("ping", move |_: serde_json::Value, ctx| {
+            let ran = ran_tx.clone();
+            async move {
+                let _ = ran.send(ctx.id);
+                Ok::<_, HandlerError>(json!("pong"))
+            }
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let worker = Worker::new(Arc::new(worker_store.clone()), registry)
+            .poll_interval(Duration::from_secs(3600))
+            .wake_on(waker.subscribe());
+        let handle = tokio::spawn(worker.run(async {
+            let _ = stop_rx.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // The producer's side: another pool, no in-process notifier at all.
+        let receipt = Queue::new(Arc::new(store.clone()))
+            .submit(NewOperation::new("ping", json!({})))
+            .await
+            .unwrap();
+        let ran = tokio::time::timeout(Duration::from_secs(5), ran_rx.recv())
+            .await
+            .expect("the NOTIFY did not wake the worker")
+            .unwrap();
+        assert_eq!(ran, receipt.id);
+        let _ = stop_tx.send(());
+        handle.await.unwrap().unwrap();
+        // The listener holds a pooled connection: let it go before closing the pool.
+        drop(listener);
+        worker_store.pool().close().await;
+    });
+}

@@ -90,6 +90,10 @@ pub(crate) struct Inner {
     options: SqliteOptions,
     location: String,
     idle: Mutex<Vec<Connection>>,
+    /// Serializes this store's writers before they reach SQLite: a writer that finds the
+    /// file locked sleeps in SQLite's busy handler for milliseconds, so writers of one
+    /// process queue here instead; other processes still meet the busy handler.
+    write_lock: Arc<tokio::sync::Mutex<()>>,
     /// Keeps the directory of a `open_temporary` store alive; deleted on drop.
     _temporary: Option<tempfile::TempDir>,
 }
@@ -122,6 +126,25 @@ impl Inner {
         .map_err(|e| error::storage(&self.location, e))?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
+    }
+
+    /// Takes this store's writer slot, waiting at most the busy timeout.
+    pub(crate) async fn lock_writer(&self) -> Result<tokio::sync::OwnedMutexGuard<()>> {
+        tokio::time::timeout(
+            self.options.busy_timeout,
+            Arc::clone(&self.write_lock).lock_owned(),
+        )
+        .await
+        .map_err(|_| {
+            fascicle_api::Error::backend(
+                DRIVER,
+                fascicle_api::BackendErrorKind::Busy,
+                format!(
+                    "another transaction of this store held the write lock for longer than the busy timeout ({:?})",
+                    self.options.busy_timeout
+                ),
+            )
+        })
     }
 
     pub(crate) fn acquire(&self) -> Result<Connection> {
@@ -199,6 +222,7 @@ impl SqliteStore {
             options,
             location,
             idle: Mutex::new(Vec::new()),
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
             _temporary: temporary,
         });
         let opened = Arc::clone(&inner);
@@ -244,12 +268,14 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
     {
+        let writer = self.inner.lock_writer().await?;
         self.with_conn(move |conn| {
             let tx = conn
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(error::map)?;
             let out = f(&tx)?;
             tx.commit().map_err(error::map)?;
+            drop(writer);
             Ok(out)
         })
         .await

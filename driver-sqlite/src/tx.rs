@@ -128,10 +128,12 @@ fn insert_rows(conn: &Connection, rows: &[ChildRow]) -> rusqlite::Result<Option<
 pub(crate) struct SqliteTransaction {
     inner: Arc<Inner>,
     conn: Option<Connection>,
+    writer: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl SqliteTransaction {
     pub(crate) async fn begin(inner: Arc<Inner>) -> Result<Self> {
+        let writer = inner.lock_writer().await?;
         let pool = Arc::clone(&inner);
         let conn = tokio::task::spawn_blocking(move || {
             let conn = pool.acquire()?;
@@ -148,6 +150,7 @@ impl SqliteTransaction {
         Ok(Self {
             inner,
             conn: Some(conn),
+            writer: Some(writer),
         })
     }
 
@@ -177,9 +180,11 @@ impl SqliteTransaction {
     async fn finish(mut self, sql: &'static str) -> Result<()> {
         let result = self.run(move |conn| conn.execute_batch(sql)).await;
         let conn = self.conn.take();
+        let writer = self.writer.take();
         let inner = Arc::clone(&self.inner);
         if let Some(conn) = conn {
             tokio::task::spawn_blocking(move || {
+                let _writer = writer;
                 if !conn.is_autocommit() {
                     // A failed COMMIT can leave the transaction open; never pool it so.
                     let _ = conn.execute_batch("ROLLBACK");
@@ -239,7 +244,9 @@ impl Drop for SqliteTransaction {
             return;
         };
         let inner = Arc::clone(&self.inner);
+        let writer = self.writer.take();
         let roll_back = move || {
+            let _writer = writer;
             // Ignore the result: if ROLLBACK fails the connection is closed instead,
             // which rolls the transaction back as well.
             let _ = conn.execute_batch("ROLLBACK");

@@ -63,7 +63,9 @@ impl InProcessWaker {
         *self.sender.borrow()
     }
 
-    fn wake(&self) {
+    /// Wakes every subscriber now (what `notify` does; also used by bridges such as the
+    /// Postgres `LISTEN` forwarder).
+    pub fn wake(&self) {
         self.sender.send_modify(|n| *n += 1);
     }
 }

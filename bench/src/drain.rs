@@ -1,0 +1,380 @@
+//! Scenario 2: drain N pre-inserted no-op operations with the Worker runtime, default
+//! and tuned settings. Baselines in the same run: a bare claim-50 + complete loop on a
+//! table of the same shape (SQLite: one connection, same pragmas; PostgreSQL: 4
+//! connections, `FOR UPDATE SKIP LOCKED`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fascicle_api::{HandlerError, NewBatch, NewOperation, Queue, Registry, Store, Worker};
+use fascicle_postgres::{PostgresOptions, PostgresStore};
+use fascicle_sqlite::SqliteStore;
+use serde_json::{Value, json};
+use sqlx::AssertSqlSafe;
+
+use crate::{Args, Measurement, Target, per_second};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn size(args: &Args) -> usize {
+    if args.quick { 20_000 } else { 100_000 }
+}
+
+fn runs(args: &Args) -> usize {
+    if args.quick { 3 } else { args.runs.min(5) }
+}
+
+/// Fills the store with `n` no-op operations, in batches of 10,000.
+async fn fill(store: &Arc<dyn Store>, n: usize) -> Result<(), BoxError> {
+    let queue = Queue::new(Arc::clone(store));
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(10_000);
+        queue
+            .submit_batch(
+                NewBatch::new("drain")
+                    .children((0..take).map(|i| NewOperation::new("noop", json!({ "i": i })))),
+            )
+            .await?;
+        left -= take;
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct Settings {
+    concurrency: usize,
+    claim_batch: usize,
+}
+
+/// `Worker::new`'s defaults.
+const DEFAULT: Settings = Settings {
+    concurrency: 64,
+    claim_batch: 64,
+};
+const TUNED: Settings = Settings {
+    concurrency: 128,
+    claim_batch: 128,
+};
+
+/// Drains with `workers` workers of `settings`; returns ops/s.
+async fn drain(
+    store: &Arc<dyn Store>,
+    n: usize,
+    workers: usize,
+    settings: Settings,
+) -> Result<f64, BoxError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let mut registry = Registry::new();
+        let counter = Arc::clone(&ran);
+        registry.register("noop", move |_: Value, _| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            async { Ok::<_, HandlerError>(Value::Null) }
+        });
+        let mut stop = stop_rx.clone();
+        let worker = Worker::new(Arc::clone(store), registry)
+            .concurrency(settings.concurrency)
+            .claim_batch(settings.claim_batch)
+            .poll_interval(Duration::from_millis(5))
+            .maintenance_interval(Duration::from_secs(3600));
+        handles.push(tokio::spawn(worker.run(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })));
+    }
+    let mut completed = 0u64;
+    // Wait cheaply until every handler ran, then on the store's statistics (the
+    // independent check) until every completion is recorded.
+    while ran.load(std::sync::atomic::Ordering::Relaxed) < n {
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err("drain stalled".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    loop {
+        let stats = store.stats().await?;
+        let k = stats.kinds.get("noop").copied().unwrap_or_default();
+        if k.completed as usize >= n {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err(format!("drain stalled at {} of {n}", k.completed).into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = start.elapsed();
+    let _ = stop_tx.send(true);
+    for handle in handles {
+        completed += handle.await??.completed;
+    }
+    if completed as usize != n {
+        return Err(format!("workers completed {completed} of {n}").into());
+    }
+    Ok(per_second(n, elapsed))
+}
+
+async fn fascicle_runs(
+    args: &Args,
+    make: impl AsyncFn() -> Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError>,
+    workers: usize,
+    settings: Settings,
+) -> Result<Vec<f64>, BoxError> {
+    let n = size(args);
+    let mut samples = Vec::new();
+    for _ in 0..runs(args) {
+        let (store, cleanup) = make().await?;
+        fill(&store, n).await?;
+        samples.push(drain(&store, n, workers, settings).await?);
+        cleanup();
+    }
+    Ok(samples)
+}
+
+fn row(
+    args: &Args,
+    driver: &'static str,
+    label: &str,
+    samples: Vec<f64>,
+    baseline: Option<(&str, Vec<f64>)>,
+    target: Option<Target>,
+) -> Measurement {
+    let (baseline_name, baseline_samples) = match baseline {
+        Some((name, samples)) => (Some(name.to_string()), samples),
+        None => (None, Vec::new()),
+    };
+    Measurement {
+        scenario: format!("drain {} no-op ops, {label}", size(args)),
+        driver,
+        unit: "ops/s",
+        samples,
+        baseline_name,
+        baseline_samples,
+        target,
+    }
+}
+
+pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
+    let make = async || -> Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError> {
+        let store: Arc<dyn Store> = Arc::new(fascicle_memory::MemoryStore::new());
+        let cleanup: Box<dyn FnOnce() + Send> = Box::new(|| ());
+        Ok((store, cleanup))
+    };
+    let default = fascicle_runs(args, make, 1, DEFAULT).await?;
+    let tuned = fascicle_runs(args, make, 1, TUNED).await?;
+    Ok(vec![
+        row(args, "memory", "default settings", default, None, None),
+        row(
+            args,
+            "memory",
+            "tuned (concurrency 128, claim 128)",
+            tuned,
+            None,
+            Some(Target::AtLeast { value: 1_000_000.0 }),
+        ),
+    ])
+}
+
+/// The bare SQLite bound: one connection claims 50 and completes them, two commits per
+/// round, on a fascicle-shaped table with the same pragmas.
+fn sqlite_bound(path: &std::path::Path, n: usize) -> Result<f64, BoxError> {
+    let mut conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+    )?;
+    let start = Instant::now();
+    let mut done = 0;
+    loop {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let seqs: Vec<i64> = tx
+            .prepare_cached(
+                "UPDATE fascicle_operations SET status = 'processing', attempts = attempts + 1,
+                     worker_id = 'bound', lease_expires_at = ?1, updated_at = ?1
+                 WHERE seq IN (SELECT seq FROM fascicle_operations
+                               WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= ?1
+                               ORDER BY priority DESC, run_at LIMIT 50)
+                 RETURNING seq",
+            )?
+            .query_map([chrono::Utc::now().timestamp_micros()], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        tx.commit()?;
+        if seqs.is_empty() {
+            break;
+        }
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE fascicle_operations SET status = 'completed', completed_at = ?2,
+                     updated_at = ?2 WHERE seq = ?1 AND status = 'processing'",
+            )?;
+            let now = chrono::Utc::now().timestamp_micros();
+            for seq in &seqs {
+                stmt.execute(rusqlite::params![seq, now])?;
+            }
+        }
+        tx.commit()?;
+        done += seqs.len();
+    }
+    if done != n {
+        return Err(format!("bound drained {done} of {n}").into());
+    }
+    Ok(per_second(n, start.elapsed()))
+}
+
+pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
+    let n = size(args);
+    let make = async || -> Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError> {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_temporary().await?);
+        let cleanup: Box<dyn FnOnce() + Send> = Box::new(|| ());
+        Ok((store, cleanup))
+    };
+    let mut bound = Vec::new();
+    for _ in 0..runs(args) {
+        let store = SqliteStore::open_temporary().await?;
+        let path = store.path().to_path_buf();
+        let shared: Arc<dyn Store> = Arc::new(store.clone());
+        fill(&shared, n).await?;
+        bound.push(tokio::task::spawn_blocking(move || sqlite_bound(&path, n)).await??);
+        drop(store);
+    }
+    let default = fascicle_runs(args, make, 1, DEFAULT).await?;
+    let tuned = fascicle_runs(args, make, 1, TUNED).await?;
+    Ok(vec![
+        row(
+            args,
+            "sqlite",
+            "default settings",
+            default,
+            Some(("bare claim-50 + complete", bound.clone())),
+            None,
+        ),
+        row(
+            args,
+            "sqlite",
+            "tuned (concurrency 128, claim 128)",
+            tuned,
+            Some(("bare claim-50 + complete", bound)),
+            Some(Target::RatioAtLeast { value: 0.5 }),
+        ),
+    ])
+}
+
+/// The raw PostgreSQL bound: 4 connections each claiming 50 with `FOR UPDATE SKIP LOCKED`
+/// and completing them with one `UPDATE`.
+async fn postgres_bound(store: &PostgresStore, n: usize) -> Result<f64, BoxError> {
+    let schema = store.schema().to_string();
+    let claim = format!(
+        "UPDATE {schema}.operations SET status = 'processing', attempts = attempts + 1,
+             worker_id = 'bound', lease_expires_at = now() + interval '30 seconds',
+             updated_at = now()
+         WHERE id IN (SELECT id FROM {schema}.operations
+                      WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= now()
+                      ORDER BY priority DESC, run_at, seq LIMIT 50 FOR UPDATE SKIP LOCKED)
+         RETURNING id"
+    );
+    let complete = format!(
+        "UPDATE {schema}.operations SET status = 'completed', completed_at = now(),
+             updated_at = now() WHERE id = ANY($1) AND status = 'processing'"
+    );
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let pool = store.pool().clone();
+        let (claim, complete) = (claim.clone(), complete.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0usize;
+            loop {
+                let ids: Vec<uuid::Uuid> = sqlx::query_scalar(AssertSqlSafe(claim.as_str()))
+                    .fetch_all(&pool)
+                    .await?;
+                if ids.is_empty() {
+                    return Ok::<_, sqlx::Error>(done);
+                }
+                sqlx::query(AssertSqlSafe(complete.as_str()))
+                    .bind(&ids)
+                    .execute(&pool)
+                    .await?;
+                done += ids.len();
+            }
+        }));
+    }
+    let mut done = 0;
+    for task in tasks {
+        done += task.await??;
+    }
+    if done != n {
+        return Err(format!("bound drained {done} of {n}").into());
+    }
+    Ok(per_second(n, start.elapsed()))
+}
+
+pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>, BoxError> {
+    let n = size(args);
+    let mut bound = Vec::new();
+    let mut stores = Vec::new();
+    let url = url.to_string();
+    let make = {
+        let url = url.clone();
+        async move || -> Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError> {
+            let store = PostgresStore::connect_with(
+                PostgresOptions::new(&url)
+                    .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple()))
+                    .max_connections(8),
+            )
+            .await?;
+            let cleanup_store = store.clone();
+            let cleanup: Box<dyn FnOnce() + Send> = Box::new(move || {
+                tokio::spawn(async move { drop_schema(&cleanup_store).await });
+            });
+            let store: Arc<dyn Store> = Arc::new(store);
+            Ok((store, cleanup))
+        }
+    };
+    for _ in 0..runs(args) {
+        let store = PostgresStore::connect_with(
+            PostgresOptions::new(&url)
+                .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple()))
+                .max_connections(8),
+        )
+        .await?;
+        let shared: Arc<dyn Store> = Arc::new(store.clone());
+        fill(&shared, n).await?;
+        bound.push(postgres_bound(&store, n).await?);
+        stores.push(store);
+    }
+    for store in &stores {
+        drop_schema(store).await;
+    }
+    let default = fascicle_runs(args, &make, 1, DEFAULT).await?;
+    let tuned = fascicle_runs(args, &make, 2, TUNED).await?;
+    Ok(vec![
+        row(
+            args,
+            "postgres",
+            "default settings",
+            default,
+            Some(("raw SKIP LOCKED claim-50 x4", bound.clone())),
+            None,
+        ),
+        row(
+            args,
+            "postgres",
+            "tuned (2 workers, concurrency 128, claim 128)",
+            tuned,
+            Some(("raw SKIP LOCKED claim-50 x4", bound)),
+            Some(Target::RatioAtLeast { value: 0.75 }),
+        ),
+    ])
+}
+
+pub(crate) async fn drop_schema(store: &PostgresStore) {
+    let _ = sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {} CASCADE",
+        store.schema()
+    )))
+    .execute(store.pool())
+    .await;
+    store.pool().close().await;
+}
