@@ -16,6 +16,9 @@ use crate::{Args, Measurement, Target, per_second};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A fresh store for one run, and what to do with it afterwards.
+type Fresh = Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError>;
+
 fn size(args: &Args) -> usize {
     if args.quick { 20_000 } else { 100_000 }
 }
@@ -118,7 +121,7 @@ async fn drain(
 
 async fn fascicle_runs(
     args: &Args,
-    make: impl AsyncFn() -> Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError>,
+    make: impl AsyncFn() -> Fresh,
     workers: usize,
     settings: Settings,
 ) -> Result<Vec<f64>, BoxError> {
@@ -157,7 +160,7 @@ fn row(
 }
 
 pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
-    let make = async || -> Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError> {
+    let make = async || -> Fresh {
         let store: Arc<dyn Store> = Arc::new(fascicle_memory::MemoryStore::new());
         let cleanup: Box<dyn FnOnce() + Send> = Box::new(|| ());
         Ok((store, cleanup))
@@ -225,7 +228,7 @@ fn sqlite_bound(path: &std::path::Path, n: usize) -> Result<f64, BoxError> {
 
 pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
     let n = size(args);
-    let make = async || -> Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError> {
+    let make = async || -> Fresh {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open_temporary().await?);
         let cleanup: Box<dyn FnOnce() + Send> = Box::new(|| ());
         Ok((store, cleanup))
@@ -317,7 +320,7 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
     let url = url.to_string();
     let make = {
         let url = url.clone();
-        async move || -> Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError> {
+        async move || -> Fresh {
             let store = PostgresStore::connect_with(
                 PostgresOptions::new(&url)
                     .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple()))
