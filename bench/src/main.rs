@@ -9,7 +9,9 @@
 //! `postgres://root@127.0.0.1:5432/test`); the harness works in its own schema
 //! `fascicle_bench_<random>` and drops it at the end. SQLite runs on temporary files.
 
+mod aggregation;
 mod drain;
+mod latency;
 mod submit;
 
 use std::time::Duration;
@@ -80,6 +82,8 @@ enum Target {
     AtLeast { value: f64 },
     /// The median divided by the baseline median must reach this ratio.
     RatioAtLeast { value: f64 },
+    /// The median must not exceed this value (latencies, cost ratios).
+    AtMost { value: f64 },
 }
 
 /// One row of the table.
@@ -125,6 +129,7 @@ impl Measurement {
             Some(Target::RatioAtLeast { value }) if self.ratio().is_some_and(|r| r >= value) => {
                 "PASS"
             }
+            Some(Target::AtMost { value }) if median(&self.samples) <= value => "PASS",
             Some(_) => "MISS",
         }
     }
@@ -134,6 +139,7 @@ impl Measurement {
             None => "-".into(),
             Some(Target::AtLeast { value }) => format!(">= {}", human(value)),
             Some(Target::RatioAtLeast { value }) => format!(">= {value}x baseline"),
+            Some(Target::AtMost { value }) => format!("<= {value}"),
         }
     }
 }
@@ -141,6 +147,9 @@ impl Measurement {
 fn human(x: f64) -> String {
     if !x.is_finite() {
         return "-".into();
+    }
+    if x < 10.0 {
+        return format!("{x:.2}");
     }
     if x >= 1_000_000.0 {
         format!("{:.2}M", x / 1_000_000.0)
@@ -200,11 +209,23 @@ async fn main() {
     let mut failed = false;
     for driver in &args.drivers {
         let results = match driver {
-            Driver::Memory => vec![submit::memory(&args).await, drain::memory(&args).await],
-            Driver::Sqlite => vec![submit::sqlite(&args).await, drain::sqlite(&args).await],
+            Driver::Memory => vec![
+                submit::memory(&args).await,
+                drain::memory(&args).await,
+                latency::memory(&args).await,
+                aggregation::memory(&args).await,
+            ],
+            Driver::Sqlite => vec![
+                submit::sqlite(&args).await,
+                drain::sqlite(&args).await,
+                latency::sqlite(&args).await,
+                aggregation::sqlite(&args).await,
+            ],
             Driver::Postgres => vec![
                 submit::postgres(&args, &database_url()).await,
                 drain::postgres(&args, &database_url()).await,
+                latency::postgres(&args, &database_url()).await,
+                aggregation::postgres(&args, &database_url()).await,
             ],
         };
         for result in results {
