@@ -152,7 +152,9 @@ pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
 fn sqlite_rescan(path: &std::path::Path, n: usize) -> Result<f64, BoxError> {
     checkpoint(path)?;
     let mut conn = rusqlite::Connection::open(path)?;
-    conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -32768;",
+    )?;
     let children: Vec<(i64, Vec<u8>)> = conn
         .prepare(
             "SELECT seq, parent_id FROM fascicle_operations

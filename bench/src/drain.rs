@@ -185,7 +185,7 @@ pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
 fn sqlite_bound(path: &std::path::Path, n: usize) -> Result<f64, BoxError> {
     let mut conn = rusqlite::Connection::open(path)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -32768;\n         PRAGMA foreign_keys = ON;",
     )?;
     let start = Instant::now();
     let mut done = 0;

@@ -111,7 +111,7 @@ fn sqlite_parent(conn: &rusqlite::Connection, p: &ParentRecord) -> rusqlite::Res
 fn sqlite_connection(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
     let conn = rusqlite::Connection::open(path)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA cache_size = -32768;\n         PRAGMA foreign_keys = ON;",
     )?;
     Ok(conn)
 }

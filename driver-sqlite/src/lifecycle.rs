@@ -93,9 +93,115 @@ pub(crate) fn claim(
     Ok(claimed)
 }
 
-/// Moves an operation to a terminal state (it must be in `expected`, and hold `token`
-/// when one is given), then updates its parent's counters and finalizes the parent when
-/// this was its last open child. Returns whether the operation changed.
+/// Children's terminal outcomes to add to one parent's counters.
+#[derive(Clone, Copy, Default)]
+struct Delta {
+    completed: i64,
+    failed: i64,
+    cancelled: i64,
+}
+
+impl Delta {
+    fn of(status: Status) -> Self {
+        match status {
+            Status::Completed => Self {
+                completed: 1,
+                ..Self::default()
+            },
+            Status::Failed => Self {
+                failed: 1,
+                ..Self::default()
+            },
+            _ => Self {
+                cancelled: 1,
+                ..Self::default()
+            },
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.completed += other.completed;
+        self.failed += other.failed;
+        self.cancelled += other.cancelled;
+    }
+}
+
+/// Moves an operation to a terminal state (from `pending` or `processing`; under `token`
+/// when one is given). Returns `None` when nothing changed, else its parent (if any).
+#[allow(clippy::too_many_arguments)]
+fn mark_terminal(
+    tx: &Transaction<'_>,
+    id: &OperationId,
+    token: Option<&LeaseToken>,
+    status: Status,
+    error: Option<&str>,
+    result: Option<String>,
+    now: i64,
+) -> Result<Option<Option<Vec<u8>>>> {
+    tx.prepare_cached(
+        "UPDATE fascicle_operations SET status = ?3, error = ?4, result = ?5,
+             worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+             cancel_requested = 0, updated_at = ?6, completed_at = ?6
+         WHERE id = ?1 AND status IN ('pending', 'processing')
+           AND (?2 IS NULL OR (status = 'processing' AND lease_token = ?2))
+         RETURNING parent_id",
+    )
+    .db()?
+    .query_row(
+        params![
+            id.as_bytes(),
+            token.map(|t| t.as_uuid().as_bytes().to_vec()),
+            status.as_str(),
+            error,
+            result,
+            now
+        ],
+        |row| row.get(0),
+    )
+    .optional()
+    .db()
+}
+
+/// Adds children's outcomes to a parent's counters (O(1), whatever the batch size) and
+/// finalizes the parent when no child is left open.
+fn move_parent(tx: &Transaction<'_>, parent: &[u8], delta: Delta, now: i64) -> Result<()> {
+    let moved = tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET children_completed = children_completed + ?2,
+                 children_failed = children_failed + ?3,
+                 children_cancelled = children_cancelled + ?4, updated_at = ?5
+             WHERE id = ?1
+             RETURNING children_total, children_completed, children_failed,
+                       children_cancelled, status = 'pending'",
+        )
+        .db()?
+        .query_row(
+            params![parent, delta.completed, delta.failed, delta.cancelled, now],
+            |row| {
+                Ok((
+                    ChildCounters {
+                        total: row.get::<_, i64>(0)? as u64,
+                        completed: row.get::<_, i64>(1)? as u64,
+                        failed: row.get::<_, i64>(2)? as u64,
+                        cancelled: row.get::<_, i64>(3)? as u64,
+                    },
+                    row.get::<_, bool>(4)?,
+                ))
+            },
+        )
+        .optional()
+        .db()?;
+    if let Some((counters, pending)) = moved
+        && pending
+        && parent_outcome(&counters).is_some()
+    {
+        finalize_parent(tx, parent, now)?;
+    }
+    Ok(())
+}
+
+/// [`mark_terminal`] plus the parent's counters, for one operation. Returns whether the
+/// operation changed.
 fn finish(
     tx: &Transaction<'_>,
     id: &OperationId,
@@ -105,50 +211,14 @@ fn finish(
     result: Option<String>,
     now: i64,
 ) -> Result<bool> {
-    let parent: Option<Option<Vec<u8>>> = tx
-        .prepare_cached(
-            "UPDATE fascicle_operations SET status = ?3, error = ?4, result = ?5,
-                 worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-                 cancel_requested = 0, updated_at = ?6, completed_at = ?6
-             WHERE id = ?1 AND status IN ('pending', 'processing')
-               AND (?2 IS NULL OR (status = 'processing' AND lease_token = ?2))
-             RETURNING parent_id",
-        )
-        .db()?
-        .query_row(
-            params![
-                id.as_bytes(),
-                token.map(|t| t.as_uuid().as_bytes().to_vec()),
-                status.as_str(),
-                error,
-                result,
-                now
-            ],
-            |row| row.get(0),
-        )
-        .optional()
-        .db()?;
-    let Some(parent) = parent else {
-        return Ok(false);
-    };
-    if let Some(parent) = parent {
-        let (completed, failed, cancelled) = match status {
-            Status::Completed => (1, 0, 0),
-            Status::Failed => (0, 1, 0),
-            _ => (0, 0, 1),
-        };
-        tx.prepare_cached(
-            "UPDATE fascicle_operations SET children_completed = children_completed + ?2,
-                 children_failed = children_failed + ?3,
-                 children_cancelled = children_cancelled + ?4, updated_at = ?5
-             WHERE id = ?1",
-        )
-        .db()?
-        .execute(params![parent, completed, failed, cancelled, now])
-        .db()?;
-        finalize_parent(tx, &parent, now)?;
+    match mark_terminal(tx, id, token, status, error, result, now)? {
+        None => Ok(false),
+        Some(None) => Ok(true),
+        Some(Some(parent)) => {
+            move_parent(tx, &parent, Delta::of(status), now)?;
+            Ok(true)
+        }
     }
-    Ok(true)
 }
 
 /// Finalizes a pending parent whose counters say every child is terminal.
@@ -216,35 +286,26 @@ pub(crate) fn complete(
 ) -> Result<Vec<Applied>> {
     let now = micros(now);
     let mut applied = Vec::with_capacity(completions.len());
+    // Children's outcomes are added to each parent once per call, not once per child.
+    let mut parents: std::collections::BTreeMap<Vec<u8>, Delta> = Default::default();
     for c in completions {
+        let token = Some(&c.lease_token);
+        let mut terminal = |status: Status, error: Option<&str>, result: Option<String>| {
+            let marked = mark_terminal(tx, &c.id, token, status, error, result, now)?;
+            if let Some(Some(parent)) = &marked {
+                parents
+                    .entry(parent.clone())
+                    .or_default()
+                    .add(Delta::of(status));
+            }
+            Ok::<_, fascicle_api::Error>(marked.is_some())
+        };
         let changed = match &c.outcome {
-            Outcome::Completed(result) => finish(
-                tx,
-                &c.id,
-                Some(&c.lease_token),
-                Status::Completed,
-                None,
-                Some(result.to_string()),
-                now,
-            )?,
-            Outcome::Failed(error) => finish(
-                tx,
-                &c.id,
-                Some(&c.lease_token),
-                Status::Failed,
-                Some(error),
-                None,
-                now,
-            )?,
-            Outcome::Cancelled(reason) => finish(
-                tx,
-                &c.id,
-                Some(&c.lease_token),
-                Status::Cancelled,
-                Some(reason),
-                None,
-                now,
-            )?,
+            Outcome::Completed(result) => {
+                terminal(Status::Completed, None, Some(result.to_string()))?
+            }
+            Outcome::Failed(error) => terminal(Status::Failed, Some(error), None)?,
+            Outcome::Cancelled(reason) => terminal(Status::Cancelled, Some(reason), None)?,
             Outcome::Retry { error, run_at } => {
                 tx.prepare_cached(
                     "UPDATE fascicle_operations SET status = 'pending', error = ?3, run_at = ?4,
@@ -269,6 +330,9 @@ pub(crate) fn complete(
         } else {
             Applied::LeaseLost
         });
+    }
+    for (parent, delta) in parents {
+        move_parent(tx, &parent, delta, now)?;
     }
     Ok(applied)
 }
