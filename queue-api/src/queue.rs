@@ -95,8 +95,10 @@ impl Queue {
     /// (`created == false`). A notifier failing after the commit does not lose the
     /// batch; the receipt says `notified == false`.
     pub async fn submit_batch(&self, batch: NewBatch) -> Result<BatchReceipt> {
+        // A fresh UUID v7 cannot be taken yet: only a caller's id needs looking up.
+        let caller_id = batch.id.is_some();
         let (parent, children) = self.limits.prepare_batch(batch)?;
-        if let Some(existing) = self.existing_batch(parent.id).await? {
+        if caller_id && let Some(existing) = self.existing_batch(parent.id).await? {
             return Ok(existing);
         }
         let mut tx = self.store.begin().await?;
@@ -142,8 +144,9 @@ impl Queue {
     /// Submits one stand-alone operation (no parent). Idempotent on a caller-supplied id.
     pub async fn submit(&self, operation: NewOperation) -> Result<Receipt> {
         let now = Utc::now();
+        let caller_id = operation.id.is_some();
         let record = self.limits.prepare_operation(operation, None, now)?;
-        if self.store.get(record.id).await?.is_some() {
+        if caller_id && self.store.get(record.id).await?.is_some() {
             return self.existing_operation(record.id).await;
         }
         let mut tx = self.store.begin().await?;
@@ -483,7 +486,11 @@ mod tests {
             });
 
         let queue = Queue::new(Arc::new(store)).with_notifier(Arc::new(notifier));
-        let receipt = queue.submit_batch(three_children()).await.unwrap();
+        // A caller-supplied id: the queue first checks it is not taken.
+        let receipt = queue
+            .submit_batch(three_children().with_id(OperationId::new()))
+            .await
+            .unwrap();
         assert!(receipt.created && receipt.notified);
         assert_eq!(receipt.child_ids.len(), 3);
     }
