@@ -9,10 +9,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fascicle_api::{
-    Applied, BatchStats, CancelReport, Capabilities, ChildCounters, ChildRecord, ClaimRequest,
-    ClaimedOperation, Completion, Error, Lease, LeaseStatus, LeaseToken, Operation, OperationId,
-    Outcome, ParentRecord, PruneReport, ReconcileReport, RescueReport, Result, Stats, Status,
-    Store, Transaction, ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary,
+    Applied, CancelReport, Capabilities, ChildCounters, ChildRecord, ClaimRequest,
+    ClaimedOperation, Completion, Counted, Error, Lease, LeaseStatus, LeaseToken, Operation,
+    OperationId, Outcome, ParentRecord, PruneReport, ReconcileReport, RescueReport, Result, Stats,
+    Status, Store, Transaction, ZERO_CHILDREN_REASON, most_common_error, parent_outcome,
+    parent_summary,
 };
 use serde_json::Value;
 
@@ -423,23 +424,13 @@ impl Store for MemoryStore {
         let mut stats = Stats::default();
         for row in state.rows.values() {
             let op = &row.op;
-            if op.is_parent() {
-                count_batch(&mut stats.batches, op.status);
-                continue;
-            }
-            // Look up by &str first: cloning every row's kind dominated this scan.
-            let kind = match stats.kinds.get_mut(op.kind.as_str()) {
-                Some(kind) => kind,
-                None => stats.kinds.entry(op.kind.clone()).or_default(),
+            let rows = Counted {
+                kind: &op.kind,
+                status: op.status,
+                is_parent: op.is_parent(),
+                scheduled: op.status == Status::Pending && op.run_at > now,
             };
-            match op.status {
-                Status::Pending if op.run_at > now => kind.scheduled += 1,
-                Status::Pending => kind.ready += 1,
-                Status::Processing => kind.processing += 1,
-                Status::Completed => kind.completed += 1,
-                Status::Failed => kind.failed += 1,
-                Status::Cancelled => kind.cancelled += 1,
-            }
+            stats.count(rows, 1);
         }
         Ok(stats)
     }
@@ -686,14 +677,5 @@ impl Store for MemoryStore {
             report.operations += 1;
         }
         Ok(report)
-    }
-}
-
-fn count_batch(batches: &mut BatchStats, status: Status) {
-    match status {
-        Status::Pending | Status::Processing => batches.open += 1,
-        Status::Completed => batches.completed += 1,
-        Status::Failed => batches.failed += 1,
-        Status::Cancelled => batches.cancelled += 1,
     }
 }

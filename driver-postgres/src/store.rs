@@ -8,10 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fascicle_api::InProcessWaker;
 use fascicle_api::{
-    Applied, BatchReceipt, BatchStats, CancelReport, Capabilities, ChildCounters, ClaimRequest,
-    ClaimedOperation, Completion, Error, Lease, LeaseStatus, Limits, NewBatch, Operation,
-    OperationId, PruneReport, ReconcileReport, RescueReport, Result, Stats, Status, Store,
-    Transaction,
+    Applied, BatchReceipt, CancelReport, Capabilities, ChildCounters, ClaimRequest,
+    ClaimedOperation, Completion, Counted, Error, Lease, LeaseStatus, Limits, NewBatch, Operation,
+    OperationId, PruneReport, ReconcileReport, RescueReport, Result, Stats, Store, Transaction,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
@@ -384,20 +383,13 @@ impl Store for PostgresStore {
             let is_parent: bool = row.try_get(2).map_err(error::map)?;
             let scheduled: bool = row.try_get(3).map_err(error::map)?;
             let count = row.try_get::<i64, _>(4).map_err(error::map)? as u64;
-            let status: Status = status.parse()?;
-            if is_parent {
-                count_batch(&mut stats.batches, status, count);
-                continue;
-            }
-            let k = stats.kinds.entry(kind).or_default();
-            match status {
-                Status::Pending if scheduled => k.scheduled += count,
-                Status::Pending => k.ready += count,
-                Status::Processing => k.processing += count,
-                Status::Completed => k.completed += count,
-                Status::Failed => k.failed += count,
-                Status::Cancelled => k.cancelled += count,
-            }
+            let rows = Counted {
+                kind: &kind,
+                status: status.parse()?,
+                is_parent,
+                scheduled,
+            };
+            stats.count(rows, count);
         }
         Ok(stats)
     }
@@ -450,14 +442,5 @@ impl Store for PostgresStore {
 impl PostgresStore {
     async fn claim_once(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
         transact!(self, conn => lifecycle::claim(conn, &self.sql, request))
-    }
-}
-
-fn count_batch(batches: &mut BatchStats, status: Status, count: u64) {
-    match status {
-        Status::Pending | Status::Processing => batches.open += count,
-        Status::Completed => batches.completed += count,
-        Status::Failed => batches.failed += count,
-        Status::Cancelled => batches.cancelled += count,
     }
 }

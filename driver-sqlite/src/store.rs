@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fascicle_api::{
-    Applied, BatchStats, CancelReport, Capabilities, ChildCounters, ClaimRequest, ClaimedOperation,
-    Completion, Lease, LeaseStatus, Operation, OperationId, PruneReport, ReconcileReport,
-    RescueReport, Result, Stats, Status, Store, Transaction,
+    Applied, CancelReport, Capabilities, ChildCounters, ClaimRequest, ClaimedOperation, Completion,
+    Counted, Lease, LeaseStatus, Operation, OperationId, PruneReport, ReconcileReport,
+    RescueReport, Result, Stats, Store, Transaction,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
@@ -431,20 +431,13 @@ impl Store for SqliteStore {
                 let is_parent: bool = row.get(2).map_err(error::map)?;
                 let scheduled: bool = row.get(3).map_err(error::map)?;
                 let count = row.get::<_, i64>(4).map_err(error::map)? as u64;
-                let status: Status = status.parse()?;
-                if is_parent {
-                    count_batch(&mut stats.batches, status, count);
-                    continue;
-                }
-                let k = stats.kinds.entry(kind).or_default();
-                match status {
-                    Status::Pending if scheduled => k.scheduled += count,
-                    Status::Pending => k.ready += count,
-                    Status::Processing => k.processing += count,
-                    Status::Completed => k.completed += count,
-                    Status::Failed => k.failed += count,
-                    Status::Cancelled => k.cancelled += count,
-                }
+                let rows = Counted {
+                    kind: &kind,
+                    status: status.parse()?,
+                    is_parent,
+                    scheduled,
+                };
+                stats.count(rows, count);
             }
             Ok(stats)
         })
@@ -500,14 +493,5 @@ impl Store for SqliteStore {
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
         self.write(move |tx| lifecycle::prune(tx, completed_before))
             .await
-    }
-}
-
-fn count_batch(batches: &mut BatchStats, status: Status, count: u64) {
-    match status {
-        Status::Pending | Status::Processing => batches.open += count,
-        Status::Completed => batches.completed += count,
-        Status::Failed => batches.failed += count,
-        Status::Cancelled => batches.cancelled += count,
     }
 }

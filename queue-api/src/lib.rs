@@ -21,7 +21,7 @@ pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscr
 pub use queue::{Limits, Queue};
 pub use store::{Store, Transaction};
 pub use types::{
-    BatchReceipt, BatchStats, ChildCounters, ChildRecord, DEFAULT_MAX_ATTEMPTS, KindStats,
+    BatchReceipt, BatchStats, ChildCounters, ChildRecord, Counted, DEFAULT_MAX_ATTEMPTS, KindStats,
     NewBatch, NewOperation, Operation, OperationId, ParentRecord, Receipt, Stats, Status,
 };
 pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};

@@ -433,7 +433,46 @@ pub struct Stats {
     pub batches: BatchStats,
 }
 
+/// Which statistics bucket a group of rows belongs to; drivers read these facts from
+/// storage and [`Stats::count`] applies the one classification every driver shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counted<'a> {
+    /// The rows' kind.
+    pub kind: &'a str,
+    /// Their status.
+    pub status: Status,
+    /// They are batch parents (no payload).
+    pub is_parent: bool,
+    /// Pending with a `run_at` still in the future.
+    pub scheduled: bool,
+}
+
 impl Stats {
+    /// Adds `n` rows: parents to `batches` (never as work), other rows to their kind.
+    pub fn count(&mut self, rows: Counted<'_>, n: u64) {
+        if rows.is_parent {
+            match rows.status {
+                Status::Pending | Status::Processing => self.batches.open += n,
+                Status::Completed => self.batches.completed += n,
+                Status::Failed => self.batches.failed += n,
+                Status::Cancelled => self.batches.cancelled += n,
+            }
+            return;
+        }
+        let kind = match self.kinds.get_mut(rows.kind) {
+            Some(kind) => kind,
+            None => self.kinds.entry(rows.kind.to_string()).or_default(),
+        };
+        match rows.status {
+            Status::Pending if rows.scheduled => kind.scheduled += n,
+            Status::Pending => kind.ready += n,
+            Status::Processing => kind.processing += n,
+            Status::Completed => kind.completed += n,
+            Status::Failed => kind.failed += n,
+            Status::Cancelled => kind.cancelled += n,
+        }
+    }
+
     /// All kinds added up.
     pub fn work(&self) -> KindStats {
         self.kinds
