@@ -478,18 +478,17 @@ impl Worker {
         let cancelled = ctx.cancel.clone();
         // Hold the lock while spawning so the task cannot finish before it is recorded.
         let mut running = running.lock().expect("running set");
-        let handler_task = tokio::spawn(handler(payload, ctx).instrument(span.clone()));
-        let abort = handler_task.abort_handle();
         active.fetch_add(1, Ordering::SeqCst);
         let (active, freed) = (Arc::clone(active), Arc::clone(freed));
-        tokio::spawn(
+        // One task per attempt: the handler runs inline, its panics caught here. Aborting
+        // the task at shutdown stops the handler and sends no outcome (the lease is
+        // released instead).
+        let task = tokio::spawn(
             async move {
-                let finished = handler_task.await;
+                let finished = CatchUnwind(Box::pin(handler(payload, ctx))).await;
                 active.fetch_sub(1, Ordering::SeqCst);
                 freed.notify_one();
                 let outcome = match finished {
-                    // Aborted at shutdown: the lease is released instead.
-                    Err(join_error) if join_error.is_cancelled() => return,
                     Ok(Ok(value)) => Outcome::Completed(value),
                     Ok(Err(_)) | Err(_) if *cancelled.borrow() => {
                         Outcome::Cancelled("cancellation requested".into())
@@ -498,8 +497,8 @@ impl Worker {
                     Ok(Err(HandlerError::Retryable(error))) => {
                         retry_or_fail(error, attempt, max_attempts, &retry)
                     }
-                    Err(join_error) => retry_or_fail(
-                        format!("handler panicked: {}", panic_message(join_error)),
+                    Err(panic) => retry_or_fail(
+                        format!("handler panicked: {}", panic_text(panic.as_ref())),
                         attempt,
                         max_attempts,
                         &retry,
@@ -513,6 +512,7 @@ impl Worker {
             }
             .instrument(span),
         );
+        let abort = task.abort_handle();
         running.insert(
             id,
             Running {
@@ -538,14 +538,30 @@ fn retry_or_fail(error: String, attempt: u32, max_attempts: u32, retry: &RetryPo
     }
 }
 
-fn panic_message(error: tokio::task::JoinError) -> String {
-    match error.try_into_panic() {
-        Ok(panic) => panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".into()),
-        Err(e) => e.to_string(),
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Resolves to the inner future's output, or to the panic it raised while polled.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
     }
 }
 
