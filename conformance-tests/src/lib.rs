@@ -9,6 +9,7 @@ use fascicle_api::Store;
 
 pub mod cases;
 pub mod faults;
+pub mod model;
 
 /// A boxed, sendable future with no output, as every case returns.
 pub type CaseFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
@@ -71,10 +72,11 @@ impl Fixture {
 
 /// Runs one case on a fresh multi-threaded runtime. Used by [`suite!`]; call it directly
 /// to run a single case by hand.
-pub fn run_case<Fac, FacFut>(name: &str, factory: Fac, case: CaseFn)
+pub fn run_case<Fac, FacFut, Case>(name: &str, factory: Fac, case: Case)
 where
     Fac: FnOnce() -> FacFut,
     FacFut: Future<Output = Fixture>,
+    Case: FnOnce(Arc<dyn Store>) -> CaseFuture,
 {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

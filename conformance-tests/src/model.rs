@@ -1,0 +1,316 @@
+//! Model-based testing: random histories of submits, claims, outcomes, cancellations,
+//! retries, lease expiries, rescues and reconciliations, with the store's invariants
+//! checked after every step against a recount and a small reference model.
+//!
+//! ```ignore
+//! proptest! {
+//!     #[test]
+//!     fn random_histories_keep_invariants(steps in fascicle_conformance::model::history(40)) {
+//!         fascicle_conformance::model::check(|| async { Fixture::new(MyStore::new()) }, steps);
+//!     }
+//! }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fascicle_api::{
+    ChildCounters, ClaimRequest, ClaimedOperation, Completion, NewBatch, NewOperation, Operation,
+    OperationId, Outcome, Queue, Status, Store, parent_outcome,
+};
+use proptest::prelude::*;
+use serde_json::json;
+
+use crate::Fixture;
+
+/// One step of a random history. Indices pick among what exists, modulo its count.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Submit a batch of `children` children (0: a stand-alone operation).
+    Submit {
+        /// How many children; 0 submits a stand-alone operation instead.
+        children: usize,
+    },
+    /// Claim up to `limit`; with `short_lease` the lease expires at once.
+    Claim {
+        /// At most this many.
+        limit: usize,
+        /// Lease of zero length, to be rescued.
+        short_lease: bool,
+    },
+    /// Finish the `pick`-th held claim with an outcome (0 completed, 1 failed, 2 retry,
+    /// 3 cancelled).
+    Finish {
+        /// Which held claim.
+        pick: usize,
+        /// Which outcome.
+        outcome: u8,
+    },
+    /// Cancel the `pick`-th known id (operation or batch).
+    Cancel {
+        /// Which id.
+        pick: usize,
+    },
+    /// Retry the `pick`-th batch.
+    RetryBatch {
+        /// Which batch.
+        pick: usize,
+    },
+    /// Rescue expired leases.
+    Rescue,
+    /// Reconcile stranded parents.
+    Reconcile,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0usize..4).prop_map(|children| Step::Submit { children }),
+        3 => (1usize..6, any::<bool>()).prop_map(|(limit, short_lease)| Step::Claim { limit, short_lease }),
+        4 => (any::<usize>(), 0u8..4).prop_map(|(pick, outcome)| Step::Finish { pick, outcome }),
+        1 => any::<usize>().prop_map(|pick| Step::Cancel { pick }),
+        1 => any::<usize>().prop_map(|pick| Step::RetryBatch { pick }),
+        1 => Just(Step::Rescue),
+        1 => Just(Step::Reconcile),
+    ]
+}
+
+/// A random history of up to `max_steps` steps.
+pub fn history(max_steps: usize) -> impl Strategy<Value = Vec<Step>> {
+    proptest::collection::vec(step(), 1..max_steps)
+}
+
+/// What the reference model remembers.
+#[derive(Default)]
+struct Model {
+    ids: BTreeSet<OperationId>,
+    parents: BTreeMap<OperationId, Vec<OperationId>>,
+    held: Vec<ClaimedOperation>,
+    /// Operations seen terminal; only a batch retry may reopen them.
+    terminal: BTreeSet<OperationId>,
+}
+
+/// Runs `steps` on a fresh store from `factory`, checking the invariants after each.
+pub fn check<Fac, FacFut>(factory: Fac, steps: Vec<Step>)
+where
+    Fac: FnOnce() -> FacFut,
+    FacFut: Future<Output = Fixture>,
+{
+    crate::run_case("model", factory, move |store| {
+        Box::pin(async move { run(store, steps).await })
+    });
+}
+
+async fn run(store: Arc<dyn Store>, steps: Vec<Step>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let mut model = Model::default();
+    for (i, step) in steps.iter().enumerate() {
+        apply(&store, &queue, &mut model, step).await;
+        let ops = verify(&store, &model).await.unwrap_or_else(|violation| {
+            panic!("after step {i} ({step:?}): {violation}\nhistory: {steps:?}")
+        });
+        for (id, op) in &ops {
+            if op.status.is_terminal() {
+                model.terminal.insert(*id);
+            }
+        }
+    }
+}
+
+async fn apply(store: &Arc<dyn Store>, queue: &Queue, model: &mut Model, step: &Step) {
+    match *step {
+        Step::Submit { children: 0 } => {
+            let receipt = queue
+                .submit(NewOperation::new("op", json!({})))
+                .await
+                .unwrap();
+            model.ids.insert(receipt.id);
+        }
+        Step::Submit { children } => {
+            let receipt =
+                queue
+                    .submit_batch(NewBatch::new("batch").children(
+                        (0..children).map(|i| NewOperation::new("op", json!({ "i": i }))),
+                    ))
+                    .await
+                    .unwrap();
+            model.ids.insert(receipt.parent_id);
+            model.ids.extend(receipt.child_ids.iter().copied());
+            model.parents.insert(receipt.parent_id, receipt.child_ids);
+        }
+        Step::Claim { limit, short_lease } => {
+            let claimed = store
+                .claim(&ClaimRequest {
+                    worker_id: "model".into(),
+                    limit,
+                    lease: if short_lease {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_secs(600)
+                    },
+                    kinds: None,
+                })
+                .await
+                .unwrap();
+            for c in &claimed {
+                assert!(
+                    !c.operation.is_parent(),
+                    "a parent was claimed: {:?}",
+                    c.operation
+                );
+                assert!(
+                    !model.parents.contains_key(&c.operation.id),
+                    "a batch id was claimed"
+                );
+            }
+            if short_lease {
+                // Let the zero-length leases expire on every clock involved.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            model.held.extend(claimed);
+        }
+        Step::Finish { pick, outcome } => {
+            if model.held.is_empty() {
+                return;
+            }
+            let held = model.held.remove(pick % model.held.len());
+            let outcome = match outcome {
+                0 => Outcome::Completed(json!("done")),
+                1 => Outcome::Failed("failed on purpose".into()),
+                2 => Outcome::Retry {
+                    error: "try again".into(),
+                    run_at: fascicle_api::chrono::Utc::now(),
+                },
+                _ => Outcome::Cancelled("stopped".into()),
+            };
+            store
+                .complete(&[Completion {
+                    id: held.operation.id,
+                    lease_token: held.lease_token,
+                    outcome,
+                }])
+                .await
+                .unwrap();
+        }
+        Step::Cancel { pick } => {
+            if model.ids.is_empty() {
+                return;
+            }
+            let id = *model.ids.iter().nth(pick % model.ids.len()).unwrap();
+            store.cancel(id).await.unwrap();
+        }
+        Step::RetryBatch { pick } => {
+            if model.parents.is_empty() {
+                return;
+            }
+            let parent = *model
+                .parents
+                .keys()
+                .nth(pick % model.parents.len())
+                .unwrap();
+            match store.retry_batch(parent).await {
+                Ok(_) => {
+                    for child in &model.parents[&parent] {
+                        model.terminal.remove(child);
+                    }
+                    model.terminal.remove(&parent);
+                }
+                Err(fascicle_api::Error::Conflict(_)) => {}
+                Err(e) => panic!("retry_batch failed: {e}"),
+            }
+        }
+        Step::Rescue => {
+            store.rescue_expired_leases().await.unwrap();
+        }
+        Step::Reconcile => {
+            store.reconcile_orphan_parents().await.unwrap();
+        }
+    }
+}
+
+async fn verify(
+    store: &Arc<dyn Store>,
+    model: &Model,
+) -> Result<BTreeMap<OperationId, Operation>, String> {
+    let mut ops: BTreeMap<OperationId, Operation> = BTreeMap::new();
+    for id in &model.ids {
+        let op = store
+            .get(*id)
+            .await
+            .unwrap()
+            .ok_or_else(|| format!("operation {id} disappeared"))?;
+        ops.insert(*id, op);
+    }
+    for id in &model.terminal {
+        if !ops[id].status.is_terminal() {
+            return Err(format!("{id} left a terminal state without a batch retry"));
+        }
+    }
+    let mut expected = fascicle_api::Stats::default();
+    for op in ops.values() {
+        expected.count(
+            fascicle_api::Counted {
+                kind: &op.kind,
+                status: op.status,
+                is_parent: op.is_parent(),
+                scheduled: op.status == Status::Pending
+                    && op.run_at > fascicle_api::chrono::Utc::now(),
+            },
+            1,
+        );
+    }
+    for (parent, children) in &model.parents {
+        let stored: Vec<OperationId> = store
+            .children_of(*parent)
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        if &stored != children {
+            return Err(format!("children of {parent} changed: {stored:?}"));
+        }
+        let mut recount = ChildCounters {
+            total: children.len() as u64,
+            ..ChildCounters::default()
+        };
+        for child in children {
+            match ops[child].status {
+                Status::Completed => recount.completed += 1,
+                Status::Failed => recount.failed += 1,
+                Status::Cancelled => recount.cancelled += 1,
+                _ => {}
+            }
+        }
+        let p = &ops[parent];
+        if p.children != Some(recount) {
+            return Err(format!(
+                "parent {parent} counters {:?} differ from a recount {recount:?}",
+                p.children
+            ));
+        }
+        let want = parent_outcome(&recount).unwrap_or(Status::Pending);
+        if p.status != want {
+            return Err(format!(
+                "parent {parent} is {} but its children say {want} ({recount:?})",
+                p.status
+            ));
+        }
+    }
+    let stats = store.stats().await.unwrap();
+    // Scheduled vs ready depends on the instant of each read; compare the rest exactly.
+    let strip = |mut s: fascicle_api::Stats| {
+        for k in s.kinds.values_mut() {
+            k.ready += k.scheduled;
+            k.scheduled = 0;
+        }
+        s
+    };
+    if strip(stats.clone()) != strip(expected.clone()) {
+        return Err(format!(
+            "stats {stats:?} differ from a recount {expected:?}"
+        ));
+    }
+    Ok(ops)
+}
