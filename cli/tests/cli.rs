@@ -1,0 +1,187 @@
+//! The operator CLI end to end, on a SQLite file prepared through the library.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use fascicle::{ClaimRequest, Completion, NewBatch, NewOperation, Outcome, Queue};
+use serde_json::{Value, json};
+
+fn fascicle(db: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fascicle"))
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", db.display()))
+        .args(args)
+        .env_remove("FASCICLE_DATABASE_URL")
+        .output()
+        .expect("the fascicle binary runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A batch of three: one completed, one failed, one still pending.
+async fn prepare(db: &Path) -> String {
+    let store = fascicle::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let receipt = Queue::new(Arc::clone(&store))
+        .submit_batch(
+            NewBatch::new("batch_retain")
+                .children((0..3).map(|i| NewOperation::new("retain", json!({ "i": i })))),
+        )
+        .await
+        .unwrap();
+    let claimed = store
+        .claim(&ClaimRequest {
+            worker_id: "test".into(),
+            limit: 2,
+            lease: std::time::Duration::from_secs(60),
+            kinds: None,
+        })
+        .await
+        .unwrap();
+    let outcomes = [
+        Outcome::Completed(json!("ok")),
+        Outcome::Failed("disk full".into()),
+    ];
+    let completions: Vec<Completion> = claimed
+        .iter()
+        .zip(outcomes)
+        .map(|(c, outcome)| Completion {
+            id: c.operation.id,
+            lease_token: c.lease_token,
+            outcome,
+        })
+        .collect();
+    store.complete(&completions).await.unwrap();
+    receipt.parent_id.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_inspect_cancel_retry_reap_and_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let parent = prepare(&db).await;
+
+    let out = fascicle(&db, &["stats"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("retain"), "{text}");
+    assert!(text.contains("batches: 1 open"), "{text}");
+
+    let out = fascicle(&db, &["--json", "stats"]);
+    let stats: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(stats["kinds"]["retain"]["ready"], 1);
+    assert_eq!(stats["kinds"]["retain"]["completed"], 1);
+    assert_eq!(stats["kinds"]["retain"]["failed"], 1);
+    assert!(
+        stats["kinds"].get("batch_retain").is_none(),
+        "a parent counted as work"
+    );
+
+    let out = fascicle(&db, &["status", &parent]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("batch"), "{text}");
+    assert!(text.contains("2/3 children finished (66%)"), "{text}");
+    assert!(text.contains("disk full"), "{text}");
+
+    let out = fascicle(&db, &["cancel", &parent]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("cancelled 1"), "{}", stdout(&out));
+    let out = fascicle(&db, &["--json", "status", &parent]);
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["operation"]["status"], "failed");
+    assert_eq!(status["children"].as_array().unwrap().len(), 3);
+
+    let out = fascicle(&db, &["retry", &parent]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("re-queued 2"), "{}", stdout(&out));
+    let out = fascicle(&db, &["retry", &parent]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "nothing left to retry is a conflict"
+    );
+    assert!(
+        stderr(&out).contains("no failed or cancelled children"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = fascicle(&db, &["reap"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = fascicle(&db, &["prune", "--older-than", "1d"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("deleted 0 batches"),
+        "{}",
+        stdout(&out)
+    );
+    let out = fascicle(&db, &["migrate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mistakes_get_one_readable_line_and_a_meaningful_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let parent = prepare(&db).await;
+
+    let out = fascicle(&db, &["status", "01234567-89ab-7def-8123-456789abcdef"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).starts_with("error: not found"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = fascicle(&db, &["status", "not-an-id"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("`not-an-id` is not an operation id"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = fascicle(&db, &["prune", "--older-than", "7y"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not a duration"), "{}", stderr(&out));
+
+    let out = fascicle(&db, &["retry", &parent]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = fascicle(&db, &["retry", &parent]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_fascicle"))
+        .args([
+            "--database-url",
+            "mysql://root:hunter2@127.0.0.1/db",
+            "stats",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("unknown database URL scheme `mysql://`"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "password leaked: {err}");
+    assert_eq!(err.lines().count(), 1, "one line, no backtrace: {err}");
+
+    let missing_dir = dir.path().join("no/such/dir/queue.db");
+    let out = fascicle(&missing_dir, &["stats"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot open the database file"),
+        "{}",
+        stderr(&out)
+    );
+}
