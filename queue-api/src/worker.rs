@@ -187,6 +187,11 @@ struct Running {
 
 /// Runs handlers for claimed operations.
 ///
+/// Each handler is first polled on the worker's own task, right after the claim: a
+/// handler that finishes without waiting costs no task of its own. Like any async code,
+/// a handler should therefore not block before its first `.await` (move CPU-heavy or
+/// blocking work to `tokio::task::spawn_blocking`).
+///
 /// ```no_run
 /// # async fn example(store: std::sync::Arc<dyn fascicle_api::Store>) -> fascicle_api::Result<()> {
 /// use fascicle_api::{HandlerError, Registry, Worker};
@@ -476,34 +481,36 @@ impl Worker {
         let max_attempts = op.max_attempts;
         let id = op.id;
         let cancelled = ctx.cancel.clone();
+        let mut attempt_future = CatchUnwind(Box::pin(handler(payload, ctx)));
+        // Fast path: poll the handler once right here. One that finishes without waiting
+        // (many do) costs no task at all; its outcome goes straight to the recorder.
+        let first = {
+            let _entered = span.enter();
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            Pin::new(&mut attempt_future).poll(&mut cx)
+        };
+        if let std::task::Poll::Ready(finished) = first {
+            let outcome = outcome_of(finished, &cancelled, attempt, max_attempts, &retry);
+            let _ = done.send(Completion {
+                id,
+                lease_token: token,
+                outcome,
+            });
+            return;
+        }
         // Hold the lock while spawning so the task cannot finish before it is recorded.
         let mut running = running.lock().expect("running set");
         active.fetch_add(1, Ordering::SeqCst);
         let (active, freed) = (Arc::clone(active), Arc::clone(freed));
-        // One task per attempt: the handler runs inline, its panics caught here. Aborting
-        // the task at shutdown stops the handler and sends no outcome (the lease is
-        // released instead).
+        // The rest of the attempt runs as one task, its panics caught by `CatchUnwind`.
+        // Aborting the task at shutdown stops the handler and sends no outcome (the
+        // lease is released instead).
         let task = tokio::spawn(
             async move {
-                let finished = CatchUnwind(Box::pin(handler(payload, ctx))).await;
+                let finished = attempt_future.await;
                 active.fetch_sub(1, Ordering::SeqCst);
                 freed.notify_one();
-                let outcome = match finished {
-                    Ok(Ok(value)) => Outcome::Completed(value),
-                    Ok(Err(_)) | Err(_) if *cancelled.borrow() => {
-                        Outcome::Cancelled("cancellation requested".into())
-                    }
-                    Ok(Err(HandlerError::Permanent(error))) => Outcome::Failed(error),
-                    Ok(Err(HandlerError::Retryable(error))) => {
-                        retry_or_fail(error, attempt, max_attempts, &retry)
-                    }
-                    Err(panic) => retry_or_fail(
-                        format!("handler panicked: {}", panic_text(panic.as_ref())),
-                        attempt,
-                        max_attempts,
-                        &retry,
-                    ),
-                };
+                let outcome = outcome_of(finished, &cancelled, attempt, max_attempts, &retry);
                 let _ = done.send(Completion {
                     id,
                     lease_token: token,
@@ -521,6 +528,32 @@ impl Worker {
                 abort,
             },
         );
+    }
+}
+
+/// How an attempt ended, from what its handler returned (or the panic it raised).
+fn outcome_of(
+    finished: std::thread::Result<std::result::Result<Value, HandlerError>>,
+    cancelled: &watch::Receiver<bool>,
+    attempt: u32,
+    max_attempts: u32,
+    retry: &RetryPolicy,
+) -> Outcome {
+    match finished {
+        Ok(Ok(value)) => Outcome::Completed(value),
+        Ok(Err(_)) | Err(_) if *cancelled.borrow() => {
+            Outcome::Cancelled("cancellation requested".into())
+        }
+        Ok(Err(HandlerError::Permanent(error))) => Outcome::Failed(error),
+        Ok(Err(HandlerError::Retryable(error))) => {
+            retry_or_fail(error, attempt, max_attempts, retry)
+        }
+        Err(panic) => retry_or_fail(
+            format!("handler panicked: {}", panic_text(panic.as_ref())),
+            attempt,
+            max_attempts,
+            retry,
+        ),
     }
 }
 
