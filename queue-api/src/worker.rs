@@ -371,8 +371,25 @@ impl Worker {
                         claimed_full_batch = claimed.len() == request.limit;
                         report.lock().expect("report").claimed += claimed.len() as u64;
                         metrics::counter!("fascicle_claimed_total").increment(claimed.len() as u64);
+                        let mut finished = Vec::new();
                         for op in claimed {
-                            self.spawn_handler(op, &running, &done_tx, &active, &freed);
+                            finished.extend(
+                                self.spawn_handler(op, &running, &done_tx, &active, &freed),
+                            );
+                        }
+                        // Outcomes of handlers that finished on their first poll are
+                        // recorded here in one transaction; if that fails, the recorder
+                        // task takes them over and retries.
+                        if !finished.is_empty() {
+                            match self.store.complete(&finished).await {
+                                Ok(results) => tally(&report, &finished, &results),
+                                Err(error) => {
+                                    tracing::warn!(%error, "recording completions failed; handing them to the recorder");
+                                    for completion in finished {
+                                        let _ = done_tx.send(completion);
+                                    }
+                                }
+                            }
                         }
                     }
                     Err(error) => {
@@ -447,13 +464,13 @@ impl Worker {
         done: &mpsc::UnboundedSender<Completion>,
         active: &Arc<AtomicUsize>,
         freed: &Arc<Notify>,
-    ) {
+    ) -> Option<Completion> {
         let op = claimed.operation;
         let token = claimed.lease_token;
         let Some(handler) = self.registry.handlers.get(&op.kind).cloned() else {
             // Claims ask only for registered kinds; a driver that ignored the filter gets
             // the operation failed rather than silently dropped.
-            let _ = done.send(Completion {
+            return Some(Completion {
                 id: op.id,
                 lease_token: token,
                 outcome: Outcome::Failed(format!(
@@ -461,7 +478,6 @@ impl Worker {
                     op.kind
                 )),
             });
-            return;
         };
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let ctx = Context {
@@ -491,12 +507,11 @@ impl Worker {
         };
         if let std::task::Poll::Ready(finished) = first {
             let outcome = outcome_of(finished, &cancelled, attempt, max_attempts, &retry);
-            let _ = done.send(Completion {
+            return Some(Completion {
                 id,
                 lease_token: token,
                 outcome,
             });
-            return;
         }
         // Hold the lock while spawning so the task cannot finish before it is recorded.
         let mut running = running.lock().expect("running set");
@@ -528,6 +543,7 @@ impl Worker {
                 abort,
             },
         );
+        None
     }
 }
 
@@ -607,6 +623,26 @@ fn futures_poll_ready<F: Future<Output = ()>>(future: &mut Pin<&mut F>) -> bool 
 
 const COMPLETION_BATCH: usize = 256;
 
+/// Counts recorded outcomes into the report and the metrics.
+fn tally(report: &Mutex<WorkerReport>, batch: &[Completion], results: &[Applied]) {
+    let mut report = report.lock().expect("report");
+    for (completion, applied) in batch.iter().zip(results) {
+        if *applied == Applied::LeaseLost {
+            report.lease_lost += 1;
+            metrics::counter!("fascicle_lease_lost_total").increment(1);
+            continue;
+        }
+        let (counter, name) = match completion.outcome {
+            Outcome::Completed(_) => (&mut report.completed, "fascicle_completed_total"),
+            Outcome::Failed(_) => (&mut report.failed, "fascicle_failed_total"),
+            Outcome::Retry { .. } => (&mut report.retried, "fascicle_retried_total"),
+            Outcome::Cancelled(_) => (&mut report.cancelled, "fascicle_cancelled_total"),
+        };
+        *counter += 1;
+        metrics::counter!(name).increment(1);
+    }
+}
+
 async fn record_completions(
     store: Arc<dyn Store>,
     mut done: mpsc::UnboundedReceiver<Completion>,
@@ -636,24 +672,7 @@ async fn record_completions(
                 }
             }
         };
-        {
-            let mut report = report.lock().expect("report");
-            for (completion, applied) in batch.iter().zip(&results) {
-                if *applied == Applied::LeaseLost {
-                    report.lease_lost += 1;
-                    metrics::counter!("fascicle_lease_lost_total").increment(1);
-                    continue;
-                }
-                let (counter, name) = match completion.outcome {
-                    Outcome::Completed(_) => (&mut report.completed, "fascicle_completed_total"),
-                    Outcome::Failed(_) => (&mut report.failed, "fascicle_failed_total"),
-                    Outcome::Retry { .. } => (&mut report.retried, "fascicle_retried_total"),
-                    Outcome::Cancelled(_) => (&mut report.cancelled, "fascicle_cancelled_total"),
-                };
-                *counter += 1;
-                metrics::counter!(name).increment(1);
-            }
-        }
+        tally(&report, &batch, &results);
         {
             let mut running = running.lock().expect("running set");
             for completion in &batch {
