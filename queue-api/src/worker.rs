@@ -132,15 +132,19 @@ impl Registry {
         let erased: ErasedHandler = Arc::new(move |payload: Value, ctx: Context| {
             let handler = Arc::clone(&handler);
             Box::pin(async move {
-                let input: P = serde_json::from_value(payload).map_err(|e| {
-                    HandlerError::Permanent(format!(
-                        "payload does not match the `{}` handler's input: {e}",
-                        ctx.kind
-                    ))
+                let input: P = take_as(payload).or_else(|payload| {
+                    serde_json::from_value(payload).map_err(|e| {
+                        HandlerError::Permanent(format!(
+                            "payload does not match the `{}` handler's input: {e}",
+                            ctx.kind
+                        ))
+                    })
                 })?;
                 let output = handler(input, ctx).await?;
-                serde_json::to_value(output).map_err(|e| {
-                    HandlerError::Permanent(format!("result cannot be serialized: {e}"))
+                take_as::<R, Value>(output).or_else(|output| {
+                    serde_json::to_value(output).map_err(|e| {
+                        HandlerError::Permanent(format!("result cannot be serialized: {e}"))
+                    })
                 })
             })
         });
@@ -153,6 +157,16 @@ impl Registry {
         let mut kinds: Vec<String> = self.handlers.keys().cloned().collect();
         kinds.sort();
         kinds
+    }
+}
+
+/// `value` as a `T` when it already is one (a handler taking or returning
+/// `serde_json::Value`), so it is not taken apart and rebuilt; otherwise `value` back.
+fn take_as<V: 'static, T: 'static>(value: V) -> std::result::Result<T, V> {
+    let mut slot = Some(value);
+    match (&mut slot as &mut dyn std::any::Any).downcast_mut::<Option<T>>() {
+        Some(same) => Ok(same.take().expect("the slot was just filled")),
+        None => Err(slot.expect("the slot was not taken")),
     }
 }
 
@@ -764,5 +778,54 @@ async fn maintain(
                     .set(k.processing as f64);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_as_passes_values_of_the_same_type_through_and_returns_others() {
+        assert_eq!(
+            take_as::<Value, Value>(serde_json::json!({ "a": 1 })),
+            Ok(serde_json::json!({ "a": 1 }))
+        );
+        assert_eq!(
+            take_as::<Value, String>(serde_json::json!("text")),
+            Err(serde_json::json!("text"))
+        );
+    }
+
+    #[test]
+    fn typed_handlers_still_deserialize_and_reject_mismatched_payloads() {
+        #[derive(serde::Deserialize)]
+        struct Input {
+            n: u32,
+        }
+        let mut registry = Registry::new();
+        registry.register("double", |input: Input, _| async move {
+            Ok::<_, HandlerError>(input.n * 2)
+        });
+        let handler = registry.handlers["double"].clone();
+        let (_tx, rx) = watch::channel(false);
+        let ctx = Context {
+            id: OperationId::new(),
+            kind: "double".into(),
+            attempt: 1,
+            max_attempts: 1,
+            parent_id: None,
+            cancel: rx,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let ok = runtime.block_on(handler(serde_json::json!({ "n": 21 }), ctx.clone()));
+        assert_eq!(ok, Ok(serde_json::json!(42)));
+        let err = runtime.block_on(handler(serde_json::json!({ "m": 1 }), ctx));
+        assert!(
+            matches!(&err, Err(HandlerError::Permanent(m)) if m.contains("does not match the `double` handler's input")),
+            "{err:?}"
+        );
     }
 }
