@@ -146,12 +146,19 @@ pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id
     children_total, children_completed, children_failed, children_cancelled, error, result, \
     created_at, updated_at, completed_at";
 
+const INSERT_PARENT: &str = "INSERT INTO {schema}.operations
+                (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts,
+                 run_at, children_total, children_completed, children_failed, children_cancelled,
+                 created_at, updated_at)
+                VALUES ($1, $2, 'pending', NULL, $3, NULL, 0, 0, 0, $4, $5, 0, 0, 0, $4, $4)";
+
 /// Every statement's text, built once with the schema name.
 #[derive(Debug)]
 pub(crate) struct Sql {
     schema: String,
     pub(crate) channel: String,
     pub(crate) insert_parent: Arc<str>,
+    pub(crate) insert_parent_if_absent: Arc<str>,
     pub(crate) insert_children: Arc<str>,
     pub(crate) copy_children: String,
     pub(crate) get: Arc<str>,
@@ -166,11 +173,11 @@ impl Sql {
         Self {
             schema: schema.to_string(),
             channel: format!("fascicle_{schema}"),
-            insert_parent: s("INSERT INTO {schema}.operations
-                (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts,
-                 run_at, children_total, children_completed, children_failed, children_cancelled,
-                 created_at, updated_at)
-                VALUES ($1, $2, 'pending', NULL, $3, NULL, 0, 0, 0, $4, $5, 0, 0, 0, $4, $4)"),
+            insert_parent: s(INSERT_PARENT),
+            insert_parent_if_absent: s(&format!(
+                "{} ON CONFLICT (id) DO NOTHING",
+                INSERT_PARENT
+            )),
             // One statement per chunk of children, whatever its size; the NOTIFY rides in the
             // same statement and is delivered by PostgreSQL only when the transaction commits.
             insert_children: s("WITH inserted AS (

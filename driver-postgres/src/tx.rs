@@ -23,21 +23,12 @@ pub(crate) async fn insert_parent(
     parent: &ParentRecord,
     skip_existing: bool,
 ) -> Result<bool> {
-    if skip_existing {
-        let text: Arc<str> =
-            format!("{} ON CONFLICT (id) DO NOTHING", statements.insert_parent).into();
-        let done = sqlx::query(sql(&text))
-            .bind(parent.id.as_uuid())
-            .bind(&parent.kind)
-            .bind(&parent.metadata)
-            .bind(parent.created_at)
-            .bind(parent.children_total as i64)
-            .execute(conn)
-            .await
-            .map_err(error::map)?;
-        return Ok(done.rows_affected() == 1);
-    }
-    sqlx::query(sql(&statements.insert_parent))
+    let statement = if skip_existing {
+        &statements.insert_parent_if_absent
+    } else {
+        &statements.insert_parent
+    };
+    let done = sqlx::query(sql(statement))
         .bind(parent.id.as_uuid())
         .bind(&parent.kind)
         .bind(&parent.metadata)
@@ -46,7 +37,7 @@ pub(crate) async fn insert_parent(
         .execute(conn)
         .await
         .map_err(error::map)?;
-    Ok(true)
+    Ok(done.rows_affected() == 1)
 }
 
 /// Batches at least this large go through binary `COPY`; smaller ones through one

@@ -195,7 +195,7 @@ fn move_parent(tx: &Transaction<'_>, parent: &[u8], delta: Delta, now: i64) -> R
         && pending
         && parent_outcome(&counters).is_some()
     {
-        finalize_parent(tx, parent, now)?;
+        finalize_parent(tx, parent, &counters, now)?;
     }
     Ok(())
 }
@@ -221,28 +221,15 @@ fn finish(
     }
 }
 
-/// Finalizes a pending parent whose counters say every child is terminal.
-fn finalize_parent(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<bool> {
-    let counters = tx
-        .prepare_cached(
-            "SELECT children_total, children_completed, children_failed, children_cancelled
-             FROM fascicle_operations WHERE id = ?1 AND status = 'pending'",
-        )
-        .db()?
-        .query_row(params![parent], |row| {
-            Ok(ChildCounters {
-                total: row.get::<_, i64>(0)? as u64,
-                completed: row.get::<_, i64>(1)? as u64,
-                failed: row.get::<_, i64>(2)? as u64,
-                cancelled: row.get::<_, i64>(3)? as u64,
-            })
-        })
-        .optional()
-        .db()?;
-    let Some(counters) = counters else {
-        return Ok(false);
-    };
-    let Some(outcome) = parent_outcome(&counters) else {
+/// Finalizes a pending parent whose counters (as just written) say every child is
+/// terminal; a parent that is no longer pending is left alone.
+fn finalize_parent(
+    tx: &Transaction<'_>,
+    parent: &[u8],
+    counters: &ChildCounters,
+    now: i64,
+) -> Result<bool> {
+    let Some(outcome) = parent_outcome(counters) else {
         return Ok(false);
     };
     let error = if outcome == Status::Failed {
@@ -272,7 +259,7 @@ fn finalize_parent(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<bool
             parent,
             outcome.as_str(),
             error,
-            parent_summary(&counters).to_string(),
+            parent_summary(counters).to_string(),
             now
         ])
         .db()?;
@@ -504,7 +491,7 @@ pub(crate) fn reconcile(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<Reco
             counters.cancelled as i64
         ])
         .db()?;
-        if finalize_parent(tx, &parent, now)? {
+        if finalize_parent(tx, &parent, &counters, now)? {
             report.parents_finalized += 1;
         }
     }

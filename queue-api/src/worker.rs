@@ -698,7 +698,7 @@ async fn record_completions(
                 }
             }
         }
-        freed.notify_waiters();
+        // One waiter (the claiming loop); a stored permit also covers a loop not yet waiting.
         freed.notify_one();
         batch.clear();
     }

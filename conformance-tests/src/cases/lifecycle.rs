@@ -27,6 +27,14 @@ fn children(kind: &str, n: usize) -> impl Iterator<Item = NewOperation> + '_ {
     (0..n).map(move |i| NewOperation::new(kind, json!({ "index": i })))
 }
 
+/// Submits a batch of `n` `retain` children.
+async fn retain_batch(queue: &Queue, n: usize) -> fascicle_api::BatchReceipt {
+    queue
+        .submit_batch(NewBatch::new("batch").children(children("retain", n)))
+        .await
+        .unwrap()
+}
+
 async fn claim(store: &Arc<dyn Store>, limit: usize) -> Vec<ClaimedOperation> {
     store.claim(&request(limit)).await.unwrap()
 }
@@ -104,10 +112,7 @@ fn parent_terminal(store: &Arc<dyn Store>, parent: OperationId) -> BoxedCheck {
 /// A parent is never handed to a worker, however long the queue is drained.
 pub async fn claim_never_returns_parents(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
-    let receipt = queue
-        .submit_batch(NewBatch::new("batch").children(children("retain", 3)))
-        .await
-        .unwrap();
+    let receipt = retain_batch(&queue, 3).await;
     let claimed = claim(&store, 100).await;
     assert_eq!(claimed.len(), 3);
     assert!(claimed.iter().all(|c| !c.operation.is_parent()));
@@ -282,10 +287,7 @@ pub async fn max_attempts_exhausted_fails_and_fails_parent(store: Arc<dyn Store>
 /// one does.
 pub async fn parent_completes_when_all_children_complete(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
-    let receipt = queue
-        .submit_batch(NewBatch::new("batch").children(children("retain", 3)))
-        .await
-        .unwrap();
+    let receipt = retain_batch(&queue, 3).await;
     let claimed = claim(&store, 3).await;
     for (i, c) in claimed.iter().enumerate() {
         assert_eq!(status(&store, receipt.parent_id).await, Status::Pending);
@@ -312,10 +314,7 @@ pub async fn parent_completes_when_all_children_complete(store: Arc<dyn Store>) 
 /// Any child failed → the parent fails with the most common child error.
 pub async fn parent_fails_with_most_common_child_error(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
-    let receipt = queue
-        .submit_batch(NewBatch::new("batch").children(children("retain", 5)))
-        .await
-        .unwrap();
+    let receipt = retain_batch(&queue, 5).await;
     let claimed = claim(&store, 5).await;
     let outcomes = [
         Outcome::Failed("timeout".into()),
@@ -678,10 +677,7 @@ pub async fn reconcile_parent_with_all_children_terminal(store: Arc<dyn Store>) 
 /// parent is finalized once they stop.
 pub async fn cancel_batch_cascades(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
-    let receipt = queue
-        .submit_batch(NewBatch::new("batch").children(children("retain", 4)))
-        .await
-        .unwrap();
+    let receipt = retain_batch(&queue, 4).await;
     let running = claim(&store, 1).await.remove(0);
     let report = store.cancel(receipt.parent_id).await.unwrap();
     assert_eq!((report.cancelled, report.signalled), (3, 1));
@@ -724,10 +720,7 @@ pub async fn cancel_batch_cascades(store: Arc<dyn Store>) {
 /// Retrying a batch re-queues its failed and cancelled children and reopens the parent.
 pub async fn retry_batch_requeues_failed_children(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
-    let receipt = queue
-        .submit_batch(NewBatch::new("batch").children(children("retain", 3)))
-        .await
-        .unwrap();
+    let receipt = retain_batch(&queue, 3).await;
     let claimed = claim(&store, 3).await;
     finish(&store, &claimed[0], Outcome::Completed(json!(null))).await;
     finish(&store, &claimed[1], Outcome::Failed("boom".into())).await;
