@@ -5,7 +5,7 @@ use fascicle_api::{BackendErrorKind, Error};
 pub(crate) const DRIVER: &str = "postgres";
 
 /// Classifies a sqlx error by meaning.
-pub(crate) fn map(error: sqlx::Error) -> Error {
+pub fn map(error: sqlx::Error) -> Error {
     let kind = match &error {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             Some("23505") => {

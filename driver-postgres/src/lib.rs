@@ -6,6 +6,10 @@ mod schema;
 mod store;
 mod tx;
 
+/// Classifies a sqlx error from the caller's own statements (in a transaction shared
+/// with `complete_in`) the way the driver classifies its own: busy, connection, timeout
+/// and serialization failures are transient.
+pub use error::map as map_error;
 pub use error::redact_url;
 pub use store::{NotificationListener, PostgresOptions, PostgresStore};
 

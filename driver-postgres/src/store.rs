@@ -286,6 +286,30 @@ impl PostgresStore {
             notified: true,
         })
     }
+
+    /// Records completions inside a transaction the caller holds, so a handler's own
+    /// writes and its operation's completion commit together (see
+    /// `Registry::register_recorded`). Same fencing and aggregation as
+    /// [`Store::complete`]; `Applied::LeaseLost` means nothing was changed and the caller
+    /// should roll back its writes.
+    ///
+    /// ```no_run
+    /// # async fn example(store: fascicle_postgres::PostgresStore, ctx: fascicle_api::Context) -> fascicle_api::Result<()> {
+    /// let mut tx = store.pool().begin().await.unwrap();
+    /// // ... the handler's own writes on `tx` ...
+    /// let applied = store.complete_in(&mut tx, &[ctx.completion(serde_json::json!({}))]).await?;
+    /// if applied == [fascicle_api::Applied::Applied] {
+    ///     tx.commit().await.unwrap();
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn complete_in(
+        &self,
+        conn: &mut PgConnection,
+        completions: &[Completion],
+    ) -> Result<Vec<Applied>> {
+        lifecycle::complete(conn, &self.sql, completions).await
+    }
 }
 
 pub(crate) fn operation_from_row(row: &PgRow) -> sqlx::Result<Operation> {

@@ -6,7 +6,7 @@ use rusqlite::ErrorCode;
 pub(crate) const DRIVER: &str = "sqlite";
 
 /// Classifies a rusqlite error by meaning.
-pub(crate) fn map(error: rusqlite::Error) -> Error {
+pub fn map(error: rusqlite::Error) -> Error {
     if let rusqlite::Error::SqliteFailure(failure, _) = &error {
         let kind = match failure.code {
             ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => BackendErrorKind::Busy,

@@ -291,6 +291,19 @@ impl SqliteStore {
         .await
     }
 
+    /// Runs `f` in a `BEGIN IMMEDIATE` write transaction on the blocking pool, queued
+    /// behind this store's other writers; commits if `f` returns `Ok`, rolls back
+    /// otherwise. With [`complete_in`](crate::complete_in) a handler's own writes and its
+    /// operation's completion commit together (see `Registry::register_recorded`).
+    /// `f` must not open another write on this store (it would wait for itself).
+    pub async fn transaction<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
+    {
+        self.write(f).await
+    }
+
     pub(crate) fn inner(&self) -> &Arc<Inner> {
         &self.inner
     }

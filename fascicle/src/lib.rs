@@ -83,6 +83,45 @@ fn not_compiled(driver: &str, feature: &str) -> Error {
 /// A scheme whose driver is not compiled in is an `Error::InvalidInput` naming the
 /// feature to enable. Passwords never appear in errors.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
+    Ok(open(url).await?.store())
+}
+
+/// A store opened by URL, as its concrete driver type: for driver-specific APIs such as
+/// a transaction that spans the caller's own tables (`SqliteStore::transaction`,
+/// `PostgresStore::complete_in`). Only the drivers compiled in are variants.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Driver {
+    /// PostgreSQL.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    Postgres(postgres::PostgresStore),
+    /// SQLite.
+    #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+    Sqlite(sqlite::SqliteStore),
+    /// Memory.
+    #[cfg(feature = "memory")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+    Memory(memory::MemoryStore),
+}
+
+impl Driver {
+    /// The same store behind the driver-independent interface (sharing its connections).
+    pub fn store(&self) -> Arc<dyn Store> {
+        match *self {
+            #[cfg(feature = "postgres")]
+            Self::Postgres(ref store) => Arc::new(store.clone()),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(ref store) => Arc::new(store.clone()),
+            #[cfg(feature = "memory")]
+            Self::Memory(ref store) => Arc::new(store.clone()),
+        }
+    }
+}
+
+/// [`connect`], keeping the driver's concrete type.
+pub async fn open(url: &str) -> Result<Driver> {
     let (scheme, rest) = parse(url)?;
     match scheme {
         Scheme::Postgres => open_postgres(rest).await,
@@ -93,35 +132,37 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
 }
 
 #[cfg(feature = "postgres")]
-async fn open_postgres(url: &str) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(postgres::PostgresStore::connect(url).await?))
+async fn open_postgres(url: &str) -> Result<Driver> {
+    Ok(Driver::Postgres(
+        postgres::PostgresStore::connect(url).await?,
+    ))
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn open_postgres(_url: &str) -> Result<Arc<dyn Store>> {
+async fn open_postgres(_url: &str) -> Result<Driver> {
     Err(not_compiled("PostgreSQL", "postgres"))
 }
 
 #[cfg(feature = "sqlite")]
-async fn open_sqlite(path: Option<&str>) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(match path {
+async fn open_sqlite(path: Option<&str>) -> Result<Driver> {
+    Ok(Driver::Sqlite(match path {
         Some(path) => sqlite::SqliteStore::open(path).await?,
         None => sqlite::SqliteStore::open_temporary().await?,
     }))
 }
 
 #[cfg(not(feature = "sqlite"))]
-async fn open_sqlite(_path: Option<&str>) -> Result<Arc<dyn Store>> {
+async fn open_sqlite(_path: Option<&str>) -> Result<Driver> {
     Err(not_compiled("SQLite", "sqlite"))
 }
 
 #[cfg(feature = "memory")]
-fn open_memory() -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(memory::MemoryStore::new()))
+fn open_memory() -> Result<Driver> {
+    Ok(Driver::Memory(memory::MemoryStore::new()))
 }
 
 #[cfg(not(feature = "memory"))]
-fn open_memory() -> Result<Arc<dyn Store>> {
+fn open_memory() -> Result<Driver> {
     Err(not_compiled("memory", "memory"))
 }
 

@@ -67,10 +67,29 @@ pub struct Context {
     pub max_attempts: u32,
     /// The batch it belongs to.
     pub parent_id: Option<OperationId>,
+    /// The token of this claim: a handler registered with
+    /// [`Registry::register_recorded`] presents it when it records its own completion.
+    pub lease_token: LeaseToken,
     cancel: watch::Receiver<bool>,
 }
 
 impl Context {
+    /// The context of `claimed` run outside a [`Worker`] (by a custom runner or a
+    /// test): it is never cancelled.
+    pub fn detached(claimed: &ClaimedOperation) -> Self {
+        let (_, cancel) = watch::channel(false);
+        let op = &claimed.operation;
+        Self {
+            id: op.id,
+            kind: op.kind.clone(),
+            attempt: op.attempts,
+            max_attempts: op.max_attempts,
+            parent_id: op.parent_id,
+            lease_token: claimed.lease_token,
+            cancel,
+        }
+    }
+
     /// Whether cancellation was requested (or the lease was lost): the handler should
     /// stop and return an error.
     pub fn is_cancelled(&self) -> bool {
@@ -87,6 +106,17 @@ impl Context {
         }
     }
 
+    /// This attempt's successful completion with `result`, for a handler that records
+    /// it itself (in the same transaction as its own writes) — see
+    /// [`Registry::register_recorded`].
+    pub fn completion(&self, result: Value) -> Completion {
+        Completion {
+            id: self.id,
+            lease_token: self.lease_token,
+            outcome: Outcome::Completed(result),
+        }
+    }
+
     /// Reports progress (for example `done` of `total` items) as a tracing event on the
     /// operation's span.
     pub fn progress(&self, done: u64, total: u64) {
@@ -94,7 +124,15 @@ impl Context {
     }
 }
 
-type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, HandlerError>> + Send>>;
+/// What a handler produced: a result for the worker to record, or the proof that the
+/// handler recorded its completion itself.
+#[derive(Debug, PartialEq)]
+enum Handled {
+    Value(Value),
+    Recorded(Applied),
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Handled, HandlerError>> + Send>>;
 type ErasedHandler = Arc<dyn Fn(Value, Context) -> HandlerFuture + Send + Sync>;
 
 /// Handlers by operation kind.
@@ -132,20 +170,42 @@ impl Registry {
         let erased: ErasedHandler = Arc::new(move |payload: Value, ctx: Context| {
             let handler = Arc::clone(&handler);
             Box::pin(async move {
-                let input: P = take_as(payload).or_else(|payload| {
-                    serde_json::from_value(payload).map_err(|e| {
-                        HandlerError::Permanent(format!(
-                            "payload does not match the `{}` handler's input: {e}",
-                            ctx.kind
-                        ))
-                    })
-                })?;
+                let input: P = decode_payload(payload, &ctx)?;
                 let output = handler(input, ctx).await?;
-                take_as::<R, Value>(output).or_else(|output| {
-                    serde_json::to_value(output).map_err(|e| {
-                        HandlerError::Permanent(format!("result cannot be serialized: {e}"))
+                take_as::<R, Value>(output)
+                    .or_else(|output| {
+                        serde_json::to_value(output).map_err(|e| {
+                            HandlerError::Permanent(format!("result cannot be serialized: {e}"))
+                        })
                     })
-                })
+                    .map(Handled::Value)
+            })
+        });
+        self.handlers.insert(kind, erased);
+        self
+    }
+
+    /// Registers a handler that records its own successful completion, so that its
+    /// writes and the operation's completion commit in **one** transaction (for example
+    /// with `SqliteStore::transaction` + `fascicle_sqlite::complete_in`, or a Postgres
+    /// transaction + `PostgresStore::complete_in`). It builds the completion with
+    /// [`Context::completion`] and returns what the store answered: `Applied::LeaseLost`
+    /// means its transaction must have been rolled back. An `Err` is recorded by the
+    /// worker as usual (retry or failure), so the handler's transaction must not have
+    /// committed anything when it returns one.
+    pub fn register_recorded<P, F, Fut>(&mut self, kind: impl Into<String>, handler: F) -> &mut Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(P, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Applied, HandlerError>> + Send + 'static,
+    {
+        let kind = kind.into();
+        let handler = Arc::new(handler);
+        let erased: ErasedHandler = Arc::new(move |payload: Value, ctx: Context| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                let input: P = decode_payload(payload, &ctx)?;
+                handler(input, ctx).await.map(Handled::Recorded)
             })
         });
         self.handlers.insert(kind, erased);
@@ -158,6 +218,21 @@ impl Registry {
         kinds.sort();
         kinds
     }
+}
+
+/// The payload as the handler's input type; a mismatch is a permanent failure.
+fn decode_payload<P: DeserializeOwned + 'static>(
+    payload: Value,
+    ctx: &Context,
+) -> std::result::Result<P, HandlerError> {
+    take_as(payload).or_else(|payload| {
+        serde_json::from_value(payload).map_err(|e| {
+            HandlerError::Permanent(format!(
+                "payload does not match the `{}` handler's input: {e}",
+                ctx.kind
+            ))
+        })
+    })
 }
 
 /// `value` as a `T` when it already is one (a handler taking or returning
@@ -388,7 +463,9 @@ impl Worker {
                         let mut finished = Vec::new();
                         for op in claimed {
                             finished.extend(
-                                self.spawn_handler(op, &running, &done_tx, &active, &freed),
+                                self.spawn_handler(
+                                    op, &running, &done_tx, &active, &freed, &report,
+                                ),
                             );
                         }
                         // Outcomes of handlers that finished on their first poll are
@@ -478,6 +555,7 @@ impl Worker {
         done: &mpsc::UnboundedSender<Completion>,
         active: &Arc<AtomicUsize>,
         freed: &Arc<Notify>,
+        report: &Arc<Mutex<WorkerReport>>,
     ) -> Option<Completion> {
         let op = claimed.operation;
         let token = claimed.lease_token;
@@ -500,6 +578,7 @@ impl Worker {
             attempt: op.attempts,
             max_attempts: op.max_attempts,
             parent_id: op.parent_id,
+            lease_token: token,
             cancel: cancel_rx,
         };
         let retry = self.retry;
@@ -520,13 +599,19 @@ impl Worker {
             Pin::new(&mut attempt_future).poll(&mut cx)
         };
         if let std::task::Poll::Ready(finished) = first {
-            let outcome = outcome_of(finished, &cancelled, attempt, max_attempts, &retry);
-            return Some(Completion {
-                id,
-                lease_token: token,
-                outcome,
-            });
+            return match outcome_of(finished, &cancelled, attempt, max_attempts, &retry) {
+                Finished::Record(outcome) => Some(Completion {
+                    id,
+                    lease_token: token,
+                    outcome,
+                }),
+                Finished::Recorded(applied) => {
+                    tally_recorded(report, applied);
+                    None
+                }
+            };
         }
+        let (report, running_set) = (Arc::clone(report), Arc::clone(running));
         // Hold the lock while spawning so the task cannot finish before it is recorded.
         let mut running = running.lock().expect("running set");
         active.fetch_add(1, Ordering::SeqCst);
@@ -539,12 +624,24 @@ impl Worker {
                 let finished = attempt_future.await;
                 active.fetch_sub(1, Ordering::SeqCst);
                 freed.notify_one();
-                let outcome = outcome_of(finished, &cancelled, attempt, max_attempts, &retry);
-                let _ = done.send(Completion {
-                    id,
-                    lease_token: token,
-                    outcome,
-                });
+                match outcome_of(finished, &cancelled, attempt, max_attempts, &retry) {
+                    Finished::Record(outcome) => {
+                        let _ = done.send(Completion {
+                            id,
+                            lease_token: token,
+                            outcome,
+                        });
+                    }
+                    Finished::Recorded(applied) => {
+                        tally_recorded(&report, applied);
+                        let mut running = running_set.lock().expect("running set");
+                        if running.get(&id).is_some_and(|r| r.token == token) {
+                            running.remove(&id);
+                        }
+                        drop(running);
+                        freed.notify_one();
+                    }
+                }
             }
             .instrument(span),
         );
@@ -561,16 +658,25 @@ impl Worker {
     }
 }
 
+/// What is left to do about a finished attempt.
+enum Finished {
+    /// Record this outcome.
+    Record(Outcome),
+    /// The handler recorded its completion itself.
+    Recorded(Applied),
+}
+
 /// How an attempt ended, from what its handler returned (or the panic it raised).
 fn outcome_of(
-    finished: std::thread::Result<std::result::Result<Value, HandlerError>>,
+    finished: std::thread::Result<std::result::Result<Handled, HandlerError>>,
     cancelled: &watch::Receiver<bool>,
     attempt: u32,
     max_attempts: u32,
     retry: &RetryPolicy,
-) -> Outcome {
-    match finished {
-        Ok(Ok(value)) => Outcome::Completed(value),
+) -> Finished {
+    Finished::Record(match finished {
+        Ok(Ok(Handled::Recorded(applied))) => return Finished::Recorded(applied),
+        Ok(Ok(Handled::Value(value))) => Outcome::Completed(value),
         Ok(Err(_)) | Err(_) if *cancelled.borrow() => {
             Outcome::Cancelled("cancellation requested".into())
         }
@@ -584,7 +690,7 @@ fn outcome_of(
             max_attempts,
             retry,
         ),
-    }
+    })
 }
 
 fn retry_or_fail(error: String, attempt: u32, max_attempts: u32, retry: &RetryPolicy) -> Outcome {
@@ -654,6 +760,19 @@ fn tally(report: &Mutex<WorkerReport>, batch: &[Completion], results: &[Applied]
         };
         *counter += 1;
         metrics::counter!(name).increment(1);
+    }
+}
+
+/// Counts a completion a handler recorded itself (always a success, see
+/// [`Registry::register_recorded`]).
+fn tally_recorded(report: &Mutex<WorkerReport>, applied: Applied) {
+    let mut report = report.lock().expect("report");
+    if applied == Applied::LeaseLost {
+        report.lease_lost += 1;
+        metrics::counter!("fascicle_lease_lost_total").increment(1);
+    } else {
+        report.completed += 1;
+        metrics::counter!("fascicle_completed_total").increment(1);
     }
 }
 
@@ -815,13 +934,14 @@ mod tests {
             attempt: 1,
             max_attempts: 1,
             parent_id: None,
+            lease_token: LeaseToken::new(),
             cancel: rx,
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let ok = runtime.block_on(handler(serde_json::json!({ "n": 21 }), ctx.clone()));
-        assert_eq!(ok, Ok(serde_json::json!(42)));
+        assert_eq!(ok, Ok(Handled::Value(serde_json::json!(42))));
         let err = runtime.block_on(handler(serde_json::json!({ "m": 1 }), ctx));
         assert!(
             matches!(&err, Err(HandlerError::Permanent(m)) if m.contains("does not match the `double` handler's input")),
