@@ -2,12 +2,14 @@
 //! `--database-url` (or `FASCICLE_DATABASE_URL`, default `sqlite://fascicle.db`), prints
 //! a human table or, with `--json`, one JSON document, and exits with a meaningful code.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fascicle::{Error, Operation, OperationId, Status, Store};
+use fascicle::{Driver, Error, Operation, OperationId, Status, Store, Worker};
+use fascicle_retain::{ConsolidateReport, MemoryBank, RetainOptions, read_documents};
 use serde_json::json;
 
 /// Exit codes, stable for scripts.
@@ -43,8 +45,39 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create or upgrade the schema, and report the store.
+    /// Create or upgrade the schema (queue and memory bank), and report the store.
     Migrate,
+    /// Retain documents into the memory bank: one `batch_retain` batch, submitted
+    /// atomically. Unchanged documents are skipped; a changed one replaces its old units
+    /// and invalidates the observations that cited them.
+    Retain {
+        /// A folder of UTF-8 text files (document id = relative path), or a .jsonl file
+        /// of {"document_id", "text", "tags"} lines.
+        path: PathBuf,
+        /// Process the batch in this process, with a progress bar, until it and the
+        /// consolidation after it are finished; then print the outcome.
+        #[arg(long)]
+        wait: bool,
+        /// Documents per child operation.
+        #[arg(long, default_value_t = 4)]
+        documents_per_child: usize,
+        /// Attempts per child before it fails.
+        #[arg(long, default_value_t = 5)]
+        max_attempts: u32,
+        /// Handlers running at once with --wait.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// Run workers for `retain` and `consolidate` until Ctrl-C (or SIGTERM): running
+    /// handlers finish, unfinished ones are released for other workers.
+    Work {
+        /// Handlers running at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Stop once no work is left (after consolidating what is unconsolidated).
+        #[arg(long)]
+        exit_when_idle: bool,
+    },
     /// Queue depth by kind, and batches.
     Stats,
     /// One batch (with per-child states and progress) or one operation.
@@ -90,9 +123,36 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> fascicle::Result<()> {
-    let store = fascicle::connect(&cli.database_url).await?;
+    // Read the input before touching the database: a typo creates no database file.
+    let documents = match &cli.command {
+        Command::Retain { path, .. } => Some(read_documents(path)?),
+        _ => None,
+    };
+    let driver = fascicle::open(&cli.database_url).await?;
+    let store = driver.store();
     match cli.command {
-        Command::Migrate => migrate(&store, cli.json),
+        Command::Migrate => {
+            MemoryBank::new(driver).await?;
+            migrate(&store, cli.json)
+        }
+        Command::Retain {
+            wait,
+            documents_per_child,
+            max_attempts,
+            concurrency,
+            ..
+        } => {
+            let options = RetainOptions {
+                documents_per_child,
+                max_attempts,
+            };
+            let documents = documents.expect("read above");
+            retain(driver, documents, options, wait, concurrency, cli.json).await
+        }
+        Command::Work {
+            concurrency,
+            exit_when_idle,
+        } => work(driver, concurrency, exit_when_idle, cli.json).await,
         Command::Stats => stats(&store, cli.json).await,
         Command::Status { id } => status(&store, parse_id(&id)?, cli.json).await,
         Command::Cancel { id } => {
@@ -143,6 +203,261 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
             });
             Ok(())
         }
+    }
+}
+
+/// A batch that did not complete: reported, then a non-zero exit.
+fn batch_error(batch: OperationId, status: Status, error: Option<&str>) -> Error {
+    Error::Storage {
+        location: format!("batch {batch}"),
+        reason: format!(
+            "{status}: {}",
+            error.unwrap_or("see `fascicle status` for its children")
+        ),
+    }
+}
+
+async fn retain(
+    driver: Driver,
+    documents: Vec<fascicle_retain::Document>,
+    options: RetainOptions,
+    wait: bool,
+    concurrency: usize,
+    json: bool,
+) -> fascicle::Result<()> {
+    if concurrency == 0 {
+        return Err(Error::InvalidInput(
+            "--concurrency must be at least 1".into(),
+        ));
+    }
+    let bank = MemoryBank::new(driver).await?;
+    let count = documents.len();
+    let receipt = bank.submit(documents, &options).await?;
+    let batch = receipt.parent_id;
+    if !wait {
+        let out =
+            json!({ "batch_id": batch, "documents": count, "children": receipt.child_ids.len() });
+        print(json, &out, || {
+            format!(
+                "submitted batch {batch}: {count} documents in {} children; run `fascicle work` to process it",
+                receipt.child_ids.len()
+            )
+        });
+        return Ok(());
+    }
+
+    let bar = progress_bar(receipt.child_ids.len() as u64, json);
+    bar.set_message("retaining");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::new(bank.store(), bank.registry())
+        .concurrency(concurrency)
+        .claim_batch(concurrency)
+        .poll_interval(Duration::from_millis(250))
+        .wake_on(bank.waker().subscribe());
+    let running = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    let summary = loop {
+        let summary = bank.batch_summary(batch).await?;
+        bar.set_position(summary.completed + summary.failed + summary.cancelled);
+        if summary.status.is_terminal() {
+            break summary;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The child that finished the batch has submitted its consolidation; submitting it
+    // again returns the same operation.
+    bar.set_message("consolidating");
+    let consolidation = bank.submit_consolidation(Some(batch)).await?.id;
+    let consolidated = loop {
+        let op = bank.store().get(consolidation).await?.ok_or_else(|| {
+            Error::NotFound(format!("the consolidation {consolidation} disappeared"))
+        })?;
+        if op.status.is_terminal() {
+            break op;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    bar.finish_and_clear();
+    let _ = stop.send(());
+    running.await.map_err(|e| Error::Storage {
+        location: "worker".into(),
+        reason: e.to_string(),
+    })??;
+
+    let consolidate: ConsolidateReport = consolidated
+        .result
+        .clone()
+        .and_then(|r| serde_json::from_value(r).ok())
+        .unwrap_or_default();
+    let counts = bank.counts().await?;
+    let r = summary.retained;
+    print(
+        json,
+        &json!({ "batch": summary, "consolidation": consolidate, "bank": counts }),
+        || {
+            [
+                format!(
+                    "batch {batch} ({}): {} — {count} documents in {} children ({} completed, {} failed, {} cancelled)",
+                    fascicle_retain::BATCH_KIND,
+                    summary.status,
+                    summary.children,
+                    summary.completed,
+                    summary.failed,
+                    summary.cancelled
+                ),
+                format!(
+                    "documents:    {} new, {} replaced, {} unchanged",
+                    r.documents_new, r.documents_replaced, r.documents_unchanged
+                ),
+                format!(
+                    "memory units: {} added, {} removed",
+                    r.units_added, r.units_removed
+                ),
+                format!(
+                    "observations: {} invalidated (they cited replaced units; {} other sources reset), {} written by consolidation ({} span several documents)",
+                    r.observations_invalidated,
+                    r.sources_reset,
+                    consolidate.observations_created,
+                    consolidate.cross_document_observations
+                ),
+                format!(
+                    "memory bank:  {} documents, {} memory units, {} observations citing {} units",
+                    counts.documents,
+                    counts.memory_units,
+                    counts.observations,
+                    counts.observation_sources
+                ),
+            ]
+            .join("\n")
+        },
+    );
+    if summary.status != Status::Completed {
+        return Err(batch_error(batch, summary.status, summary.error.as_deref()));
+    }
+    if consolidated.status != Status::Completed {
+        return Err(batch_error(
+            consolidation,
+            consolidated.status,
+            consolidated.error.as_deref(),
+        ));
+    }
+    Ok(())
+}
+
+/// A bar on stderr when it is a terminal (hidden otherwise, and with --json).
+fn progress_bar(len: u64, json: bool) -> indicatif::ProgressBar {
+    if json {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:<13} [{bar:30}] {pos}/{len} children ({elapsed})",
+        )
+        .expect("the template is valid")
+        .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+async fn work(
+    driver: Driver,
+    concurrency: usize,
+    exit_when_idle: bool,
+    json: bool,
+) -> fascicle::Result<()> {
+    if concurrency == 0 {
+        return Err(Error::InvalidInput(
+            "--concurrency must be at least 1".into(),
+        ));
+    }
+    let listener = match &driver {
+        // Wake-ups from other processes' submits arrive by NOTIFY.
+        Driver::Postgres(store) => Some(store.clone()),
+        _ => None,
+    };
+    let bank = MemoryBank::new(driver).await?;
+    let _listening = match listener {
+        Some(store) => Some(store.listen(bank.waker().clone()).await?),
+        None => None,
+    };
+    let worker = Worker::new(bank.store(), bank.registry())
+        .concurrency(concurrency)
+        .wake_on(bank.waker().subscribe());
+    eprintln!(
+        "working on `retain` and `consolidate` ({} store, concurrency {concurrency}); {}",
+        bank.store().driver(),
+        if exit_when_idle {
+            "stopping when idle"
+        } else {
+            "Ctrl-C to stop"
+        }
+    );
+    let idle_bank = bank.clone();
+    let stop = async move {
+        if exit_when_idle {
+            tokio::select! {
+                () = until_idle(&idle_bank) => {}
+                () = termination() => {}
+            }
+        } else {
+            termination().await;
+        }
+    };
+    let report = worker.run(stop).await?;
+    print(json, &report, || {
+        format!(
+            "stopped: {} claimed, {} completed, {} retried, {} failed, {} released for other workers",
+            report.claimed, report.completed, report.retried, report.failed, report.released
+        )
+    });
+    Ok(())
+}
+
+/// Resolves once no work is outstanding and nothing is left unconsolidated (submitting
+/// a consolidation when units are).
+async fn until_idle(bank: &MemoryBank) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(stats) = bank.store().stats().await else {
+            continue;
+        };
+        if stats.work().outstanding() > 0 || stats.batches.open > 0 {
+            continue;
+        }
+        match bank.counts().await {
+            Ok(counts) if counts.unconsolidated_units == 0 => return,
+            Ok(_) => {
+                if let Err(error) = bank.submit_consolidation(None).await {
+                    eprintln!("warning: submitting a consolidation failed: {error}");
+                }
+            }
+            Err(error) => eprintln!("warning: reading the memory bank failed: {error}"),
+        }
+    }
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn termination() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match term.as_mut() {
+                    Some(term) => { term.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
