@@ -140,6 +140,8 @@ macro_rules! suite {
             oversized_payload_rejected,
             duplicate_child_ids_rejected,
             invalid_names_and_values_rejected,
+            deeply_nested_payload_limit,
+            unusual_text_round_trips,
             idempotent_submit_returns_existing_batch,
             concurrent_identical_submits_create_one_batch,
             child_id_taken_by_another_batch_rolls_back,

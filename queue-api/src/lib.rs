@@ -18,7 +18,7 @@ pub use lifecycle::{
     ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary,
 };
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
-pub use queue::{Limits, Queue};
+pub use queue::{Limits, MAX_JSON_DEPTH, Queue};
 pub use store::{Store, Transaction};
 pub use types::{
     BatchReceipt, BatchStats, ChildCounters, ChildRecord, Counted, DEFAULT_MAX_ATTEMPTS, KindStats,

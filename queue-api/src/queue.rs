@@ -381,10 +381,19 @@ fn serialize_json(
     max_bytes: usize,
 ) -> Result<String> {
     let what = Described(subject, field);
-    if contains_nul(value) {
-        return Err(Error::InvalidInput(format!(
-            "{what} contains a NUL character (\\u0000), which no backend can store"
-        )));
+    match scan(value) {
+        Some(Unstorable::Nul) => {
+            return Err(Error::InvalidInput(format!(
+                "{what} contains a NUL character (\\u0000), which no backend can store"
+            )));
+        }
+        Some(Unstorable::TooDeep) => {
+            return Err(Error::InvalidInput(format!(
+                "{what} nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; \
+                 it could not be read back"
+            )));
+        }
+        None => {}
     }
     let text = serde_json::to_string(value)
         .map_err(|e| Error::InvalidInput(format!("{what} cannot be serialized: {e}")))?;
@@ -397,24 +406,37 @@ fn serialize_json(
     Ok(text)
 }
 
-fn contains_nul(value: &Value) -> bool {
-    let mut stack = vec![value];
-    while let Some(v) = stack.pop() {
+/// How deep a payload may nest: JSON parsers that read it back (serde_json, and so
+/// every driver) stop at 128 levels, and serializing deeper values recurses as deep.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+enum Unstorable {
+    Nul,
+    TooDeep,
+}
+
+/// What no backend could store and read back, found without recursion.
+fn scan(value: &Value) -> Option<Unstorable> {
+    let mut stack = vec![(value, 0)];
+    while let Some((v, depth)) = stack.pop() {
         match v {
-            Value::String(s) if s.contains('\0') => return true,
-            Value::Array(items) => stack.extend(items),
+            Value::String(s) if s.contains('\0') => return Some(Unstorable::Nul),
+            Value::Array(_) | Value::Object(_) if depth >= MAX_JSON_DEPTH => {
+                return Some(Unstorable::TooDeep);
+            }
+            Value::Array(items) => stack.extend(items.iter().map(|item| (item, depth + 1))),
             Value::Object(map) => {
                 for (k, v) in map {
                     if k.contains('\0') {
-                        return true;
+                        return Some(Unstorable::Nul);
                     }
-                    stack.push(v);
+                    stack.push((v, depth + 1));
                 }
             }
             _ => {}
         }
     }
-    false
+    None
 }
 
 #[cfg(test)]

@@ -556,6 +556,87 @@ pub async fn invalid_names_and_values_rejected(store: Arc<dyn Store>) {
     assert_store_empty(&store).await;
 }
 
+/// A payload nested up to `MAX_JSON_DEPTH` is stored and read back (by `get` and by a
+/// claim); one level deeper is refused with `InvalidInput` and writes nothing, instead
+/// of storing a row no reader could parse.
+pub async fn deeply_nested_payload_limit(store: Arc<dyn Store>) {
+    fn nested(depth: usize) -> Value {
+        let mut value = json!("leaf");
+        for level in 0..depth {
+            value = if level % 2 == 0 {
+                json!([value])
+            } else {
+                json!({ "k": value })
+            };
+        }
+        value
+    }
+    let queue = Queue::new(Arc::clone(&store));
+    let deepest = nested(fascicle_api::MAX_JSON_DEPTH);
+    let receipt = queue
+        .submit(NewOperation::new("deep", deepest.clone()))
+        .await
+        .unwrap();
+    let stored = store.get(receipt.id).await.unwrap().unwrap();
+    assert_eq!(stored.payload.as_ref(), Some(&deepest));
+    assert_invalid(
+        queue
+            .submit_batch(
+                NewBatch::new("batch")
+                    .child(NewOperation::new("deep", json!(1)))
+                    .child(NewOperation::new(
+                        "deep",
+                        nested(fascicle_api::MAX_JSON_DEPTH + 1),
+                    )),
+            )
+            .await,
+        "child #1 payload nests arrays and objects more than",
+    );
+    assert_invalid(
+        queue.submit(NewOperation::new("deep", nested(1_000))).await,
+        "levels deep",
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.work().total(), stats.batches.total()), (1, 0));
+    let claimed = store
+        .claim(&fascicle_api::ClaimRequest {
+            worker_id: "conformance".into(),
+            limit: 10,
+            lease: std::time::Duration::from_secs(30),
+            kinds: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].operation.payload.as_ref(), Some(&deepest));
+}
+
+/// Unusual but valid text — control characters, a byte-order mark, astral-plane
+/// characters, quotes and backslashes, right-to-left script — is stored and read back
+/// unchanged, in payloads, kinds, metadata and serialization keys.
+pub async fn unusual_text_round_trips(store: Arc<dyn Store>) {
+    let text = "\u{1}\u{1f}\u{7f} \u{feff}bom \"quoted\" back\\slash 😀 \u{10ffff} שלום\n\ttab";
+    let queue = Queue::new(Arc::clone(&store));
+    let receipt = queue
+        .submit_batch(
+            NewBatch::new("batch·ünïcode")
+                .with_metadata(json!({ "note": text }))
+                .child(
+                    NewOperation::new("retain·😀", json!({ "text": text, text: [text] }))
+                        .with_serialization_key(format!("key {text}")),
+                ),
+        )
+        .await
+        .unwrap();
+    let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
+    assert_eq!(parent.kind, "batch·ünïcode");
+    assert_eq!(parent.metadata, Some(json!({ "note": text })));
+    let child = store.get(receipt.child_ids[0]).await.unwrap().unwrap();
+    assert_eq!(child.kind, "retain·😀");
+    assert_eq!(child.payload, Some(json!({ "text": text, text: [text] })));
+    assert_eq!(child.serialization_key, Some(format!("key {text}")));
+}
+
 /// Resubmitting a caller-supplied parent id returns the existing batch; nothing is
 /// duplicated.
 pub async fn idempotent_submit_returns_existing_batch(store: Arc<dyn Store>) {
