@@ -3,6 +3,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -30,13 +31,40 @@ pub struct MemoryStore {
     state: Arc<Mutex<State>>,
 }
 
+/// Maps keyed by operation id. Ids are UUIDs, already well mixed, so a multiply-rotate
+/// hash replaces SipHash on the hottest lookups (claim and complete each do several).
+/// Ids can be chosen by callers; this store is in-process and not meant for untrusted
+/// input at scale.
+type IdMap<V> = HashMap<OperationId, V, BuildHasherDefault<IdHasher>>;
+
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        // The multiply leaves the low bits (the bucket index) poorly mixed: fold the
+        // high bits down.
+        let h = self.0;
+        h ^ (h >> 32) ^ (h >> 17)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+}
+
 /// Claim order: highest priority, then earliest `run_at`, then submission order.
 type ReadyKey = (Reverse<i32>, DateTime<Utc>, u64, OperationId);
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    rows: HashMap<OperationId, Row>,
-    children: HashMap<OperationId, Vec<OperationId>>,
+    rows: IdMap<Row>,
+    children: IdMap<Vec<OperationId>>,
     ready: BTreeSet<ReadyKey>,
     /// Serialization keys held by a `processing` operation.
     held_keys: HashMap<String, OperationId>,
