@@ -206,6 +206,13 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
     }
 }
 
+fn at_least_one(option: &str, value: usize) -> fascicle::Result<()> {
+    if value == 0 {
+        return Err(Error::InvalidInput(format!("{option} must be at least 1")));
+    }
+    Ok(())
+}
+
 /// A batch that did not complete: reported, then a non-zero exit.
 fn batch_error(batch: OperationId, status: Status, error: Option<&str>) -> Error {
     Error::Storage {
@@ -225,11 +232,7 @@ async fn retain(
     concurrency: usize,
     json: bool,
 ) -> fascicle::Result<()> {
-    if concurrency == 0 {
-        return Err(Error::InvalidInput(
-            "--concurrency must be at least 1".into(),
-        ));
-    }
+    at_least_one("--concurrency", concurrency)?;
     let bank = MemoryBank::new(driver).await?;
     let count = documents.len();
     let receipt = bank.submit(documents, &options).await?;
@@ -368,11 +371,7 @@ async fn work(
     exit_when_idle: bool,
     json: bool,
 ) -> fascicle::Result<()> {
-    if concurrency == 0 {
-        return Err(Error::InvalidInput(
-            "--concurrency must be at least 1".into(),
-        ));
-    }
+    at_least_one("--concurrency", concurrency)?;
     let listener = match &driver {
         // Wake-ups from other processes' submits arrive by NOTIFY.
         Driver::Postgres(store) => Some(store.clone()),

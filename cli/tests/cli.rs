@@ -1,21 +1,15 @@
 //! The operator CLI end to end, on a SQLite file prepared through the library.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
+use common::fascicle;
+
 use fascicle::{ClaimRequest, Completion, NewBatch, NewOperation, Outcome, Queue};
 use serde_json::{Value, json};
-
-fn fascicle(db: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fascicle"))
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", db.display()))
-        .args(args)
-        .env_remove("FASCICLE_DATABASE_URL")
-        .output()
-        .expect("the fascicle binary runs")
-}
 
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()

@@ -1,20 +1,13 @@
 //! The main job end to end: `fascicle retain` on the shipped corpus, then the operator
 //! commands on what it left, then a re-retain after one file changed.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
+use common::fascicle;
 use serde_json::Value;
-
-fn fascicle(db: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_fascicle"))
-        .arg("--database-url")
-        .arg(format!("sqlite://{}", db.display()))
-        .args(args)
-        .env_remove("FASCICLE_DATABASE_URL")
-        .output()
-        .expect("the fascicle binary runs")
-}
 
 fn ok_json(output: Output) -> Value {
     assert!(

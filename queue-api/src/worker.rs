@@ -165,24 +165,15 @@ impl Registry {
         F: Fn(P, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<R, HandlerError>> + Send + 'static,
     {
-        let kind = kind.into();
-        let handler = Arc::new(handler);
-        let erased: ErasedHandler = Arc::new(move |payload: Value, ctx: Context| {
-            let handler = Arc::clone(&handler);
-            Box::pin(async move {
-                let input: P = decode_payload(payload, &ctx)?;
-                let output = handler(input, ctx).await?;
-                take_as::<R, Value>(output)
-                    .or_else(|output| {
-                        serde_json::to_value(output).map_err(|e| {
-                            HandlerError::Permanent(format!("result cannot be serialized: {e}"))
-                        })
+        self.insert_erased(kind.into(), handler, |output: R| {
+            take_as::<R, Value>(output)
+                .or_else(|output| {
+                    serde_json::to_value(output).map_err(|e| {
+                        HandlerError::Permanent(format!("result cannot be serialized: {e}"))
                     })
-                    .map(Handled::Value)
-            })
-        });
-        self.handlers.insert(kind, erased);
-        self
+                })
+                .map(Handled::Value)
+        })
     }
 
     /// Registers a handler that records its own successful completion, so that its
@@ -199,13 +190,31 @@ impl Registry {
         F: Fn(P, Context) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = std::result::Result<Applied, HandlerError>> + Send + 'static,
     {
-        let kind = kind.into();
+        self.insert_erased(kind.into(), handler, |applied: Applied| {
+            Ok(Handled::Recorded(applied))
+        })
+    }
+
+    /// Stores `handler` for `kind` behind the payload decoding every handler shares;
+    /// `finish` turns its `Ok` value into what the worker records.
+    fn insert_erased<P, T, F, Fut>(
+        &mut self,
+        kind: String,
+        handler: F,
+        finish: fn(T) -> std::result::Result<Handled, HandlerError>,
+    ) -> &mut Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        T: 'static,
+        F: Fn(P, Context) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<T, HandlerError>> + Send + 'static,
+    {
         let handler = Arc::new(handler);
         let erased: ErasedHandler = Arc::new(move |payload: Value, ctx: Context| {
             let handler = Arc::clone(&handler);
             Box::pin(async move {
                 let input: P = decode_payload(payload, &ctx)?;
-                handler(input, ctx).await.map(Handled::Recorded)
+                finish(handler(input, ctx).await?)
             })
         });
         self.handlers.insert(kind, erased);
