@@ -318,10 +318,11 @@ async fn retain(
                     r.units_added, r.units_removed
                 ),
                 format!(
-                    "observations: {} invalidated (they cited replaced units; {} other sources reset), {} written by consolidation ({} span several documents)",
+                    "observations: {} invalidated (they cited replaced units; {} other sources reset), {} written by consolidation ({} replacing older ones, {} spanning several documents)",
                     r.observations_invalidated,
                     r.sources_reset,
                     consolidate.observations_created,
+                    consolidate.observations_replaced,
                     consolidate.cross_document_observations
                 ),
                 format!(
