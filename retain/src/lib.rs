@@ -55,8 +55,8 @@ use std::sync::Arc;
 
 use fascicle::{
     Applied, BatchReceipt, Capabilities, ClaimedOperation, Context, Driver, Error, HandlerError,
-    InProcessWaker, NewBatch, NewOperation, OperationId, Queue, Receipt, Registry, Result, Status,
-    Store,
+    InProcessWaker, Limits, NewBatch, NewOperation, OperationId, Queue, Receipt, Registry, Result,
+    Status, Store,
 };
 use serde::{Deserialize, Serialize};
 
@@ -76,7 +76,8 @@ pub const CONSOLIDATE_KIND: &str = "consolidate";
 /// How a retain batch is cut.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetainOptions {
-    /// Documents per child operation; default 4.
+    /// Documents per child operation; default 4. A child also stops taking documents
+    /// at about 1 MiB of text (a larger document goes alone, up to 64 MiB).
     pub documents_per_child: usize,
     /// Attempts per child; default 5.
     pub max_attempts: u32,
@@ -155,7 +156,12 @@ impl MemoryBank {
         };
         backend.migrate().await?;
         let waker = InProcessWaker::new();
-        let queue = Queue::new(backend.store()).with_notifier(Arc::new(waker.clone()));
+        let queue = Queue::new(backend.store())
+            .with_notifier(Arc::new(waker.clone()))
+            .with_limits(Limits {
+                max_payload_bytes: MAX_CHILD_PAYLOAD,
+                ..Limits::default()
+            });
         Ok(Self {
             backend,
             queue,
@@ -201,17 +207,24 @@ impl MemoryBank {
         }
         let total = documents.len();
         let mut children = Vec::with_capacity(total.div_ceil(options.documents_per_child));
-        let mut documents = documents.into_iter().peekable();
-        while documents.peek().is_some() {
-            let chunk: Vec<Document> = documents
-                .by_ref()
-                .take(options.documents_per_child)
-                .collect();
-            let payload = serde_json::to_value(RetainPayload { documents: chunk })
-                .map_err(|e| Error::InvalidInput(format!("documents cannot be encoded: {e}")))?;
-            children.push(
-                NewOperation::new(RETAIN_KIND, payload).with_max_attempts(options.max_attempts),
-            );
+        let mut chunk: Vec<Document> = Vec::new();
+        let mut chunk_bytes = 0;
+        for document in documents {
+            let bytes = document.text.len();
+            // A child takes at most K documents and about CHILD_TEXT_BUDGET of text; a
+            // document larger than that goes alone.
+            if !chunk.is_empty()
+                && (chunk.len() == options.documents_per_child
+                    || chunk_bytes + bytes > CHILD_TEXT_BUDGET)
+            {
+                children.push(retain_child(std::mem::take(&mut chunk), options)?);
+                chunk_bytes = 0;
+            }
+            chunk_bytes += bytes;
+            chunk.push(document);
+        }
+        if !chunk.is_empty() {
+            children.push(retain_child(chunk, options)?);
         }
         self.queue
             .submit_batch(
@@ -372,6 +385,18 @@ impl MemoryBank {
             Err(error) => tracing::warn!(%error, %batch, "reading the batch failed"),
         }
     }
+}
+
+/// About how much document text one `retain` child carries.
+const CHILD_TEXT_BUDGET: usize = 1024 * 1024;
+
+/// The largest payload the bank submits: one document alone may be this large.
+const MAX_CHILD_PAYLOAD: usize = 64 * 1024 * 1024;
+
+fn retain_child(documents: Vec<Document>, options: &RetainOptions) -> Result<NewOperation> {
+    let payload = serde_json::to_value(RetainPayload { documents })
+        .map_err(|e| Error::InvalidInput(format!("documents cannot be encoded: {e}")))?;
+    Ok(NewOperation::new(RETAIN_KIND, payload).with_max_attempts(options.max_attempts))
 }
 
 fn handler_error(error: Error) -> HandlerError {

@@ -337,3 +337,41 @@ async fn consolidation_ids_are_stable_and_distinct() {
     );
     assert_ne!(MemoryBank::consolidation_id(a), a);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_larger_than_a_child_budget_goes_alone_and_is_retained() {
+    let db = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", db.path().join("bank.db").display());
+    for url in ["memory://", sqlite.as_str()] {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a", "b", "c", "d", "e"] {
+            std::fs::write(
+                dir.path().join(format!("{name}.txt")),
+                format!("A note about Saltmere from {name}.\n"),
+            )
+            .unwrap();
+        }
+        // 3,000 paragraphs of about 1 KiB: 3 MiB, over the 1 MiB payload default.
+        let paragraph = "the tide came in over the stones ".repeat(31);
+        let big: String = (0..3_000)
+            .map(|i| format!("Saltmere paragraph {i}: {paragraph}\n\n"))
+            .collect();
+        assert!(big.len() > 3 * 1024 * 1024);
+        std::fs::write(dir.path().join("m-big.txt"), big).unwrap();
+
+        let bank = MemoryBank::open(url).await.unwrap();
+        let summary = retain(&bank, dir.path()).await;
+        assert_eq!(summary.status, Status::Completed, "{url}");
+        // [a b c] [d e] [m-big]: three per child, and the large document alone.
+        assert_eq!(summary.children, 3, "{url}");
+        assert_eq!(summary.retained.units_added, 3_005, "{url}");
+        let counts = bank.counts().await.unwrap();
+        assert_eq!((counts.documents, counts.memory_units), (6, 3_005), "{url}");
+        // Every unit mentions Saltmere: one observation citing all of them.
+        assert_eq!(
+            (counts.observations, counts.observation_sources),
+            (1, 3_005),
+            "{url}"
+        );
+    }
+}
