@@ -231,44 +231,59 @@ impl State {
     }
 
     fn claim(&mut self, request: &ClaimRequest, now: DateTime<Utc>) -> Vec<ClaimedOperation> {
-        let mut picked = Vec::new();
+        let mut picked = Vec::with_capacity(request.limit.min(self.ready.len()));
+        let mut prefix = true;
         let mut keys_taken = std::collections::HashSet::new();
-        for &(_, run_at, _, id) in &self.ready {
+        for key in &self.ready {
             if picked.len() >= request.limit {
                 break;
             }
-            if run_at > now {
-                continue;
-            }
+            let &(_, run_at, _, id) = key;
             let op = &self.rows[&id].op;
-            if let Some(kinds) = &request.kinds
-                && !kinds.contains(&op.kind)
-            {
-                continue;
+            let claimable = run_at <= now
+                && request
+                    .kinds
+                    .as_ref()
+                    .is_none_or(|kinds| kinds.contains(&op.kind))
+                && op.serialization_key.as_ref().is_none_or(|k| {
+                    !self.held_keys.contains_key(k) && keys_taken.insert(k.clone())
+                });
+            if claimable {
+                picked.push(*key);
+            } else {
+                prefix = false;
             }
-            if let Some(key) = &op.serialization_key
-                && (self.held_keys.contains_key(key) || !keys_taken.insert(key.clone()))
-            {
-                continue;
+        }
+        // Usually the claimed entries are the front of the index: take them off it
+        // without a search each.
+        if prefix {
+            for _ in 0..picked.len() {
+                self.ready.pop_first();
             }
-            picked.push(id);
+        } else {
+            for key in &picked {
+                self.ready.remove(key);
+            }
         }
         let lease_until = now + chrono::Duration::from_std(request.lease).unwrap_or_default();
         picked
             .into_iter()
-            .map(|id| {
+            .map(|(_, _, _, id)| {
                 let token = LeaseToken::new();
-                self.update(id, |row| {
-                    row.op.status = Status::Processing;
-                    row.op.attempts += 1;
-                    row.op.worker_id = Some(request.worker_id.clone());
-                    row.op.lease_expires_at = Some(lease_until);
-                    row.op.updated_at = now;
-                    row.lease_token = Some(token);
-                    row.cancel_requested = false;
-                });
+                let row = self.rows.get_mut(&id).expect("indexed rows exist");
+                row.op.status = Status::Processing;
+                row.op.attempts += 1;
+                row.op.worker_id = Some(request.worker_id.clone());
+                row.op.lease_expires_at = Some(lease_until);
+                row.op.updated_at = now;
+                row.lease_token = Some(token);
+                row.cancel_requested = false;
+                let operation = row.op.clone();
+                if let Some(key) = &operation.serialization_key {
+                    self.held_keys.insert(key.clone(), id);
+                }
                 ClaimedOperation {
-                    operation: self.rows[&id].op.clone(),
+                    operation,
                     lease_token: token,
                 }
             })

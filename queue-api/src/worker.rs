@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,14 +70,13 @@ pub struct Context {
     /// The token of this claim: a handler registered with
     /// [`Registry::register_recorded`] presents it when it records its own completion.
     pub lease_token: LeaseToken,
-    cancel: watch::Receiver<bool>,
+    cancel: Arc<CancelSignal>,
 }
 
 impl Context {
     /// The context of `claimed` run outside a [`Worker`] (by a custom runner or a
     /// test): it is never cancelled.
     pub fn detached(claimed: &ClaimedOperation) -> Self {
-        let (_, cancel) = watch::channel(false);
         let op = &claimed.operation;
         Self {
             id: op.id,
@@ -86,23 +85,26 @@ impl Context {
             max_attempts: op.max_attempts,
             parent_id: op.parent_id,
             lease_token: claimed.lease_token,
-            cancel,
+            cancel: Arc::default(),
         }
     }
 
     /// Whether cancellation was requested (or the lease was lost): the handler should
     /// stop and return an error.
     pub fn is_cancelled(&self) -> bool {
-        *self.cancel.borrow()
+        self.cancel.is_set()
     }
 
     /// Resolves when cancellation is requested.
     pub async fn cancelled(&self) {
-        let mut cancel = self.cancel.clone();
-        while !*cancel.borrow_and_update() {
-            if cancel.changed().await.is_err() {
-                std::future::pending::<()>().await;
+        loop {
+            let notified = self.cancel.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.cancel.is_set() {
+                return;
             }
+            notified.await;
         }
     }
 
@@ -130,6 +132,25 @@ impl Context {
 enum Handled {
     Value(Value),
     Recorded(Applied),
+}
+
+/// One attempt's cancellation: a flag, and a wake-up for handlers awaiting it (lighter
+/// than a channel; one is made per attempt).
+#[derive(Debug, Default)]
+struct CancelSignal {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl CancelSignal {
+    fn set(&self) {
+        self.set.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::SeqCst)
+    }
 }
 
 type HandlerFuture = Pin<Box<dyn Future<Output = Result<Handled, HandlerError>> + Send>>;
@@ -279,7 +300,7 @@ pub struct WorkerReport {
 
 struct Running {
     token: LeaseToken,
-    cancel: watch::Sender<bool>,
+    cancel: Arc<CancelSignal>,
     abort: tokio::task::AbortHandle,
 }
 
@@ -536,7 +557,7 @@ impl Worker {
         let leases: Vec<Lease> = left
             .iter()
             .map(|(id, r)| {
-                let _ = r.cancel.send(true);
+                r.cancel.set();
                 r.abort.abort();
                 Lease {
                     id: *id,
@@ -580,7 +601,7 @@ impl Worker {
                 )),
             });
         };
-        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let cancel = Arc::new(CancelSignal::default());
         let ctx = Context {
             id: op.id,
             kind: op.kind.clone(),
@@ -588,7 +609,7 @@ impl Worker {
             max_attempts: op.max_attempts,
             parent_id: op.parent_id,
             lease_token: token,
-            cancel: cancel_rx,
+            cancel: Arc::clone(&cancel),
         };
         let retry = self.retry;
         let done = done.clone();
@@ -598,7 +619,7 @@ impl Worker {
         let attempt = op.attempts;
         let max_attempts = op.max_attempts;
         let id = op.id;
-        let cancelled = ctx.cancel.clone();
+        let cancelled = Arc::clone(&cancel);
         let mut attempt_future = CatchUnwind(Box::pin(handler(payload, ctx)));
         // Fast path: poll the handler once right here. One that finishes without waiting
         // (many do) costs no task at all; its outcome goes straight to the recorder.
@@ -659,7 +680,7 @@ impl Worker {
             id,
             Running {
                 token,
-                cancel: cancel_tx,
+                cancel,
                 abort,
             },
         );
@@ -678,7 +699,7 @@ enum Finished {
 /// How an attempt ended, from what its handler returned (or the panic it raised).
 fn outcome_of(
     finished: std::thread::Result<std::result::Result<Handled, HandlerError>>,
-    cancelled: &watch::Receiver<bool>,
+    cancelled: &CancelSignal,
     attempt: u32,
     max_attempts: u32,
     retry: &RetryPolicy,
@@ -686,7 +707,7 @@ fn outcome_of(
     Finished::Record(match finished {
         Ok(Ok(Handled::Recorded(applied))) => return Finished::Recorded(applied),
         Ok(Ok(Handled::Value(value))) => Outcome::Completed(value),
-        Ok(Err(_)) | Err(_) if *cancelled.borrow() => {
+        Ok(Err(_)) | Err(_) if cancelled.is_set() => {
             Outcome::Cancelled("cancellation requested".into())
         }
         Ok(Err(HandlerError::Permanent(error))) => Outcome::Failed(error),
@@ -863,7 +884,7 @@ async fn heartbeat_leases(
                     if (!status.held || status.cancel_requested)
                         && let Some(r) = running.get(&l.id)
                     {
-                        let _ = r.cancel.send(true);
+                        r.cancel.set();
                     }
                 }
             }
@@ -936,7 +957,6 @@ mod tests {
             Ok::<_, HandlerError>(input.n * 2)
         });
         let handler = registry.handlers["double"].clone();
-        let (_tx, rx) = watch::channel(false);
         let ctx = Context {
             id: OperationId::new(),
             kind: "double".into(),
@@ -944,7 +964,7 @@ mod tests {
             max_attempts: 1,
             parent_id: None,
             lease_token: LeaseToken::new(),
-            cancel: rx,
+            cancel: Arc::default(),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()

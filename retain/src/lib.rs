@@ -149,8 +149,9 @@ impl MemoryBank {
             Driver::Memory(store) => Arc::new(memory::MemoryBackend::new(store)),
             #[allow(unreachable_patterns)]
             other => {
+                let driver = other.store().driver();
                 return Err(Error::InvalidInput(format!(
-                    "this build of fascicle-retain has no memory bank for {other:?}; enable its driver feature"
+                    "this build of fascicle-retain has no memory bank for the {driver} driver; enable its cargo feature `{driver}`"
                 )));
             }
         };
