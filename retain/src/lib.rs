@@ -1,42 +1,4 @@
-//! The reference batch-retain workload of fascicle.
-//!
-//! Documents are ingested into a *memory bank* next to the queue, in the same database:
-//! each document is cut into **memory units** (its paragraphs), and a `consolidate`
-//! operation derives **observations** from units that share a capitalised term — an
-//! observation cites its source units, often across several documents.
-//!
-//! - [`MemoryBank::submit`] submits one `batch_retain` parent and `retain` children of
-//!   at most [`RetainOptions::documents_per_child`] documents, atomically.
-//! - The `retain` handler ([`MemoryBank::registry`]) does **full-replace document
-//!   tracking** in one transaction together with the child's completion: an unchanged
-//!   document is skipped; a changed one has every observation citing its old units
-//!   deleted (`delete_stale_observations_for_memories`), the surviving sources of those
-//!   observations marked unconsolidated, its old units deleted and its new units written.
-//!   A lost lease writes nothing.
-//! - When a batch finishes, the child that saw it finish submits a `consolidate`
-//!   operation whose id is derived from the batch's ([`MemoryBank::consolidation_id`]),
-//!   so it is submitted once however many children race to do it.
-//!
-//! Where an observation's sources live is the store's own
-//! [`Capabilities::uses_observation_sources_table`](fascicle::Capabilities): a
-//! `bank_observation_sources (observation_id, memory_id)` junction table on SQLite, a
-//! `uuid[]` column with a GIN index on PostgreSQL, a native list in memory. The tables
-//! are `bank_documents`, `bank_memory_units`, `bank_observations` (and the junction
-//! table), created by [`MemoryBank::new`] in the store's database (on PostgreSQL, in the
-//! store's schema).
-//!
-//! ```no_run
-//! # async fn example() -> fascicle::Result<()> {
-//! use fascicle_retain::{MemoryBank, RetainOptions, read_documents};
-//!
-//! let bank = MemoryBank::open("sqlite://fascicle.db").await?;
-//! let documents = read_documents("examples/corpus".as_ref())?;
-//! let receipt = bank.submit(documents, &RetainOptions::default()).await?;
-//! let worker = fascicle::Worker::new(bank.store(), bank.registry())
-//!     .wake_on(bank.waker().subscribe());
-//! // ... run the worker until `bank.batch_summary(receipt.parent_id)` is terminal.
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../README.md")]
 
 #[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "memory")))]
 compile_error!("fascicle-retain needs at least one driver feature: sqlite, postgres or memory");
