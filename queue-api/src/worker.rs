@@ -2,7 +2,7 @@
 //! their leases, records outcomes in batched transactions, rescues and reconciles
 //! periodically, and shuts down gracefully.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -159,7 +159,7 @@ type ErasedHandler = Arc<dyn Fn(Value, Context) -> HandlerFuture + Send + Sync>;
 /// Handlers by operation kind.
 #[derive(Clone, Default)]
 pub struct Registry {
-    handlers: HashMap<String, ErasedHandler>,
+    handlers: BTreeMap<String, ErasedHandler>,
 }
 
 impl fmt::Debug for Registry {
@@ -601,10 +601,12 @@ impl Worker {
                 )),
             });
         };
+        let span =
+            tracing::info_span!("operation", id = %op.id, kind = %op.kind, attempt = op.attempts);
         let cancel = Arc::new(CancelSignal::default());
         let ctx = Context {
             id: op.id,
-            kind: op.kind.clone(),
+            kind: op.kind,
             attempt: op.attempts,
             max_attempts: op.max_attempts,
             parent_id: op.parent_id,
@@ -612,15 +614,12 @@ impl Worker {
             cancel: Arc::clone(&cancel),
         };
         let retry = self.retry;
-        let done = done.clone();
-        let span =
-            tracing::info_span!("operation", id = %op.id, kind = %op.kind, attempt = op.attempts);
         let payload = op.payload.unwrap_or(Value::Null);
         let attempt = op.attempts;
         let max_attempts = op.max_attempts;
         let id = op.id;
         let cancelled = Arc::clone(&cancel);
-        let mut attempt_future = CatchUnwind(Box::pin(handler(payload, ctx)));
+        let mut attempt_future = CatchUnwind(handler(payload, ctx));
         // Fast path: poll the handler once right here. One that finishes without waiting
         // (many do) costs no task at all; its outcome goes straight to the recorder.
         let first = {
@@ -642,6 +641,7 @@ impl Worker {
             };
         }
         let (report, running_set) = (Arc::clone(report), Arc::clone(running));
+        let done = done.clone();
         // Hold the lock while spawning so the task cannot finish before it is recorded.
         let mut running = running.lock().expect("running set");
         active.fetch_add(1, Ordering::SeqCst);
@@ -746,16 +746,17 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Resolves to the inner future's output, or to the panic it raised while polled.
-struct CatchUnwind<F>(Pin<Box<F>>);
+/// (Handler futures are already boxed, so it holds them as they are.)
+struct CatchUnwind<F>(F);
 
-impl<F: Future> Future for CatchUnwind<F> {
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
     type Output = std::thread::Result<F::Output>;
 
     fn poll(
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        let inner = self.0.as_mut();
+        let inner = Pin::new(&mut self.0);
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
             Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
             Ok(std::task::Poll::Ready(output)) => std::task::Poll::Ready(Ok(output)),
