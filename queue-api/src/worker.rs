@@ -776,21 +776,43 @@ const COMPLETION_BATCH: usize = 256;
 
 /// Counts recorded outcomes into the report and the metrics.
 fn tally(report: &Mutex<WorkerReport>, batch: &[Completion], results: &[Applied]) {
-    let mut report = report.lock().expect("report");
+    // Counted locally, then added to the report and the metrics once per batch.
+    let mut add = WorkerReport::default();
     for (completion, applied) in batch.iter().zip(results) {
-        if *applied == Applied::LeaseLost {
-            report.lease_lost += 1;
-            metrics::counter!("fascicle_lease_lost_total").increment(1);
-            continue;
-        }
-        let (counter, name) = match completion.outcome {
-            Outcome::Completed(_) => (&mut report.completed, "fascicle_completed_total"),
-            Outcome::Failed(_) => (&mut report.failed, "fascicle_failed_total"),
-            Outcome::Retry { .. } => (&mut report.retried, "fascicle_retried_total"),
-            Outcome::Cancelled(_) => (&mut report.cancelled, "fascicle_cancelled_total"),
+        let counter = match (applied, &completion.outcome) {
+            (Applied::LeaseLost, _) => &mut add.lease_lost,
+            (_, Outcome::Completed(_)) => &mut add.completed,
+            (_, Outcome::Failed(_)) => &mut add.failed,
+            (_, Outcome::Retry { .. }) => &mut add.retried,
+            (_, Outcome::Cancelled(_)) => &mut add.cancelled,
         };
         *counter += 1;
-        metrics::counter!(name).increment(1);
+    }
+    let mut guard = report.lock().expect("report");
+    let report = &mut *guard;
+    for (total, n, name) in [
+        (
+            &mut report.lease_lost,
+            add.lease_lost,
+            "fascicle_lease_lost_total",
+        ),
+        (
+            &mut report.completed,
+            add.completed,
+            "fascicle_completed_total",
+        ),
+        (&mut report.failed, add.failed, "fascicle_failed_total"),
+        (&mut report.retried, add.retried, "fascicle_retried_total"),
+        (
+            &mut report.cancelled,
+            add.cancelled,
+            "fascicle_cancelled_total",
+        ),
+    ] {
+        if n > 0 {
+            *total += n;
+            metrics::counter!(name).increment(n);
+        }
     }
 }
 
