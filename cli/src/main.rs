@@ -386,6 +386,7 @@ async fn work(
     let worker = Worker::new(bank.store(), bank.registry())
         .concurrency(concurrency)
         .wake_on(bank.waker().subscribe());
+    let termination = Termination::install();
     eprintln!(
         "working on `retain` and `consolidate` ({} store, concurrency {concurrency}); {}",
         bank.store().driver(),
@@ -400,10 +401,10 @@ async fn work(
         if exit_when_idle {
             tokio::select! {
                 () = until_idle(&idle_bank) => {}
-                () = termination() => {}
+                () = termination.wait() => {}
             }
         } else {
-            termination().await;
+            termination.wait().await;
         }
     };
     let report = worker.run(stop).await?;
@@ -439,25 +440,51 @@ async fn until_idle(bank: &MemoryBank) {
     }
 }
 
-/// Ctrl-C, or SIGTERM on Unix.
-async fn termination() {
+/// Ctrl-C, or SIGTERM on Unix. The handlers are installed when this is created, so a
+/// signal that arrives before anything awaits it is not lost (nor fatal).
+struct Termination {
     #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async {
-                match term.as_mut() {
-                    Some(term) => { term.recv().await; }
-                    None => std::future::pending::<()>().await,
-                }
-            } => {}
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Termination {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Self {
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                terminate: signal(SignalKind::terminate()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn wait(self) {
+        #[cfg(unix)]
+        {
+            async fn next(signal: Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(mut signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = next(self.interrupt) => {}
+                () = next(self.terminate) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

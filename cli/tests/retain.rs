@@ -179,7 +179,7 @@ fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
 fn work_stops_gracefully_on_ctrl_c() {
     let work = tempfile::tempdir().unwrap();
     let db = work.path().join("bank.db");
-    let child = Command::new(env!("CARGO_BIN_EXE_fascicle"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fascicle"))
         .arg("--database-url")
         .arg(format!("sqlite://{}", db.display()))
         .args(["--json", "work"])
@@ -188,16 +188,11 @@ fn work_stops_gracefully_on_ctrl_c() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until it is running (it announces itself on stderr once its store is open).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !db.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "work never opened its store"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Wait until it announces itself: its signal handlers are installed by then.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    assert!(line.starts_with("working on"), "{line}");
     let interrupted = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

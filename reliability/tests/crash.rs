@@ -1,6 +1,7 @@
-//! Worker processes killed with SIGKILL every few hundred milliseconds and restarted,
-//! on one SQLite file and on one PostgreSQL schema: at the end every operation is
-//! terminal and completed, every parent is terminal, nothing is lost or stranded.
+//! Worker processes killed with SIGKILL (one each time another 5 % of the work is done)
+//! and restarted, on one SQLite file and on one PostgreSQL schema: at the end every
+//! operation is terminal and completed, every parent is terminal, nothing is lost or
+//! stranded.
 //!
 //! CI runs 2,000 operations per driver; `FASCICLE_RELIABILITY_FULL=1` runs 10,000.
 
@@ -124,6 +125,7 @@ async fn run(driver: &str, store: Arc<dyn Store>, url: &str, schema: &str) {
     let mut workers = Workers::start(url, schema, &log);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut kills = 0;
+    let mut next_kill = total / 20;
     let deadline = started + Duration::from_secs(if total > 2_000 { 300 } else { 120 });
     loop {
         let stats = store.stats().await.unwrap();
@@ -135,14 +137,16 @@ async fn run(driver: &str, store: Arc<dyn Store>, url: &str, schema: &str) {
             Instant::now() < deadline,
             "{driver}: not drained in time: {outstanding} outstanding after {kills} kills"
         );
-        // Kill while at least a tenth is left, so the end also runs without faults.
-        if outstanding as usize > total / 10 {
-            tokio::time::sleep(Duration::from_millis(100 + rng.next() % 200)).await;
+        // Kill one worker each time another twentieth of the work is done, while at
+        // least a tenth is left (so the end also runs without faults): the number of
+        // faults does not depend on how fast the host is.
+        let done = total - outstanding as usize;
+        if outstanding as usize > total / 10 && done >= next_kill {
             workers.kill_and_restart((rng.next() % WORKERS as u64) as usize);
             kills += 1;
-        } else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            next_kill = done + total / 20;
         }
+        tokio::time::sleep(Duration::from_millis(50 + rng.next() % 50)).await;
     }
     workers.stop();
     let elapsed = started.elapsed();
