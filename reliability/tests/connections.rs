@@ -112,6 +112,8 @@ async fn a_drain_survives_its_connections_being_terminated() {
     let started = Instant::now();
     let mut terminated = 0;
     let mut rounds = 0;
+    let mut next_round = 0;
+    let mut last_round = Instant::now();
     loop {
         // The stats read itself may meet a terminated connection: retry.
         let Ok(stats) = store.stats().await else {
@@ -124,11 +126,19 @@ async fn a_drain_survives_its_connections_being_terminated() {
             started.elapsed() < Duration::from_secs(120),
             "not drained: {stats:?}"
         );
-        if stats.work().outstanding() > total / 10 {
+        // A round of terminations every 100 ms, and at least one per tenth of the work
+        // done (so a fast host sees as many faults), while a tenth is left.
+        let outstanding = stats.work().outstanding() as usize;
+        let done = total - outstanding;
+        if outstanding > total / 10
+            && (done >= next_round || last_round.elapsed() >= Duration::from_millis(100))
+        {
             terminated += db.terminate().await;
             rounds += 1;
+            next_round = done + total / 10;
+            last_round = Instant::now();
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = stop.send(());
     running.await.unwrap().unwrap();

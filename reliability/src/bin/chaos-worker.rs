@@ -62,9 +62,9 @@ async fn main() {
     let worker = Worker::new(store, registry)
         .concurrency(16)
         .claim_batch(16)
-        .lease(Duration::from_millis(600))
+        .lease(Duration::from_secs(2))
         .poll_interval(Duration::from_millis(50))
-        .maintenance_interval(Duration::from_millis(200))
+        .maintenance_interval(Duration::from_millis(500))
         .shutdown_timeout(Duration::from_secs(5));
     let stop = async {
         let _ = tokio::task::spawn_blocking(|| {
