@@ -231,63 +231,67 @@ impl State {
     }
 
     fn claim(&mut self, request: &ClaimRequest, now: DateTime<Utc>) -> Vec<ClaimedOperation> {
-        let mut picked = Vec::with_capacity(request.limit.min(self.ready.len()));
+        let lease_until = now + chrono::Duration::from_std(request.lease).unwrap_or_default();
+        let State {
+            rows,
+            ready,
+            held_keys,
+            ..
+        } = self;
+        let mut claimed = Vec::with_capacity(request.limit.min(ready.len()));
+        let mut picked = Vec::with_capacity(claimed.capacity());
         let mut prefix = true;
-        let mut keys_taken = std::collections::HashSet::new();
-        for key in &self.ready {
-            if picked.len() >= request.limit {
+        // One pass in claim order, each row looked up once; a claimed serialization key
+        // is held at once, so a second operation with it is skipped.
+        for key in ready.iter() {
+            if claimed.len() >= request.limit {
                 break;
             }
             let &(_, run_at, _, id) = key;
-            let op = &self.rows[&id].op;
+            let row = rows.get_mut(&id).expect("indexed rows exist");
             let claimable = run_at <= now
                 && request
                     .kinds
                     .as_ref()
-                    .is_none_or(|kinds| kinds.contains(&op.kind))
-                && op.serialization_key.as_ref().is_none_or(|k| {
-                    !self.held_keys.contains_key(k) && keys_taken.insert(k.clone())
-                });
-            if claimable {
-                picked.push(*key);
-            } else {
+                    .is_none_or(|kinds| kinds.contains(&row.op.kind))
+                && row
+                    .op
+                    .serialization_key
+                    .as_ref()
+                    .is_none_or(|k| !held_keys.contains_key(k));
+            if !claimable {
                 prefix = false;
+                continue;
             }
+            let token = LeaseToken::new();
+            row.op.status = Status::Processing;
+            row.op.attempts += 1;
+            row.op.worker_id = Some(request.worker_id.clone());
+            row.op.lease_expires_at = Some(lease_until);
+            row.op.updated_at = now;
+            row.lease_token = Some(token);
+            row.cancel_requested = false;
+            if let Some(k) = &row.op.serialization_key {
+                held_keys.insert(k.clone(), id);
+            }
+            claimed.push(ClaimedOperation {
+                operation: row.op.clone(),
+                lease_token: token,
+            });
+            picked.push(*key);
         }
         // Usually the claimed entries are the front of the index: take them off it
         // without a search each.
         if prefix {
             for _ in 0..picked.len() {
-                self.ready.pop_first();
+                ready.pop_first();
             }
         } else {
             for key in &picked {
-                self.ready.remove(key);
+                ready.remove(key);
             }
         }
-        let lease_until = now + chrono::Duration::from_std(request.lease).unwrap_or_default();
-        picked
-            .into_iter()
-            .map(|(_, _, _, id)| {
-                let token = LeaseToken::new();
-                let row = self.rows.get_mut(&id).expect("indexed rows exist");
-                row.op.status = Status::Processing;
-                row.op.attempts += 1;
-                row.op.worker_id = Some(request.worker_id.clone());
-                row.op.lease_expires_at = Some(lease_until);
-                row.op.updated_at = now;
-                row.lease_token = Some(token);
-                row.cancel_requested = false;
-                let operation = row.op.clone();
-                if let Some(key) = &operation.serialization_key {
-                    self.held_keys.insert(key.clone(), id);
-                }
-                ClaimedOperation {
-                    operation,
-                    lease_token: token,
-                }
-            })
-            .collect()
+        claimed
     }
 
     /// Moves an operation to a terminal state and aggregates into its parent, finalizing

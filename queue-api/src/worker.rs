@@ -589,7 +589,7 @@ impl Worker {
     ) -> Option<Completion> {
         let op = claimed.operation;
         let token = claimed.lease_token;
-        let Some(handler) = self.registry.handlers.get(&op.kind).cloned() else {
+        let Some(handler) = self.registry.handlers.get(&op.kind) else {
             // Claims ask only for registered kinds; a driver that ignored the filter gets
             // the operation failed rather than silently dropped.
             return Some(Completion {
