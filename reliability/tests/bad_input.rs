@@ -4,11 +4,15 @@
 
 use std::sync::Arc;
 
+use fascicle::postgres::PostgresStore;
 use fascicle::{Error, NewBatch, NewOperation, OperationId, Queue, Store};
 use serde_json::json;
 
-/// Every driver's store, on a fresh database; Postgres only with `DATABASE_URL`.
-async fn stores(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn Store>)> {
+/// Every driver's store, on a fresh database (Postgres only with `DATABASE_URL`), and
+/// the Postgres store to drop afterwards.
+async fn stores(
+    dir: &std::path::Path,
+) -> (Vec<(&'static str, Arc<dyn Store>)>, Option<PostgresStore>) {
     let mut stores: Vec<(&'static str, Arc<dyn Store>)> = vec![
         ("memory", fascicle::connect("memory://").await.unwrap()),
         (
@@ -18,46 +22,14 @@ async fn stores(dir: &std::path::Path) -> Vec<(&'static str, Arc<dyn Store>)> {
                 .unwrap(),
         ),
     ];
-    match std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) {
-        Some(url) => {
-            let schema = format!("fascicle_b_{}", uuid::Uuid::new_v4().simple());
-            let store = fascicle::postgres::PostgresStore::connect_with(
-                fascicle::postgres::PostgresOptions::new(url).schema(schema),
-            )
-            .await
-            .unwrap();
-            stores.push(("postgres", Arc::new(store)));
-        }
-        None => assert!(
-            std::env::var("REQUIRE_POSTGRES").as_deref() != Ok("1"),
-            "REQUIRE_POSTGRES=1 but DATABASE_URL is not set"
-        ),
+    let postgres = match fascicle_reliability::postgres_url("the PostgreSQL bad-input case") {
+        Some(url) => Some(fascicle_reliability::fresh_postgres(&url, "fascicle_b", |o| o).await),
+        None => None,
+    };
+    if let Some(store) = &postgres {
+        stores.push(("postgres", Arc::new(store.clone())));
     }
-    stores
-}
-
-async fn drop_postgres_schema(store: &Arc<dyn Store>) {
-    if store.driver() != "postgres" {
-        return;
-    }
-    // The store is behind `dyn Store`: reach the schema through a second connection.
-    let url = std::env::var("DATABASE_URL").unwrap();
-    let pool = fascicle::postgres::sqlx::PgPool::connect(&url)
-        .await
-        .unwrap();
-    let schemas: Vec<String> = fascicle::postgres::sqlx::query_scalar(
-        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'fascicle_b_%'",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    for schema in schemas {
-        let _ = fascicle::postgres::sqlx::query(fascicle::postgres::sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE"
-        )))
-        .execute(&pool)
-        .await;
-    }
+    (stores, postgres)
 }
 
 fn big_batch(n: usize, poison_last: bool) -> NewBatch {
@@ -74,7 +46,8 @@ fn big_batch(n: usize, poison_last: bool) -> NewBatch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_store_inputs_get_typed_errors_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    for (driver, store) in stores(dir.path()).await {
+    let (stores, postgres) = stores(dir.path()).await;
+    for (driver, store) in stores {
         let queue = Queue::new(Arc::clone(&store));
 
         // 100,000 children whose last one is unstorable: refused, nothing written.
@@ -131,7 +104,9 @@ async fn whole_store_inputs_get_typed_errors_and_write_nothing() {
             "RELIABILITY | bad input (100,000-child batch with an unstorable last child, malformed and unknown ids) | {driver} | 200,001 | 1 refused batch | 0 | 0 | - | {:.1}s",
             elapsed.as_secs_f64()
         );
-        drop_postgres_schema(&store).await;
+    }
+    if let Some(store) = postgres {
+        fascicle_reliability::drop_schema(&store).await;
     }
 }
 

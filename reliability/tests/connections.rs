@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fascicle::postgres::sqlx::{self, AssertSqlSafe, PgPool};
-use fascicle::postgres::{PostgresOptions, PostgresStore};
+use fascicle::postgres::PostgresStore;
+use fascicle::postgres::sqlx::{self, PgPool};
 use fascicle::{HandlerError, NewBatch, NewOperation, Queue, Registry, Status, Store, Worker};
 
 struct Database {
@@ -17,24 +17,15 @@ struct Database {
 
 impl Database {
     async fn open() -> Option<Self> {
-        let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
-            assert!(
-                std::env::var("REQUIRE_POSTGRES").as_deref() != Ok("1"),
-                "REQUIRE_POSTGRES=1 but DATABASE_URL is not set"
-            );
-            eprintln!("SKIPPED: DATABASE_URL is not set; the connection tests did not run");
-            return None;
-        };
-        let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let application = format!("fascicle-chaos-{}", &suffix[..12]);
-        let store = PostgresStore::connect_with(
-            PostgresOptions::new(&url)
-                .schema(format!("fascicle_k_{suffix}"))
-                .application_name(&application)
-                .max_connections(6),
-        )
-        .await
-        .unwrap();
+        let url = fascicle_reliability::postgres_url("the connection tests")?;
+        let application = format!(
+            "fascicle-chaos-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let store = fascicle_reliability::fresh_postgres(&url, "fascicle_k", |o| {
+            o.application_name(&application).max_connections(6)
+        })
+        .await;
         let admin = PgPool::connect(&url).await.unwrap();
         Some(Self {
             store,
@@ -43,37 +34,23 @@ impl Database {
         })
     }
 
-    /// Terminates every backend of the store's pool; returns how many.
-    async fn terminate(&self) -> i64 {
+    /// Terminates the store's backends — all of them, or only those inside a statement
+    /// or a transaction; returns how many.
+    async fn terminate(&self, busy_only: bool) -> i64 {
         sqlx::query_scalar(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+             WHERE application_name = $1 AND pid <> pg_backend_pid()
+               AND (NOT $2 OR state <> 'idle')",
         )
         .bind(&self.application)
-        .fetch_one(&self.admin)
-        .await
-        .unwrap()
-    }
-
-    /// Terminates the store's backends that are inside a statement or a transaction.
-    async fn terminate_busy(&self) -> i64 {
-        sqlx::query_scalar(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-             WHERE application_name = $1 AND pid <> pg_backend_pid() AND state <> 'idle'",
-        )
-        .bind(&self.application)
+        .bind(busy_only)
         .fetch_one(&self.admin)
         .await
         .unwrap()
     }
 
     async fn close(self) {
-        let _ = sqlx::query(AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS {} CASCADE",
-            self.store.schema()
-        )))
-        .execute(&self.admin)
-        .await;
+        fascicle_reliability::drop_schema(&self.store).await;
     }
 }
 
@@ -133,7 +110,7 @@ async fn a_drain_survives_its_connections_being_terminated() {
         if outstanding > total / 10
             && (done >= next_round || last_round.elapsed() >= Duration::from_millis(100))
         {
-            terminated += db.terminate().await;
+            terminated += db.terminate(false).await;
             rounds += 1;
             next_round = done + total / 10;
             last_round = Instant::now();
@@ -192,7 +169,7 @@ async fn a_submit_whose_connection_dies_leaves_all_or_nothing() {
         // Kill the connection once it is inside the submit's transaction (a little
         // later on each attempt), unless the submit is already over.
         tokio::time::sleep(Duration::from_millis(attempt * 4)).await;
-        while !submit.is_finished() && db.terminate_busy().await == 0 {
+        while !submit.is_finished() && db.terminate(true).await == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let outcome = submit.await.unwrap();

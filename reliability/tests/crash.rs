@@ -13,8 +13,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fascicle::postgres::sqlx::AssertSqlSafe;
-use fascicle::postgres::{PostgresOptions, PostgresStore};
 use fascicle::{BatchReceipt, NewBatch, NewOperation, Queue, Status, Store};
 
 const WORKERS: usize = 3;
@@ -207,22 +205,11 @@ async fn sqlite_workers_killed_with_sigkill_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_workers_killed_with_sigkill_lose_nothing() {
-    let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
-        assert!(
-            std::env::var("REQUIRE_POSTGRES").as_deref() != Ok("1"),
-            "REQUIRE_POSTGRES=1 but DATABASE_URL is not set"
-        );
-        eprintln!("SKIPPED: DATABASE_URL is not set; the PostgreSQL crash test did not run");
+    let Some(url) = fascicle_reliability::postgres_url("the PostgreSQL crash test") else {
         return;
     };
-    let schema = format!("fascicle_c_{}", uuid::Uuid::new_v4().simple());
-    let store = PostgresStore::connect_with(PostgresOptions::new(&url).schema(&schema))
-        .await
-        .unwrap();
+    let store = fascicle_reliability::fresh_postgres(&url, "fascicle_c", |o| o).await;
+    let schema = store.schema().to_string();
     run("postgres", Arc::new(store.clone()), &url, &schema).await;
-    let _ = fascicle::postgres::sqlx::query(AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS {schema} CASCADE"
-    )))
-    .execute(store.pool())
-    .await;
+    fascicle_reliability::drop_schema(&store).await;
 }

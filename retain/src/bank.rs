@@ -315,7 +315,7 @@ pub(crate) enum Work {
 }
 
 /// What a unit of work did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub(crate) enum WorkReport {
     Retain(RetainReport),
