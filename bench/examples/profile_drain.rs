@@ -4,6 +4,8 @@
 //! operation independently of how busy the host is (where the VM exposes the counter;
 //! otherwise compare `task-clock`):
 //!
+//! A number as the second argument runs that many workers instead of one.
+//!
 //! ```sh
 //! cargo build --release -p fascicle-bench --example profile_drain
 //! perf stat -e instructions:u target/release/examples/profile_drain 200000
@@ -21,7 +23,9 @@ use serde_json::{Value, json};
 async fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200_000);
-    let fill_only = args.next().as_deref() == Some("fill-only");
+    let mode = args.next();
+    let fill_only = mode.as_deref() == Some("fill-only");
+    let workers: usize = mode.and_then(|m| m.parse().ok()).unwrap_or(1);
     let store: Arc<dyn Store> = Arc::new(fascicle_memory::MemoryStore::new());
     let queue = Queue::new(Arc::clone(&store));
     for start in (0..n).step_by(10_000) {
@@ -38,24 +42,28 @@ async fn main() {
         return;
     }
     let ran = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&ran);
-    let mut registry = Registry::new();
-    registry.register("noop", move |_: Value, _| {
-        counter.fetch_add(1, Ordering::Relaxed);
-        async { Ok::<_, HandlerError>(Value::Null) }
-    });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    let worker = tokio::spawn(
-        Worker::new(Arc::clone(&store), registry)
-            .concurrency(128)
-            .claim_batch(128)
-            .poll_interval(Duration::from_millis(5))
-            .maintenance_interval(Duration::from_secs(3600))
-            .run(async {
-                let _ = stopped.await;
-            }),
-    );
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let counter = Arc::clone(&ran);
+        let mut registry = Registry::new();
+        registry.register("noop", move |_: Value, _| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            async { Ok::<_, HandlerError>(Value::Null) }
+        });
+        let mut stopped = stopped.clone();
+        handles.push(tokio::spawn(
+            Worker::new(Arc::clone(&store), registry)
+                .concurrency(128)
+                .claim_batch(128)
+                .poll_interval(Duration::from_millis(5))
+                .maintenance_interval(Duration::from_secs(3600))
+                .run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                }),
+        ));
+    }
     while ran.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -67,9 +75,12 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed();
-    let _ = stop.send(());
-    let report = worker.await.unwrap().unwrap();
-    assert_eq!(report.completed as usize, n);
+    let _ = stop.send(true);
+    let mut completed = 0;
+    for handle in handles {
+        completed += handle.await.unwrap().unwrap().completed;
+    }
+    assert_eq!(completed as usize, n);
     assert_eq!(ran.load(Ordering::Relaxed), n);
     println!(
         "{n} operations drained in {elapsed:?}: {:.0} ops/s",

@@ -62,6 +62,9 @@ pub enum Step {
     Rescue,
     /// Reconcile stranded parents.
     Reconcile,
+    /// Prune everything terminal (whole batches and stand-alone operations); later
+    /// submissions may reuse what the store freed.
+    Prune,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -73,6 +76,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<usize>().prop_map(|pick| Step::RetryBatch { pick }),
         1 => Just(Step::Rescue),
         1 => Just(Step::Reconcile),
+        1 => Just(Step::Prune),
     ]
 }
 
@@ -89,6 +93,8 @@ struct Model {
     held: Vec<ClaimedOperation>,
     /// Operations seen terminal; only a batch retry may reopen them.
     terminal: BTreeSet<OperationId>,
+    /// Pruned operations: gone for good.
+    pruned: BTreeSet<OperationId>,
 }
 
 /// Runs `steps` on a fresh store from `factory`, checking the invariants after each.
@@ -226,7 +232,58 @@ async fn apply(store: &Arc<dyn Store>, queue: &Queue, model: &mut Model, step: &
         Step::Reconcile => {
             store.reconcile_orphan_parents().await.unwrap();
         }
+        Step::Prune => prune(store, model).await,
     }
+}
+
+/// Prunes with a cut-off after every completion, checks that exactly the terminal
+/// batches (whole) and terminal stand-alone operations went, and forgets them.
+async fn prune(store: &Arc<dyn Store>, model: &mut Model) {
+    let mut terminal_before = BTreeSet::new();
+    for id in &model.ids {
+        let op = store.get(*id).await.unwrap().expect("known operations exist");
+        if op.status.is_terminal() {
+            terminal_before.insert(*id);
+        }
+    }
+    let mut expected = BTreeSet::new();
+    for (parent, children) in &model.parents {
+        if terminal_before.contains(parent) {
+            expected.insert(*parent);
+            expected.extend(children.iter().copied());
+        }
+    }
+    let children: BTreeSet<OperationId> = model.parents.values().flatten().copied().collect();
+    for id in &terminal_before {
+        if !model.parents.contains_key(id) && !children.contains(id) {
+            expected.insert(*id);
+        }
+    }
+    let cut_off = fascicle_api::chrono::Utc::now() + fascicle_api::chrono::Duration::hours(1);
+    let report = store.prune(cut_off).await.unwrap();
+    let mut gone = BTreeSet::new();
+    for id in &model.ids {
+        if store.get(*id).await.unwrap().is_none() {
+            gone.insert(*id);
+        }
+    }
+    assert_eq!(
+        gone, expected,
+        "prune removed other operations than the terminal batches and stand-alone ones"
+    );
+    let batches = model.parents.keys().filter(|p| gone.contains(p)).count() as u64;
+    assert_eq!(report.batches, batches, "batches pruned: {report:?}");
+    assert_eq!(
+        report.operations,
+        gone.len() as u64 - batches,
+        "operations pruned: {report:?}"
+    );
+    // Claims in `held` whose operation went stay there: finishing them must change
+    // nothing (the lease is gone with the row).
+    model.ids.retain(|id| !gone.contains(id));
+    model.pruned.extend(gone.iter().copied());
+    model.parents.retain(|id, _| !gone.contains(id));
+    model.terminal.retain(|id| !gone.contains(id));
 }
 
 async fn verify(
@@ -241,6 +298,11 @@ async fn verify(
             .unwrap()
             .ok_or_else(|| format!("operation {id} disappeared"))?;
         ops.insert(*id, op);
+    }
+    for id in &model.pruned {
+        if let Some(op) = store.get(*id).await.unwrap() {
+            return Err(format!("pruned operation {id} came back: {op:?}"));
+        }
     }
     for id in &model.terminal {
         if !ops[id].status.is_terminal() {

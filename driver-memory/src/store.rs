@@ -58,23 +58,154 @@ impl Hasher for IdHasher {
     }
 }
 
-/// Claim order: highest priority, then earliest `run_at`, then submission order.
-type ReadyKey = (Reverse<i32>, DateTime<Utc>, u64, OperationId);
+/// Claim order: highest priority, then earliest `run_at`, then submission order; the
+/// last element is the row's slot.
+type ReadyKey = (Reverse<i32>, DateTime<Utc>, u64, usize);
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    rows: IdMap<Row>,
+    rows: Rows,
     children: IdMap<Vec<OperationId>>,
     ready: BTreeSet<ReadyKey>,
     /// Serialization keys held by a `processing` operation.
     held_keys: HashMap<String, OperationId>,
+    /// The slots of the `processing` rows by id: a small, hot map where completions,
+    /// heartbeats and rescues look (the map of every id is large and cold).
+    processing: IdMap<usize>,
+    /// One shared copy of each kind's name.
+    kinds: HashMap<Arc<str>, ()>,
     next_seq: u64,
 }
 
+/// The rows in slots, in submission order (a pruned row's slot is reused), with an
+/// index by id. Claims walk the ready index in submission order, so they read the
+/// slots front to back instead of at random places in a hash table.
+#[derive(Debug, Default)]
+struct Rows {
+    slots: Vec<Option<Row>>,
+    ids: IdMap<usize>,
+    free: Vec<usize>,
+}
+
+impl Rows {
+    fn contains_key(&self, id: &OperationId) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    fn get(&self, id: &OperationId) -> Option<&Row> {
+        let slot = *self.ids.get(id)?;
+        self.slots[slot].as_ref()
+    }
+
+    fn get_mut(&mut self, id: &OperationId) -> Option<&mut Row> {
+        let slot = *self.ids.get(id)?;
+        self.slots[slot].as_mut()
+    }
+
+    fn at(&self, slot: usize) -> &Row {
+        self.slots[slot].as_ref().expect("indexed slots hold a row")
+    }
+
+    fn at_mut(&mut self, slot: usize) -> &mut Row {
+        self.slots[slot].as_mut().expect("indexed slots hold a row")
+    }
+
+    /// Stores `row` (whose id is not stored yet); returns its slot.
+    fn insert(&mut self, mut row: Row) -> usize {
+        let slot = self.free.pop().unwrap_or(self.slots.len());
+        row.slot = slot;
+        self.ids.insert(row.op.id, slot);
+        if slot == self.slots.len() {
+            self.slots.push(Some(row));
+        } else {
+            self.slots[slot] = Some(row);
+        }
+        slot
+    }
+
+    fn remove(&mut self, id: &OperationId) -> Option<Row> {
+        let slot = self.ids.remove(id)?;
+        self.free.push(slot);
+        self.slots[slot].take()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Row> {
+        self.slots.iter().flatten()
+    }
+}
+
+/// The parts of an operation that never change and are large: rows share them with
+/// claims, so the store's lock is held only to copy a reference, and the payload is
+/// copied for the claimer after the lock is released.
+#[derive(Debug)]
+struct Body {
+    payload: Option<Value>,
+    metadata: Option<Value>,
+}
+
+/// An operation's fields as stored.
 #[derive(Debug, Clone)]
+struct Fields {
+    id: OperationId,
+    /// Shared by every operation of the kind.
+    kind: Arc<str>,
+    parent_id: Option<OperationId>,
+    priority: i32,
+    serialization_key: Option<String>,
+    max_attempts: u32,
+    created_at: DateTime<Utc>,
+    /// A batch parent (no payload).
+    parent: bool,
+    body: Arc<Body>,
+    status: Status,
+    attempts: u32,
+    run_at: DateTime<Utc>,
+    /// Shared by every operation of one claim.
+    worker_id: Option<Arc<str>>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    children: Option<ChildCounters>,
+    error: Option<String>,
+    result: Option<Value>,
+    updated_at: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+}
+
+impl Fields {
+    fn is_parent(&self) -> bool {
+        self.parent
+    }
+
+    /// The operation as the store's API returns it (copies its text and payload).
+    fn operation(&self) -> Operation {
+        Operation {
+            id: self.id,
+            kind: self.kind.to_string(),
+            status: self.status,
+            payload: self.body.payload.clone(),
+            metadata: self.body.metadata.clone(),
+            parent_id: self.parent_id,
+            priority: self.priority,
+            serialization_key: self.serialization_key.clone(),
+            attempts: self.attempts,
+            max_attempts: self.max_attempts,
+            run_at: self.run_at,
+            worker_id: self.worker_id.as_deref().map(str::to_owned),
+            lease_expires_at: self.lease_expires_at,
+            children: self.children,
+            error: self.error.clone(),
+            result: self.result.clone(),
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            completed_at: self.completed_at,
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Row {
     seq: u64,
-    op: Operation,
+    slot: usize,
+    op: Fields,
     lease_token: Option<LeaseToken>,
     cancel_requested: bool,
 }
@@ -85,7 +216,7 @@ impl Row {
             Reverse(self.op.priority),
             self.op.run_at,
             self.seq,
-            self.op.id,
+            self.slot,
         )
     }
 
@@ -113,17 +244,23 @@ impl State {
     }
 
     pub(crate) fn apply_parent(&mut self, parent: &ParentRecord) {
-        let op = Operation {
-            id: parent.id,
-            kind: parent.kind.clone(),
-            status: Status::Pending,
+        let kind = self.kind(&parent.kind);
+        let body = Body {
             payload: None,
             metadata: Some(parent.metadata.clone()),
+        };
+        self.insert(Fields {
+            id: parent.id,
+            kind,
             parent_id: None,
             priority: 0,
             serialization_key: None,
-            attempts: 0,
             max_attempts: 0,
+            created_at: parent.created_at,
+            parent: true,
+            body: Arc::new(body),
+            status: Status::Pending,
+            attempts: 0,
             run_at: parent.created_at,
             worker_id: None,
             lease_expires_at: None,
@@ -133,53 +270,63 @@ impl State {
             }),
             error: None,
             result: None,
-            created_at: parent.created_at,
             updated_at: parent.created_at,
             completed_at: None,
-        };
-        self.insert(op);
+        });
     }
 
     pub(crate) fn apply_child(&mut self, child: ChildRecord) {
-        let op = Operation {
-            id: child.id,
-            kind: child.kind,
-            status: Status::Pending,
+        if let Some(parent) = child.parent_id {
+            self.children.entry(parent).or_default().push(child.id);
+        }
+        let kind = self.kind(&child.kind);
+        let body = Body {
             payload: Some(child.payload),
             metadata: None,
+        };
+        self.insert(Fields {
+            id: child.id,
+            kind,
             parent_id: child.parent_id,
             priority: child.priority,
             serialization_key: child.serialization_key,
-            attempts: 0,
             max_attempts: child.max_attempts,
+            created_at: child.created_at,
+            parent: false,
+            body: Arc::new(body),
+            status: Status::Pending,
+            attempts: 0,
             run_at: child.run_at,
             worker_id: None,
             lease_expires_at: None,
             children: None,
             error: None,
             result: None,
-            created_at: child.created_at,
             updated_at: child.created_at,
             completed_at: None,
-        };
-        if let Some(parent) = child.parent_id {
-            self.children.entry(parent).or_default().push(child.id);
-        }
-        self.insert(op);
+        });
     }
 
-    fn insert(&mut self, op: Operation) {
+    /// The shared copy of a kind's name.
+    fn kind(&mut self, kind: &str) -> Arc<str> {
+        if let Some((shared, ())) = self.kinds.get_key_value(kind) {
+            return Arc::clone(shared);
+        }
+        let shared: Arc<str> = Arc::from(kind);
+        self.kinds.insert(Arc::clone(&shared), ());
+        shared
+    }
+
+    fn insert(&mut self, op: Fields) {
         self.next_seq += 1;
         let id = op.id;
-        self.rows.insert(
-            id,
-            Row {
-                seq: self.next_seq,
-                op,
-                lease_token: None,
-                cancel_requested: false,
-            },
-        );
+        self.rows.insert(Row {
+            seq: self.next_seq,
+            slot: 0,
+            op,
+            lease_token: None,
+            cancel_requested: false,
+        });
         self.index(id);
     }
 
@@ -193,6 +340,7 @@ impl State {
                 self.ready.remove(&row.ready_key());
             }
             Status::Processing => {
+                self.processing.remove(&id);
                 if let Some(key) = &row.op.serialization_key
                     && self.held_keys.get(key) == Some(&id)
                 {
@@ -213,6 +361,7 @@ impl State {
                 self.ready.insert(row.ready_key());
             }
             Status::Processing => {
+                self.processing.insert(id, row.slot);
                 if let Some(key) = row.op.serialization_key.clone() {
                     self.held_keys.insert(key, id);
                 }
@@ -230,30 +379,35 @@ impl State {
         self.index(id);
     }
 
-    fn claim(&mut self, request: &ClaimRequest, now: DateTime<Utc>) -> Vec<ClaimedOperation> {
+    /// Claims under the lock: each row changes and its [`Fields`] are copied (cheap:
+    /// the body is shared). [`MemoryStore::claim`] turns them into operations after the
+    /// lock is released.
+    fn claim(&mut self, request: &ClaimRequest, now: DateTime<Utc>) -> Vec<(Fields, LeaseToken)> {
         let lease_until = now + chrono::Duration::from_std(request.lease).unwrap_or_default();
         let State {
             rows,
             ready,
             held_keys,
+            processing,
             ..
         } = self;
         let mut claimed = Vec::with_capacity(request.limit.min(ready.len()));
         let mut picked = Vec::with_capacity(claimed.capacity());
         let mut prefix = true;
+        let worker: Arc<str> = Arc::from(request.worker_id.as_str());
         // One pass in claim order, each row looked up once; a claimed serialization key
         // is held at once, so a second operation with it is skipped.
         for key in ready.iter() {
             if claimed.len() >= request.limit {
                 break;
             }
-            let &(_, run_at, _, id) = key;
-            let row = rows.get_mut(&id).expect("indexed rows exist");
+            let &(_, run_at, _, slot) = key;
+            let row = rows.at_mut(slot);
             let claimable = run_at <= now
                 && request
                     .kinds
                     .as_ref()
-                    .is_none_or(|kinds| kinds.contains(&row.op.kind))
+                    .is_none_or(|kinds| kinds.iter().any(|k| **k == *row.op.kind))
                 && row
                     .op
                     .serialization_key
@@ -263,21 +417,19 @@ impl State {
                 prefix = false;
                 continue;
             }
+            if let Some(k) = &row.op.serialization_key {
+                held_keys.insert(k.clone(), row.op.id);
+            }
+            processing.insert(row.op.id, slot);
             let token = LeaseToken::new();
             row.op.status = Status::Processing;
             row.op.attempts += 1;
-            row.op.worker_id = Some(request.worker_id.clone());
+            row.op.worker_id = Some(Arc::clone(&worker));
             row.op.lease_expires_at = Some(lease_until);
             row.op.updated_at = now;
             row.lease_token = Some(token);
             row.cancel_requested = false;
-            if let Some(k) = &row.op.serialization_key {
-                held_keys.insert(k.clone(), id);
-            }
-            claimed.push(ClaimedOperation {
-                operation: row.op.clone(),
-                lease_token: token,
-            });
+            claimed.push((row.op.clone(), token));
             picked.push(*key);
         }
         // Usually the claimed entries are the front of the index: take them off it
@@ -304,31 +456,51 @@ impl State {
         result: Option<Value>,
         now: DateTime<Utc>,
     ) {
-        let mut parent_id = None;
-        self.update(id, |row| {
-            row.op.status = status;
-            row.op.error = error;
-            row.op.result = result;
-            row.op.worker_id = None;
-            row.op.lease_expires_at = None;
-            row.op.updated_at = now;
-            row.op.completed_at = Some(now);
-            row.lease_token = None;
-            row.cancel_requested = false;
-            parent_id = row.op.parent_id;
-        });
-        if let Some(parent_id) = parent_id {
-            if let Some(counters) = self
-                .rows
-                .get_mut(&parent_id)
-                .and_then(|p| p.op.children.as_mut())
-            {
-                match status {
-                    Status::Completed => counters.completed += 1,
-                    Status::Failed => counters.failed += 1,
-                    _ => counters.cancelled += 1,
+        debug_assert!(status.is_terminal());
+        // The row leaves the indexes here (terminal rows are in none).
+        let Some(slot) = self.slot_of(&id) else {
+            return;
+        };
+        let row = self.rows.at_mut(slot);
+        match row.op.status {
+            Status::Pending if !row.op.is_parent() => {
+                self.ready.remove(&row.ready_key());
+            }
+            Status::Processing => {
+                self.processing.remove(&id);
+                if let Some(key) = &row.op.serialization_key
+                    && self.held_keys.get(key) == Some(&id)
+                {
+                    self.held_keys.remove(key);
                 }
             }
+            _ => {}
+        }
+        row.op.status = status;
+        row.op.error = error;
+        row.op.result = result;
+        row.op.worker_id = None;
+        row.op.lease_expires_at = None;
+        row.op.updated_at = now;
+        row.op.completed_at = Some(now);
+        row.lease_token = None;
+        row.cancel_requested = false;
+        let Some(parent_id) = row.op.parent_id else {
+            return;
+        };
+        let Some(parent) = self.rows.get_mut(&parent_id) else {
+            return;
+        };
+        let Some(counters) = parent.op.children.as_mut() else {
+            return;
+        };
+        match status {
+            Status::Completed => counters.completed += 1,
+            Status::Failed => counters.failed += 1,
+            _ => counters.cancelled += 1,
+        }
+        // Most completions leave the batch open: decided without another lookup.
+        if parent.op.status == Status::Pending && parent_outcome(counters).is_some() {
             self.finalize_parent(parent_id, now);
         }
     }
@@ -367,44 +539,47 @@ impl State {
         true
     }
 
+    /// The slot of a row, looked up among the processing rows first.
+    fn slot_of(&self, id: &OperationId) -> Option<usize> {
+        self.processing
+            .get(id)
+            .or_else(|| self.rows.ids.get(id))
+            .copied()
+    }
+
+    /// The processing row holding `lease`, if it is still held.
+    fn held(&mut self, lease: &Lease) -> Option<&mut Row> {
+        let slot = *self.processing.get(&lease.id)?;
+        Some(self.rows.at_mut(slot)).filter(|row| row.holds(lease.token))
+    }
+
     fn complete(&mut self, completion: &Completion, now: DateTime<Utc>) -> Applied {
-        match self.rows.get(&completion.id) {
-            Some(row) if row.holds(completion.lease_token) => {}
-            _ => return Applied::LeaseLost,
+        let lease = Lease {
+            id: completion.id,
+            token: completion.lease_token,
+        };
+        if self.held(&lease).is_none() {
+            return Applied::LeaseLost;
         }
-        match &completion.outcome {
-            Outcome::Completed(result) => self.finish(
-                completion.id,
-                Status::Completed,
-                None,
-                Some(result.clone()),
-                now,
-            ),
-            Outcome::Failed(error) => self.finish(
-                completion.id,
-                Status::Failed,
-                Some(error.clone()),
-                None,
-                now,
-            ),
-            Outcome::Cancelled(reason) => self.finish(
-                completion.id,
-                Status::Cancelled,
-                Some(reason.clone()),
-                None,
-                now,
-            ),
-            Outcome::Retry { error, run_at } => self.update(completion.id, |row| {
-                row.op.status = Status::Pending;
-                row.op.error = Some(error.clone());
-                row.op.run_at = *run_at;
-                row.op.worker_id = None;
-                row.op.lease_expires_at = None;
-                row.op.updated_at = now;
-                row.lease_token = None;
-                row.cancel_requested = false;
-            }),
-        }
+        let (status, error, result) = match &completion.outcome {
+            Outcome::Completed(result) => (Status::Completed, None, Some(result.clone())),
+            Outcome::Failed(error) => (Status::Failed, Some(error.clone()), None),
+            Outcome::Cancelled(reason) => (Status::Cancelled, Some(reason.clone()), None),
+            Outcome::Retry { error, run_at } => {
+                self.update(completion.id, |row| {
+                    row.op.status = Status::Pending;
+                    row.op.error = Some(error.clone());
+                    row.op.run_at = *run_at;
+                    row.op.worker_id = None;
+                    row.op.lease_expires_at = None;
+                    row.op.updated_at = now;
+                    row.lease_token = None;
+                    row.cancel_requested = false;
+                });
+                return Applied::Applied;
+            }
+        };
+        self.finish(completion.id, status, error, result, now);
         Applied::Applied
     }
 
@@ -449,7 +624,7 @@ impl Store for MemoryStore {
     }
 
     async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
-        Ok(self.lock().rows.get(&id).map(|row| row.op.clone()))
+        Ok(self.lock().rows.get(&id).map(|row| row.op.operation()))
     }
 
     async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
@@ -462,7 +637,7 @@ impl Store for MemoryStore {
             .filter_map(|id| state.rows.get(id))
             .collect();
         rows.sort_by_key(|row| row.seq);
-        Ok(rows.into_iter().map(|row| row.op.clone()).collect())
+        Ok(rows.into_iter().map(|row| row.op.operation()).collect())
     }
 
     async fn stats(&self) -> Result<Stats> {
@@ -483,7 +658,16 @@ impl Store for MemoryStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
-        Ok(self.lock().claim(request, Utc::now()))
+        let claimed = self.lock().claim(request, Utc::now());
+        // The copies are made with the lock released: other workers claim and complete
+        // meanwhile.
+        Ok(claimed
+            .into_iter()
+            .map(|(fields, lease_token)| ClaimedOperation {
+                operation: fields.operation(),
+                lease_token,
+            })
+            .collect())
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
@@ -498,8 +682,8 @@ impl Store for MemoryStore {
         let mut state = self.lock();
         Ok(leases
             .iter()
-            .map(|l| match state.rows.get_mut(&l.id) {
-                Some(row) if row.holds(l.token) => {
+            .map(|l| match state.held(l) {
+                Some(row) => {
                     row.op.lease_expires_at = Some(until);
                     row.op.updated_at = now;
                     LeaseStatus {
@@ -520,7 +704,7 @@ impl Store for MemoryStore {
         let mut state = self.lock();
         let mut released = 0;
         for l in leases {
-            if state.rows.get(&l.id).is_some_and(|row| row.holds(l.token)) {
+            if state.held(l).is_some() {
                 state.update(l.id, |row| {
                     row.op.status = Status::Pending;
                     row.op.attempts = row.op.attempts.saturating_sub(1);
@@ -539,17 +723,16 @@ impl Store for MemoryStore {
         let now = Utc::now();
         let mut state = self.lock();
         let expired: Vec<(OperationId, bool)> = state
-            .rows
+            .processing
             .values()
-            .filter(|r| {
-                r.op.status == Status::Processing && r.op.lease_expires_at.is_some_and(|t| t < now)
-            })
+            .map(|&slot| state.rows.at(slot))
+            .filter(|r| r.op.lease_expires_at.is_some_and(|t| t < now))
             .map(|r| (r.op.id, r.op.attempts >= r.op.max_attempts))
             .collect();
         let mut report = RescueReport::default();
         for (id, exhausted) in expired {
             if exhausted {
-                let attempts = state.rows[&id].op.attempts;
+                let attempts = state.rows.get(&id).map_or(0, |r| r.op.attempts);
                 state.finish(
                     id,
                     Status::Failed,
