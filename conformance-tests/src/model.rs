@@ -241,7 +241,11 @@ async fn apply(store: &Arc<dyn Store>, queue: &Queue, model: &mut Model, step: &
 async fn prune(store: &Arc<dyn Store>, model: &mut Model) {
     let mut terminal_before = BTreeSet::new();
     for id in &model.ids {
-        let op = store.get(*id).await.unwrap().expect("known operations exist");
+        let op = store
+            .get(*id)
+            .await
+            .unwrap()
+            .expect("known operations exist");
         if op.status.is_terminal() {
             terminal_before.insert(*id);
         }

@@ -1,5 +1,10 @@
 //! The in-process store: committed state behind one mutex, with an ordered index of
 //! ready operations so a claim costs O(claimed), not O(stored).
+//!
+//! Layout, chosen for the drain's memory traffic: rows live in slots in submission
+//! order (claims walk them front to back), processing rows have their own small id map
+//! (completions look there, not in the map of every id), kinds are shared strings, and
+//! payloads sit behind a shared pointer so a claim copies them after releasing the lock.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, HashMap};
@@ -179,7 +184,7 @@ impl Fields {
     fn operation(&self) -> Operation {
         Operation {
             id: self.id,
-            kind: self.kind.to_string(),
+            kind: (*self.kind).to_owned(),
             status: self.status,
             payload: self.body.payload.clone(),
             metadata: self.body.metadata.clone(),
