@@ -4,7 +4,8 @@
 //! operation independently of how busy the host is (where the VM exposes the counter;
 //! otherwise compare `task-clock`):
 //!
-//! A number as the second argument runs that many workers instead of one.
+//! A number as the second argument runs that many workers instead of one; `sqlite` as
+//! the third drains a temporary SQLite file instead of the memory store.
 //!
 //! ```sh
 //! cargo build --release -p fascicle-bench --example profile_drain
@@ -26,7 +27,14 @@ async fn main() {
     let mode = args.next();
     let fill_only = mode.as_deref() == Some("fill-only");
     let workers: usize = mode.and_then(|m| m.parse().ok()).unwrap_or(1);
-    let store: Arc<dyn Store> = Arc::new(fascicle_memory::MemoryStore::new());
+    let store: Arc<dyn Store> = match args.next().as_deref() {
+        Some("sqlite") => Arc::new(
+            fascicle_sqlite::SqliteStore::open_temporary()
+                .await
+                .unwrap(),
+        ),
+        _ => Arc::new(fascicle_memory::MemoryStore::new()),
+    };
     let queue = Queue::new(Arc::clone(&store));
     for start in (0..n).step_by(10_000) {
         let take = (n - start).min(10_000);

@@ -59,6 +59,67 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX fascicle_operations_finished
         ON fascicle_operations (completed_at) WHERE completed_at IS NOT NULL;
     "#,
+    // The status CHECK as `=` comparisons: SQLite builds a temporary B-tree for an `IN`
+    // list on every execution of a statement that changes `status`, which made each
+    // claim and completion about twice as slow. The table is rebuilt (SQLite cannot
+    // change a CHECK in place), rows and rowids kept.
+    r#"
+    CREATE TABLE fascicle_operations_v3 (
+        seq                 INTEGER PRIMARY KEY,
+        id                  BLOB NOT NULL UNIQUE,
+        kind                TEXT NOT NULL,
+        status              TEXT NOT NULL CHECK (status = 'pending' OR status = 'processing'
+                                OR status = 'completed' OR status = 'failed'
+                                OR status = 'cancelled'),
+        payload             TEXT,
+        metadata            TEXT,
+        parent_id           BLOB,
+        priority            INTEGER NOT NULL DEFAULT 0,
+        serialization_key   TEXT,
+        attempts            INTEGER NOT NULL DEFAULT 0,
+        max_attempts        INTEGER NOT NULL,
+        run_at              INTEGER NOT NULL,
+        worker_id           TEXT,
+        lease_token         BLOB,
+        lease_expires_at    INTEGER,
+        children_total      INTEGER,
+        children_completed  INTEGER,
+        children_failed     INTEGER,
+        children_cancelled  INTEGER,
+        error               TEXT,
+        result              TEXT,
+        created_at          INTEGER NOT NULL,
+        updated_at          INTEGER NOT NULL,
+        completed_at        INTEGER,
+        cancel_requested    INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO fascicle_operations_v3 (seq, id, kind, status, payload, metadata, parent_id,
+        priority, serialization_key, attempts, max_attempts, run_at, worker_id, lease_token,
+        lease_expires_at, children_total, children_completed, children_failed,
+        children_cancelled, error, result, created_at, updated_at, completed_at,
+        cancel_requested)
+    SELECT seq, id, kind, status, payload, metadata, parent_id, priority, serialization_key,
+        attempts, max_attempts, run_at, worker_id, lease_token, lease_expires_at,
+        children_total, children_completed, children_failed, children_cancelled, error,
+        result, created_at, updated_at, completed_at, cancel_requested
+    FROM fascicle_operations;
+    DROP TABLE fascicle_operations;
+    ALTER TABLE fascicle_operations_v3 RENAME TO fascicle_operations;
+    CREATE INDEX fascicle_operations_by_parent
+        ON fascicle_operations (parent_id) WHERE parent_id IS NOT NULL;
+    CREATE INDEX fascicle_operations_claimable
+        ON fascicle_operations (priority DESC, run_at)
+        WHERE status = 'pending' AND payload IS NOT NULL;
+    CREATE UNIQUE INDEX fascicle_operations_key_held
+        ON fascicle_operations (serialization_key)
+        WHERE status = 'processing' AND serialization_key IS NOT NULL;
+    CREATE INDEX fascicle_operations_leases
+        ON fascicle_operations (lease_expires_at) WHERE status = 'processing';
+    CREATE INDEX fascicle_operations_open_parents
+        ON fascicle_operations (created_at) WHERE payload IS NULL AND status = 'pending';
+    CREATE INDEX fascicle_operations_finished
+        ON fascicle_operations (completed_at) WHERE completed_at IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -87,4 +148,103 @@ pub(crate) fn migrate(conn: &mut Connection, location: &str) -> Result<()> {
             .map_err(|e| error::storage(location, e))?;
     }
     tx.commit().map_err(|e| error::storage(location, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row of the operations table, every column, in rowid order.
+    fn dump(conn: &Connection) -> Vec<Vec<rusqlite::types::Value>> {
+        let mut stmt = conn
+            .prepare("SELECT * FROM fascicle_operations ORDER BY seq")
+            .unwrap();
+        let columns = stmt.column_count();
+        stmt.query_map([], |row| {
+            (0..columns)
+                .map(|i| row.get(i))
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    #[test]
+    fn version_2_databases_are_rebuilt_with_their_rows_and_the_status_check_kept() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO fascicle_operations (seq, id, kind, status, metadata, max_attempts,
+                 run_at, children_total, children_completed, children_failed,
+                 children_cancelled, created_at, updated_at)
+             VALUES (7, x'01', 'batch', 'pending', '{}', 0, 1, 2, 1, 0, 0, 1, 2);
+             INSERT INTO fascicle_operations (seq, id, kind, status, payload, parent_id,
+                 attempts, max_attempts, run_at, result, created_at, updated_at, completed_at)
+             VALUES (8, x'02', 'op', 'completed', '{\"i\":0}', x'01', 1, 3, 1, 'null', 1, 3, 3);
+             INSERT INTO fascicle_operations (seq, id, kind, status, payload, parent_id,
+                 serialization_key, attempts, max_attempts, run_at, worker_id, lease_token,
+                 lease_expires_at, cancel_requested, created_at, updated_at)
+             VALUES (12, x'03', 'op', 'processing', '{\"i\":1}', x'01', 'k', 1, 3, 1, 'w',
+                 x'aa', 99, 1, 1, 4);",
+        )
+        .unwrap();
+        let before = dump(&conn);
+
+        migrate(&mut conn, "test").unwrap();
+
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, CURRENT_VERSION);
+        assert_eq!(dump(&conn), before, "rows, rowids and columns are kept");
+        let indexes: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master
+                 WHERE type = 'index' AND tbl_name = 'fascicle_operations'
+                   AND name LIKE 'fascicle_operations_%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(indexes, 6, "every index is recreated");
+        let refused = conn.execute(
+            "UPDATE fascicle_operations SET status = 'lost' WHERE seq = 8",
+            [],
+        );
+        assert!(refused.is_err(), "an unknown status is still refused");
+        let next: i64 = conn
+            .query_row(
+                "INSERT INTO fascicle_operations (id, kind, status, payload, max_attempts,
+                     run_at, created_at, updated_at)
+                 VALUES (x'04', 'op', 'pending', '{}', 1, 1, 1, 1) RETURNING seq",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(next, 13, "new rows follow the highest kept rowid");
+    }
+
+    #[test]
+    fn changing_a_status_builds_no_temporary_btree() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, "test").unwrap();
+        let opcodes: Vec<String> = conn
+            .prepare(
+                "EXPLAIN UPDATE fascicle_operations SET status = 'processing'
+                 WHERE seq = ?1 AND status = 'pending'",
+            )
+            .unwrap()
+            .query_map([1], |r| r.get(1))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            !opcodes.iter().any(|op| op == "OpenEphemeral"),
+            "the status check builds a temporary B-tree per statement: {opcodes:?}"
+        );
+    }
 }
