@@ -337,9 +337,15 @@ impl State {
 
     /// Removes a row from the claim index and the held keys, before it changes.
     fn unindex(&mut self, id: OperationId) {
-        let Some(row) = self.rows.get(&id) else {
-            return;
-        };
+        if let Some(slot) = self.slot_of(&id) {
+            self.unindex_at(slot);
+        }
+    }
+
+    /// [`unindex`](Self::unindex) for the row in `slot`.
+    fn unindex_at(&mut self, slot: usize) {
+        let row = self.rows.at(slot);
+        let id = row.op.id;
         match row.op.status {
             Status::Pending if !row.op.is_parent() => {
                 self.ready.remove(&row.ready_key());
@@ -462,25 +468,12 @@ impl State {
         now: DateTime<Utc>,
     ) {
         debug_assert!(status.is_terminal());
-        // The row leaves the indexes here (terminal rows are in none).
+        // The row leaves the indexes (terminal rows are in none).
         let Some(slot) = self.slot_of(&id) else {
             return;
         };
+        self.unindex_at(slot);
         let row = self.rows.at_mut(slot);
-        match row.op.status {
-            Status::Pending if !row.op.is_parent() => {
-                self.ready.remove(&row.ready_key());
-            }
-            Status::Processing => {
-                self.processing.remove(&id);
-                if let Some(key) = &row.op.serialization_key
-                    && self.held_keys.get(key) == Some(&id)
-                {
-                    self.held_keys.remove(key);
-                }
-            }
-            _ => {}
-        }
         row.op.status = status;
         row.op.error = error;
         row.op.result = result;
