@@ -115,8 +115,8 @@ impl Rows {
         self.slots[slot].as_mut().expect("indexed slots hold a row")
     }
 
-    /// Stores `row` (whose id is not stored yet); returns its slot.
-    fn insert(&mut self, mut row: Row) -> usize {
+    /// Stores `row` (whose id is not stored yet) in a free slot.
+    fn insert(&mut self, mut row: Row) {
         let slot = self.free.pop().unwrap_or(self.slots.len());
         row.slot = slot;
         self.ids.insert(row.op.id, slot);
@@ -125,7 +125,6 @@ impl Rows {
         } else {
             self.slots[slot] = Some(row);
         }
-        slot
     }
 
     fn remove(&mut self, id: &OperationId) -> Option<Row> {
@@ -159,8 +158,6 @@ struct Fields {
     serialization_key: Option<String>,
     max_attempts: u32,
     created_at: DateTime<Utc>,
-    /// A batch parent (no payload).
-    parent: bool,
     body: Arc<Body>,
     status: Status,
     attempts: u32,
@@ -168,6 +165,7 @@ struct Fields {
     /// Shared by every operation of one claim.
     worker_id: Option<Arc<str>>,
     lease_expires_at: Option<DateTime<Utc>>,
+    /// A batch parent's counters; `None` exactly for operations.
     children: Option<ChildCounters>,
     error: Option<String>,
     result: Option<Value>,
@@ -176,8 +174,38 @@ struct Fields {
 }
 
 impl Fields {
+    /// A just-submitted, pending row with no batch, priority, key or counters.
+    fn pending(
+        id: OperationId,
+        kind: Arc<str>,
+        body: Body,
+        run_at: DateTime<Utc>,
+        created_at: DateTime<Utc>,
+    ) -> Self {
+        Self {
+            id,
+            kind,
+            parent_id: None,
+            priority: 0,
+            serialization_key: None,
+            max_attempts: 0,
+            created_at,
+            body: Arc::new(body),
+            status: Status::Pending,
+            attempts: 0,
+            run_at,
+            worker_id: None,
+            lease_expires_at: None,
+            children: None,
+            error: None,
+            result: None,
+            updated_at: created_at,
+            completed_at: None,
+        }
+    }
+
     fn is_parent(&self) -> bool {
-        self.parent
+        self.children.is_some()
     }
 
     /// The operation as the store's API returns it (copies its text and payload).
@@ -255,28 +283,11 @@ impl State {
             metadata: Some(parent.metadata.clone()),
         };
         self.insert(Fields {
-            id: parent.id,
-            kind,
-            parent_id: None,
-            priority: 0,
-            serialization_key: None,
-            max_attempts: 0,
-            created_at: parent.created_at,
-            parent: true,
-            body: Arc::new(body),
-            status: Status::Pending,
-            attempts: 0,
-            run_at: parent.created_at,
-            worker_id: None,
-            lease_expires_at: None,
             children: Some(ChildCounters {
                 total: parent.children_total,
                 ..ChildCounters::default()
             }),
-            error: None,
-            result: None,
-            updated_at: parent.created_at,
-            completed_at: None,
+            ..Fields::pending(parent.id, kind, body, parent.created_at, parent.created_at)
         });
     }
 
@@ -290,25 +301,11 @@ impl State {
             metadata: None,
         };
         self.insert(Fields {
-            id: child.id,
-            kind,
             parent_id: child.parent_id,
             priority: child.priority,
             serialization_key: child.serialization_key,
             max_attempts: child.max_attempts,
-            created_at: child.created_at,
-            parent: false,
-            body: Arc::new(body),
-            status: Status::Pending,
-            attempts: 0,
-            run_at: child.run_at,
-            worker_id: None,
-            lease_expires_at: None,
-            children: None,
-            error: None,
-            result: None,
-            updated_at: child.created_at,
-            completed_at: None,
+            ..Fields::pending(child.id, kind, body, child.run_at, child.created_at)
         });
     }
 

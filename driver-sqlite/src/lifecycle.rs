@@ -11,7 +11,7 @@ use fascicle_api::{
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::error;
-use crate::store::{COLUMNS, micros, operation_from_row};
+use crate::store::{COLUMNS, instant, micros, operation_from_row};
 
 /// `?` for rusqlite results inside fascicle-returning code.
 pub(crate) trait Db<T> {
@@ -56,6 +56,7 @@ pub(crate) fn claim(
         let mut keys = std::collections::HashSet::new();
         while picked.len() < request.limit {
             let Some(row) = rows.next().db()? else { break };
+            // Column 7 of COLUMNS is serialization_key; `seq` follows the 22 of them.
             let key: Option<String> = row.get(7).db()?;
             if let Some(key) = key
                 && !keys.insert(key)
@@ -73,7 +74,7 @@ pub(crate) fn claim(
              WHERE seq = ?1 AND status = 'pending'",
         )
         .db()?;
-    let (lease_expires_at, updated_at) = (instant(lease_until)?, instant(now_us)?);
+    let (lease_expires_at, updated_at) = (instant(lease_until).db()?, instant(now_us).db()?);
     let mut claimed = Vec::with_capacity(picked.len());
     for (seq, mut operation) in picked {
         let token = LeaseToken::new();
@@ -102,12 +103,6 @@ pub(crate) fn claim(
         });
     }
     Ok(claimed)
-}
-
-/// A stored instant (microseconds) as the store reads it back.
-fn instant(micros: i64) -> Result<DateTime<Utc>> {
-    DateTime::from_timestamp_micros(micros)
-        .ok_or_else(|| Error::InvalidInput(format!("timestamp {micros} µs is out of range")))
 }
 
 /// Children's terminal outcomes to add to one parent's counters.

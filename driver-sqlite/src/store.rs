@@ -318,7 +318,7 @@ pub(crate) fn micros(at: DateTime<Utc>) -> i64 {
     at.timestamp_micros()
 }
 
-fn instant(micros: i64) -> rusqlite::Result<DateTime<Utc>> {
+pub(crate) fn instant(micros: i64) -> rusqlite::Result<DateTime<Utc>> {
     DateTime::from_timestamp_micros(micros).ok_or_else(|| {
         rusqlite::Error::FromSqlConversionFailure(
             0,
