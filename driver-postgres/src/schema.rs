@@ -7,20 +7,153 @@ use sqlx::{AssertSqlSafe, PgPool};
 
 use crate::error;
 
-/// Checks a schema name: `^[a-z_][a-z0-9_]{0,62}$`. It is the only identifier ever spliced
-/// into SQL, so it is validated once, here.
+/// The NOTIFY channel of a schema is this prefix followed by the schema name.
+const CHANNEL_PREFIX: &str = "fascicle_";
+
+/// PostgreSQL's longest identifier, in bytes (`NAMEDATALEN - 1`). Channel names are held
+/// to it too: `pg_notify` refuses a longer one ("channel name too long") and `LISTEN`
+/// truncates it.
+const PG_MAX_IDENTIFIER_BYTES: usize = 63;
+
+/// The longest schema name: every identifier derived from it must fit in 63 bytes. The
+/// schema itself is one; the only other is the channel `fascicle_<schema>`, 9 bytes longer.
+/// (Table, index and constraint names are fixed and only qualified by the schema; the
+/// migration lock key is a hashed string, not an identifier.) So 63 - 9 = 54.
+pub(crate) const MAX_SCHEMA_LEN: usize = PG_MAX_IDENTIFIER_BYTES - CHANNEL_PREFIX.len();
+
+/// The key words PostgreSQL reserves (categories "reserved" and "reserved (can be function
+/// or type)" of the SQL Key Words appendix; PostgreSQL 15's `pg_get_keywords()` plus 16's
+/// `system_user`): unquoted, none can name a schema in `{schema}.operations`. Sorted, for
+/// the binary search.
+const RESERVED_KEY_WORDS: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
+/// Checks a schema name: `^[a-z_][a-z0-9_]{0,53}$`, not starting with `pg_` (reserved by
+/// PostgreSQL for system schemas) and not a reserved key word. It is the only identifier
+/// ever spliced into SQL, so it is validated once, here, before any connection is made.
 pub(crate) fn validate_schema(name: &str) -> Result<()> {
     let mut chars = name.chars();
-    let valid = matches!(chars.next(), Some('a'..='z' | '_'))
-        && name.len() <= 63
+    let well_formed = matches!(chars.next(), Some('a'..='z' | '_'))
         && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'));
-    if valid {
-        Ok(())
+    let problem = if !well_formed {
+        "it must match ^[a-z_][a-z0-9_]*$ (a-z, 0-9 and _, not starting with a digit)".to_string()
+    } else if name.len() > MAX_SCHEMA_LEN {
+        format!(
+            "it is {} characters long and the limit is {MAX_SCHEMA_LEN}, so that the NOTIFY channel {CHANNEL_PREFIX}<schema> fits in PostgreSQL's {PG_MAX_IDENTIFIER_BYTES}-byte identifier limit",
+            name.len()
+        )
+    } else if name.starts_with("pg_") {
+        "the prefix pg_ is reserved by PostgreSQL for system schemas".to_string()
+    } else if RESERVED_KEY_WORDS.binary_search(&name).is_ok() {
+        "it is a reserved SQL key word in PostgreSQL".to_string()
     } else {
-        Err(Error::InvalidInput(format!(
-            "schema name {name:?} is not allowed: use 1 to 63 characters of a-z, 0-9 and _, not starting with a digit"
-        )))
-    }
+        return Ok(());
+    };
+    Err(Error::InvalidInput(format!(
+        "schema name {name:?} is not allowed: {problem}. A schema name is 1 to {MAX_SCHEMA_LEN} characters of a-z, 0-9 and _ (^[a-z_][a-z0-9_]{{0,{}}}$), not starting with pg_, and not a reserved key word such as user, order or table",
+        MAX_SCHEMA_LEN - 1
+    )))
 }
 
 /// Migrations in order; `{schema}` is replaced by the validated schema name.
@@ -172,7 +305,7 @@ impl Sql {
         let s = |text: &str| -> Arc<str> { text.replace("{schema}", schema).into() };
         Self {
             schema: schema.to_string(),
-            channel: format!("fascicle_{schema}"),
+            channel: format!("{CHANNEL_PREFIX}{schema}"),
             insert_parent: s(INSERT_PARENT),
             insert_parent_if_absent: s(&format!(
                 "{} ON CONFLICT (id) DO NOTHING",
@@ -223,11 +356,24 @@ pub(crate) fn sql(text: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
 
 #[cfg(test)]
 mod tests {
-    use super::validate_schema;
+    use super::{Sql, validate_schema};
+    use fascicle_api::Error;
+
+    /// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names fail or truncate.
+    const PG_IDENTIFIER_BYTES: usize = 63;
+    /// `fascicle_` + schema, the NOTIFY channel, must fit in 63 bytes: 63 - 9.
+    const LONGEST: usize = 54;
+
+    fn refusal(name: &str) -> String {
+        match validate_schema(name) {
+            Err(Error::InvalidInput(message)) => message,
+            other => panic!("{name:?} should be refused with InvalidInput, got {other:?}"),
+        }
+    }
 
     #[test]
     fn only_plain_lowercase_identifiers_pass() {
-        for ok in ["fascicle", "_x", "a1_b2", &"a".repeat(63)] {
+        for ok in ["fascicle", "tenant_42", "_x", "a1_b2", &"a".repeat(LONGEST)] {
             assert!(validate_schema(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -244,5 +390,68 @@ mod tests {
         ] {
             assert!(validate_schema(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_longest_accepted_schema_keeps_every_derived_identifier_within_63_bytes() {
+        let longest = "s".repeat(LONGEST);
+        assert!(validate_schema(&longest).is_ok());
+        let sql = Sql::new(&longest);
+        assert!(
+            sql.channel.len() <= PG_IDENTIFIER_BYTES,
+            "channel {} is {} bytes",
+            sql.channel,
+            sql.channel.len()
+        );
+        assert!(longest.len() <= PG_IDENTIFIER_BYTES);
+    }
+
+    #[test]
+    fn one_byte_past_the_limit_is_refused_naming_the_limit() {
+        let message = refusal(&"s".repeat(LONGEST + 1));
+        assert!(message.contains(&LONGEST.to_string()), "{message}");
+        assert!(message.contains("fascicle_"), "{message}");
+        assert!(message.contains("63"), "{message}");
+        // The 59 characters that used to pass and then broke every submit.
+        refusal(&"s".repeat(59));
+    }
+
+    #[test]
+    fn reserved_key_words_are_refused() {
+        for word in [
+            "user",
+            "order",
+            "select",
+            "table",
+            "all",
+            "group",
+            "limit",
+            "system_user",
+            "join",
+            "left",
+            "authorization",
+            "current_schema",
+            "verbose",
+            "tablesample",
+        ] {
+            let message = refusal(word);
+            assert!(message.contains("reserved"), "{word}: {message}");
+        }
+        // Non-reserved key words are ordinary identifiers and stay allowed.
+        for word in ["action", "data", "name", "value", "int", "public"] {
+            assert!(validate_schema(word).is_ok(), "{word}");
+        }
+    }
+
+    #[test]
+    fn the_key_word_list_is_sorted_for_binary_search() {
+        assert!(super::RESERVED_KEY_WORDS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(super::MAX_SCHEMA_LEN, LONGEST);
+    }
+
+    #[test]
+    fn the_pg_prefix_reserved_for_system_schemas_is_refused() {
+        let message = refusal("pg_queue");
+        assert!(message.contains("pg_"), "{message}");
     }
 }

@@ -209,6 +209,10 @@ async fn schema_name_injection_is_rejected_before_connecting() {
         "",
         "9lives",
         "x.y",
+        "user",
+        "order",
+        "pg_jobs",
+        &"a".repeat(55),
     ] {
         let err = PostgresStore::connect_with(
             PostgresOptions::new("postgres://nobody@127.0.0.1:1/none").schema(bad),
@@ -219,6 +223,62 @@ async fn schema_name_injection_is_rejected_before_connecting() {
             matches!(&err, Error::InvalidInput(m) if m.contains("schema name")),
             "{bad:?}: {err}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_longest_accepted_schema_submits_and_notifies() {
+    use fascicle_api::InProcessWaker;
+    use std::time::Duration;
+
+    let database = match common::database().await {
+        Ok(database) => database,
+        Err(reason) => {
+            common::announce_skip(&reason);
+            return;
+        }
+    };
+    // 54 bytes: the longest name validation accepts, making a 63-byte channel.
+    let schema = format!("{:x<54}", common::fresh_schema());
+    let store = PostgresStore::connect_with(
+        PostgresOptions::new(&database.url)
+            .schema(schema.clone())
+            .max_connections(3),
+    )
+    .await
+    .expect("the longest accepted schema name must connect and migrate");
+    assert_eq!(store.notify_channel().len(), 63);
+
+    let waker = InProcessWaker::new();
+    let mut woken = waker.subscribe();
+    let listener = store.listen(waker.clone()).await.unwrap();
+    let submitter = store.clone();
+    let outcome = async move {
+        let store = submitter;
+        let receipt = Queue::new(Arc::new(store.clone()))
+            .submit_batch(batch(3))
+            .await
+            .expect("a submit on the longest accepted schema failed");
+        assert_eq!(store.children_of(receipt.parent_id).await.unwrap().len(), 3);
+        tokio::time::timeout(Duration::from_secs(5), woken.woken())
+            .await
+            .expect("no NOTIFY arrived on the 63-byte channel");
+
+        // One byte more and the server itself refuses the channel, which is why the
+        // name is capped at 54.
+        let err = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(format!("{}x", store.notify_channel()))
+            .execute(store.pool())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("too long"), "{err}");
+    };
+    let outcome = tokio::spawn(outcome).await;
+    drop(listener);
+    common::drop_schema(&store).await;
+    drop(database);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
     }
 }
 
