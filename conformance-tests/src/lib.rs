@@ -121,8 +121,18 @@ where
 #[macro_export]
 macro_rules! suite {
     ($factory:expr) => {
-        $crate::__suite_cases!(
-            $factory;
+        $crate::__for_each_case!(__suite_cases; $factory);
+    };
+}
+
+/// The one list of cases: [`suite!`] and [`cases::ALL`] are both expanded from it, and a
+/// test fails when a `pub async fn` in `src/cases/` is missing here.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __for_each_case {
+    ($callback:ident; $($args:tt)*) => {
+        $crate::$callback!(
+            $($args)*;
             batch_commit_makes_parent_and_children_visible,
             rollback_on_child_failure,
             rollback_on_first_child_failure,
@@ -149,6 +159,7 @@ macro_rules! suite {
             large_batch_10k_children_commits_atomically,
             claim_never_returns_parents,
             claim_respects_priority_and_run_at,
+            claim_skips_key_duplicates_before_the_limit,
             retry_backoff_then_success,
             permanent_error_fails_immediately,
             max_attempts_exhausted_fails_and_fails_parent,
@@ -161,6 +172,12 @@ macro_rules! suite {
             reconcile_zero_child_parent,
             reconcile_parent_with_all_children_terminal,
             cancel_batch_cascades,
+            cancel_request_survives_a_retryable_outcome,
+            cancel_request_survives_release,
+            cancel_request_survives_rescue,
+            retry_batch_clears_the_cancel_request,
+            cancel_races_a_retryable_outcome,
+            cancel_races_a_completion,
             retry_batch_requeues_failed_children,
             serialization_key_exclusive,
             graceful_shutdown_releases_in_flight,
@@ -184,5 +201,16 @@ macro_rules! __suite_cases {
                 );
             }
         )+
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __case_table {
+    (; $($case:ident),+ $(,)?) => {
+        /// Every case by name, in the order [`suite!`](crate::suite) runs them.
+        pub const ALL: &[(&str, $crate::CaseFn)] = &[
+            $((::core::stringify!($case), |store| ::std::boxed::Box::pin($case(store)))),+
+        ];
     };
 }

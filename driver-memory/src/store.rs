@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use fascicle_api::messages;
+use fascicle_api::table::{self, LifecycleRow, Transition};
 use fascicle_api::{
     Applied, CancelReport, Capabilities, ChildCounters, ChildRecord, ClaimRequest,
     ClaimedOperation, Completion, Counted, Error, Lease, LeaseStatus, LeaseToken, Operation,
     OperationId, Outcome, ParentRecord, PruneReport, ReconcileReport, RescueReport, Result, Stats,
-    Status, Store, Transaction, ZERO_CHILDREN_REASON, most_common_error, parent_outcome,
-    parent_summary,
+    Status, Store, Transaction, most_common_error, parent_outcome, parent_summary,
 };
 use serde_json::Value;
 
@@ -256,6 +257,44 @@ impl Row {
     fn holds(&self, token: LeaseToken) -> bool {
         self.op.status == Status::Processing && self.lease_token == Some(token)
     }
+
+    /// Applies `transition`'s field effects (the shared table's interpreter) and stamps
+    /// the change.
+    fn take(&mut self, transition: &Transition, error: Option<String>, now: DateTime<Utc>) {
+        transition.apply(self, error);
+        self.op.updated_at = now;
+        if transition.is_terminal() {
+            self.op.completed_at = Some(now);
+        }
+    }
+}
+
+impl LifecycleRow for Row {
+    fn attempts(&self) -> u32 {
+        self.op.attempts
+    }
+
+    fn set_status(&mut self, status: Status) {
+        self.op.status = status;
+    }
+
+    fn set_attempts(&mut self, attempts: u32) {
+        self.op.attempts = attempts;
+    }
+
+    fn set_cancel_requested(&mut self, requested: bool) {
+        self.cancel_requested = requested;
+    }
+
+    fn drop_lease(&mut self) {
+        self.op.worker_id = None;
+        self.op.lease_expires_at = None;
+        self.lease_token = None;
+    }
+
+    fn set_error(&mut self, error: Option<String>) {
+        self.op.error = error;
+    }
 }
 
 impl MemoryStore {
@@ -436,7 +475,6 @@ impl State {
             row.op.lease_expires_at = Some(lease_until);
             row.op.updated_at = now;
             row.lease_token = Some(token);
-            row.cancel_requested = false;
             claimed.push((row.op.clone(), token));
             picked.push(*key);
         }
@@ -459,27 +497,21 @@ impl State {
     fn finish(
         &mut self,
         id: OperationId,
-        status: Status,
+        transition: &Transition,
         error: Option<String>,
         result: Option<Value>,
         now: DateTime<Utc>,
     ) {
-        debug_assert!(status.is_terminal());
+        debug_assert!(transition.is_terminal());
         // The row leaves the indexes (terminal rows are in none).
         let Some(slot) = self.slot_of(&id) else {
             return;
         };
         self.unindex_at(slot);
         let row = self.rows.at_mut(slot);
-        row.op.status = status;
-        row.op.error = error;
+        row.take(transition, error, now);
         row.op.result = result;
-        row.op.worker_id = None;
-        row.op.lease_expires_at = None;
-        row.op.updated_at = now;
-        row.op.completed_at = Some(now);
-        row.lease_token = None;
-        row.cancel_requested = false;
+        let status = row.op.status;
         let Some(parent_id) = row.op.parent_id else {
             return;
         };
@@ -556,25 +588,25 @@ impl State {
         if self.held(&lease).is_none() {
             return Applied::LeaseLost;
         }
-        let (status, error, result) = match &completion.outcome {
-            Outcome::Completed(result) => (Status::Completed, None, Some(result.clone())),
-            Outcome::Failed(error) => (Status::Failed, Some(error.clone()), None),
-            Outcome::Cancelled(reason) => (Status::Cancelled, Some(reason.clone()), None),
+        let (transition, error, result) = match &completion.outcome {
+            Outcome::Completed(result) => (table::COMPLETE, None, Some(result.clone())),
+            Outcome::Failed(error) => (table::FAIL, Some(error.clone()), None),
+            Outcome::Cancelled(reason) => (table::STOP_CANCELLED, Some(reason.clone()), None),
             Outcome::Retry { error, run_at } => {
-                self.update(completion.id, |row| {
-                    row.op.status = Status::Pending;
-                    row.op.error = Some(error.clone());
-                    row.op.run_at = *run_at;
-                    row.op.worker_id = None;
-                    row.op.lease_expires_at = None;
-                    row.op.updated_at = now;
-                    row.lease_token = None;
-                    row.cancel_requested = false;
-                });
-                return Applied::Applied;
+                let cancel_requested = self.held(&lease).is_some_and(|r| r.cancel_requested);
+                if cancel_requested {
+                    let error = messages::cancelled_instead_of_retry(error);
+                    (table::RETRY_AFTER_CANCEL, Some(error), None)
+                } else {
+                    self.update(completion.id, |row| {
+                        row.take(&table::RETRY, Some(error.clone()), now);
+                        row.op.run_at = *run_at;
+                    });
+                    return Applied::Applied;
+                }
             }
         };
-        self.finish(completion.id, status, error, result, now);
+        self.finish(completion.id, &transition, error, result, now);
         Applied::Applied
     }
 
@@ -584,17 +616,11 @@ impl State {
         };
         match row.op.status {
             Status::Pending => {
-                self.finish(
-                    id,
-                    Status::Cancelled,
-                    Some("cancelled before it ran".into()),
-                    None,
-                    now,
-                );
+                self.finish(id, &table::CANCEL_PENDING, None, None, now);
                 report.cancelled += 1;
             }
             Status::Processing => {
-                row.cancel_requested = true;
+                row.take(&table::REQUEST_CANCEL, None, now);
                 report.signalled += 1;
             }
             _ => report.already_terminal += 1,
@@ -699,17 +725,13 @@ impl Store for MemoryStore {
         let mut state = self.lock();
         let mut released = 0;
         for l in leases {
-            if state.held(l).is_some() {
-                state.update(l.id, |row| {
-                    row.op.status = Status::Pending;
-                    row.op.attempts = row.op.attempts.saturating_sub(1);
-                    row.op.worker_id = None;
-                    row.op.lease_expires_at = None;
-                    row.op.updated_at = now;
-                    row.lease_token = None;
-                });
-                released += 1;
+            let Some(row) = state.held(l) else { continue };
+            if row.cancel_requested {
+                state.finish(l.id, &table::RELEASE_AFTER_CANCEL, None, None, now);
+            } else {
+                state.update(l.id, |row| row.take(&table::RELEASE, None, now));
             }
+            released += 1;
         }
         Ok(released)
     }
@@ -717,38 +739,33 @@ impl Store for MemoryStore {
     async fn rescue_expired_leases(&self) -> Result<RescueReport> {
         let now = Utc::now();
         let mut state = self.lock();
-        let expired: Vec<(OperationId, bool)> = state
+        let expired: Vec<(OperationId, Transition, u32)> = state
             .processing
             .values()
             .map(|&slot| state.rows.at(slot))
             .filter(|r| r.op.lease_expires_at.is_some_and(|t| t < now))
-            .map(|r| (r.op.id, r.op.attempts >= r.op.max_attempts))
+            .map(|r| {
+                let rescue = table::rescue_of(r.cancel_requested, r.op.attempts, r.op.max_attempts);
+                (r.op.id, rescue, r.op.attempts)
+            })
             .collect();
         let mut report = RescueReport::default();
-        for (id, exhausted) in expired {
-            if exhausted {
-                let attempts = state.rows.get(&id).map_or(0, |r| r.op.attempts);
-                state.finish(
-                    id,
-                    Status::Failed,
-                    Some(format!(
-                        "lease expired on attempt {attempts}, the last allowed; the worker probably crashed"
-                    )),
-                    None,
-                    now,
-                );
-                report.failed += 1;
-            } else {
+        for (id, rescue, attempts) in expired {
+            if rescue == table::RESCUE {
                 state.update(id, |row| {
-                    row.op.status = Status::Pending;
-                    row.op.error = Some("lease expired; the worker probably crashed".into());
-                    row.op.worker_id = None;
-                    row.op.lease_expires_at = None;
+                    row.take(&rescue, None, now);
                     row.op.run_at = now;
-                    row.op.updated_at = now;
-                    row.lease_token = None;
                 });
                 report.requeued += 1;
+            } else {
+                let error = (rescue == table::RESCUE_EXHAUSTED)
+                    .then(|| messages::lease_expired_on_last_attempt(attempts));
+                state.finish(id, &rescue, error, None, now);
+                if rescue == table::RESCUE_AFTER_CANCEL {
+                    report.cancelled += 1;
+                } else {
+                    report.failed += 1;
+                }
             }
         }
         Ok(report)
@@ -784,11 +801,8 @@ impl Store for MemoryStore {
             }
             if children.is_empty() {
                 state.update(parent_id, |row| {
-                    row.op.status = Status::Failed;
-                    row.op.error = Some(ZERO_CHILDREN_REASON.into());
+                    row.take(&table::RECONCILE_EMPTY, None, now);
                     row.op.children = Some(ChildCounters::default());
-                    row.op.updated_at = now;
-                    row.op.completed_at = Some(now);
                 });
                 report.empty_parents_failed += 1;
             } else {
@@ -845,12 +859,9 @@ impl Store for MemoryStore {
         }
         for (id, _) in &retry {
             state.update(*id, |row| {
-                row.op.status = Status::Pending;
-                row.op.attempts = 0;
-                row.op.error = None;
+                row.take(&table::RETRY_BATCH_CHILD, None, now);
                 row.op.result = None;
                 row.op.run_at = now;
-                row.op.updated_at = now;
                 row.op.completed_at = None;
             });
         }
@@ -861,10 +872,8 @@ impl Store for MemoryStore {
                 c.failed -= failed.min(c.failed);
                 c.cancelled -= cancelled.min(c.cancelled);
             }
-            row.op.status = Status::Pending;
-            row.op.error = None;
+            row.take(&table::RETRY_BATCH_PARENT, None, now);
             row.op.result = None;
-            row.op.updated_at = now;
             row.op.completed_at = None;
         });
         Ok(retry.len() as u64)

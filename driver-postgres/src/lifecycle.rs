@@ -9,6 +9,7 @@ use fascicle_api::{
     LeaseStatus, LeaseToken, OperationId, Outcome, PruneReport, ReconcileReport, RescueReport,
     Result, Status, ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary,
 };
+use fascicle_api::{messages, table};
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -38,28 +39,40 @@ pub(crate) async fn claim(
         .collect();
     let columns = columns.join(", ");
     let statement = sql.text(&format!(
-        "WITH candidates AS (
-             SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
+        // One-per-key comes before the limit: the first ready operation of each key not
+        // held by a processing one competes with the keyless ones for the `$1` places, so
+        // a long run of one key never hides the work behind it.
+        "WITH keyless AS (
+             SELECT id, priority, run_at, seq FROM {{s}}.operations
              WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= now()
-               AND ($2::text[] IS NULL OR kind = ANY($2))
-               AND (serialization_key IS NULL OR NOT EXISTS (
-                    SELECT 1 FROM {{s}}.operations AS h
-                    WHERE h.serialization_key = o.serialization_key AND h.status = 'processing'))
+               AND ($2::text[] IS NULL OR kind = ANY($2)) AND serialization_key IS NULL
              ORDER BY priority DESC, run_at, seq
              LIMIT $1
              FOR UPDATE SKIP LOCKED
+         ), first_of_each_key AS (
+             SELECT DISTINCT ON (serialization_key) id, priority, run_at, seq
+             FROM {{s}}.operations AS o
+             WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= now()
+               AND ($2::text[] IS NULL OR kind = ANY($2)) AND serialization_key IS NOT NULL
+               AND NOT EXISTS (
+                    SELECT 1 FROM {{s}}.operations AS h
+                    WHERE h.serialization_key = o.serialization_key AND h.status = 'processing')
+             ORDER BY serialization_key, priority DESC, run_at, seq
+         ), keyed AS (
+             SELECT o.id, o.priority, o.run_at, o.seq FROM {{s}}.operations AS o
+             WHERE o.id IN (SELECT id FROM first_of_each_key
+                            ORDER BY priority DESC, run_at, seq LIMIT $1)
+               AND o.status = 'pending'
+             FOR UPDATE SKIP LOCKED
          ), picked AS (
-             SELECT id FROM (
-                 SELECT id, serialization_key, row_number() OVER (
-                     PARTITION BY serialization_key ORDER BY priority DESC, run_at, seq) AS rank
-                 FROM candidates) AS ranked
-             WHERE serialization_key IS NULL OR rank = 1
+             SELECT id FROM (SELECT * FROM keyless UNION ALL SELECT * FROM keyed) AS c
+             ORDER BY priority DESC, run_at, seq
+             LIMIT $1
          )
          UPDATE {{s}}.operations AS o
          SET status = 'processing', attempts = attempts + 1, worker_id = $3,
              lease_token = gen_random_uuid(),
-             lease_expires_at = now() + make_interval(secs => $4), cancel_requested = false,
-             updated_at = now()
+             lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
          FROM picked WHERE o.id = picked.id
          RETURNING {columns}, o.lease_token, o.seq"
     ));
@@ -232,6 +245,8 @@ pub(crate) async fn complete(
     let mut results: Vec<Option<Value>> = Vec::with_capacity(n);
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut run_ats: Vec<Option<chrono::DateTime<chrono::Utc>>> = Vec::with_capacity(n);
+    // The error a retry stores instead when a cancel was requested (`retry_after_cancel`).
+    let mut cancel_errors: Vec<Option<String>> = Vec::with_capacity(n);
     for c in completions {
         tokens.push(*c.lease_token.as_uuid());
         let (status, result, error, run_at) = match &c.outcome {
@@ -243,22 +258,35 @@ pub(crate) async fn complete(
             }
         };
         statuses.push(status.as_str());
+        cancel_errors.push(
+            matches!(c.outcome, Outcome::Retry { .. })
+                .then(|| messages::cancelled_instead_of_retry(error.unwrap_or_default())),
+        );
         results.push(result);
         errors.push(error);
         run_ats.push(run_at);
     }
     let rows = sqlx::query(sql.text(
         "WITH input AS (
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[],
-                                  $6::timestamptz[])
-                 AS t(id, token, status, result, error, run_at)),
+             SELECT *, (status = 'pending') AS retry
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[],
+                         $6::timestamptz[], $7::text[])
+                 AS t(id, token, status, result, error, run_at, cancel_error)),
          updated AS (
+             -- A retry of an operation whose cancel was requested is `retry_after_cancel`:
+             -- cancelled, not re-queued.
              UPDATE {s}.operations AS o
-             SET status = i.status, result = i.result, error = i.error,
-                 run_at = coalesce(i.run_at, o.run_at),
+             SET status = CASE WHEN i.retry AND o.cancel_requested THEN 'cancelled'
+                               ELSE i.status END,
+                 result = i.result,
+                 error = CASE WHEN i.retry AND o.cancel_requested THEN i.cancel_error
+                              ELSE i.error END,
+                 run_at = CASE WHEN i.retry AND NOT o.cancel_requested THEN i.run_at
+                               ELSE o.run_at END,
                  worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-                 cancel_requested = false, updated_at = now(),
-                 completed_at = CASE WHEN i.status = 'pending' THEN NULL ELSE now() END
+                 updated_at = now(),
+                 completed_at = CASE WHEN i.retry AND NOT o.cancel_requested THEN NULL
+                                     ELSE now() END
              FROM input AS i
              WHERE o.id = i.id AND o.status = 'processing' AND o.lease_token = i.token
              RETURNING o.id, o.parent_id, o.status),
@@ -290,6 +318,7 @@ pub(crate) async fn complete(
     .bind(&results)
     .bind(&errors)
     .bind(&run_ats)
+    .bind(&cancel_errors)
     .fetch_all(&mut *conn)
     .await
     .db()?;
@@ -358,52 +387,85 @@ pub(crate) async fn heartbeat(
 pub(crate) async fn release(conn: &mut PgConnection, sql: &Sql, leases: &[Lease]) -> Result<u64> {
     let ids: Vec<Uuid> = leases.iter().map(|l| *l.id.as_uuid()).collect();
     let tokens: Vec<Uuid> = leases.iter().map(|l| *l.token.as_uuid()).collect();
-    Ok(sqlx::query(sql.text(
+    let mut released = sqlx::query(sql.text(
         "UPDATE {s}.operations AS o
          SET status = 'pending', attempts = greatest(attempts - 1, 0), worker_id = NULL,
-             lease_token = NULL, lease_expires_at = NULL, cancel_requested = false,
-             updated_at = now()
+             lease_token = NULL, lease_expires_at = NULL, updated_at = now()
          FROM unnest($1::uuid[], $2::uuid[]) AS l(id, token)
-         WHERE o.id = l.id AND o.status = 'processing' AND o.lease_token = l.token",
+         WHERE o.id = l.id AND o.status = 'processing' AND o.lease_token = l.token
+           AND NOT o.cancel_requested",
     ))
     .bind(&ids)
     .bind(&tokens)
     .execute(&mut *conn)
     .await
     .db()?
-    .rows_affected())
+    .rows_affected();
+    // `release_after_cancel`: the held operations whose cancel was requested end cancelled.
+    let cancelled: Vec<(Uuid, Uuid)> = sqlx::query_as(sql.text(
+        "SELECT o.id, o.lease_token FROM {s}.operations AS o
+         JOIN unnest($1::uuid[], $2::uuid[]) AS l(id, token)
+           ON o.id = l.id AND o.lease_token = l.token
+         WHERE o.status = 'processing' AND o.cancel_requested",
+    ))
+    .bind(&ids)
+    .bind(&tokens)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    for (id, token) in cancelled {
+        let error = Some(messages::CANCELLED_AT_RELEASE);
+        if finish(conn, sql, id, Some(token), Status::Cancelled, error, None).await? {
+            released += 1;
+        }
+    }
+    Ok(released)
 }
 
 pub(crate) async fn rescue(conn: &mut PgConnection, sql: &Sql) -> Result<RescueReport> {
     let requeued = sqlx::query(sql.text(
-        "UPDATE {s}.operations SET status = 'pending',
-             error = 'lease expired; the worker probably crashed',
-             worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+        "UPDATE {s}.operations SET status = 'pending', error = $1, worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
              run_at = now(), updated_at = now()
-         WHERE status = 'processing' AND lease_expires_at < now() AND attempts < max_attempts",
+         WHERE status = 'processing' AND lease_expires_at < now() AND attempts < max_attempts
+           AND NOT cancel_requested",
     ))
+    .bind(messages::LEASE_EXPIRED)
     .execute(&mut *conn)
     .await
     .db()?
     .rows_affected();
-    let exhausted: Vec<(Uuid, i32)> = sqlx::query_as(sql.text(
-        "SELECT id, attempts FROM {s}.operations
+    // What is still expired is `rescue_exhausted` or `rescue_after_cancel`.
+    let ending: Vec<(Uuid, i32, i32, bool)> = sqlx::query_as(sql.text(
+        "SELECT id, attempts, max_attempts, cancel_requested FROM {s}.operations
          WHERE status = 'processing' AND lease_expires_at < now()
          FOR UPDATE SKIP LOCKED",
     ))
     .fetch_all(&mut *conn)
     .await
     .db()?;
-    let mut failed = 0;
-    for (id, attempts) in exhausted {
-        let error = format!(
-            "lease expired on attempt {attempts}, the last allowed; the worker probably crashed"
-        );
-        if finish(conn, sql, id, None, Status::Failed, Some(&error), None).await? {
-            failed += 1;
+    let mut report = RescueReport {
+        requeued,
+        ..RescueReport::default()
+    };
+    for (id, attempts, max_attempts, cancel) in ending {
+        let rescue = table::rescue_of(cancel, attempts as u32, max_attempts as u32);
+        let (status, error) = if rescue == table::RESCUE_AFTER_CANCEL {
+            (Status::Cancelled, messages::CANCELLED_AT_RESCUE.to_owned())
+        } else {
+            (
+                Status::Failed,
+                messages::lease_expired_on_last_attempt(attempts as u32),
+            )
+        };
+        if finish(conn, sql, id, None, status, Some(&error), None).await? {
+            if status == Status::Cancelled {
+                report.cancelled += 1;
+            } else {
+                report.failed += 1;
+            }
         }
     }
-    Ok(RescueReport { requeued, failed })
+    Ok(report)
 }
 
 pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<ReconcileReport> {
@@ -479,7 +541,7 @@ async fn cancel_one(
                 id,
                 None,
                 Status::Cancelled,
-                Some("cancelled before it ran"),
+                Some(messages::CANCELLED_BEFORE_RUN),
                 None,
             )
             .await?
@@ -560,7 +622,8 @@ pub(crate) async fn retry_batch(
     let (failed, cancelled): (i64, i64) = sqlx::query_as(sql.text(
         "WITH retried AS (
              UPDATE {s}.operations AS o SET status = 'pending', attempts = 0, error = NULL,
-                 result = NULL, run_at = now(), updated_at = now(), completed_at = NULL
+                 result = NULL, cancel_requested = false, run_at = now(), updated_at = now(),
+                 completed_at = NULL
              FROM (SELECT id, status FROM {s}.operations
                    WHERE parent_id = $1 AND status IN ('failed', 'cancelled') FOR UPDATE) AS old
              WHERE o.id = old.id

@@ -8,6 +8,7 @@ use fascicle_api::{
     RescueReport, Result, Status, ZERO_CHILDREN_REASON, most_common_error, parent_outcome,
     parent_summary,
 };
+use fascicle_api::{messages, table};
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::error;
@@ -69,8 +70,7 @@ pub(crate) fn claim(
     let mut stmt = tx
         .prepare_cached(
             "UPDATE fascicle_operations SET status = 'processing', attempts = attempts + 1,
-                 worker_id = ?2, lease_token = ?3, lease_expires_at = ?4, cancel_requested = 0,
-                 updated_at = ?5
+                 worker_id = ?2, lease_token = ?3, lease_expires_at = ?4, updated_at = ?5
              WHERE seq = ?1 AND status = 'pending'",
         )
         .db()?;
@@ -314,22 +314,15 @@ pub(crate) fn complete(
             Outcome::Failed(error) => terminal(Status::Failed, Some(error), None)?,
             Outcome::Cancelled(reason) => terminal(Status::Cancelled, Some(reason), None)?,
             Outcome::Retry { error, run_at } => {
-                tx.prepare_cached(
-                    "UPDATE fascicle_operations SET status = 'pending', error = ?3, run_at = ?4,
-                         worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-                         cancel_requested = 0, updated_at = ?5
-                     WHERE id = ?1 AND status = 'processing' AND lease_token = ?2",
-                )
-                .db()?
-                .execute(params![
-                    c.id.as_bytes(),
-                    c.lease_token.as_uuid().as_bytes(),
-                    error,
-                    micros(*run_at),
-                    now
-                ])
-                .db()?
-                    == 1
+                if retry(tx, c, error, micros(*run_at), now)? {
+                    true
+                } else if cancel_requested(tx, &c.id, &c.lease_token)? {
+                    // `retry_after_cancel`: a cancelled operation is not re-queued.
+                    let error = messages::cancelled_instead_of_retry(error);
+                    terminal(Status::Cancelled, Some(&error), None)?
+                } else {
+                    false
+                }
             }
         };
         applied.push(if changed {
@@ -342,6 +335,44 @@ pub(crate) fn complete(
         move_parent(tx, &parent, delta, now)?;
     }
     Ok(applied)
+}
+
+/// The `retry` row: back to `pending` under the attempt's lease, unless a cancel was
+/// requested. Returns whether it applied.
+fn retry(tx: &Transaction<'_>, c: &Completion, error: &str, run_at: i64, now: i64) -> Result<bool> {
+    Ok(tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET status = 'pending', error = ?3, run_at = ?4,
+                 worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = ?5
+             WHERE id = ?1 AND status = 'processing' AND lease_token = ?2
+               AND cancel_requested = 0",
+        )
+        .db()?
+        .execute(params![
+            c.id.as_bytes(),
+            c.lease_token.as_uuid().as_bytes(),
+            error,
+            run_at,
+            now
+        ])
+        .db()?
+        == 1)
+}
+
+/// Whether `id` is still held under `token` with a cancel request pending.
+fn cancel_requested(tx: &Transaction<'_>, id: &OperationId, token: &LeaseToken) -> Result<bool> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT cancel_requested FROM fascicle_operations
+             WHERE id = ?1 AND status = 'processing' AND lease_token = ?2",
+        )
+        .db()?
+        .query_row(params![id.as_bytes(), token.as_uuid().as_bytes()], |row| {
+            row.get::<_, bool>(0)
+        })
+        .optional()
+        .db()?
+        .unwrap_or(false))
 }
 
 pub(crate) fn heartbeat(
@@ -381,23 +412,34 @@ pub(crate) fn heartbeat(
 }
 
 pub(crate) fn release(tx: &Transaction<'_>, leases: &[Lease], now: DateTime<Utc>) -> Result<u64> {
-    let mut stmt = tx
-        .prepare_cached(
-            "UPDATE fascicle_operations SET status = 'pending', attempts = max(attempts - 1, 0),
-                 worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-                 cancel_requested = 0, updated_at = ?3
-             WHERE id = ?1 AND status = 'processing' AND lease_token = ?2",
-        )
-        .db()?;
+    let now = micros(now);
     let mut released = 0;
     for l in leases {
-        released += stmt
-            .execute(params![
-                l.id.as_bytes(),
-                l.token.as_uuid().as_bytes(),
-                micros(now)
-            ])
-            .db()? as u64;
+        let changed = tx
+            .prepare_cached(
+                "UPDATE fascicle_operations SET status = 'pending',
+                     attempts = max(attempts - 1, 0), worker_id = NULL, lease_token = NULL,
+                     lease_expires_at = NULL, updated_at = ?3
+                 WHERE id = ?1 AND status = 'processing' AND lease_token = ?2
+                   AND cancel_requested = 0",
+            )
+            .db()?
+            .execute(params![l.id.as_bytes(), l.token.as_uuid().as_bytes(), now])
+            .db()?
+            == 1;
+        // `release_after_cancel`: a cancelled operation is not re-queued.
+        let cancelled = !changed
+            && cancel_requested(tx, &l.id, &l.token)?
+            && finish(
+                tx,
+                &l.id,
+                Some(&l.token),
+                Status::Cancelled,
+                Some(messages::CANCELLED_AT_RELEASE),
+                None,
+                now,
+            )?;
+        released += u64::from(changed || cancelled);
     }
     Ok(released)
 }
@@ -410,40 +452,49 @@ fn id_of(bytes: Vec<u8>) -> Result<OperationId> {
 
 pub(crate) fn rescue(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<RescueReport> {
     let now = micros(now);
-    let expired: Vec<(Vec<u8>, u32, u32)> = tx
+    let expired: Vec<(Vec<u8>, u32, u32, bool)> = tx
         .prepare_cached(
-            "SELECT id, attempts, max_attempts FROM fascicle_operations
+            "SELECT id, attempts, max_attempts, cancel_requested FROM fascicle_operations
              WHERE status = 'processing' AND lease_expires_at < ?1",
         )
         .db()?
         .query_map(params![now], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
         })
         .db()?
         .collect::<rusqlite::Result<_>>()
         .db()?;
     let mut report = RescueReport::default();
-    for (id, attempts, max_attempts) in expired {
+    for (id, attempts, max_attempts, cancel) in expired {
         let id = id_of(id)?;
-        if attempts >= max_attempts {
-            let error = format!(
-                "lease expired on attempt {attempts}, the last allowed; the worker probably crashed"
-            );
-            if finish(tx, &id, None, Status::Failed, Some(&error), None, now)? {
-                report.failed += 1;
-            }
-        } else {
+        let rescue = table::rescue_of(cancel, attempts, max_attempts);
+        if rescue == table::RESCUE {
             report.requeued += tx
                 .prepare_cached(
-                    "UPDATE fascicle_operations SET status = 'pending',
-                         error = 'lease expired; the worker probably crashed',
+                    "UPDATE fascicle_operations SET status = 'pending', error = ?3,
                          worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
                          run_at = ?2, updated_at = ?2
                      WHERE id = ?1 AND status = 'processing' AND lease_expires_at < ?2",
                 )
                 .db()?
-                .execute(params![id.as_bytes(), now])
+                .execute(params![id.as_bytes(), now, messages::LEASE_EXPIRED])
                 .db()? as u64;
+            continue;
+        }
+        let (status, error) = if rescue == table::RESCUE_AFTER_CANCEL {
+            (Status::Cancelled, messages::CANCELLED_AT_RESCUE.to_owned())
+        } else {
+            (
+                Status::Failed,
+                messages::lease_expired_on_last_attempt(attempts),
+            )
+        };
+        if finish(tx, &id, None, status, Some(&error), None, now)? {
+            if status == Status::Cancelled {
+                report.cancelled += 1;
+            } else {
+                report.failed += 1;
+            }
         }
     }
     Ok(report)
@@ -532,7 +583,7 @@ fn cancel_one(
                 id,
                 None,
                 Status::Cancelled,
-                Some("cancelled before it ran"),
+                Some(messages::CANCELLED_BEFORE_RUN),
                 None,
                 now,
             )? {
@@ -631,7 +682,8 @@ pub(crate) fn retry_batch(
     }
     tx.prepare_cached(
         "UPDATE fascicle_operations SET status = 'pending', attempts = 0, error = NULL,
-             result = NULL, run_at = ?2, updated_at = ?2, completed_at = NULL
+             result = NULL, cancel_requested = 0, run_at = ?2, updated_at = ?2,
+             completed_at = NULL
          WHERE parent_id = ?1 AND status IN ('failed', 'cancelled')",
     )
     .db()?

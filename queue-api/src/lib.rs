@@ -17,6 +17,7 @@ pub use lifecycle::{
     LeaseToken, Outcome, PruneReport, ReconcileReport, RescueReport, RetryPolicy,
     ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary,
 };
+pub use lifecycle::{messages, table};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
 pub use queue::{Limits, MAX_JSON_DEPTH, Queue};
 pub use store::{Store, Transaction};

@@ -929,7 +929,7 @@ async fn maintain(
         }
         match store.rescue_expired_leases().await {
             Ok(rescued) => {
-                let n = rescued.requeued + rescued.failed;
+                let n = rescued.requeued + rescued.failed + rescued.cancelled;
                 report.lock().expect("report").rescued += n;
                 metrics::counter!("fascicle_rescued_total").increment(n);
             }

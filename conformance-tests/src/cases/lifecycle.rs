@@ -14,7 +14,7 @@ use fascicle_api::{
 };
 use serde_json::{Value, json};
 
-fn request(limit: usize) -> ClaimRequest {
+pub(super) fn request(limit: usize) -> ClaimRequest {
     ClaimRequest {
         worker_id: "conformance".into(),
         limit,
@@ -23,23 +23,27 @@ fn request(limit: usize) -> ClaimRequest {
     }
 }
 
-fn children(kind: &str, n: usize) -> impl Iterator<Item = NewOperation> + '_ {
+pub(super) fn children(kind: &str, n: usize) -> impl Iterator<Item = NewOperation> + '_ {
     (0..n).map(move |i| NewOperation::new(kind, json!({ "index": i })))
 }
 
 /// Submits a batch of `n` `retain` children.
-async fn retain_batch(queue: &Queue, n: usize) -> fascicle_api::BatchReceipt {
+pub(super) async fn retain_batch(queue: &Queue, n: usize) -> fascicle_api::BatchReceipt {
     queue
         .submit_batch(NewBatch::new("batch").children(children("retain", n)))
         .await
         .unwrap()
 }
 
-async fn claim(store: &Arc<dyn Store>, limit: usize) -> Vec<ClaimedOperation> {
+pub(super) async fn claim(store: &Arc<dyn Store>, limit: usize) -> Vec<ClaimedOperation> {
     store.claim(&request(limit)).await.unwrap()
 }
 
-async fn finish(store: &Arc<dyn Store>, claimed: &ClaimedOperation, outcome: Outcome) -> Applied {
+pub(super) async fn finish(
+    store: &Arc<dyn Store>,
+    claimed: &ClaimedOperation,
+    outcome: Outcome,
+) -> Applied {
     store
         .complete(&[Completion {
             id: claimed.operation.id,
@@ -50,7 +54,7 @@ async fn finish(store: &Arc<dyn Store>, claimed: &ClaimedOperation, outcome: Out
         .unwrap()[0]
 }
 
-async fn status(store: &Arc<dyn Store>, id: OperationId) -> Status {
+pub(super) async fn status(store: &Arc<dyn Store>, id: OperationId) -> Status {
     store
         .get(id)
         .await
@@ -59,7 +63,7 @@ async fn status(store: &Arc<dyn Store>, id: OperationId) -> Status {
         .status
 }
 
-fn fast_worker(store: &Arc<dyn Store>, registry: Registry) -> Worker {
+pub(super) fn fast_worker(store: &Arc<dyn Store>, registry: Registry) -> Worker {
     Worker::new(Arc::clone(store), registry)
         .poll_interval(Duration::from_millis(20))
         .maintenance_interval(Duration::from_millis(100))
@@ -70,10 +74,10 @@ fn fast_worker(store: &Arc<dyn Store>, registry: Registry) -> Worker {
         })
 }
 
-type BoxedCheck = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+pub(super) type BoxedCheck = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
 /// Runs a worker until `done` holds (checked every 20 ms) or 20 s pass.
-async fn run_until(
+pub(super) async fn run_until(
     worker: Worker,
     done: impl Fn() -> BoxedCheck + Send + 'static,
 ) -> fascicle_api::WorkerReport {
@@ -96,7 +100,7 @@ async fn run_until(
     handle.await.unwrap().unwrap()
 }
 
-fn parent_terminal(store: &Arc<dyn Store>, parent: OperationId) -> BoxedCheck {
+pub(super) fn parent_terminal(store: &Arc<dyn Store>, parent: OperationId) -> BoxedCheck {
     let store = Arc::clone(store);
     Box::pin(async move {
         store
@@ -483,7 +487,10 @@ pub async fn concurrent_workers_no_double_processing(store: Arc<dyn Store>) {
     assert_eq!(stats.batches.completed, (N / 500) as u64);
 }
 
-async fn claim_with_short_lease(store: &Arc<dyn Store>, lease: Duration) -> ClaimedOperation {
+pub(super) async fn claim_with_short_lease(
+    store: &Arc<dyn Store>,
+    lease: Duration,
+) -> ClaimedOperation {
     let mut claimed = store
         .claim(&ClaimRequest {
             lease,

@@ -1,8 +1,14 @@
 //! The conformance cases. Each takes the store under test and panics on a violation of
 //! the `Store` contract. The [`suite!`](crate::suite) macro runs all of them.
 
+mod cancel;
+mod coverage;
 mod lifecycle;
 mod submit;
 
+pub use cancel::*;
+pub use coverage::TRANSITION_CASES;
 pub use lifecycle::*;
 pub use submit::*;
+
+crate::__for_each_case!(__case_table;);

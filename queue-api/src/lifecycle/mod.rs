@@ -12,6 +12,11 @@ use uuid::Uuid;
 
 use crate::types::{ChildCounters, Operation, OperationId, Status};
 
+pub mod messages;
+pub mod table;
+
+pub use messages::ZERO_CHILDREN_REASON;
+
 /// Proof of ownership of a claimed operation. A new token is drawn at every claim, so a
 /// worker whose lease expired and was rescued can no longer change the operation: every
 /// write names the token it expects (fencing).
@@ -133,6 +138,9 @@ pub struct RescueReport {
     pub requeued: u64,
     /// Expired leases past `max_attempts`, now `failed`.
     pub failed: u64,
+    /// Expired leases of operations whose cancel was requested, now `cancelled`.
+    #[serde(default)]
+    pub cancelled: u64,
 }
 
 /// What a reconcile pass did.
@@ -163,9 +171,6 @@ pub struct PruneReport {
     /// Batch parents deleted.
     pub batches: u64,
 }
-
-/// The reason a reconciler gives a parent that has no child rows.
-pub const ZERO_CHILDREN_REASON: &str = "no child operations were persisted; resubmit";
 
 /// The terminal state a parent takes from its counters, or `None` while a child is still
 /// open: all completed → `completed`; any failed → `failed`; otherwise (the rest were

@@ -1,0 +1,148 @@
+//! Which cases check which row of the lifecycle table
+//! ([`fascicle_api::table::TRANSITIONS`]). A row without a case, a case named here that
+//! does not exist, or a case function missing from the suite fails this crate's tests.
+
+/// Every transition of the lifecycle table with the cases that check it on every driver.
+pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
+    (
+        "claim",
+        &[
+            "claim_never_returns_parents",
+            "claim_respects_priority_and_run_at",
+            "claim_skips_key_duplicates_before_the_limit",
+            "concurrent_workers_no_double_processing",
+            "serialization_key_exclusive",
+        ],
+    ),
+    (
+        "heartbeat",
+        &[
+            "cancel_batch_cascades",
+            "retry_batch_clears_the_cancel_request",
+        ],
+    ),
+    (
+        "complete",
+        &[
+            "parent_completes_when_all_children_complete",
+            "last_two_children_race",
+        ],
+    ),
+    (
+        "fail",
+        &[
+            "permanent_error_fails_immediately",
+            "parent_fails_with_most_common_child_error",
+        ],
+    ),
+    ("stop_cancelled", &["cancel_batch_cascades"]),
+    (
+        "retry",
+        &[
+            "retry_backoff_then_success",
+            "retry_batch_clears_the_cancel_request",
+        ],
+    ),
+    (
+        "retry_after_cancel",
+        &[
+            "cancel_request_survives_a_retryable_outcome",
+            "cancel_races_a_retryable_outcome",
+        ],
+    ),
+    ("release", &["graceful_shutdown_releases_in_flight"]),
+    ("release_after_cancel", &["cancel_request_survives_release"]),
+    (
+        "rescue",
+        &["expired_lease_is_rescued", "rescued_worker_cannot_complete"],
+    ),
+    ("rescue_exhausted", &["expired_lease_is_rescued"]),
+    ("rescue_after_cancel", &["cancel_request_survives_rescue"]),
+    (
+        "cancel_pending",
+        &["cancel_batch_cascades", "cancel_races_a_retryable_outcome"],
+    ),
+    (
+        "request_cancel",
+        &["cancel_batch_cascades", "cancel_races_a_completion"],
+    ),
+    (
+        "finalize_parent",
+        &[
+            "parent_completes_when_all_children_complete",
+            "parent_fails_with_most_common_child_error",
+            "last_two_children_race",
+        ],
+    ),
+    ("reconcile_empty", &["reconcile_zero_child_parent"]),
+    (
+        "reconcile_finalize",
+        &["reconcile_parent_with_all_children_terminal"],
+    ),
+    (
+        "retry_batch_child",
+        &[
+            "retry_batch_requeues_failed_children",
+            "retry_batch_clears_the_cancel_request",
+        ],
+    ),
+    (
+        "retry_batch_parent",
+        &["retry_batch_requeues_failed_children"],
+    ),
+    ("prune", &["prune_removes_only_whole_terminal_batches"]),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::TRANSITION_CASES;
+    use crate::cases::ALL;
+    use fascicle_api::table::TRANSITIONS;
+
+    fn is_case(name: &str) -> bool {
+        ALL.iter().any(|(case, _)| *case == name)
+    }
+
+    #[test]
+    fn every_transition_has_a_case_and_every_named_case_exists() {
+        for t in TRANSITIONS {
+            let cases = TRANSITION_CASES
+                .iter()
+                .find(|(name, _)| *name == t.name)
+                .map(|(_, cases)| *cases)
+                .unwrap_or_default();
+            assert!(!cases.is_empty(), "transition `{}` has no case", t.name);
+            for case in cases {
+                assert!(is_case(case), "`{case}` (for `{}`) is not a case", t.name);
+            }
+        }
+        for (name, _) in TRANSITION_CASES {
+            assert!(
+                TRANSITIONS.iter().any(|t| t.name == *name),
+                "`{name}` is not a transition of the table"
+            );
+        }
+    }
+
+    #[test]
+    fn every_case_function_is_in_the_suite() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/cases");
+        let mut found = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let source = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+            for line in source.lines() {
+                let Some(rest) = line.strip_prefix("pub async fn ") else {
+                    continue;
+                };
+                let name = rest.split('(').next().unwrap();
+                found += 1;
+                assert!(is_case(name), "case `{name}` is not in the suite's list");
+            }
+        }
+        assert_eq!(
+            found,
+            ALL.len(),
+            "the suite lists a case twice or one that is gone"
+        );
+    }
+}

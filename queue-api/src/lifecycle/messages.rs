@@ -1,0 +1,41 @@
+//! Every message the lifecycle stores in an operation's `error`, written once. Drivers
+//! store these values; they never spell a message of their own.
+
+/// The reason a reconciler gives a parent that has no child rows.
+pub const ZERO_CHILDREN_REASON: &str = "no child operations were persisted; resubmit";
+
+/// A pending operation cancelled before any worker ran it.
+pub const CANCELLED_BEFORE_RUN: &str = "cancelled before it ran";
+
+/// The outcome a worker records when a handler stopped because cancellation was asked.
+pub const CANCELLATION_REQUESTED: &str = "cancellation requested";
+
+/// A processing operation whose lease expired and that goes back to `pending`.
+pub const LEASE_EXPIRED: &str = "lease expired; the worker probably crashed";
+
+/// A processing operation whose worker released it (shutdown) after a cancel request:
+/// it is cancelled instead of going back to `pending`.
+pub const CANCELLED_AT_RELEASE: &str =
+    "cancelled: cancellation was requested and its worker released it unfinished";
+
+/// A processing operation whose lease expired after a cancel request: it is cancelled
+/// instead of being retried.
+pub const CANCELLED_AT_RESCUE: &str =
+    "cancelled: cancellation was requested and its lease expired unfinished";
+
+/// The error of an operation whose last allowed attempt's lease expired.
+pub fn lease_expired_on_last_attempt(attempts: u32) -> String {
+    format!("lease expired on attempt {attempts}, the last allowed; the worker probably crashed")
+}
+
+/// The error of an operation whose attempt asked for a retry after cancellation was
+/// requested: it is cancelled, and the attempt's own error is kept beside the reason.
+pub fn cancelled_instead_of_retry(attempt_error: &str) -> String {
+    format!("cancelled: cancellation was requested; the last attempt failed with: {attempt_error}")
+}
+
+/// The error an operation gets when the outcome its handler produced cannot be stored
+/// (it fails instead, so one bad result never holds back other completions).
+pub fn unstorable_outcome(reason: &str) -> String {
+    format!("the handler's outcome could not be stored: {reason}")
+}

@@ -1,0 +1,638 @@
+//! The lifecycle as data: every state change an operation or a batch parent can make,
+//! one [`Transition`] each, in [`TRANSITIONS`].
+//!
+//! This table is the rule. Each driver translates every row into its own atomic
+//! statements, in a function named after the row (`retry`, `retry_after_cancel`, …); the
+//! memory driver applies the field effects with [`Transition::apply`]. The conformance
+//! suite maps every row to the cases that check it, and fails when a row has none.
+//!
+//! # Lock order
+//!
+//! Parent before child, always: a batch's parent row is the batch's lock. A driver that
+//! locks rows (PostgreSQL) takes the parents' locks first, in id order, then the
+//! children's. Two transactions that touch the same batch therefore never wait on each
+//! other in opposite orders.
+//!
+//! # Cancellation
+//!
+//! A cancel request on a processing operation sets `cancel_requested` and lasts until
+//! the operation is terminal: the attempt may still complete or fail for good, but any
+//! way back to `pending` (a retryable outcome, a release at shutdown, a rescue of an
+//! expired lease) ends it `cancelled` instead. Only `retry_batch` clears the flag, on
+//! purpose.
+//!
+//! # Clock
+//!
+//! Every instant a transition compares or writes (`run_at`, lease expiry, timestamps)
+//! comes from one clock per store: the database server's on PostgreSQL, the process's on
+//! SQLite and memory.
+
+use crate::types::Status;
+
+/// What must hold for a transition to change a row (besides its `from` states).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fence {
+    /// Nothing more: the transition is not made on behalf of an attempt.
+    None,
+    /// The row is `processing` under the lease token the caller presents.
+    LeaseToken,
+    /// The row is `processing` and its lease has expired.
+    LeaseExpired,
+}
+
+/// What a transition does to `attempts`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempts {
+    /// Unchanged.
+    Keep,
+    /// One more: a claim starts an attempt.
+    Increment,
+    /// One fewer, never below zero: a released attempt did not count.
+    Decrement,
+    /// Back to zero: a retried batch starts afresh.
+    Reset,
+}
+
+/// What a transition does to the `cancel_requested` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelFlag {
+    /// Unchanged (it lasts until the operation is terminal).
+    Keep,
+    /// Set: the running handler is asked to stop.
+    Set,
+    /// Cleared, deliberately (`retry_batch`).
+    Clear,
+}
+
+/// When a transition applies with respect to a pending cancel request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WhenCancelRequested {
+    /// Either way.
+    Any,
+    /// Only when no cancel was requested.
+    No,
+    /// Only when a cancel was requested.
+    Yes,
+}
+
+/// What a transition does to the lease (worker id, lease token, expiry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseEffect {
+    /// Unchanged.
+    Keep,
+    /// A new token, the claiming worker and a fresh expiry.
+    Take,
+    /// The expiry moves forward.
+    Extend,
+    /// Worker, token and expiry cleared.
+    Drop,
+}
+
+/// What a transition does to `run_at`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunAt {
+    /// Unchanged.
+    Keep,
+    /// The store's clock now.
+    Now,
+    /// The instant the outcome names (a retry's backoff).
+    Given,
+}
+
+/// What a transition stores in `error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorEffect {
+    /// Unchanged.
+    Keep,
+    /// Cleared.
+    Clear,
+    /// The text the caller gives (a handler's error, or one of the
+    /// [`messages`](super::messages) built from it).
+    Given,
+    /// This constant (from [`messages`](super::messages)).
+    Message(&'static str),
+}
+
+/// What a transition does to the parent of the row it changes (or, for a parent row,
+/// to the parent itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentEffect {
+    /// Nothing.
+    None,
+    /// The child became terminal: its outcome is added to the parent's counters in the
+    /// same transaction (O(1)), and when no child is left open the parent is finalized
+    /// ([`FINALIZE_PARENT`]).
+    CountTerminal,
+    /// The child left a terminal state (`retry_batch`): its outcome is taken off the
+    /// counters and the parent is `pending` again.
+    Uncount,
+    /// This row is the parent; its counters are recounted from its children's rows.
+    Recount,
+}
+
+/// Which rows a transition applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Operations (children and stand-alone operations): rows with a payload.
+    Operations,
+    /// Batch parents: rows without a payload, never claimed.
+    Parents,
+}
+
+/// One state change, as data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// The row's name; each driver's function for it bears the same name.
+    pub name: &'static str,
+    /// What starts it.
+    pub trigger: &'static str,
+    /// Operations or parents.
+    pub rows: Rows,
+    /// The states it leaves from; a row in any other state is left unchanged.
+    pub from: &'static [Status],
+    /// The state it arrives in; `None` when the row is deleted (prune).
+    pub to: Option<Status>,
+    /// What else must hold.
+    pub fence: Fence,
+    /// The cancel-request guard.
+    pub when_cancel_requested: WhenCancelRequested,
+    /// Effect on `attempts`.
+    pub attempts: Attempts,
+    /// Effect on `cancel_requested`.
+    pub cancel_requested: CancelFlag,
+    /// Effect on the lease.
+    pub lease: LeaseEffect,
+    /// Effect on `run_at`.
+    pub run_at: RunAt,
+    /// Effect on `error`.
+    pub error: ErrorEffect,
+    /// Effect on the parent's counters.
+    pub parent: ParentEffect,
+}
+
+use ErrorEffect as E;
+use Status::{Cancelled, Completed, Failed, Pending, Processing};
+
+const TERMINAL: &[Status] = &[Completed, Failed, Cancelled];
+
+/// The defaults every row starts from: nothing changes.
+const NOTHING: Transition = Transition {
+    name: "",
+    trigger: "",
+    rows: Rows::Operations,
+    from: &[],
+    to: None,
+    fence: Fence::None,
+    when_cancel_requested: WhenCancelRequested::Any,
+    attempts: Attempts::Keep,
+    cancel_requested: CancelFlag::Keep,
+    lease: LeaseEffect::Keep,
+    run_at: RunAt::Keep,
+    error: E::Keep,
+    parent: ParentEffect::None,
+};
+
+/// A ready operation is handed to a worker.
+pub const CLAIM: Transition = Transition {
+    name: "claim",
+    trigger: "Store::claim",
+    from: &[Pending],
+    to: Some(Processing),
+    attempts: Attempts::Increment,
+    lease: LeaseEffect::Take,
+    ..NOTHING
+};
+
+/// The holder extends its lease (and learns of a cancel request).
+pub const HEARTBEAT: Transition = Transition {
+    name: "heartbeat",
+    trigger: "Store::heartbeat",
+    from: &[Processing],
+    to: Some(Processing),
+    fence: Fence::LeaseToken,
+    lease: LeaseEffect::Extend,
+    ..NOTHING
+};
+
+/// The attempt succeeded (`Outcome::Completed`); the result is stored.
+pub const COMPLETE: Transition = Transition {
+    name: "complete",
+    trigger: "Store::complete with Outcome::Completed",
+    from: &[Processing],
+    to: Some(Completed),
+    fence: Fence::LeaseToken,
+    lease: LeaseEffect::Drop,
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// The attempt failed for good (`Outcome::Failed`).
+pub const FAIL: Transition = Transition {
+    name: "fail",
+    trigger: "Store::complete with Outcome::Failed",
+    from: &[Processing],
+    to: Some(Failed),
+    fence: Fence::LeaseToken,
+    lease: LeaseEffect::Drop,
+    error: E::Given,
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// The handler stopped on a cancel request (`Outcome::Cancelled`).
+pub const STOP_CANCELLED: Transition = Transition {
+    name: "stop_cancelled",
+    trigger: "Store::complete with Outcome::Cancelled",
+    from: &[Processing],
+    to: Some(Cancelled),
+    fence: Fence::LeaseToken,
+    lease: LeaseEffect::Drop,
+    error: E::Given,
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// The attempt failed and may run again (`Outcome::Retry`), no cancel requested.
+pub const RETRY: Transition = Transition {
+    name: "retry",
+    trigger: "Store::complete with Outcome::Retry",
+    from: &[Processing],
+    to: Some(Pending),
+    fence: Fence::LeaseToken,
+    when_cancel_requested: WhenCancelRequested::No,
+    lease: LeaseEffect::Drop,
+    run_at: RunAt::Given,
+    error: E::Given,
+    ..NOTHING
+};
+
+/// A retryable outcome after a cancel request: cancelled, not re-queued. The error is
+/// [`cancelled_instead_of_retry`](super::messages::cancelled_instead_of_retry).
+pub const RETRY_AFTER_CANCEL: Transition = Transition {
+    name: "retry_after_cancel",
+    trigger: "Store::complete with Outcome::Retry, cancel requested",
+    from: &[Processing],
+    to: Some(Cancelled),
+    fence: Fence::LeaseToken,
+    when_cancel_requested: WhenCancelRequested::Yes,
+    lease: LeaseEffect::Drop,
+    error: E::Given,
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// The worker gives an unfinished attempt back at shutdown; it does not count.
+pub const RELEASE: Transition = Transition {
+    name: "release",
+    trigger: "Store::release",
+    from: &[Processing],
+    to: Some(Pending),
+    fence: Fence::LeaseToken,
+    when_cancel_requested: WhenCancelRequested::No,
+    attempts: Attempts::Decrement,
+    lease: LeaseEffect::Drop,
+    ..NOTHING
+};
+
+/// A release after a cancel request: cancelled, not re-queued.
+pub const RELEASE_AFTER_CANCEL: Transition = Transition {
+    name: "release_after_cancel",
+    trigger: "Store::release, cancel requested",
+    from: &[Processing],
+    to: Some(Cancelled),
+    fence: Fence::LeaseToken,
+    when_cancel_requested: WhenCancelRequested::Yes,
+    lease: LeaseEffect::Drop,
+    error: E::Message(super::messages::CANCELLED_AT_RELEASE),
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// An expired lease with attempts left goes back to `pending`, ready now.
+pub const RESCUE: Transition = Transition {
+    name: "rescue",
+    trigger: "Store::rescue_expired_leases, attempts < max_attempts",
+    from: &[Processing],
+    to: Some(Pending),
+    fence: Fence::LeaseExpired,
+    when_cancel_requested: WhenCancelRequested::No,
+    lease: LeaseEffect::Drop,
+    run_at: RunAt::Now,
+    error: E::Message(super::messages::LEASE_EXPIRED),
+    ..NOTHING
+};
+
+/// An expired lease on the last allowed attempt fails the operation. The error is
+/// [`lease_expired_on_last_attempt`](super::messages::lease_expired_on_last_attempt).
+pub const RESCUE_EXHAUSTED: Transition = Transition {
+    name: "rescue_exhausted",
+    trigger: "Store::rescue_expired_leases, attempts >= max_attempts",
+    from: &[Processing],
+    to: Some(Failed),
+    fence: Fence::LeaseExpired,
+    when_cancel_requested: WhenCancelRequested::No,
+    lease: LeaseEffect::Drop,
+    error: E::Given,
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// An expired lease after a cancel request: cancelled, whatever attempts remain.
+pub const RESCUE_AFTER_CANCEL: Transition = Transition {
+    name: "rescue_after_cancel",
+    trigger: "Store::rescue_expired_leases, cancel requested",
+    from: &[Processing],
+    to: Some(Cancelled),
+    fence: Fence::LeaseExpired,
+    when_cancel_requested: WhenCancelRequested::Yes,
+    lease: LeaseEffect::Drop,
+    error: E::Message(super::messages::CANCELLED_AT_RESCUE),
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// `cancel` on a pending operation (alone, or as a child of a cancelled batch).
+pub const CANCEL_PENDING: Transition = Transition {
+    name: "cancel_pending",
+    trigger: "Store::cancel",
+    from: &[Pending],
+    to: Some(Cancelled),
+    error: E::Message(super::messages::CANCELLED_BEFORE_RUN),
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// `cancel` on a processing operation: its handler is asked to stop.
+pub const REQUEST_CANCEL: Transition = Transition {
+    name: "request_cancel",
+    trigger: "Store::cancel",
+    from: &[Processing],
+    to: Some(Processing),
+    cancel_requested: CancelFlag::Set,
+    ..NOTHING
+};
+
+/// A child whose outcome made its parent's counters complete: the parent takes the
+/// state [`parent_outcome`](super::parent_outcome) gives, exactly once.
+pub const FINALIZE_PARENT: Transition = Transition {
+    name: "finalize_parent",
+    trigger: "the last open child's terminal transition, in its transaction",
+    rows: Rows::Parents,
+    from: &[Pending],
+    to: None,
+    error: E::Given,
+    ..NOTHING
+};
+
+/// A pending parent with no child rows fails with [`ZERO_CHILDREN_REASON`](super::messages::ZERO_CHILDREN_REASON).
+pub const RECONCILE_EMPTY: Transition = Transition {
+    name: "reconcile_empty",
+    trigger: "Store::reconcile_orphan_parents",
+    rows: Rows::Parents,
+    from: &[Pending],
+    to: Some(Failed),
+    error: E::Message(super::messages::ZERO_CHILDREN_REASON),
+    parent: ParentEffect::Recount,
+    ..NOTHING
+};
+
+/// A pending parent whose children are all terminal: counters recounted, then finalized.
+pub const RECONCILE_FINALIZE: Transition = Transition {
+    name: "reconcile_finalize",
+    trigger: "Store::reconcile_orphan_parents",
+    rows: Rows::Parents,
+    from: &[Pending],
+    to: None,
+    error: E::Given,
+    parent: ParentEffect::Recount,
+    ..NOTHING
+};
+
+/// `retry_batch`: a failed or cancelled child starts afresh.
+pub const RETRY_BATCH_CHILD: Transition = Transition {
+    name: "retry_batch_child",
+    trigger: "Store::retry_batch",
+    from: &[Failed, Cancelled],
+    to: Some(Pending),
+    attempts: Attempts::Reset,
+    cancel_requested: CancelFlag::Clear,
+    run_at: RunAt::Now,
+    error: E::Clear,
+    parent: ParentEffect::Uncount,
+    ..NOTHING
+};
+
+/// `retry_batch`: the parent reopens (from any state: a child may be re-queued while
+/// the parent is still pending).
+pub const RETRY_BATCH_PARENT: Transition = Transition {
+    name: "retry_batch_parent",
+    trigger: "Store::retry_batch",
+    rows: Rows::Parents,
+    from: &[Pending, Completed, Failed, Cancelled],
+    to: Some(Pending),
+    error: E::Clear,
+    ..NOTHING
+};
+
+/// `prune`: a terminal stand-alone operation, or a terminal batch with all its
+/// children, is deleted. A child is never deleted alone.
+pub const PRUNE: Transition = Transition {
+    name: "prune",
+    trigger: "Store::prune",
+    from: TERMINAL,
+    to: None,
+    ..NOTHING
+};
+
+/// Every transition, in lifecycle order.
+pub const TRANSITIONS: &[Transition] = &[
+    CLAIM,
+    HEARTBEAT,
+    COMPLETE,
+    FAIL,
+    STOP_CANCELLED,
+    RETRY,
+    RETRY_AFTER_CANCEL,
+    RELEASE,
+    RELEASE_AFTER_CANCEL,
+    RESCUE,
+    RESCUE_EXHAUSTED,
+    RESCUE_AFTER_CANCEL,
+    CANCEL_PENDING,
+    REQUEST_CANCEL,
+    FINALIZE_PARENT,
+    RECONCILE_EMPTY,
+    RECONCILE_FINALIZE,
+    RETRY_BATCH_CHILD,
+    RETRY_BATCH_PARENT,
+    PRUNE,
+];
+
+/// The transition an attempt's way back to `pending` takes: `normal` when no cancel
+/// was requested, `after_cancel` when one was. One rule for retry, release and rescue.
+pub const fn back_to_pending(
+    cancel_requested: bool,
+    normal: Transition,
+    after_cancel: Transition,
+) -> Transition {
+    if cancel_requested {
+        after_cancel
+    } else {
+        normal
+    }
+}
+
+/// The transition an expired lease takes: cancelled when a cancel was requested, failed
+/// on the last allowed attempt, back to `pending` otherwise.
+pub const fn rescue_of(cancel_requested: bool, attempts: u32, max_attempts: u32) -> Transition {
+    if cancel_requested {
+        RESCUE_AFTER_CANCEL
+    } else if attempts >= max_attempts {
+        RESCUE_EXHAUSTED
+    } else {
+        RESCUE
+    }
+}
+
+impl Transition {
+    /// Whether a row in `status`, with `cancel_requested`, may take this transition
+    /// (the fence aside).
+    pub fn applies_to(&self, status: Status, cancel_requested: bool) -> bool {
+        self.from.contains(&status)
+            && match self.when_cancel_requested {
+                WhenCancelRequested::Any => true,
+                WhenCancelRequested::No => !cancel_requested,
+                WhenCancelRequested::Yes => cancel_requested,
+            }
+    }
+
+    /// Whether it ends the row's life (a terminal state).
+    pub fn is_terminal(&self) -> bool {
+        self.to.is_some_and(Status::is_terminal)
+    }
+
+    /// Applies the field effects to `row` (an interpreter for stores that keep rows in
+    /// memory). `given_error` is the text for [`ErrorEffect::Given`]. The lease's new
+    /// token and expiry and the parent's counters are the caller's.
+    pub fn apply(&self, row: &mut impl LifecycleRow, given_error: Option<String>) {
+        if let Some(to) = self.to {
+            row.set_status(to);
+        }
+        match self.attempts {
+            Attempts::Keep => {}
+            Attempts::Increment => row.set_attempts(row.attempts() + 1),
+            Attempts::Decrement => row.set_attempts(row.attempts().saturating_sub(1)),
+            Attempts::Reset => row.set_attempts(0),
+        }
+        match self.cancel_requested {
+            CancelFlag::Keep => {}
+            CancelFlag::Set => row.set_cancel_requested(true),
+            CancelFlag::Clear => row.set_cancel_requested(false),
+        }
+        if self.lease == LeaseEffect::Drop {
+            row.drop_lease();
+        }
+        match self.error {
+            E::Keep => {}
+            E::Clear => row.set_error(None),
+            E::Given => row.set_error(given_error),
+            E::Message(message) => row.set_error(Some(message.to_owned())),
+        }
+    }
+}
+
+/// The fields of a stored row that [`Transition::apply`] changes.
+pub trait LifecycleRow {
+    /// Current attempts.
+    fn attempts(&self) -> u32;
+    /// Sets the status.
+    fn set_status(&mut self, status: Status);
+    /// Sets attempts.
+    fn set_attempts(&mut self, attempts: u32);
+    /// Sets the cancel flag.
+    fn set_cancel_requested(&mut self, requested: bool);
+    /// Clears worker, lease token and expiry.
+    fn drop_lease(&mut self);
+    /// Sets the error.
+    fn set_error(&mut self, error: Option<String>);
+}
+
+/// The state machine as a Mermaid diagram, generated from [`TRANSITIONS`] (operations
+/// only; a parent follows its children). `docs/LIFECYCLE.md` embeds it, and a test keeps
+/// the two the same.
+pub fn mermaid_diagram() -> String {
+    let mut out = String::from("stateDiagram-v2\n    [*] --> pending: submit\n");
+    for t in TRANSITIONS.iter().filter(|t| t.rows == Rows::Operations) {
+        let Some(to) = t.to else {
+            for from in t.from {
+                out.push_str(&format!("    {from} --> [*]: {}\n", t.name));
+            }
+            continue;
+        };
+        for from in t.from {
+            out.push_str(&format!("    {from} --> {to}: {}\n", t.name));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OPEN: &[Status] = &[Pending, Processing];
+
+    #[test]
+    fn names_are_unique_and_every_row_changes_something() {
+        let mut names: Vec<&str> = TRANSITIONS.iter().map(|t| t.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), TRANSITIONS.len());
+        for t in TRANSITIONS {
+            assert!(!t.from.is_empty(), "{} leaves from no state", t.name);
+            assert!(!t.trigger.is_empty(), "{} has no trigger", t.name);
+        }
+    }
+
+    #[test]
+    fn no_way_back_to_pending_survives_a_cancel_request() {
+        for t in TRANSITIONS.iter().filter(|t| t.from.contains(&Processing)) {
+            if t.to == Some(Pending) {
+                assert_eq!(
+                    t.when_cancel_requested,
+                    WhenCancelRequested::No,
+                    "{} re-queues a cancelled operation",
+                    t.name
+                );
+            }
+            assert_ne!(
+                t.cancel_requested,
+                CancelFlag::Clear,
+                "{} forgets a cancel request",
+                t.name
+            );
+        }
+        for (normal, after) in [
+            (RETRY, RETRY_AFTER_CANCEL),
+            (RELEASE, RELEASE_AFTER_CANCEL),
+            (RESCUE, RESCUE_AFTER_CANCEL),
+        ] {
+            assert_eq!(back_to_pending(false, normal, after), normal);
+            assert_eq!(back_to_pending(true, normal, after).to, Some(Cancelled));
+        }
+        assert_eq!(rescue_of(true, 5, 5), RESCUE_AFTER_CANCEL);
+        assert_eq!(rescue_of(false, 5, 5), RESCUE_EXHAUSTED);
+        assert_eq!(rescue_of(false, 1, 5), RESCUE);
+    }
+
+    #[test]
+    fn every_terminal_operation_transition_counts_into_its_parent() {
+        for t in TRANSITIONS
+            .iter()
+            .filter(|t| t.rows == Rows::Operations && t.is_terminal())
+        {
+            assert_eq!(t.parent, ParentEffect::CountTerminal, "{}", t.name);
+            assert!(t.from.iter().all(|s| OPEN.contains(s)), "{}", t.name);
+        }
+    }
+}
