@@ -183,6 +183,14 @@ macro_rules! __for_each_case {
             graceful_shutdown_releases_in_flight,
             stats_breakdown,
             prune_removes_only_whole_terminal_batches,
+            unstorable_outcomes_fail_alone,
+            a_refused_completion_never_holds_back_the_others,
+            the_shutdown_deadline_holds_while_completions_cannot_be_recorded,
+            attempt_timeout_stops_a_hung_handler,
+            lease_loss_reaches_the_handler,
+            a_stale_heartbeat_reply_does_not_cancel_a_new_attempt,
+            a_recorded_handler_completes_once,
+            handler_panics_are_retried_then_fail,
         );
     };
 }

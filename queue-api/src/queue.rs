@@ -406,6 +406,17 @@ fn serialize_json(
     Ok(text)
 }
 
+/// Why no backend could store `value` and read it back, or `None` when every backend
+/// can: the rule submit applies to payloads, also applied to handlers' results.
+pub(crate) fn unstorable_json(value: &Value) -> Option<String> {
+    match scan(value)? {
+        Unstorable::Nul => Some("it contains a NUL character (\\u0000)".into()),
+        Unstorable::TooDeep => Some(format!(
+            "it nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+        )),
+    }
+}
+
 /// How deep a payload may nest: JSON parsers that read it back (serde_json, and so
 /// every driver) stop at 128 levels, and serializing deeper values recurses as deep.
 pub const MAX_JSON_DEPTH: usize = 100;

@@ -17,11 +17,13 @@ use serde_json::Value;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::Instrument;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::lifecycle::messages;
 use crate::lifecycle::{
     Applied, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseToken, Outcome, RetryPolicy,
 };
 use crate::notify::WakeSubscription;
+use crate::queue::unstorable_json;
 use crate::store::Store;
 use crate::types::OperationId;
 
@@ -294,6 +296,10 @@ pub struct WorkerReport {
     pub released: u64,
     /// Expired leases rescued by this worker's maintenance.
     pub rescued: u64,
+    /// Outcomes the store would not record even as a failure, or that could not be
+    /// recorded before the shutdown deadline: their leases were released or left to
+    /// expire, so the operations run again.
+    pub unrecorded: u64,
     /// Stranded parents finalized by this worker's maintenance.
     pub reconciled: u64,
 }
@@ -338,6 +344,7 @@ pub struct Worker {
     shutdown_timeout: Duration,
     retry: RetryPolicy,
     completion_linger: Duration,
+    attempt_timeout: Option<Duration>,
     wake: Option<WakeSubscription>,
 }
 
@@ -369,6 +376,7 @@ impl Worker {
             shutdown_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             completion_linger: Duration::from_millis(2),
+            attempt_timeout: None,
             wake: None,
         }
     }
@@ -428,6 +436,14 @@ impl Worker {
         self
     }
 
+    /// Stops an attempt that runs longer than `timeout` (none by default): its handler
+    /// future is dropped and the attempt is a retryable failure "timed out after …"
+    /// (failed for good when it was the last attempt allowed).
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = Some(timeout);
+        self
+    }
+
     /// Wakes the worker as soon as something is submitted (in-process notifications).
     pub fn wake_on(mut self, subscription: WakeSubscription) -> Self {
         self.wake = Some(subscription);
@@ -437,6 +453,11 @@ impl Worker {
     /// Runs until `shutdown` resolves, then stops claiming, waits up to the shutdown
     /// timeout for running handlers and releases what is left to `pending` without
     /// spending an attempt.
+    ///
+    /// It returns within the shutdown timeout plus about one round trip to the store for
+    /// the completions still waiting to be recorded and one for the release, even when the
+    /// store is down: outcomes that cannot be recorded by then are released (or left to
+    /// expire) and counted in [`WorkerReport::unrecorded`].
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerReport> {
         let report = Arc::new(Mutex::new(WorkerReport::default()));
         let running: Arc<Mutex<HashMap<OperationId, Running>>> = Arc::default();
@@ -446,14 +467,18 @@ impl Worker {
         let active = Arc::new(AtomicUsize::new(0));
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
         let (stop_tx, stop_rx) = watch::channel(false);
+        // Set at the shutdown deadline: the recorder stops retrying what the store refuses
+        // for now.
+        let (give_up_tx, give_up_rx) = watch::channel(false);
 
-        let completer = tokio::spawn(record_completions(
+        let mut completer = tokio::spawn(record_completions(
             Arc::clone(&self.store),
             done_rx,
             Arc::clone(&running),
             Arc::clone(&freed),
             Arc::clone(&report),
             self.completion_linger,
+            give_up_rx,
         ));
         let heartbeat = tokio::spawn(heartbeat_leases(
             Arc::clone(&self.store),
@@ -554,7 +579,7 @@ impl Worker {
         }
         let left: Vec<(OperationId, Running)> =
             running.lock().expect("running set").drain().collect();
-        let leases: Vec<Lease> = left
+        let mut leases: Vec<Lease> = left
             .iter()
             .map(|(id, r)| {
                 r.cancel.set();
@@ -567,10 +592,32 @@ impl Worker {
             .collect();
         let _ = stop_tx.send(true);
         drop(done_tx);
-        let _ = completer.await;
+        // The recorder writes what is queued; past the deadline it tries each batch once
+        // more and hands back what the store would not take.
+        let unrecorded = match tokio::time::timeout_at(deadline, &mut completer).await {
+            Ok(finished) => finished.unwrap_or_default(),
+            Err(_) => {
+                let _ = give_up_tx.send(true);
+                completer.await.unwrap_or_default()
+            }
+        };
+        for c in unrecorded {
+            if !leases
+                .iter()
+                .any(|l| l.id == c.id && l.token == c.lease_token)
+            {
+                leases.push(Lease {
+                    id: c.id,
+                    token: c.lease_token,
+                });
+            }
+        }
         if !leases.is_empty() {
-            let released = self.store.release(&leases).await?;
-            report.lock().expect("report").released += released;
+            match self.store.release(&leases).await {
+                Ok(released) => report.lock().expect("report").released += released,
+                // The leases expire and a rescuer takes the operations back.
+                Err(error) => tracing::warn!(%error, "releasing leases at shutdown failed"),
+            }
         }
         let _ = heartbeat.await;
         let _ = maintenance.await;
@@ -619,6 +666,8 @@ impl Worker {
         let max_attempts = op.max_attempts;
         let id = op.id;
         let cancelled = Arc::clone(&cancel);
+        let timeout = self.attempt_timeout;
+        let started = tokio::time::Instant::now();
         let mut attempt_future = CatchUnwind(handler(payload, ctx));
         // Fast path: poll the handler once right here. One that finishes without waiting
         // (many do) costs no task at all; its outcome goes straight to the recorder.
@@ -651,7 +700,16 @@ impl Worker {
         // lease is released instead).
         let task = tokio::spawn(
             async move {
-                let finished = attempt_future.await;
+                let finished = match timeout {
+                    None => attempt_future.await,
+                    Some(limit) => tokio::time::timeout_at(started + limit, attempt_future)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Ok(Err(HandlerError::Retryable(messages::attempt_timed_out(
+                                limit,
+                            ))))
+                        }),
+                };
                 active.fetch_sub(1, Ordering::SeqCst);
                 freed.notify_one();
                 match outcome_of(finished, &cancelled, attempt, max_attempts, &retry) {
@@ -704,11 +762,11 @@ fn outcome_of(
     max_attempts: u32,
     retry: &RetryPolicy,
 ) -> Finished {
-    Finished::Record(match finished {
+    Finished::Record(storable(match finished {
         Ok(Ok(Handled::Recorded(applied))) => return Finished::Recorded(applied),
         Ok(Ok(Handled::Value(value))) => Outcome::Completed(value),
         Ok(Err(_)) | Err(_) if cancelled.is_set() => {
-            Outcome::Cancelled("cancellation requested".into())
+            Outcome::Cancelled(messages::CANCELLATION_REQUESTED.into())
         }
         Ok(Err(HandlerError::Permanent(error))) => Outcome::Failed(error),
         Ok(Err(HandlerError::Retryable(error))) => {
@@ -720,7 +778,47 @@ fn outcome_of(
             max_attempts,
             retry,
         ),
-    })
+    }))
+}
+
+/// The longest error text recorded; a longer one is cut (at a character boundary).
+const MAX_ERROR_BYTES: usize = 16 * 1024;
+
+/// `outcome` as every store can hold it: a result no backend can store (the rule submit
+/// applies to payloads) fails the operation with a readable reason instead, and error
+/// texts lose their NUL characters and are cut to [`MAX_ERROR_BYTES`].
+fn storable(outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Completed(value) => match unstorable_json(&value) {
+            Some(reason) => Outcome::Failed(messages::unstorable_outcome(&format!(
+                "the result cannot be stored: {reason}"
+            ))),
+            None => Outcome::Completed(value),
+        },
+        Outcome::Failed(error) => Outcome::Failed(storable_text(error)),
+        Outcome::Cancelled(reason) => Outcome::Cancelled(storable_text(reason)),
+        Outcome::Retry { error, run_at } => Outcome::Retry {
+            error: storable_text(error),
+            run_at,
+        },
+    }
+}
+
+/// Error text every store can hold: NUL becomes U+FFFD, and it is cut to
+/// [`MAX_ERROR_BYTES`].
+fn storable_text(mut text: String) -> String {
+    if text.contains('\0') {
+        text = text.replace('\0', "\u{FFFD}");
+    }
+    if text.len() > MAX_ERROR_BYTES {
+        let mut end = MAX_ERROR_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("… (cut)");
+    }
+    text
 }
 
 fn retry_or_fail(error: String, attempt: u32, max_attempts: u32, retry: &RetryPolicy) -> Outcome {
@@ -829,6 +927,8 @@ fn tally_recorded(report: &Mutex<WorkerReport>, applied: Applied) {
     }
 }
 
+/// Records finished attempts in batched transactions until the channel closes; returns
+/// the completions it could not record (the caller releases their leases).
 async fn record_completions(
     store: Arc<dyn Store>,
     mut done: mpsc::UnboundedReceiver<Completion>,
@@ -836,8 +936,10 @@ async fn record_completions(
     freed: Arc<Notify>,
     report: Arc<Mutex<WorkerReport>>,
     linger: Duration,
-) {
+    mut give_up: watch::Receiver<bool>,
+) -> Vec<Completion> {
     let mut batch = Vec::with_capacity(COMPLETION_BATCH);
+    let mut unrecorded = Vec::new();
     while done.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
         // Let the attempts finishing right behind this one share its transaction.
         let deadline = tokio::time::Instant::now() + linger;
@@ -848,20 +950,23 @@ async fn record_completions(
                 Ok(_) => {}
             }
         }
-        let results = loop {
-            match store.complete(&batch).await {
-                Ok(results) => break results,
-                Err(error) => {
-                    // The outcomes are safe to write again: each names its lease token.
-                    tracing::warn!(%error, "recording completions failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+        let results = record(&*store, &mut batch, &mut give_up).await;
+        let (mut recorded, mut applied) = (Vec::new(), Vec::new());
+        for (completion, result) in batch.drain(..).zip(results) {
+            match result {
+                Some(a) => {
+                    recorded.push(completion);
+                    applied.push(a);
                 }
+                None => unrecorded.push(completion),
             }
-        };
-        tally(&report, &batch, &results);
+        }
+        tally(&report, &recorded, &applied);
         {
             let mut running = running.lock().expect("running set");
-            for completion in &batch {
+            // Unrecorded ones leave the set too: no more heartbeats, so their leases
+            // expire and a rescuer takes the operations back if nobody releases them.
+            for completion in recorded.iter().chain(&unrecorded) {
                 if running
                     .get(&completion.id)
                     .is_some_and(|r| r.token == completion.lease_token)
@@ -872,7 +977,80 @@ async fn record_completions(
         }
         // One waiter (the claiming loop); a stored permit also covers a loop not yet waiting.
         freed.notify_one();
-        batch.clear();
+    }
+    if !unrecorded.is_empty() {
+        report.lock().expect("report").unrecorded += unrecorded.len() as u64;
+        metrics::counter!("fascicle_unrecorded_total").increment(unrecorded.len() as u64);
+    }
+    unrecorded
+}
+
+/// Records `batch`, isolating what the store refuses: a transient error is retried with
+/// backoff (until `give_up`); a refused batch is split and its completions recorded one
+/// by one; a refused completion is recorded as its operation's failure instead (its
+/// outcome in `batch` is replaced, so it is counted as what was stored). Per completion:
+/// what the store answered, or `None` when it could not be recorded.
+async fn record(
+    store: &dyn Store,
+    batch: &mut [Completion],
+    give_up: &mut watch::Receiver<bool>,
+) -> Vec<Option<Applied>> {
+    let refused = match complete_retrying(store, batch, give_up).await {
+        Ok(results) => return results.into_iter().map(Some).collect(),
+        Err(None) => return vec![None; batch.len()],
+        Err(Some(refused)) => refused,
+    };
+    if batch.len() > 1 {
+        let mut results = Vec::with_capacity(batch.len());
+        for one in batch.chunks_mut(1) {
+            results.extend(Box::pin(record(store, one, give_up)).await);
+        }
+        return results;
+    }
+    tracing::error!(id = %batch[0].id, error = %refused, "the store refused an outcome; recording a failure instead");
+    let failure = Outcome::Failed(storable_text(messages::unstorable_outcome(
+        &refused.to_string(),
+    )));
+    if batch[0].outcome == failure {
+        return vec![None];
+    }
+    batch[0].outcome = failure;
+    match complete_retrying(store, batch, give_up).await {
+        Ok(results) => results.into_iter().map(Some).collect(),
+        Err(error) => {
+            if let Some(error) = error {
+                tracing::error!(id = %batch[0].id, %error, "the store refused the failure too; the lease is left to expire");
+            }
+            vec![None]
+        }
+    }
+}
+
+/// `store.complete(batch)`, retried with backoff while the error is transient. `Err(None)`
+/// when `give_up` was set before it succeeded; `Err(Some(error))` when the store refused.
+async fn complete_retrying(
+    store: &dyn Store,
+    batch: &[Completion],
+    give_up: &mut watch::Receiver<bool>,
+) -> std::result::Result<Vec<Applied>, Option<Error>> {
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match store.complete(batch).await {
+            Ok(results) => return Ok(results),
+            Err(error) if error.is_transient() => {
+                // The outcomes are safe to write again: each names its lease token.
+                tracing::warn!(%error, "recording completions failed; retrying");
+                if *give_up.borrow() {
+                    return Err(None);
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = give_up.changed() => {}
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => return Err(Some(error)),
+        }
     }
 }
 
@@ -904,8 +1082,11 @@ async fn heartbeat_leases(
             Ok(statuses) => {
                 let running = running.lock().expect("running set");
                 for (l, status) in leases.iter().zip(statuses) {
+                    // Matched by lease token too: a reply about an attempt that has
+                    // since ended must not cancel a new attempt of the same operation.
                     if (!status.held || status.cancel_requested)
                         && let Some(r) = running.get(&l.id)
+                        && r.token == l.token
                     {
                         r.cancel.set();
                     }

@@ -199,6 +199,10 @@ pub async fn retry_backoff_then_success(store: Arc<dyn Store>) {
     let op = store.get(id).await.unwrap().unwrap();
     assert_eq!(op.attempts, 2);
     assert_eq!(op.result, Some(json!({ "attempt": 2 })));
+    assert_eq!(
+        op.error, None,
+        "a completed operation keeps no earlier attempt's error"
+    );
     assert!(op.completed_at.is_some());
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     assert_eq!((report.retried, report.completed), (1, 1));

@@ -5,10 +5,12 @@ mod cancel;
 mod coverage;
 mod lifecycle;
 mod submit;
+mod worker;
 
 pub use cancel::*;
 pub use coverage::TRANSITION_CASES;
 pub use lifecycle::*;
 pub use submit::*;
+pub use worker::*;
 
 crate::__for_each_case!(__case_table;);

@@ -39,3 +39,8 @@ pub fn cancelled_instead_of_retry(attempt_error: &str) -> String {
 pub fn unstorable_outcome(reason: &str) -> String {
     format!("the handler's outcome could not be stored: {reason}")
 }
+
+/// The retryable error of an attempt that ran past its timeout (its handler was dropped).
+pub fn attempt_timed_out(timeout: std::time::Duration) -> String {
+    format!("timed out after {timeout:?}; the handler was stopped")
+}

@@ -214,7 +214,8 @@ pub const HEARTBEAT: Transition = Transition {
     ..NOTHING
 };
 
-/// The attempt succeeded (`Outcome::Completed`); the result is stored.
+/// The attempt succeeded (`Outcome::Completed`); the result is stored and an earlier
+/// attempt's error cleared.
 pub const COMPLETE: Transition = Transition {
     name: "complete",
     trigger: "Store::complete with Outcome::Completed",
@@ -222,6 +223,7 @@ pub const COMPLETE: Transition = Transition {
     to: Some(Completed),
     fence: Fence::LeaseToken,
     lease: LeaseEffect::Drop,
+    error: E::Clear,
     parent: ParentEffect::CountTerminal,
     ..NOTHING
 };
