@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Once};
 
-use fascicle_api::Store;
+use fascicle_api::{OperationId, Store};
 
 pub mod cases;
 pub mod faults;
@@ -19,6 +19,29 @@ pub type CaseFn = fn(Arc<dyn Store>) -> CaseFuture;
 
 type Cleanup = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// A write past the `Store` API that sets a batch parent's `children_total`, given by a
+/// driver's [`Fixture`]: the suite uses it to build the one state the API cannot produce
+/// — a batch stranded by an older, non-atomic writer (counters promising more children
+/// than its rows) — and checks that the reconciler still finalizes it.
+pub type Tamper = Arc<dyn Fn(OperationId, u64) -> CaseFuture + Send + Sync>;
+
+tokio::task_local! {
+    static TAMPER: Tamper;
+}
+
+/// Sets `parent`'s `children_total` through the fixture's [`Tamper`].
+///
+/// # Panics
+///
+/// When the driver's fixture gave none ([`Fixture::with_tamper`]).
+pub async fn tamper_children_total(parent: OperationId, total: u64) {
+    let tamper = TAMPER.try_with(Arc::clone).expect(
+        "this case builds a stranded batch past the Store API: give the fixture \
+         Fixture::with_tamper(...) (see the crate's README)",
+    );
+    tamper(parent, total).await;
+}
+
 /// What a driver's factory hands the suite for one case: an isolated store (fresh
 /// schema, file or instance), an optional clean-up run after the case whether it passed
 /// or not, or a reason to skip.
@@ -26,6 +49,7 @@ pub struct Fixture {
     store: Option<Arc<dyn Store>>,
     cleanup: Option<Cleanup>,
     skip_reason: Option<String>,
+    tamper: Option<Tamper>,
 }
 
 impl fmt::Debug for Fixture {
@@ -34,6 +58,7 @@ impl fmt::Debug for Fixture {
             .field("store", &self.store)
             .field("cleanup", &self.cleanup.is_some())
             .field("skip_reason", &self.skip_reason)
+            .field("tamper", &self.tamper.is_some())
             .finish()
     }
 }
@@ -50,7 +75,21 @@ impl Fixture {
             store: Some(store),
             cleanup: None,
             skip_reason: None,
+            tamper: None,
         }
+    }
+
+    /// Gives the suite a raw write that sets a parent's `children_total` (see [`Tamper`]),
+    /// e.g. an `UPDATE` on the driver's table.
+    pub fn with_tamper<F, Fut>(mut self, tamper: F) -> Self
+    where
+        F: Fn(OperationId, u64) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tamper = Some(Arc::new(move |parent, total| {
+            Box::pin(tamper(parent, total))
+        }));
+        self
     }
 
     /// Runs `cleanup` after the case (dropping a schema, deleting a file).
@@ -66,6 +105,7 @@ impl Fixture {
             store: None,
             cleanup: None,
             skip_reason: Some(reason.into()),
+            tamper: None,
         }
     }
 }
@@ -97,7 +137,10 @@ where
             let _ = name;
             return;
         };
-        let outcome = tokio::spawn(case(store)).await;
+        let outcome = match fixture.tamper {
+            Some(tamper) => tokio::spawn(TAMPER.scope(tamper, case(store))).await,
+            None => tokio::spawn(case(store)).await,
+        };
         if let Some(cleanup) = fixture.cleanup {
             cleanup.await;
         }
@@ -156,6 +199,7 @@ macro_rules! __for_each_case {
             concurrent_identical_submits_create_one_batch,
             child_id_taken_by_another_batch_rolls_back,
             standalone_submit_is_visible_and_idempotent,
+            children_join_only_the_batch_of_their_transaction,
             large_batch_10k_children_commits_atomically,
             claim_never_returns_parents,
             claim_respects_priority_and_run_at,

@@ -1,9 +1,9 @@
 //! Staged writes, applied all together on commit.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
-use fascicle_api::{ChildRecord, Error, OperationId, ParentRecord, Result, Transaction};
+use fascicle_api::{ChildRecord, Error, OperationId, ParentRecord, Result, Transaction, messages};
 
 use crate::store::MemoryStore;
 
@@ -15,6 +15,8 @@ pub(crate) struct MemoryTransaction {
     parents: Vec<ParentRecord>,
     children: Vec<ChildRecord>,
     staged_ids: HashSet<OperationId>,
+    /// Children inserted per parent of this transaction: the parents' `children_total`.
+    children_per_parent: HashMap<OperationId, u64>,
 }
 
 impl MemoryTransaction {
@@ -24,6 +26,7 @@ impl MemoryTransaction {
             parents: Vec::new(),
             children: Vec::new(),
             staged_ids: HashSet::new(),
+            children_per_parent: HashMap::new(),
         }
     }
 
@@ -34,44 +37,47 @@ impl MemoryTransaction {
         self.staged_ids.insert(id);
         Ok(())
     }
+
+    /// Counts `children` into their parents, which must all have been inserted by this
+    /// transaction (checked before anything is counted).
+    fn join_parents(&mut self, children: &[ChildRecord]) -> Result<()> {
+        for child in children {
+            if let Some(parent) = child.parent_id
+                && !self.children_per_parent.contains_key(&parent)
+            {
+                return Err(Error::InvalidInput(
+                    messages::parent_not_in_this_transaction(child.id, parent),
+                ));
+            }
+        }
+        for parent in children.iter().filter_map(|c| c.parent_id) {
+            *self.children_per_parent.entry(parent).or_default() += 1;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl Transaction for MemoryTransaction {
     async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
         self.claim_id(parent.id)?;
+        self.children_per_parent.insert(parent.id, 0);
         self.parents.push(parent.clone());
         Ok(())
     }
 
     async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
-        if let Some(parent) = child.parent_id
-            && !self.staged_ids.contains(&parent)
-            && !self.store.lock().contains(&parent)
-        {
-            return Err(Error::NotFound(format!(
-                "parent {parent} of child {} does not exist",
-                child.id
-            )));
-        }
+        self.join_parents(std::slice::from_ref(child))?;
         self.claim_id(child.id)?;
         self.children.push(child.clone());
         Ok(())
     }
 
     async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        self.join_parents(children)?;
         {
             let state = self.store.lock();
             for child in children {
-                if let Some(parent) = child.parent_id
-                    && !self.staged_ids.contains(&parent)
-                    && !state.contains(&parent)
-                {
-                    return Err(Error::NotFound(format!(
-                        "parent {parent} of child {} does not exist",
-                        child.id
-                    )));
-                }
                 if state.contains(&child.id) || !self.staged_ids.insert(child.id) {
                     return Err(Error::Conflict(format!(
                         "operation id {} already exists",
@@ -96,7 +102,8 @@ impl Transaction for MemoryTransaction {
         }
         let this = *self;
         for parent in &this.parents {
-            state.apply_parent(parent);
+            let total = this.children_per_parent[&parent.id];
+            state.apply_parent(parent, total);
         }
         for child in this.children {
             state.apply_child(child);

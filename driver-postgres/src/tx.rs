@@ -1,10 +1,11 @@
 //! `PostgresTransaction` and the insert statements shared with caller transactions.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use fascicle_api::{ChildRecord, Error, ParentRecord, Result, Transaction};
+use fascicle_api::{ChildRecord, Error, ParentRecord, Result, Transaction, messages};
 use sqlx::{PgConnection, Postgres};
 use uuid::Uuid;
 
@@ -198,11 +199,19 @@ async fn insert_children_unnest(
 pub(crate) struct PostgresTransaction {
     tx: sqlx::Transaction<'static, Postgres>,
     sql: Arc<Sql>,
+    /// Per parent of this transaction: the `children_total` its record claimed (and was
+    /// inserted with) and the children actually inserted. Where they differ, the count is
+    /// written just before the commit.
+    children_per_parent: HashMap<Uuid, (i64, i64)>,
 }
 
 impl PostgresTransaction {
     pub(crate) fn new(tx: sqlx::Transaction<'static, Postgres>, sql: Arc<Sql>) -> Self {
-        Self { tx, sql }
+        Self {
+            tx,
+            sql,
+            children_per_parent: HashMap::new(),
+        }
     }
 }
 
@@ -210,18 +219,56 @@ impl PostgresTransaction {
 impl Transaction for PostgresTransaction {
     async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
         insert_parent(&mut self.tx, &self.sql, parent, false).await?;
+        let claimed = parent.children_total as i64;
+        self.children_per_parent
+            .insert(*parent.id.as_uuid(), (claimed, 0));
         Ok(())
     }
 
     async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
-        insert_children(&mut self.tx, &self.sql, std::slice::from_ref(child)).await
+        self.insert_children(std::slice::from_ref(child)).await
     }
 
     async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
-        insert_children(&mut self.tx, &self.sql, children).await
+        for child in children {
+            if let Some(parent) = child.parent_id
+                && !self.children_per_parent.contains_key(parent.as_uuid())
+            {
+                return Err(Error::InvalidInput(
+                    messages::parent_not_in_this_transaction(child.id, parent),
+                ));
+            }
+        }
+        insert_children(&mut self.tx, &self.sql, children).await?;
+        for parent in children.iter().filter_map(|c| c.parent_id) {
+            if let Some((_, counted)) = self.children_per_parent.get_mut(parent.as_uuid()) {
+                *counted += 1;
+            }
+        }
+        Ok(())
     }
 
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        // A parent's `children_total` is the number of rows inserted for it here, never a
+        // number the caller claims.
+        let (parents, totals): (Vec<Uuid>, Vec<i64>) = self
+            .children_per_parent
+            .drain()
+            .filter(|(_, (claimed, counted))| claimed != counted)
+            .map(|(parent, (_, counted))| (parent, counted))
+            .unzip();
+        if !parents.is_empty() {
+            sqlx::query(self.sql.text(
+                "UPDATE {s}.operations AS p SET children_total = t.total
+                 FROM unnest($1::uuid[], $2::bigint[]) AS t(id, total)
+                 WHERE p.id = t.id",
+            ))
+            .bind(&parents)
+            .bind(&totals)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(error::map)?;
+        }
         self.tx.commit().await.map_err(error::map)
     }
 

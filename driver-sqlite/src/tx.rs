@@ -1,10 +1,11 @@
 //! `SqliteTransaction`: a `BEGIN IMMEDIATE` transaction that owns its connection.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fascicle_api::{ChildRecord, Error, ParentRecord, Result, Transaction};
-use rusqlite::{Connection, OptionalExtension, params};
+use fascicle_api::{ChildRecord, Error, ParentRecord, Result, Transaction, messages};
+use rusqlite::{Connection, params};
 
 use crate::error;
 use crate::store::{Inner, micros};
@@ -86,22 +87,7 @@ fn bind_child(
 
 /// Inserts rows with multi-row statements after checking, once per distinct parent,
 /// that the parent exists (in this transaction or before it).
-fn insert_rows(conn: &Connection, rows: &[ChildRow]) -> rusqlite::Result<Option<Error>> {
-    let mut parents: Vec<[u8; 16]> = rows.iter().filter_map(|r| r.parent_id).collect();
-    parents.sort_unstable();
-    parents.dedup();
-    for parent in &parents {
-        let found: Option<i64> = conn
-            .prepare_cached("SELECT 1 FROM fascicle_operations WHERE id = ?1 AND payload IS NULL")?
-            .query_row(params![&parent[..]], |r| r.get(0))
-            .optional()?;
-        if found.is_none() {
-            return Ok(Some(Error::NotFound(format!(
-                "parent {} does not exist",
-                uuid::Uuid::from_bytes(*parent)
-            ))));
-        }
-    }
+fn insert_rows(conn: &Connection, rows: &[ChildRow]) -> rusqlite::Result<()> {
     let full = insert_children_sql(ROWS_PER_STATEMENT);
     let mut chunks = rows.chunks_exact(ROWS_PER_STATEMENT);
     for chunk in &mut chunks {
@@ -119,7 +105,7 @@ fn insert_rows(conn: &Connection, rows: &[ChildRow]) -> rusqlite::Result<Option<
             stmt.raw_execute()?;
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 /// A write transaction. It takes SQLite's write lock at `begin` (`BEGIN IMMEDIATE`), so a
@@ -129,6 +115,9 @@ pub(crate) struct SqliteTransaction {
     inner: Arc<Inner>,
     conn: Option<Connection>,
     writer: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Children inserted per parent of this transaction: the parents' `children_total`,
+    /// written just before the commit.
+    children_per_parent: HashMap<[u8; 16], i64>,
 }
 
 impl SqliteTransaction {
@@ -151,6 +140,7 @@ impl SqliteTransaction {
             inner,
             conn: Some(conn),
             writer: Some(writer),
+            children_per_parent: HashMap::new(),
         })
     }
 
@@ -204,17 +194,20 @@ impl SqliteTransaction {
 impl Transaction for SqliteTransaction {
     async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
         let parent = parent.clone();
+        let id = *parent.id.as_bytes();
         self.run(move |conn| {
             conn.prepare_cached(INSERT_PARENT)?.execute(params![
                 parent.id.as_bytes(),
                 parent.kind,
                 parent.metadata.to_string(),
                 micros(parent.created_at),
-                parent.children_total as i64,
+                0i64,
             ])?;
             Ok(())
         })
-        .await
+        .await?;
+        self.children_per_parent.insert(id, 0);
+        Ok(())
     }
 
     async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
@@ -222,14 +215,40 @@ impl Transaction for SqliteTransaction {
     }
 
     async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
-        let rows: Vec<ChildRow> = children.iter().map(ChildRow::from).collect();
-        match self.run(move |conn| insert_rows(conn, &rows)).await? {
-            None => Ok(()),
-            Some(missing_parent) => Err(missing_parent),
+        for child in children {
+            if let Some(parent) = child.parent_id
+                && !self.children_per_parent.contains_key(parent.as_bytes())
+            {
+                return Err(Error::InvalidInput(
+                    messages::parent_not_in_this_transaction(child.id, parent),
+                ));
+            }
         }
+        let rows: Vec<ChildRow> = children.iter().map(ChildRow::from).collect();
+        self.run(move |conn| insert_rows(conn, &rows)).await?;
+        for parent in children.iter().filter_map(|c| c.parent_id) {
+            *self
+                .children_per_parent
+                .entry(*parent.as_bytes())
+                .or_default() += 1;
+        }
+        Ok(())
     }
 
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        // A parent's `children_total` is the number of rows inserted for it here, never a
+        // number the caller claims.
+        let totals: Vec<([u8; 16], i64)> = self.children_per_parent.drain().collect();
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE fascicle_operations SET children_total = ?2 WHERE id = ?1",
+            )?;
+            for (parent, total) in &totals {
+                stmt.execute(params![&parent[..], total])?;
+            }
+            Ok(())
+        })
+        .await?;
         self.finish("COMMIT").await
     }
 

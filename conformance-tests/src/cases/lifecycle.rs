@@ -632,14 +632,15 @@ pub async fn reconcile_zero_child_parent(store: Arc<dyn Store>) {
 /// A pending parent whose children are all terminal (its counters drifted) is recounted
 /// and finalized.
 pub async fn reconcile_parent_with_all_children_terminal(store: Arc<dyn Store>) {
-    // Counters that promise 3 children where only 2 exist: the last completion leaves the
-    // parent pending, as a crash between two non-atomic writes would.
+    // Counters that promise 3 children where only 2 exist — the state a crash between
+    // two non-atomic writes of an older writer left; the API cannot produce it, so the
+    // driver's fixture writes it: the last completion leaves the parent pending.
     let now = Utc::now();
     let parent = ParentRecord {
         id: OperationId::new(),
         kind: "batch".into(),
         metadata: Value::Null,
-        children_total: 3,
+        children_total: 2,
         created_at: now,
     };
     let kids: Vec<ChildRecord> = (0..2)
@@ -660,6 +661,19 @@ pub async fn reconcile_parent_with_all_children_terminal(store: Arc<dyn Store>) 
     tx.insert_parent(&parent).await.unwrap();
     tx.insert_children(&kids).await.unwrap();
     tx.commit().await.unwrap();
+    crate::tamper_children_total(parent.id, 3).await;
+    assert_eq!(
+        store
+            .get(parent.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .children
+            .unwrap()
+            .total,
+        3,
+        "the fixture's tamper did not write children_total"
+    );
     let claimed = claim(&store, 2).await;
     finish(&store, &claimed[0], Outcome::Completed(json!(null))).await;
     finish(&store, &claimed[1], Outcome::Failed("bad input".into())).await;

@@ -4,12 +4,14 @@
 mod cancel;
 mod coverage;
 mod lifecycle;
+mod membership;
 mod submit;
 mod worker;
 
 pub use cancel::*;
 pub use coverage::TRANSITION_CASES;
 pub use lifecycle::*;
+pub use membership::*;
 pub use submit::*;
 pub use worker::*;
 

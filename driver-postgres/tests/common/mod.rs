@@ -117,8 +117,25 @@ pub async fn fixture() -> Fixture {
     };
     let store = fresh_store(&database.url).await;
     let cleanup = store.clone();
-    Fixture::new(store).with_cleanup(async move {
-        drop_schema(&cleanup).await;
-        drop(database);
-    })
+    let tamper = store.clone();
+    Fixture::new(store)
+        .with_tamper(move |parent, total| {
+            let store = tamper.clone();
+            async move {
+                let statement = format!(
+                    "UPDATE {}.operations SET children_total = $2 WHERE id = $1",
+                    store.schema()
+                );
+                sqlx::query(sqlx::AssertSqlSafe(statement))
+                    .bind(parent.as_uuid())
+                    .bind(total as i64)
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+            }
+        })
+        .with_cleanup(async move {
+            drop_schema(&cleanup).await;
+            drop(database);
+        })
 }

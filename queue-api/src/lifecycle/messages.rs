@@ -44,3 +44,16 @@ pub fn unstorable_outcome(reason: &str) -> String {
 pub fn attempt_timed_out(timeout: std::time::Duration) -> String {
     format!("timed out after {timeout:?}; the handler was stopped")
 }
+
+/// Why a child was refused: it names a parent that this transaction did not insert.
+/// Children join a batch only in the transaction that creates it, so a committed batch's
+/// counters always match its rows.
+pub fn parent_not_in_this_transaction(
+    child: impl std::fmt::Display,
+    parent: impl std::fmt::Display,
+) -> String {
+    format!(
+        "child {child} names parent {parent}, which was not inserted in this transaction; \
+         children join a batch only in the transaction that creates it"
+    )
+}

@@ -1,0 +1,86 @@
+//! Batch membership: children join a batch only in the transaction that creates it,
+//! and a parent's counters come from the rows inserted.
+
+use std::sync::Arc;
+
+use fascicle_api::chrono::Utc;
+use fascicle_api::{Error, NewBatch, NewOperation, OperationId, Queue, Store};
+use serde_json::{Value, json};
+
+fn batch_of(kind: &str, n: usize) -> NewBatch {
+    NewBatch::new(kind).children((0..n).map(|i| NewOperation::new("retain", json!({ "i": i }))))
+}
+
+/// A child joins a batch only in the transaction that inserts the batch's parent: a
+/// child naming a committed batch, or no stored row at all, is refused as invalid
+/// input (so a committed batch's counters always match its rows, and it can never
+/// finalize — or be pruned — while a late child is live); and a parent's
+/// `children_total` is the number of children inserted for it, whatever its record
+/// claimed.
+pub async fn children_join_only_the_batch_of_their_transaction(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let committed = queue
+        .submit_batch(batch_of("batch_retain", 1))
+        .await
+        .unwrap();
+    let now = Utc::now();
+    let child_of = |parent: OperationId| fascicle_api::ChildRecord {
+        id: OperationId::new(),
+        parent_id: Some(parent),
+        kind: "retain".into(),
+        payload: json!({ "late": true }),
+        payload_json: json!({ "late": true }).to_string(),
+        priority: 0,
+        run_at: now,
+        serialization_key: None,
+        max_attempts: 3,
+        created_at: now,
+    };
+    for parent in [committed.parent_id, OperationId::new()] {
+        let late = child_of(parent);
+        let mut tx = store.begin().await.unwrap();
+        let refused = tx.insert_child(&late).await;
+        assert!(
+            matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("not inserted in this transaction")),
+            "a child joined parent {parent} outside its transaction: {refused:?}"
+        );
+        let refused = tx
+            .insert_children(&[child_of(parent), child_of(parent)])
+            .await;
+        assert!(
+            matches!(refused, Err(Error::InvalidInput(_))),
+            "{refused:?}"
+        );
+        drop(tx);
+        assert!(store.get(late.id).await.unwrap().is_none());
+    }
+
+    // A record claiming five children, with two inserted: the parent counts two.
+    let parent = fascicle_api::ParentRecord {
+        id: OperationId::new(),
+        kind: "batch_retain".into(),
+        metadata: Value::Null,
+        children_total: 5,
+        created_at: now,
+    };
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_parent(&parent).await.unwrap();
+    tx.insert_child(&child_of(parent.id)).await.unwrap();
+    tx.insert_children(&[child_of(parent.id)]).await.unwrap();
+    tx.commit().await.unwrap();
+    let stored = store.get(parent.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.children.unwrap().total,
+        2,
+        "children_total must come from the rows"
+    );
+
+    // Looked at again a while later: the committed batch still has its one child.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let batch = store.get(committed.parent_id).await.unwrap().unwrap();
+    assert_eq!(batch.children.unwrap().total, 1);
+    assert_eq!(
+        store.children_of(committed.parent_id).await.unwrap().len(),
+        1
+    );
+}
