@@ -7,9 +7,11 @@ use std::time::Duration;
 use fascicle_api::{
     Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error, Lease,
     LeaseStatus, LeaseToken, OperationId, Outcome, PruneReport, ReconcileReport, RescueReport,
-    Result, Status, ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary,
+    Result, Status, ZERO_CHILDREN_REASON, parent_outcome, parent_summary, representative_error,
 };
 use fascicle_api::{messages, table};
+use std::collections::HashSet;
+
 use serde_json::Value;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
@@ -107,68 +109,138 @@ pub(crate) async fn claim(
     Ok(claimed.into_iter().map(|(_, c)| c).collect())
 }
 
-/// Moves an operation to a terminal state (from `pending` or `processing`; under `token`
-/// when one is given), then updates its parent's counters — the parent's row lock
-/// serializes racing last children — and finalizes the parent when this was its last
-/// open child. Returns whether the operation changed.
-async fn finish(
-    conn: &mut PgConnection,
-    sql: &Sql,
-    id: Uuid,
-    token: Option<Uuid>,
-    status: Status,
-    error: Option<&str>,
-    result: Option<&Value>,
-) -> Result<bool> {
-    let parent: Option<Option<Uuid>> = sqlx::query_scalar(sql.text(
-        "UPDATE {s}.operations SET status = $3, error = $4, result = $5,
-             worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-             cancel_requested = false, updated_at = now(), completed_at = now()
-         WHERE id = $1 AND status IN ('pending', 'processing')
-           AND ($2::uuid IS NULL OR (status = 'processing' AND lease_token = $2))
-         RETURNING parent_id",
+/// Locks the parents of `ids`, in id order. Every transaction that can move a batch's
+/// counters takes this lock first — parent before child, the one lock order of every
+/// driver (see `fascicle_api::table`) — so two of them never wait on each other in
+/// opposite orders.
+async fn lock_parents_of(conn: &mut PgConnection, sql: &Sql, ids: &[Uuid]) -> Result<()> {
+    sqlx::query(sql.text(
+        "SELECT 1 FROM {s}.operations
+         WHERE id IN (SELECT parent_id FROM {s}.operations
+                      WHERE id = ANY($1) AND parent_id IS NOT NULL)
+         ORDER BY id FOR UPDATE",
     ))
-    .bind(id)
-    .bind(token)
-    .bind(status.as_str())
-    .bind(error)
-    .bind(result)
-    .fetch_optional(&mut *conn)
+    .bind(ids)
+    .execute(&mut *conn)
     .await
     .db()?;
-    let Some(parent) = parent else {
-        return Ok(false);
-    };
-    if let Some(parent) = parent {
-        let (completed, failed, cancelled) = match status {
-            Status::Completed => (1i64, 0i64, 0i64),
-            Status::Failed => (0, 1, 0),
-            _ => (0, 0, 1),
-        };
-        let row = sqlx::query(sql.text(
-            "UPDATE {s}.operations SET children_completed = children_completed + $2,
-                 children_failed = children_failed + $3,
-                 children_cancelled = children_cancelled + $4, updated_at = now()
-             WHERE id = $1
-             RETURNING children_total, children_completed, children_failed,
-                       children_cancelled, status",
-        ))
-        .bind(parent)
-        .bind(completed)
-        .bind(failed)
-        .bind(cancelled)
-        .fetch_optional(&mut *conn)
-        .await
-        .db()?;
-        if let Some(row) = row {
-            let counters = counters_from(&row, 0)?;
-            let status: String = row.try_get(4).db()?;
-            if status == "pending" {
-                finalize_parent(conn, sql, parent, &counters).await?;
-            }
+    Ok(())
+}
+
+/// The tail of every statement that makes children terminal. Given `updated` (the changed
+/// rows' `id, parent_id, status`), it moves each touched parent's counters by its
+/// children's outcomes in aggregate (O(1) per child) and returns the changed rows, then
+/// the moved parents with their counters — read by [`finalize_moved`].
+const MOVE_PARENTS: &str = "
+     moved AS (
+         SELECT parent_id,
+                count(*) FILTER (WHERE status = 'completed') AS completed,
+                count(*) FILTER (WHERE status = 'failed') AS failed,
+                count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+         FROM updated WHERE parent_id IS NOT NULL AND status <> 'pending'
+         GROUP BY parent_id),
+     parents AS (
+         UPDATE {s}.operations AS p
+         SET children_completed = p.children_completed + m.completed,
+             children_failed = p.children_failed + m.failed,
+             children_cancelled = p.children_cancelled + m.cancelled, updated_at = now()
+         FROM moved AS m WHERE p.id = m.parent_id
+         RETURNING p.id, p.children_total, p.children_completed, p.children_failed,
+                   p.children_cancelled, p.status)
+     SELECT false AS is_parent, id, 0::bigint, 0::bigint, 0::bigint, 0::bigint, status
+         FROM updated
+     UNION ALL
+     SELECT true, id, children_total, children_completed, children_failed,
+            children_cancelled, status
+         FROM parents";
+
+/// Reads the rows of a statement ending in [`MOVE_PARENTS`]: finalizes every pending
+/// parent whose counters say no child is left open (`finalize_parent`), and returns the
+/// ids of the changed operations.
+async fn finalize_moved(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<HashSet<Uuid>> {
+    let mut changed = HashSet::with_capacity(rows.len());
+    for row in rows {
+        let is_parent: bool = row.try_get(0).db()?;
+        let id: Uuid = row.try_get(1).db()?;
+        if !is_parent {
+            changed.insert(id);
+            continue;
+        }
+        let counters = counters_from(row, 2)?;
+        let status: String = row.try_get(6).db()?;
+        if status == "pending" {
+            finalize_parent(conn, sql, id, &counters).await?;
         }
     }
-    Ok(true)
+    Ok(changed)
+}
+
+/// One terminal transition of one operation, for [`end_operations`].
+struct Ending<'a> {
+    id: Uuid,
+    /// The lease token it must still hold; `None` for a pending operation, or for a
+    /// processing one whose lease must have expired (a rescue).
+    token: Option<Uuid>,
+    from: Status,
+    to: Status,
+    error: &'a str,
+    /// The `cancel_requested` value it must have, when the transition depends on it.
+    cancel_requested: Option<bool>,
+}
+
+/// Makes operations terminal in one set-based statement — `cancel_pending`,
+/// `release_after_cancel`, `rescue_exhausted`, `rescue_after_cancel` — each guarded by
+/// the state, token, expiry and cancel flag its row of the table names, parents locked
+/// first and their counters moved in the same statement. Returns the ids that changed.
+async fn end_operations(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    endings: &[Ending<'_>],
+) -> Result<HashSet<Uuid>> {
+    if endings.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<Uuid> = endings.iter().map(|e| e.id).collect();
+    lock_parents_of(conn, sql, &ids).await?;
+    let tokens: Vec<Option<Uuid>> = endings.iter().map(|e| e.token).collect();
+    let from: Vec<&str> = endings.iter().map(|e| e.from.as_str()).collect();
+    let to: Vec<&str> = endings.iter().map(|e| e.to.as_str()).collect();
+    let errors: Vec<&str> = endings.iter().map(|e| e.error).collect();
+    let cancel: Vec<Option<bool>> = endings.iter().map(|e| e.cancel_requested).collect();
+    let statement = format!(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                                  $6::bool[])
+                 AS t(id, token, from_status, status, error, cancel)),
+         updated AS (
+             UPDATE {{s}}.operations AS o
+             SET status = i.status, error = i.error, result = NULL, worker_id = NULL,
+                 lease_token = NULL, lease_expires_at = NULL, cancel_requested = false,
+                 updated_at = now(), completed_at = now()
+             FROM input AS i
+             WHERE o.id = i.id AND o.status = i.from_status
+               AND (i.token IS NULL OR o.lease_token = i.token)
+               AND (i.from_status <> 'processing' OR i.token IS NOT NULL
+                    OR o.lease_expires_at < now())
+               AND (i.cancel IS NULL OR o.cancel_requested = i.cancel)
+             RETURNING o.id, o.parent_id, o.status),
+         {MOVE_PARENTS}"
+    );
+    let rows = sqlx::query(sql.text(&statement))
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&from)
+        .bind(&to)
+        .bind(&errors)
+        .bind(&cancel)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+    finalize_moved(conn, sql, &rows).await
 }
 
 fn counters_from(row: &sqlx::postgres::PgRow, first: usize) -> Result<ChildCounters> {
@@ -181,7 +253,9 @@ fn counters_from(row: &sqlx::postgres::PgRow, first: usize) -> Result<ChildCount
     })
 }
 
-/// Finalizes a pending parent whose counters say every child is terminal.
+/// Finalizes a pending parent whose counters say every child is terminal
+/// (`finalize_parent`). A failed batch's representative error is chosen in the database
+/// (one row comes back, whatever the number of failed children).
 async fn finalize_parent(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -192,15 +266,16 @@ async fn finalize_parent(
         return Ok(false);
     };
     let error = if outcome == Status::Failed {
-        let errors: Vec<String> = sqlx::query_scalar(sql.text(
-            "SELECT error FROM {s}.operations
-             WHERE parent_id = $1 AND status = 'failed' AND error IS NOT NULL",
+        let most: Option<(String, i64)> = sqlx::query_as(sql.text(
+            "SELECT error, count(*) FROM {s}.operations
+             WHERE parent_id = $1 AND status = 'failed' AND error IS NOT NULL
+             GROUP BY error ORDER BY count(*) DESC, error COLLATE \"C\" LIMIT 1",
         ))
         .bind(parent)
-        .fetch_all(&mut *conn)
+        .fetch_optional(&mut *conn)
         .await
         .db()?;
-        most_common_error(errors.iter().map(String::as_str))
+        most.map(|(error, n)| representative_error(&error, n as u64))
     } else {
         None
     };
@@ -224,19 +299,8 @@ pub(crate) async fn complete(
     sql: &Sql,
     completions: &[Completion],
 ) -> Result<Vec<Applied>> {
-    // Lock every parent involved up front, in id order: two workers completing children
-    // of the same batches then never wait on each other in opposite orders.
     let ids: Vec<Uuid> = completions.iter().map(|c| *c.id.as_uuid()).collect();
-    sqlx::query(sql.text(
-        "SELECT 1 FROM {s}.operations
-         WHERE id IN (SELECT parent_id FROM {s}.operations
-                      WHERE id = ANY($1) AND parent_id IS NOT NULL)
-         ORDER BY id FOR UPDATE",
-    ))
-    .bind(&ids)
-    .execute(&mut *conn)
-    .await
-    .db()?;
+    lock_parents_of(conn, sql, &ids).await?;
     // Every completion in one statement: the fenced updates, then each touched parent's
     // counters moved by its children's outcomes in aggregate (O(1) per child).
     let n = completions.len();
@@ -266,7 +330,7 @@ pub(crate) async fn complete(
         errors.push(error);
         run_ats.push(run_at);
     }
-    let rows = sqlx::query(sql.text(
+    let statement = format!(
         "WITH input AS (
              SELECT *, (status = 'pending') AS retry
              FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[],
@@ -275,7 +339,7 @@ pub(crate) async fn complete(
          updated AS (
              -- A retry of an operation whose cancel was requested is `retry_after_cancel`:
              -- cancelled, not re-queued.
-             UPDATE {s}.operations AS o
+             UPDATE {{s}}.operations AS o
              SET status = CASE WHEN i.retry AND o.cancel_requested THEN 'cancelled'
                                ELSE i.status END,
                  result = i.result,
@@ -290,52 +354,20 @@ pub(crate) async fn complete(
              FROM input AS i
              WHERE o.id = i.id AND o.status = 'processing' AND o.lease_token = i.token
              RETURNING o.id, o.parent_id, o.status),
-         moved AS (
-             SELECT parent_id,
-                    count(*) FILTER (WHERE status = 'completed') AS completed,
-                    count(*) FILTER (WHERE status = 'failed') AS failed,
-                    count(*) FILTER (WHERE status = 'cancelled') AS cancelled
-             FROM updated WHERE parent_id IS NOT NULL AND status <> 'pending'
-             GROUP BY parent_id),
-         parents AS (
-             UPDATE {s}.operations AS p
-             SET children_completed = p.children_completed + m.completed,
-                 children_failed = p.children_failed + m.failed,
-                 children_cancelled = p.children_cancelled + m.cancelled, updated_at = now()
-             FROM moved AS m WHERE p.id = m.parent_id
-             RETURNING p.id, p.children_total, p.children_completed, p.children_failed,
-                       p.children_cancelled, p.status)
-         SELECT false AS is_parent, id, 0::bigint, 0::bigint, 0::bigint, 0::bigint, status
-             FROM updated
-         UNION ALL
-         SELECT true, id, children_total, children_completed, children_failed,
-                children_cancelled, status
-             FROM parents",
-    ))
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(&statuses)
-    .bind(&results)
-    .bind(&errors)
-    .bind(&run_ats)
-    .bind(&cancel_errors)
-    .fetch_all(&mut *conn)
-    .await
-    .db()?;
-    let mut applied_ids = std::collections::HashSet::new();
-    for row in &rows {
-        let is_parent: bool = row.try_get(0).db()?;
-        let id: Uuid = row.try_get(1).db()?;
-        if !is_parent {
-            applied_ids.insert(id);
-            continue;
-        }
-        let counters = counters_from(row, 2)?;
-        let status: String = row.try_get(6).db()?;
-        if status == "pending" {
-            finalize_parent(conn, sql, id, &counters).await?;
-        }
-    }
+         {MOVE_PARENTS}"
+    );
+    let rows = sqlx::query(sql.text(&statement))
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&statuses)
+        .bind(&results)
+        .bind(&errors)
+        .bind(&run_ats)
+        .bind(&cancel_errors)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+    let applied_ids = finalize_moved(conn, sql, &rows).await?;
     Ok(ids
         .iter()
         .map(|id| {
@@ -387,7 +419,9 @@ pub(crate) async fn heartbeat(
 pub(crate) async fn release(conn: &mut PgConnection, sql: &Sql, leases: &[Lease]) -> Result<u64> {
     let ids: Vec<Uuid> = leases.iter().map(|l| *l.id.as_uuid()).collect();
     let tokens: Vec<Uuid> = leases.iter().map(|l| *l.token.as_uuid()).collect();
-    let mut released = sqlx::query(sql.text(
+    lock_parents_of(conn, sql, &ids).await?;
+    // `release`: back to `pending`, the attempt not counted, unless a cancel was requested.
+    let released = sqlx::query(sql.text(
         "UPDATE {s}.operations AS o
          SET status = 'pending', attempts = greatest(attempts - 1, 0), worker_id = NULL,
              lease_token = NULL, lease_expires_at = NULL, updated_at = now()
@@ -401,68 +435,90 @@ pub(crate) async fn release(conn: &mut PgConnection, sql: &Sql, leases: &[Lease]
     .await
     .db()?
     .rows_affected();
-    // `release_after_cancel`: the held operations whose cancel was requested end cancelled.
-    let cancelled: Vec<(Uuid, Uuid)> = sqlx::query_as(sql.text(
-        "SELECT o.id, o.lease_token FROM {s}.operations AS o
-         JOIN unnest($1::uuid[], $2::uuid[]) AS l(id, token)
-           ON o.id = l.id AND o.lease_token = l.token
-         WHERE o.status = 'processing' AND o.cancel_requested",
-    ))
-    .bind(&ids)
-    .bind(&tokens)
-    .fetch_all(&mut *conn)
-    .await
-    .db()?;
-    for (id, token) in cancelled {
-        let error = Some(messages::CANCELLED_AT_RELEASE);
-        if finish(conn, sql, id, Some(token), Status::Cancelled, error, None).await? {
-            released += 1;
-        }
-    }
-    Ok(released)
+    // `release_after_cancel`: what is still held ends cancelled (the guard re-checks).
+    let endings: Vec<Ending<'_>> = leases
+        .iter()
+        .map(|l| Ending {
+            id: *l.id.as_uuid(),
+            token: Some(*l.token.as_uuid()),
+            from: Status::Processing,
+            to: Status::Cancelled,
+            error: messages::CANCELLED_AT_RELEASE,
+            cancel_requested: Some(true),
+        })
+        .collect();
+    let cancelled = end_operations(conn, sql, &endings).await?;
+    Ok(released + cancelled.len() as u64)
 }
 
 pub(crate) async fn rescue(conn: &mut PgConnection, sql: &Sql) -> Result<RescueReport> {
-    let requeued = sqlx::query(sql.text(
-        "UPDATE {s}.operations SET status = 'pending', error = $1, worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-             run_at = now(), updated_at = now()
-         WHERE status = 'processing' AND lease_expires_at < now() AND attempts < max_attempts
-           AND NOT cancel_requested",
+    // Read without locking, then lock the parents first (the one lock order); every write
+    // below re-checks the row's state, expiry and cancel flag.
+    let expired: Vec<(Uuid, i32, i32, bool)> = sqlx::query_as(sql.text(
+        "SELECT id, attempts, max_attempts, cancel_requested FROM {s}.operations
+         WHERE status = 'processing' AND lease_expires_at < now()",
     ))
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    if expired.is_empty() {
+        return Ok(RescueReport::default());
+    }
+    let ids: Vec<Uuid> = expired.iter().map(|e| e.0).collect();
+    lock_parents_of(conn, sql, &ids).await?;
+    let mut requeue = Vec::new();
+    let mut errors = Vec::new();
+    for &(id, attempts, max_attempts, cancel) in &expired {
+        let rescue = table::rescue_of(cancel, attempts as u32, max_attempts as u32);
+        if rescue == table::RESCUE {
+            requeue.push(id);
+        } else if rescue == table::RESCUE_AFTER_CANCEL {
+            errors.push((
+                id,
+                Status::Cancelled,
+                messages::CANCELLED_AT_RESCUE.to_owned(),
+                cancel,
+            ));
+        } else {
+            let error = messages::lease_expired_on_last_attempt(attempts as u32);
+            errors.push((id, Status::Failed, error, cancel));
+        }
+    }
+    // `rescue`: back to `pending`, ready now.
+    let requeued = sqlx::query(sql.text(
+        "UPDATE {s}.operations SET status = 'pending', error = $2, worker_id = NULL,
+             lease_token = NULL, lease_expires_at = NULL, run_at = now(), updated_at = now()
+         WHERE id = ANY($1) AND status = 'processing' AND lease_expires_at < now()
+           AND attempts < max_attempts AND NOT cancel_requested",
+    ))
+    .bind(&requeue)
     .bind(messages::LEASE_EXPIRED)
     .execute(&mut *conn)
     .await
     .db()?
     .rows_affected();
-    // What is still expired is `rescue_exhausted` or `rescue_after_cancel`.
-    let ending: Vec<(Uuid, i32, i32, bool)> = sqlx::query_as(sql.text(
-        "SELECT id, attempts, max_attempts, cancel_requested FROM {s}.operations
-         WHERE status = 'processing' AND lease_expires_at < now()
-         FOR UPDATE SKIP LOCKED",
-    ))
-    .fetch_all(&mut *conn)
-    .await
-    .db()?;
+    // `rescue_exhausted` and `rescue_after_cancel`.
+    let endings: Vec<Ending<'_>> = errors
+        .iter()
+        .map(|(id, to, error, cancel)| Ending {
+            id: *id,
+            token: None,
+            from: Status::Processing,
+            to: *to,
+            error,
+            cancel_requested: Some(*cancel),
+        })
+        .collect();
+    let ended = end_operations(conn, sql, &endings).await?;
     let mut report = RescueReport {
         requeued,
         ..RescueReport::default()
     };
-    for (id, attempts, max_attempts, cancel) in ending {
-        let rescue = table::rescue_of(cancel, attempts as u32, max_attempts as u32);
-        let (status, error) = if rescue == table::RESCUE_AFTER_CANCEL {
-            (Status::Cancelled, messages::CANCELLED_AT_RESCUE.to_owned())
+    for ending in endings.iter().filter(|e| ended.contains(&e.id)) {
+        if ending.to == Status::Cancelled {
+            report.cancelled += 1;
         } else {
-            (
-                Status::Failed,
-                messages::lease_expired_on_last_attempt(attempts as u32),
-            )
-        };
-        if finish(conn, sql, id, None, status, Some(&error), None).await? {
-            if status == Status::Cancelled {
-                report.cancelled += 1;
-            } else {
-                report.failed += 1;
-            }
+            report.failed += 1;
         }
     }
     Ok(report)
@@ -526,76 +582,98 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
     Ok(report)
 }
 
-async fn cancel_one(
-    conn: &mut PgConnection,
-    sql: &Sql,
-    id: Uuid,
-    status: &str,
-    report: &mut CancelReport,
-) -> Result<()> {
-    match status {
-        "pending" => {
-            if finish(
-                conn,
-                sql,
-                id,
-                None,
-                Status::Cancelled,
-                Some(messages::CANCELLED_BEFORE_RUN),
-                None,
-            )
-            .await?
-            {
-                report.cancelled += 1;
-            }
-        }
-        "processing" => {
-            sqlx::query(sql.text(
-                "UPDATE {s}.operations SET cancel_requested = true, updated_at = now()
-                 WHERE id = $1 AND status = 'processing'",
-            ))
-            .bind(id)
-            .execute(&mut *conn)
-            .await
-            .db()?;
-            report.signalled += 1;
-        }
-        _ => report.already_terminal += 1,
-    }
-    Ok(())
-}
-
 pub(crate) async fn cancel(
     conn: &mut PgConnection,
     sql: &Sql,
     id: OperationId,
 ) -> Result<CancelReport> {
-    let found: Option<(String, bool)> = sqlx::query_as(
-        sql.text("SELECT status, payload IS NULL FROM {s}.operations WHERE id = $1 FOR UPDATE"),
-    )
-    .bind(id.as_uuid())
+    let id = *id.as_uuid();
+    // Parent first: for a batch its own row, for an operation its parent's.
+    let found: Option<(String, bool, i64)> = sqlx::query_as(sql.text(
+        "SELECT status, payload IS NULL, coalesce(children_total, 0)
+         FROM {s}.operations WHERE id = $1",
+    ))
+    .bind(id)
     .fetch_optional(&mut *conn)
     .await
     .db()?;
-    let Some((status, is_parent)) = found else {
+    let Some((_, is_parent, total)) = found else {
         return Err(Error::NotFound(format!("operation {id} does not exist")));
     };
-    let mut report = CancelReport::default();
-    if is_parent {
-        let children: Vec<(Uuid, String)> = sqlx::query_as(sql.text(
-            "SELECT id, status FROM {s}.operations WHERE parent_id = $1 ORDER BY seq FOR UPDATE",
-        ))
-        .bind(id.as_uuid())
+    if !is_parent {
+        // Its parent's lock, then its own row's: read under the lock, its state cannot
+        // change before the one transition chosen from it.
+        lock_parents_of(conn, sql, &[id]).await?;
+        let status: String = sqlx::query_scalar(
+            sql.text("SELECT status FROM {s}.operations WHERE id = $1 FOR UPDATE"),
+        )
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await
+        .db()?;
+        let mut report = CancelReport::default();
+        match status.parse::<Status>()? {
+            Status::Pending => {
+                let pending = Ending {
+                    id,
+                    token: None,
+                    from: Status::Pending,
+                    to: Status::Cancelled,
+                    error: messages::CANCELLED_BEFORE_RUN,
+                    cancel_requested: None,
+                };
+                report.cancelled = end_operations(conn, sql, &[pending]).await?.len() as u64;
+            }
+            Status::Processing => {
+                report.signalled = request_cancel(conn, sql, "id = $1", id).await?
+            }
+            _ => report.already_terminal = 1,
+        }
+        return Ok(report);
+    }
+    sqlx::query(sql.text("SELECT 1 FROM {s}.operations WHERE id = $1 FOR UPDATE"))
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .db()?;
+    // `cancel_pending` for every pending child at once, its count moved into the parent,
+    // then `request_cancel` for the running ones: a child claimed meanwhile is processing
+    // by then and gets the signal.
+    let statement = format!(
+        "WITH updated AS (
+             UPDATE {{s}}.operations AS o
+             SET status = 'cancelled', error = $2, updated_at = now(), completed_at = now()
+             WHERE parent_id = $1 AND status = 'pending'
+             RETURNING o.id, o.parent_id, o.status),
+         {MOVE_PARENTS}"
+    );
+    let rows = sqlx::query(sql.text(&statement))
+        .bind(id)
+        .bind(messages::CANCELLED_BEFORE_RUN)
         .fetch_all(&mut *conn)
         .await
         .db()?;
-        for (child, status) in children {
-            cancel_one(conn, sql, child, &status, &mut report).await?;
-        }
-    } else {
-        cancel_one(conn, sql, *id.as_uuid(), &status, &mut report).await?;
-    }
-    Ok(report)
+    let cancelled = finalize_moved(conn, sql, &rows).await?.len() as u64;
+    let signalled = request_cancel(conn, sql, "parent_id = $1", id).await?;
+    Ok(CancelReport {
+        cancelled,
+        signalled,
+        already_terminal: (total as u64).saturating_sub(cancelled + signalled),
+    })
+}
+
+/// `request_cancel`: the processing operations selected by `filter` (on `$1`) are asked
+/// to stop. Returns how many.
+async fn request_cancel(conn: &mut PgConnection, sql: &Sql, filter: &str, id: Uuid) -> Result<u64> {
+    Ok(sqlx::query(sql.text(&format!(
+        "UPDATE {{s}}.operations SET cancel_requested = true, updated_at = now()
+         WHERE {filter} AND status = 'processing'"
+    )))
+    .bind(id)
+    .execute(&mut *conn)
+    .await
+    .db()?
+    .rows_affected())
 }
 
 pub(crate) async fn retry_batch(

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use fascicle_api::{
     Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error, Lease,
     LeaseStatus, LeaseToken, Operation, OperationId, Outcome, PruneReport, ReconcileReport,
-    RescueReport, Result, Status, ZERO_CHILDREN_REASON, most_common_error, parent_outcome,
+    RescueReport, Result, Status, ZERO_CHILDREN_REASON, parent_outcome, representative_error,
     parent_summary,
 };
 use fascicle_api::{messages, table};
@@ -252,19 +252,23 @@ fn finalize_parent(
     let Some(outcome) = parent_outcome(counters) else {
         return Ok(false);
     };
+    // A failed batch's representative error is chosen in the database: one row comes
+    // back, whatever the number of failed children.
     let error = if outcome == Status::Failed {
-        let mut stmt = tx
-            .prepare_cached(
-                "SELECT error FROM fascicle_operations
-                 WHERE parent_id = ?1 AND status = 'failed' AND error IS NOT NULL",
-            )
-            .db()?;
-        let errors: Vec<String> = stmt
-            .query_map(params![parent], |row| row.get(0))
-            .db()?
-            .collect::<rusqlite::Result<_>>()
-            .db()?;
-        most_common_error(errors.iter().map(String::as_str))
+        tx.prepare_cached(
+            "SELECT error, count(*) FROM fascicle_operations
+             WHERE parent_id = ?1 AND status = 'failed' AND error IS NOT NULL
+             GROUP BY error ORDER BY count(*) DESC, error LIMIT 1",
+        )
+        .db()?
+        .query_row(params![parent], |row| {
+            Ok(representative_error(
+                &row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)? as u64,
+            ))
+        })
+        .optional()
+        .db()?
     } else {
         None
     };
@@ -626,18 +630,40 @@ pub(crate) fn cancel(
     };
     let mut report = CancelReport::default();
     if is_parent {
-        let children: Vec<(Vec<u8>, String)> = tx
+        // `cancel_pending` for every pending child at once, counted into the parent in one
+        // update; then `request_cancel` for the running ones.
+        let cancelled = tx
             .prepare_cached(
-                "SELECT id, status FROM fascicle_operations WHERE parent_id = ?1 ORDER BY seq",
+                "UPDATE fascicle_operations SET status = 'cancelled', error = ?2,
+                     updated_at = ?3, completed_at = ?3
+                 WHERE parent_id = ?1 AND status = 'pending'",
             )
             .db()?
-            .query_map(params![id.as_bytes()], |row| Ok((row.get(0)?, row.get(1)?)))
-            .db()?
-            .collect::<rusqlite::Result<_>>()
-            .db()?;
-        for (child, status) in children {
-            cancel_one(tx, &id_of(child)?, status_of(status)?, now, &mut report)?;
+            .execute(params![id.as_bytes(), messages::CANCELLED_BEFORE_RUN, now])
+            .db()? as i64;
+        if cancelled > 0 {
+            let delta = Delta {
+                cancelled,
+                ..Delta::default()
+            };
+            move_parent(tx, id.as_bytes(), delta, now)?;
         }
+        report.cancelled = cancelled as u64;
+        report.signalled = tx
+            .prepare_cached(
+                "UPDATE fascicle_operations SET cancel_requested = 1, updated_at = ?2
+                 WHERE parent_id = ?1 AND status = 'processing'",
+            )
+            .db()?
+            .execute(params![id.as_bytes(), now])
+            .db()? as u64;
+        let total: i64 = tx
+            .prepare_cached("SELECT children_total FROM fascicle_operations WHERE id = ?1")
+            .db()?
+            .query_row(params![id.as_bytes()], |row| row.get(0))
+            .db()?;
+        report.already_terminal =
+            (total as u64).saturating_sub(report.cancelled + report.signalled);
     } else {
         cancel_one(tx, &id, status_of(status)?, now, &mut report)?;
     }

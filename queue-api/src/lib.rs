@@ -15,7 +15,7 @@ pub use error::{BackendErrorKind, BoxError, Error, Result};
 pub use lifecycle::{
     Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
     LeaseToken, Outcome, PruneReport, ReconcileReport, RescueReport, RetryPolicy,
-    ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary,
+    ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary, representative_error,
 };
 pub use lifecycle::{messages, table};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};

@@ -208,13 +208,18 @@ pub fn most_common_error<'a>(errors: impl IntoIterator<Item = &'a str>) -> Optio
     counts
         .into_iter()
         .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(a.0)))
-        .map(|(error, n)| {
-            if n > 1 {
-                format!("{error} ({n} children failed with this error)")
-            } else {
-                error.to_string()
-            }
-        })
+        .map(|(error, n)| representative_error(error, n))
+}
+
+/// A failed batch's error, from its most common child error shared by `n` children
+/// (for drivers that pick the error in the database: ties go to the error that sorts
+/// first, bytewise).
+pub fn representative_error(error: &str, n: u64) -> String {
+    if n > 1 {
+        format!("{error} ({n} children failed with this error)")
+    } else {
+        error.to_string()
+    }
 }
 
 /// Exponential backoff with jitter between attempts.
