@@ -56,7 +56,10 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         "rescue",
         &["expired_lease_is_rescued", "rescued_worker_cannot_complete"],
     ),
-    ("rescue_exhausted", &["expired_lease_is_rescued"]),
+    (
+        "rescue_exhausted",
+        &["expired_lease_is_rescued", "rescue_races_a_completion"],
+    ),
     ("rescue_after_cancel", &["cancel_request_survives_rescue"]),
     (
         "cancel_pending",

@@ -5,6 +5,7 @@ mod cancel;
 mod coverage;
 mod lifecycle;
 mod membership;
+mod races;
 mod submit;
 mod worker;
 
@@ -12,6 +13,7 @@ pub use cancel::*;
 pub use coverage::TRANSITION_CASES;
 pub use lifecycle::*;
 pub use membership::*;
+pub use races::*;
 pub use submit::*;
 pub use worker::*;
 
