@@ -1,7 +1,6 @@
 //! Fault-injecting wrappers: they make a real driver fail at a chosen step, so the
 //! suite checks each driver's rollback, not only the queue's logic.
 
-use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -12,6 +11,8 @@ use fascicle_api::{
     ParentRecord, PruneReport, ReconcileReport, RescueReport, Result, Stats, Store, Submitted,
     Transaction,
 };
+
+use crate::broken::{BrokenPromise, BrokenStore};
 
 /// Implements `Store` for a wrapper: the given methods (`driver`, `begin`) plus every
 /// other method forwarded to `self.inner`.
@@ -192,25 +193,23 @@ impl Notifier for FailingNotifier {
     }
 }
 
-/// A deliberately broken store reproducing the bug fascicle exists to prevent: it
-/// commits the parent in its own transaction, outside the batch's. The suite must
-/// catch it (`rollback_on_child_failure` fails); this is the suite's self-test.
+/// A deliberately broken store reproducing the bug fascicle exists to prevent: the
+/// parent is visible outside the batch's transaction (from `insert_parent` on, and after
+/// the batch failed), as if committed on its own connection. The suite must catch it
+/// (`rollback_on_child_failure` fails). It is [`BrokenStore`] with
+/// [`BrokenPromise::AutocommitParent`], one of the [`broken`](crate::broken) stores of
+/// the suite's self-test.
+#[derive(Debug)]
 pub struct AutocommitParentStore {
     inner: Arc<dyn Store>,
-}
-
-impl fmt::Debug for AutocommitParentStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AutocommitParentStore")
-            .field("inner", &self.inner)
-            .finish()
-    }
 }
 
 impl AutocommitParentStore {
     /// Wraps `inner`.
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self { inner }
+        Self {
+            inner: Arc::new(BrokenStore::new(inner, BrokenPromise::AutocommitParent)),
+        }
     }
 }
 
@@ -220,68 +219,6 @@ wrapping_store!(AutocommitParentStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>> {
-        Ok(Box::new(AutocommitParentTransaction {
-            store: Arc::clone(&self.inner),
-            batch: self.inner.begin().await?,
-        }))
+        self.inner.begin().await
     }
-
 });
-
-struct AutocommitParentTransaction {
-    store: Arc<dyn Store>,
-    batch: Box<dyn Transaction>,
-}
-
-#[async_trait]
-impl Transaction for AutocommitParentTransaction {
-    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
-        // The bug: a second connection, auto-committing the parent on its own. The
-        // batch's transaction must be committed out of the way first on single-writer
-        // backends, so swap in a fresh one afterwards.
-        let batch = std::mem::replace(&mut self.batch, Box::new(NoTransaction));
-        batch.rollback().await?;
-        let mut own = self.store.begin().await?;
-        own.insert_parent(parent).await?;
-        own.commit().await?;
-        self.batch = self.store.begin().await?;
-        Ok(())
-    }
-
-    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
-        self.batch.insert_child(child).await
-    }
-
-    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
-        self.batch.insert_children(children).await
-    }
-
-    async fn commit(self: Box<Self>) -> Result<()> {
-        self.batch.commit().await
-    }
-
-    async fn rollback(self: Box<Self>) -> Result<()> {
-        self.batch.rollback().await
-    }
-}
-
-struct NoTransaction;
-
-#[async_trait]
-impl Transaction for NoTransaction {
-    async fn insert_parent(&mut self, _parent: &ParentRecord) -> Result<()> {
-        Err(injected("no transaction"))
-    }
-
-    async fn insert_child(&mut self, _child: &ChildRecord) -> Result<()> {
-        Err(injected("no transaction"))
-    }
-
-    async fn commit(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-
-    async fn rollback(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-}

@@ -7,6 +7,7 @@ use std::sync::{Arc, Once};
 
 use fascicle_api::{OperationId, Store};
 
+pub mod broken;
 pub mod cases;
 pub mod faults;
 pub mod model;
@@ -96,6 +97,11 @@ impl Fixture {
     pub fn with_cleanup(mut self, cleanup: impl Future<Output = ()> + Send + 'static) -> Self {
         self.cleanup = Some(Box::pin(cleanup));
         self
+    }
+
+    /// The store (absent when skipped) and the clean-up.
+    pub(crate) fn into_parts(self) -> (Option<Arc<dyn Store>>, Option<Cleanup>) {
+        (self.store, self.cleanup)
     }
 
     /// No backend is available: every case prints one line (once per test binary) and
@@ -200,7 +206,12 @@ macro_rules! __for_each_case {
             child_id_taken_by_another_batch_rolls_back,
             standalone_submit_is_visible_and_idempotent,
             children_join_only_the_batch_of_their_transaction,
+            child_ids_of_lists_the_children_in_order,
             large_batch_10k_children_commits_atomically,
+            standalone_rollback_on_commit_failure,
+            standalone_dropped_transaction_rolls_back,
+            standalone_explicit_rollback,
+            standalone_uncommitted_is_invisible_to_get_stats_and_claim,
             claim_never_returns_parents,
             claim_respects_priority_and_run_at,
             claim_skips_key_duplicates_before_the_limit,
@@ -226,6 +237,7 @@ macro_rules! __for_each_case {
             retry_batch_races_an_in_flight_completion,
             reconcile_races_the_last_completion,
             prune_races_a_live_batch,
+            prune_deletes_a_long_history_in_chunks,
             retry_batch_requeues_failed_children,
             serialization_key_exclusive,
             graceful_shutdown_releases_in_flight,

@@ -1,6 +1,9 @@
-//! Model-based testing: random histories of submits, claims, outcomes, cancellations,
-//! retries, lease expiries, rescues and reconciliations, with the store's invariants
-//! checked after every step against a recount and a small reference model.
+//! Model-based testing: random histories of submits, claims, outcomes, cancellations
+//! (also of running operations), retries, releases, lease expiries, rescues,
+//! reconciliations and prunes, with the store's invariants checked after every step
+//! against a recount and a small reference model. [`check_lockstep`] runs one history
+//! on several stores at once (the same ids on each) and requires the same state on all
+//! of them after every step.
 //!
 //! ```ignore
 //! proptest! {
@@ -65,6 +68,11 @@ pub enum Step {
     /// Prune everything terminal (whole batches and stand-alone operations); later
     /// submissions may reuse what the store freed.
     Prune,
+    /// Release the `pick`-th held claim (a worker shutting down).
+    Release {
+        /// Which held claim.
+        pick: usize,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -77,6 +85,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Rescue),
         1 => Just(Step::Reconcile),
         1 => Just(Step::Prune),
+        1 => any::<usize>().prop_map(|pick| Step::Release { pick }),
     ]
 }
 
@@ -95,6 +104,9 @@ struct Model {
     terminal: BTreeSet<OperationId>,
     /// Pruned operations: gone for good.
     pruned: BTreeSet<OperationId>,
+    /// Operations whose cancel was requested while they ran: none may be `pending` again
+    /// until a batch retry clears the request.
+    cancel_requested: BTreeSet<OperationId>,
 }
 
 /// Runs `steps` on a fresh store from `factory`, checking the invariants after each.
@@ -109,26 +121,112 @@ where
 }
 
 async fn run(store: Arc<dyn Store>, steps: Vec<Step>) {
-    let queue = Queue::new(Arc::clone(&store));
-    let mut model = Model::default();
+    run_lockstep(vec![store], steps).await;
+}
+
+/// Runs `steps` on a fresh store from each factory at once, in lockstep: after every
+/// step each store's invariants are checked, and every store must hold the same state
+/// (status, attempts, counters, error, result of every operation) as the first.
+pub fn check_lockstep<Fac, FacFut>(factories: Vec<Fac>, steps: Vec<Step>)
+where
+    Fac: FnOnce() -> FacFut,
+    FacFut: Future<Output = Fixture>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime for the model");
+    runtime.block_on(async move {
+        let mut stores = Vec::new();
+        let mut cleanups = Vec::new();
+        for factory in factories {
+            let (store, cleanup) = factory().await.into_parts();
+            stores.push(store.expect("every store of a lockstep history must be available"));
+            cleanups.extend(cleanup);
+        }
+        let outcome = tokio::spawn(run_lockstep(stores, steps)).await;
+        for cleanup in cleanups {
+            cleanup.await;
+        }
+        if let Err(join_error) = outcome {
+            std::panic::resume_unwind(join_error.into_panic());
+        }
+    });
+}
+
+/// What two stores must agree on about one operation.
+type Observed = (
+    Status,
+    u32,
+    Option<ChildCounters>,
+    Option<String>,
+    Option<serde_json::Value>,
+);
+
+async fn run_lockstep(stores: Vec<Arc<dyn Store>>, steps: Vec<Step>) {
+    let queues: Vec<Queue> = stores.iter().map(|s| Queue::new(Arc::clone(s))).collect();
+    let mut models: Vec<Model> = stores.iter().map(|_| Model::default()).collect();
     for (i, step) in steps.iter().enumerate() {
-        apply(&store, &queue, &mut model, step).await;
-        let ops = verify(&store, &model).await.unwrap_or_else(|violation| {
-            panic!("after step {i} ({step:?}): {violation}\nhistory: {steps:?}")
-        });
-        for (id, op) in &ops {
-            if op.status.is_terminal() {
-                model.terminal.insert(*id);
+        // The same new ids for every store.
+        let fresh: Vec<OperationId> = match step {
+            Step::Submit { children } => (0..=*children).map(|_| OperationId::new()).collect(),
+            _ => Vec::new(),
+        };
+        let mut observed: Vec<BTreeMap<OperationId, Observed>> = Vec::new();
+        for ((store, queue), model) in stores.iter().zip(&queues).zip(&mut models) {
+            apply(store, queue, model, step, &fresh).await;
+            let ops = verify(store, model).await.unwrap_or_else(|violation| {
+                panic!(
+                    "{} after step {i} ({step:?}): {violation}\nhistory: {steps:?}",
+                    store.driver()
+                )
+            });
+            for (id, op) in &ops {
+                if op.status.is_terminal() {
+                    model.terminal.insert(*id);
+                    model.cancel_requested.remove(id);
+                }
+            }
+            observed.push(
+                ops.into_iter()
+                    .map(|(id, op)| {
+                        (
+                            id,
+                            (op.status, op.attempts, op.children, op.error, op.result),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+        for (store, state) in stores.iter().zip(&observed).skip(1) {
+            if *state != observed[0] {
+                let differ: Vec<_> = state
+                    .iter()
+                    .filter(|(id, o)| observed[0].get(id) != Some(o))
+                    .map(|(id, o)| (id, o, observed[0].get(id)))
+                    .collect();
+                panic!(
+                    "after step {i} ({step:?}) {} and {} differ: {differ:?}\nhistory: {steps:?}",
+                    store.driver(),
+                    stores[0].driver()
+                );
             }
         }
     }
 }
 
-async fn apply(store: &Arc<dyn Store>, queue: &Queue, model: &mut Model, step: &Step) {
+async fn apply(
+    store: &Arc<dyn Store>,
+    queue: &Queue,
+    model: &mut Model,
+    step: &Step,
+    fresh: &[OperationId],
+) {
     match *step {
         Step::Submit { children: 0 } => {
             let receipt = queue
-                .submit(NewOperation::new("op", json!({})))
+                .submit(NewOperation::new("op", json!({})).with_id(fresh[0]))
                 .await
                 .unwrap();
             model.ids.insert(receipt.id);
@@ -136,8 +234,10 @@ async fn apply(store: &Arc<dyn Store>, queue: &Queue, model: &mut Model, step: &
         Step::Submit { children } => {
             let receipt =
                 queue
-                    .submit_batch(NewBatch::new("batch").children(
-                        (0..children).map(|i| NewOperation::new("op", json!({ "i": i }))),
+                    .submit_batch(NewBatch::new("batch").with_id(fresh[0]).children(
+                        (0..children).map(|i| {
+                            NewOperation::new("op", json!({ "i": i })).with_id(fresh[i + 1])
+                        }),
                     ))
                     .await
                     .unwrap();
@@ -205,6 +305,30 @@ async fn apply(store: &Arc<dyn Store>, queue: &Queue, model: &mut Model, step: &
             }
             let id = *model.ids.iter().nth(pick % model.ids.len()).unwrap();
             store.cancel(id).await.unwrap();
+            let targets = model.parents.get(&id).cloned().unwrap_or_else(|| vec![id]);
+            for target in targets {
+                let op = store
+                    .get(target)
+                    .await
+                    .unwrap()
+                    .expect("known operations exist");
+                if op.status == Status::Processing {
+                    model.cancel_requested.insert(target);
+                }
+            }
+        }
+        Step::Release { pick } => {
+            if model.held.is_empty() {
+                return;
+            }
+            let held = model.held.remove(pick % model.held.len());
+            store
+                .release(&[fascicle_api::Lease {
+                    id: held.operation.id,
+                    token: held.lease_token,
+                }])
+                .await
+                .unwrap();
         }
         Step::RetryBatch { pick } => {
             if model.parents.is_empty() {
@@ -219,6 +343,7 @@ async fn apply(store: &Arc<dyn Store>, queue: &Queue, model: &mut Model, step: &
                 Ok(_) => {
                     for child in &model.parents[&parent] {
                         model.terminal.remove(child);
+                        model.cancel_requested.remove(child);
                     }
                     model.terminal.remove(&parent);
                 }
@@ -311,6 +436,13 @@ async fn verify(
     for id in &model.terminal {
         if !ops[id].status.is_terminal() {
             return Err(format!("{id} left a terminal state without a batch retry"));
+        }
+    }
+    for id in &model.cancel_requested {
+        if ops.get(id).is_some_and(|op| op.status == Status::Pending) {
+            return Err(format!(
+                "{id} is pending again although its cancel was requested while it ran"
+            ));
         }
     }
     let mut expected = fascicle_api::Stats::default();

@@ -78,6 +78,9 @@ pub(crate) struct State {
     /// The slots of the `processing` rows by id: a small, hot map where completions,
     /// heartbeats and rescues look (the map of every id is large and cold).
     processing: IdMap<usize>,
+    /// The slots of the pending batch parents: what the reconciler looks at, instead of
+    /// every row.
+    open_parents: IdMap<usize>,
     /// One shared copy of each kind's name.
     kinds: HashMap<Arc<str>, ()>,
     next_seq: u64,
@@ -400,7 +403,10 @@ impl State {
         let row = self.rows.at(slot);
         let id = row.op.id;
         match row.op.status {
-            Status::Pending if !row.op.is_parent() => {
+            Status::Pending if row.op.is_parent() => {
+                self.open_parents.remove(&id);
+            }
+            Status::Pending => {
                 self.ready.remove(&row.ready_key());
             }
             Status::Processing => {
@@ -421,7 +427,10 @@ impl State {
             return;
         };
         match row.op.status {
-            Status::Pending if !row.op.is_parent() => {
+            Status::Pending if row.op.is_parent() => {
+                self.open_parents.insert(id, row.slot);
+            }
+            Status::Pending => {
                 self.ready.insert(row.ready_key());
             }
             Status::Processing => {
@@ -678,6 +687,16 @@ impl Store for MemoryStore {
         Ok(rows.into_iter().map(|row| row.op.operation()).collect())
     }
 
+    async fn child_ids_of(&self, parent_id: OperationId) -> Result<Vec<OperationId>> {
+        // Children are listed in insertion order.
+        Ok(self
+            .lock()
+            .children
+            .get(&parent_id)
+            .cloned()
+            .unwrap_or_default())
+    }
+
     async fn stats(&self) -> Result<Stats> {
         let now = Utc::now();
         let state = self.lock();
@@ -791,32 +810,35 @@ impl Store for MemoryStore {
     async fn reconcile_orphan_parents(&self) -> Result<ReconcileReport> {
         let now = Utc::now();
         let mut state = self.lock();
-        let pending_parents: Vec<OperationId> = state
-            .rows
-            .values()
-            .filter(|r| r.op.is_parent() && r.op.status == Status::Pending)
-            .map(|r| r.op.id)
-            .collect();
+        let pending_parents: Vec<OperationId> = state.open_parents.keys().copied().collect();
         let mut report = ReconcileReport::default();
         for parent_id in pending_parents {
-            let children = state.children.get(&parent_id).cloned().unwrap_or_default();
+            // Recounted from the rows; the first open child ends the look (a live batch
+            // is usually open at its first children).
+            let children = state
+                .children
+                .get(&parent_id)
+                .map_or(&[][..], Vec::as_slice);
             let mut counters = ChildCounters {
                 total: children.len() as u64,
                 ..ChildCounters::default()
             };
             let mut open = false;
-            for child in &children {
+            for child in children {
                 match state.rows.get(child).map(|c| c.op.status) {
                     Some(Status::Completed) => counters.completed += 1,
                     Some(Status::Failed) => counters.failed += 1,
                     Some(Status::Cancelled) => counters.cancelled += 1,
-                    _ => open = true,
+                    _ => {
+                        open = true;
+                        break;
+                    }
                 }
             }
             if open {
                 continue;
             }
-            if children.is_empty() {
+            if counters.total == 0 {
                 state.update(parent_id, |row| {
                     row.take(&table::RECONCILE_EMPTY, None, now);
                     row.op.children = Some(ChildCounters::default());
@@ -897,35 +919,61 @@ impl Store for MemoryStore {
     }
 
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
-        let mut state = self.lock();
-        let old = |r: &Row| {
+        let old = move |r: &Row| {
             r.op.status.is_terminal() && r.op.completed_at.is_some_and(|t| t < completed_before)
         };
-        let parents: Vec<OperationId> = state
-            .rows
-            .values()
-            .filter(|r| r.op.is_parent() && old(r))
-            .map(|r| r.op.id)
-            .collect();
-        let standalone: Vec<OperationId> = state
-            .rows
-            .values()
-            .filter(|r| !r.op.is_parent() && r.op.parent_id.is_none() && old(r))
-            .map(|r| r.op.id)
-            .collect();
+        let (parents, standalone): (Vec<OperationId>, Vec<OperationId>) = {
+            let state = self.lock();
+            let parents = state
+                .rows
+                .values()
+                .filter(|r| r.op.is_parent() && old(r))
+                .map(|r| r.op.id)
+                .collect();
+            let standalone = state
+                .rows
+                .values()
+                .filter(|r| !r.op.is_parent() && r.op.parent_id.is_none() && old(r))
+                .map(|r| r.op.id)
+                .collect();
+            (parents, standalone)
+        };
         let mut report = PruneReport::default();
-        for parent in parents {
-            for child in state.children.remove(&parent).unwrap_or_default() {
-                state.unindex(child);
-                state.rows.remove(&child);
-                report.operations += 1;
+        let mut batches = parents.into_iter().peekable();
+        let mut operations = standalone.into_iter().peekable();
+        // In chunks of about PRUNE_CHUNK_ROWS rows, the lock released in between; each
+        // candidate is looked at again (a retried batch is no longer terminal).
+        while batches.peek().is_some() || operations.peek().is_some() {
+            {
+                let mut state = self.lock();
+                let mut budget = fascicle_api::PRUNE_CHUNK_ROWS;
+                while budget > 0
+                    && let Some(parent) = batches.next()
+                {
+                    if !state.rows.get(&parent).is_some_and(old) {
+                        continue;
+                    }
+                    let children = state.children.remove(&parent).unwrap_or_default();
+                    budget = budget.saturating_sub(children.len() as u64 + 1);
+                    for child in children {
+                        state.unindex(child);
+                        state.rows.remove(&child);
+                        report.operations += 1;
+                    }
+                    state.rows.remove(&parent);
+                    report.batches += 1;
+                }
+                while budget > 0
+                    && let Some(id) = operations.next()
+                {
+                    if state.rows.get(&id).is_some_and(old) {
+                        state.rows.remove(&id);
+                        report.operations += 1;
+                        budget -= 1;
+                    }
+                }
             }
-            state.rows.remove(&parent);
-            report.batches += 1;
-        }
-        for id in standalone {
-            state.rows.remove(&id);
-            report.operations += 1;
+            tokio::task::yield_now().await;
         }
         Ok(report)
     }

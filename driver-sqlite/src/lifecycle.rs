@@ -5,8 +5,8 @@ use chrono::{DateTime, Utc};
 use fascicle_api::{
     Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error, Lease,
     LeaseStatus, LeaseToken, Operation, OperationId, Outcome, PruneReport, ReconcileReport,
-    RescueReport, Result, Status, ZERO_CHILDREN_REASON, parent_outcome, representative_error,
-    parent_summary,
+    RescueReport, Result, Status, ZERO_CHILDREN_REASON, parent_outcome, parent_summary,
+    representative_error,
 };
 use fascicle_api::{messages, table};
 use rusqlite::{OptionalExtension, Transaction, params};
@@ -727,36 +727,58 @@ pub(crate) fn retry_batch(
     Ok((failed + cancelled) as u64)
 }
 
-pub(crate) fn prune(tx: &Transaction<'_>, before: DateTime<Utc>) -> Result<PruneReport> {
+/// One chunk of a prune: whole terminal batches, oldest first, until about `budget` rows
+/// (at least one batch), then up to the rest of the budget in stand-alone operations.
+pub(crate) fn prune(
+    tx: &Transaction<'_>,
+    before: DateTime<Utc>,
+    budget: u64,
+) -> Result<PruneReport> {
     let before = micros(before);
-    let children = tx
+    let candidates: Vec<(Vec<u8>, i64)> = tx
         .prepare_cached(
-            "DELETE FROM fascicle_operations WHERE parent_id IN (
-                 SELECT id FROM fascicle_operations
-                 WHERE payload IS NULL AND completed_at < ?1
-                   AND status IN ('completed', 'failed', 'cancelled'))",
+            "SELECT id, coalesce(children_total, 0) FROM fascicle_operations
+             WHERE payload IS NULL AND completed_at < ?1
+               AND status IN ('completed', 'failed', 'cancelled')
+             ORDER BY completed_at LIMIT ?2",
         )
         .db()?
-        .execute(params![before])
-        .db()? as u64;
-    let batches = tx
-        .prepare_cached(
-            "DELETE FROM fascicle_operations WHERE payload IS NULL AND completed_at < ?1
-               AND status IN ('completed', 'failed', 'cancelled')",
-        )
+        .query_map(params![before, budget as i64], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
         .db()?
-        .execute(params![before])
-        .db()? as u64;
-    let standalone = tx
-        .prepare_cached(
-            "DELETE FROM fascicle_operations WHERE payload IS NOT NULL AND parent_id IS NULL
-               AND completed_at < ?1 AND status IN ('completed', 'failed', 'cancelled')",
-        )
-        .db()?
-        .execute(params![before])
-        .db()? as u64;
-    Ok(PruneReport {
-        operations: children + standalone,
-        batches,
-    })
+        .collect::<rusqlite::Result<_>>()
+        .db()?;
+    let mut report = PruneReport::default();
+    let mut left = budget;
+    for (parent, children) in candidates {
+        if left == 0 {
+            break;
+        }
+        report.operations += tx
+            .prepare_cached("DELETE FROM fascicle_operations WHERE parent_id = ?1")
+            .db()?
+            .execute(params![parent])
+            .db()? as u64;
+        report.batches += tx
+            .prepare_cached("DELETE FROM fascicle_operations WHERE id = ?1")
+            .db()?
+            .execute(params![parent])
+            .db()? as u64;
+        left = left.saturating_sub(children as u64 + 1);
+    }
+    if left > 0 {
+        report.operations += tx
+            .prepare_cached(
+                "DELETE FROM fascicle_operations WHERE rowid IN (
+                     SELECT rowid FROM fascicle_operations
+                     WHERE payload IS NOT NULL AND parent_id IS NULL AND completed_at < ?1
+                       AND status IN ('completed', 'failed', 'cancelled')
+                     LIMIT ?2)",
+            )
+            .db()?
+            .execute(params![before, left as i64])
+            .db()? as u64;
+    }
+    Ok(report)
 }

@@ -427,6 +427,34 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn child_ids_of(&self, parent_id: OperationId) -> Result<Vec<OperationId>> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT id FROM fascicle_operations WHERE parent_id = ?1 ORDER BY seq",
+                )
+                .map_err(error::map)?;
+            let ids: Vec<Vec<u8>> = stmt
+                .query_map(params![parent_id.as_bytes()], |row| row.get(0))
+                .and_then(|rows| rows.collect())
+                .map_err(error::map)?;
+            ids.into_iter()
+                .map(|id| {
+                    uuid::Uuid::from_slice(&id)
+                        .map(OperationId::from_uuid)
+                        .map_err(|e| {
+                            fascicle_api::Error::backend(
+                                DRIVER,
+                                fascicle_api::BackendErrorKind::Other,
+                                e,
+                            )
+                        })
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn stats(&self) -> Result<Stats> {
         let now = micros(Utc::now());
         self.with_conn(move |conn| {
@@ -504,7 +532,18 @@ impl Store for SqliteStore {
     }
 
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
-        self.write(move |tx| lifecycle::prune(tx, completed_before))
-            .await
+        // One write transaction per chunk: other writers get the lock in between.
+        let mut report = PruneReport::default();
+        loop {
+            let chunk = self
+                .write(move |tx| {
+                    lifecycle::prune(tx, completed_before, fascicle_api::PRUNE_CHUNK_ROWS)
+                })
+                .await?;
+            if chunk.is_empty() {
+                return Ok(report);
+            }
+            report.add(chunk);
+        }
     }
 }

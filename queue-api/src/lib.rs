@@ -14,7 +14,7 @@ pub use capabilities::Capabilities;
 pub use error::{BackendErrorKind, BoxError, Error, Result};
 pub use lifecycle::{
     Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
-    LeaseToken, Outcome, PruneReport, ReconcileReport, RescueReport, RetryPolicy,
+    LeaseToken, Outcome, PRUNE_CHUNK_ROWS, PruneReport, ReconcileReport, RescueReport, RetryPolicy,
     ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary, representative_error,
 };
 pub use lifecycle::{messages, table};

@@ -92,15 +92,18 @@ impl Queue {
     /// or — on any error before the commit — nothing is written and nothing notified.
     ///
     /// A caller-supplied parent id that is already stored returns the existing batch
-    /// (`created == false`). A notifier failing after the commit does not lose the
-    /// batch; the receipt says `notified == false`.
+    /// (`created == false`) at the cost of one look-up and one id-only read of its
+    /// children: the new children are neither validated nor serialized, and no stored
+    /// payload is read. A notifier failing after the commit does not lose the batch; the
+    /// receipt says `notified == false`.
     pub async fn submit_batch(&self, batch: NewBatch) -> Result<BatchReceipt> {
         // A fresh UUID v7 cannot be taken yet: only a caller's id needs looking up.
-        let caller_id = batch.id.is_some();
-        let (parent, children) = self.limits.prepare_batch(batch)?;
-        if caller_id && let Some(existing) = self.existing_batch(parent.id).await? {
+        if let Some(id) = batch.id
+            && let Some(existing) = self.existing_batch(id).await?
+        {
             return Ok(existing);
         }
+        let (parent, children) = self.limits.prepare_batch(batch)?;
         let mut tx = self.store.begin().await?;
         match tx.insert_parent(&parent).await {
             Ok(()) => {}
@@ -196,13 +199,7 @@ impl Queue {
                 existing.kind
             )));
         }
-        let child_ids = self
-            .store
-            .children_of(parent_id)
-            .await?
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let child_ids = self.store.child_ids_of(parent_id).await?;
         Ok(Some(BatchReceipt {
             parent_id,
             child_ids,

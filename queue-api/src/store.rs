@@ -67,6 +67,19 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The children of a batch, in the order they were inserted.
     async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>>;
 
+    /// The ids of a batch's children, in insertion order, without their payloads: what an
+    /// idempotent resubmit returns. The provided version reads
+    /// [`children_of`](Store::children_of); a driver should override it with a query that
+    /// reads the ids alone.
+    async fn child_ids_of(&self, parent_id: OperationId) -> Result<Vec<OperationId>> {
+        Ok(self
+            .children_of(parent_id)
+            .await?
+            .into_iter()
+            .map(|child| child.id)
+            .collect())
+    }
+
     /// Queue depth by kind, with batch parents reported separately.
     async fn stats(&self) -> Result<Stats>;
 
@@ -113,7 +126,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn retry_batch(&self, parent_id: OperationId) -> Result<u64>;
 
     /// Deletes terminal operations that finished before `completed_before`. A batch goes
-    /// only as a whole, once its parent is terminal; a child is never deleted alone.
+    /// only as a whole, once its parent is terminal; a child is never deleted alone. It
+    /// deletes in transactions of about [`PRUNE_CHUNK_ROWS`](crate::PRUNE_CHUNK_ROWS)
+    /// rows (whole batches, a larger batch alone), so workers never wait on it for long.
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport>;
 }
 

@@ -345,6 +345,7 @@ pub struct Worker {
     retry: RetryPolicy,
     completion_linger: Duration,
     attempt_timeout: Option<Duration>,
+    queue_depth_interval: Option<Duration>,
     wake: Option<WakeSubscription>,
 }
 
@@ -377,6 +378,7 @@ impl Worker {
             retry: RetryPolicy::default(),
             completion_linger: Duration::from_millis(2),
             attempt_timeout: None,
+            queue_depth_interval: None,
             wake: None,
         }
     }
@@ -444,6 +446,14 @@ impl Worker {
         self
     }
 
+    /// Publishes the gauge `fascicle_queue_depth{kind, state}` from [`Store::stats`] every
+    /// `interval` (off by default: `stats` counts every row, so enable it on one process
+    /// of a deployment, not on every worker).
+    pub fn queue_depth_interval(mut self, interval: Duration) -> Self {
+        self.queue_depth_interval = Some(interval);
+        self
+    }
+
     /// Wakes the worker as soon as something is submitted (in-process notifications).
     pub fn wake_on(mut self, subscription: WakeSubscription) -> Self {
         self.wake = Some(subscription);
@@ -492,6 +502,13 @@ impl Worker {
             Arc::clone(&report),
             stop_rx.clone(),
         ));
+        let queue_depth = self.queue_depth_interval.map(|every| {
+            tokio::spawn(publish_queue_depth(
+                Arc::clone(&self.store),
+                every,
+                stop_rx.clone(),
+            ))
+        });
 
         let kinds = self.registry.kinds();
         let mut shutdown = std::pin::pin!(shutdown);
@@ -621,6 +638,9 @@ impl Worker {
         }
         let _ = heartbeat.await;
         let _ = maintenance.await;
+        if let Some(queue_depth) = queue_depth {
+            let _ = queue_depth.await;
+        }
         let report = *report.lock().expect("report");
         Ok(report)
     }
@@ -1123,13 +1143,29 @@ async fn maintain(
             }
             Err(error) => tracing::warn!(%error, "reconciling parents failed"),
         }
-        if let Ok(stats) = store.stats().await {
-            for (kind, k) in &stats.kinds {
-                metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "ready")
-                    .set(k.ready as f64);
-                metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "processing")
-                    .set(k.processing as f64);
+    }
+}
+
+async fn publish_queue_depth(
+    store: Arc<dyn Store>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match store.stats().await {
+            Ok(stats) => {
+                for (kind, k) in &stats.kinds {
+                    metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "ready")
+                        .set(k.ready as f64);
+                    metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "processing")
+                        .set(k.processing as f64);
+                }
             }
+            Err(error) => tracing::warn!(%error, "reading queue depth failed"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(every) => {}
         }
     }
 }

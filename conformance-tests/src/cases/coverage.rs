@@ -80,7 +80,10 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
     ("reconcile_empty", &["reconcile_zero_child_parent"]),
     (
         "reconcile_finalize",
-        &["reconcile_parent_with_all_children_terminal"],
+        &[
+            "reconcile_parent_with_all_children_terminal",
+            "reconcile_races_the_last_completion",
+        ],
     ),
     (
         "retry_batch_child",
@@ -91,9 +94,19 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
     ),
     (
         "retry_batch_parent",
-        &["retry_batch_requeues_failed_children"],
+        &[
+            "retry_batch_requeues_failed_children",
+            "retry_batch_races_an_in_flight_completion",
+        ],
     ),
-    ("prune", &["prune_removes_only_whole_terminal_batches"]),
+    (
+        "prune",
+        &[
+            "prune_removes_only_whole_terminal_batches",
+            "prune_races_a_live_batch",
+            "prune_deletes_a_long_history_in_chunks",
+        ],
+    ),
 ];
 
 #[cfg(test)]

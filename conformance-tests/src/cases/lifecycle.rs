@@ -965,3 +965,55 @@ pub async fn prune_removes_only_whole_terminal_batches(store: Arc<dyn Store>) {
     assert!(store.get(open.child_ids[0]).await.unwrap().is_some());
     assert_eq!(store.children_of(open.parent_id).await.unwrap().len(), 2);
 }
+
+/// A prune longer than one chunk (`PRUNE_CHUNK_ROWS`): three finished batches of a
+/// chunk's size each and a few finished stand-alone operations all go — every batch
+/// whole — while a live batch and a recent one stay.
+pub async fn prune_deletes_a_long_history_in_chunks(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let size = fascicle_api::PRUNE_CHUNK_ROWS as usize;
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        let receipt = retain_batch(&queue, size).await;
+        store.cancel(receipt.parent_id).await.unwrap();
+        old.push(receipt);
+    }
+    let mut singles = Vec::new();
+    for i in 0..10 {
+        let id = queue
+            .submit(NewOperation::new("single", json!({ "i": i })))
+            .await
+            .unwrap()
+            .id;
+        store.cancel(id).await.unwrap();
+        singles.push(id);
+    }
+    let live = retain_batch(&queue, 3).await;
+    let cutoff = Utc::now() + chrono::Duration::milliseconds(50);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let recent = retain_batch(&queue, 1).await;
+    store.cancel(recent.parent_id).await.unwrap();
+
+    let report = store.prune(cutoff).await.unwrap();
+    assert_eq!(
+        (report.batches, report.operations),
+        (3, 3 * size as u64 + 10),
+        "{report:?}"
+    );
+    for receipt in &old {
+        assert!(store.get(receipt.parent_id).await.unwrap().is_none());
+        assert!(
+            store
+                .children_of(receipt.parent_id)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    for id in singles {
+        assert!(store.get(id).await.unwrap().is_none());
+    }
+    assert_eq!(store.children_of(live.parent_id).await.unwrap().len(), 3);
+    assert_eq!(store.children_of(recent.parent_id).await.unwrap().len(), 1);
+    assert!(store.prune(cutoff).await.unwrap().is_empty());
+}

@@ -84,3 +84,38 @@ pub async fn children_join_only_the_batch_of_their_transaction(store: Arc<dyn St
         1
     );
 }
+
+/// `child_ids_of` lists exactly the ids `children_of` lists, in the same (insertion)
+/// order, and nothing for an unknown batch; an idempotent resubmit's receipt carries them.
+pub async fn child_ids_of_lists_the_children_in_order(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let id = OperationId::new();
+    let first = queue
+        .submit_batch(batch_of("batch_retain", 70).with_id(id))
+        .await
+        .unwrap();
+    let ids = store.child_ids_of(first.parent_id).await.unwrap();
+    let children: Vec<OperationId> = store
+        .children_of(first.parent_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(ids, children);
+    assert_eq!(ids, first.child_ids);
+    assert!(
+        store
+            .child_ids_of(OperationId::new())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A resubmit with the same batch id (and fresh child ids) returns the stored ones.
+    let again = queue
+        .submit_batch(batch_of("batch_retain", 3).with_id(id))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.child_ids, first.child_ids);
+}

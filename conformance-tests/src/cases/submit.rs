@@ -5,12 +5,22 @@ use std::sync::Arc;
 
 use fascicle_api::chrono::{Duration, Utc};
 use fascicle_api::{
-    BackendErrorKind, Error, InlineExecutor, Limits, NewBatch, NewOperation, Notifier, OperationId,
-    Queue, Status, Store,
+    BackendErrorKind, ChildRecord, Error, InlineExecutor, Limits, NewBatch, NewOperation, Notifier,
+    OperationId, Queue, Status, Store,
 };
 use serde_json::{Value, json};
 
+use super::lifecycle::request;
 use crate::faults::{FailingNotifier, FaultPlan, FaultyStore};
+
+/// How long a case waits, after a write failed or was abandoned, before it looks again:
+/// long enough for a commit that a broken store runs late, in the background, to land.
+const LATE_WRITE_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// How long another caller's claim may wait for an open transaction (a single-writer
+/// backend queues it behind the writer) before the case stops waiting: waiting is
+/// allowed, handing out an uncommitted row is not.
+const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
 
 fn batch_of(kind: &str, n: usize) -> NewBatch {
     NewBatch::new(kind)
@@ -56,20 +66,129 @@ async fn assert_nothing_stored(
     parent: OperationId,
     children: &[OperationId],
 ) {
-    assert!(
-        store.get(parent).await.unwrap().is_none(),
-        "parent {parent} survived a failed batch"
-    );
-    for id in children {
+    assert_absent(store, Some(parent), children, (0, 0), "").await;
+}
+
+/// None of a failed write's rows exists — its batch `parent` (if any, with no children
+/// either) and the operations `ids` — and `stats` counts exactly `expected` (work,
+/// batches): what the case committed besides, nothing more.
+async fn assert_absent(
+    store: &Arc<dyn Store>,
+    parent: Option<OperationId>,
+    ids: &[OperationId],
+    expected: (u64, u64),
+    when: &str,
+) {
+    if let Some(parent) = parent {
         assert!(
-            store.get(*id).await.unwrap().is_none(),
-            "child {id} survived a failed batch"
+            store.get(parent).await.unwrap().is_none(),
+            "parent {parent} survived a failed batch{when}"
+        );
+        assert!(
+            store.children_of(parent).await.unwrap().is_empty(),
+            "the failed batch {parent} has children{when}"
         );
     }
-    assert!(store.children_of(parent).await.unwrap().is_empty());
+    let (what, failed) = match parent {
+        Some(_) => ("child", "batch"),
+        None => ("operation", "write"),
+    };
+    for id in ids {
+        assert!(
+            store.get(*id).await.unwrap().is_none(),
+            "{what} {id} survived a failed {failed}{when}"
+        );
+    }
     let stats = store.stats().await.unwrap();
-    assert_eq!(stats.work().total(), 0, "work rows left behind: {stats:?}");
-    assert_eq!(stats.batches.total(), 0, "parents left behind: {stats:?}");
+    assert_eq!(
+        stats.work().total(),
+        expected.0,
+        "work rows left behind{when}: {stats:?}"
+    );
+    assert_eq!(
+        stats.batches.total(),
+        expected.1,
+        "parents left behind{when}: {stats:?}"
+    );
+}
+
+/// Yields, waits [`LATE_WRITE_WAIT`] and yields again: gives a task that a broken store
+/// left behind (a late commit of an abandoned transaction) every chance to run.
+async fn let_late_writes_land() {
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(LATE_WRITE_WAIT).await;
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Looked at again after a while ([`let_late_writes_land`]): the failed write's rows are
+/// still absent and the store still holds exactly `expected` (work, batches) — a case
+/// that looks only once, at once, misses a leak that lands moments later.
+async fn assert_still_nothing_stored_after_a_while(
+    store: &Arc<dyn Store>,
+    parent: Option<OperationId>,
+    ids: &[OperationId],
+    expected: (u64, u64),
+) {
+    let_late_writes_land().await;
+    let when = format!(
+        " (found when looking again {} ms later: committed late, in the background?)",
+        LATE_WRITE_WAIT.as_millis()
+    );
+    assert_absent(store, parent, ids, expected, &when).await;
+}
+
+/// What another caller sees while a transaction holding `parent` (if any) and `ids` is
+/// open: none of them by `get`, no child by `children_of`, nothing at all in `stats`
+/// (the store holds nothing else), and nothing handed out by a claim (given
+/// [`CLAIM_PATIENCE`]: a claim that waits for the writer sees nothing either).
+async fn assert_invisible_to_other_callers(
+    store: &Arc<dyn Store>,
+    parent: Option<OperationId>,
+    ids: &[OperationId],
+    when: &str,
+) {
+    let reader = Arc::clone(store);
+    let ids = ids.to_vec();
+    let seen = tokio::spawn(async move {
+        let mut visible = Vec::new();
+        for id in parent.iter().chain(&ids) {
+            if reader.get(*id).await.unwrap().is_some() {
+                visible.push(*id);
+            }
+        }
+        let children = match parent {
+            Some(parent) => reader.children_of(parent).await.unwrap().len(),
+            None => 0,
+        };
+        let stats = reader.stats().await.unwrap();
+        let claimed: Vec<OperationId> =
+            match tokio::time::timeout(CLAIM_PATIENCE, reader.claim(&request(100))).await {
+                Ok(Ok(claimed)) => claimed.into_iter().map(|c| c.operation.id).collect(),
+                Ok(Err(e)) if e.is_transient() => Vec::new(),
+                Ok(Err(e)) => panic!("a claim beside an open transaction failed: {e}"),
+                // Queued behind the open transaction: it saw nothing.
+                Err(_) => Vec::new(),
+            };
+        (
+            visible,
+            children,
+            stats.work().total(),
+            stats.batches.total(),
+            claimed,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        seen,
+        (Vec::new(), 0, 0, 0, Vec::new()),
+        "uncommitted rows were visible {when} (by get, children_of, work and batch \
+         statistics, claim)"
+    );
 }
 
 async fn assert_batch_stored(
@@ -137,8 +256,9 @@ pub async fn batch_commit_makes_parent_and_children_visible(store: Arc<dyn Store
     }
 }
 
-/// The 2nd of 3 children fails to insert: no row at all remains, the parent included,
-/// and the same ids can be submitted afterwards.
+/// The 2nd of 3 children fails to insert: no row at all remains, the parent included —
+/// at once and a while later, while a fresh batch commits beside it — and only then are
+/// the same ids submitted again, creating the batch.
 pub async fn rollback_on_child_failure(store: Arc<dyn Store>) {
     let (batch, parent, children) = batch_with_ids(3);
     let broken = Queue::new(faulty(
@@ -151,15 +271,26 @@ pub async fn rollback_on_child_failure(store: Arc<dyn Store>) {
     assert_injected(broken.submit_batch(batch.clone()).await);
     assert_nothing_stored(&store, parent, &children).await;
 
-    let receipt = Queue::new(Arc::clone(&store))
-        .submit_batch(batch)
+    // The store stays usable: a batch with fresh ids commits at once.
+    let queue = Queue::new(Arc::clone(&store));
+    let fresh = queue
+        .submit_batch(batch_of("batch_retain", 2))
         .await
         .unwrap();
-    assert!(receipt.created);
+    assert!(fresh.created);
+    assert_still_nothing_stored_after_a_while(&store, Some(parent), &children, (2, 1)).await;
+
+    // With nothing left behind, the failed batch's own ids are free.
+    let receipt = queue.submit_batch(batch).await.unwrap();
+    assert!(
+        receipt.created,
+        "resubmitting the failed batch's ids found a batch already stored"
+    );
     assert_batch_stored(&store, parent, &children).await;
 }
 
-/// The very first child fails: the parent, already inserted, is rolled back too.
+/// The very first child fails: the parent, already inserted, is rolled back too — and
+/// stays absent a while later.
 pub async fn rollback_on_first_child_failure(store: Arc<dyn Store>) {
     let (batch, parent, children) = batch_with_ids(4);
     let broken = Queue::new(faulty(
@@ -171,9 +302,11 @@ pub async fn rollback_on_first_child_failure(store: Arc<dyn Store>) {
     ));
     assert_injected(broken.submit_batch(batch).await);
     assert_nothing_stored(&store, parent, &children).await;
+    assert_still_nothing_stored_after_a_while(&store, Some(parent), &children, (0, 0)).await;
 }
 
-/// The commit fails: nothing is visible, and the store stays usable.
+/// The commit fails: nothing is visible, at once or a while later, and the store stays
+/// usable.
 pub async fn rollback_on_commit_failure(store: Arc<dyn Store>) {
     let (batch, parent, children) = batch_with_ids(3);
     let broken = Queue::new(faulty(
@@ -183,13 +316,15 @@ pub async fn rollback_on_commit_failure(store: Arc<dyn Store>) {
             ..FaultPlan::default()
         },
     ));
-    assert_injected(broken.submit_batch(batch.clone()).await);
+    assert_injected(broken.submit_batch(batch).await);
     assert_nothing_stored(&store, parent, &children).await;
-    Queue::new(Arc::clone(&store))
-        .submit_batch(batch)
+    let fresh = Queue::new(Arc::clone(&store))
+        .submit_batch(batch_of("batch_retain", 2))
         .await
         .unwrap();
-    assert_batch_stored(&store, parent, &children).await;
+    assert!(fresh.created);
+    assert_still_nothing_stored_after_a_while(&store, Some(parent), &children, (2, 1)).await;
+    assert_batch_stored(&store, fresh.parent_id, &fresh.child_ids).await;
 }
 
 async fn insert_by_hand(
@@ -230,7 +365,7 @@ async fn insert_by_hand(
     (tx, parent.id, ids)
 }
 
-/// Dropping an uncommitted transaction discards everything it inserted.
+/// Dropping an uncommitted transaction discards everything it inserted, for good.
 pub async fn dropped_transaction_rolls_back(store: Arc<dyn Store>) {
     let (tx, parent, children) = insert_by_hand(&store, 5).await;
     drop(tx);
@@ -241,36 +376,34 @@ pub async fn dropped_transaction_rolls_back(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(store.children_of(receipt.parent_id).await.unwrap().len(), 2);
+    assert_still_nothing_stored_after_a_while(&store, Some(parent), &children, (2, 1)).await;
 }
 
-/// An explicit rollback discards everything inserted.
+/// An explicit rollback discards everything inserted, for good.
 pub async fn explicit_rollback(store: Arc<dyn Store>) {
     let (tx, parent, children) = insert_by_hand(&store, 5).await;
     tx.rollback().await.unwrap();
     assert_nothing_stored(&store, parent, &children).await;
-    let (tx, parent, children) = insert_by_hand(&store, 2).await;
+    let (tx, kept, kept_children) = insert_by_hand(&store, 2).await;
     tx.commit().await.unwrap();
-    assert_batch_stored(&store, parent, &children).await;
+    assert_batch_stored(&store, kept, &kept_children).await;
+    assert_still_nothing_stored_after_a_while(&store, Some(parent), &children, (2, 1)).await;
 }
 
-/// Rows inserted in an open transaction are invisible to `get`, `children_of` and
-/// `stats` until the commit returns; then all of them appear at once.
+/// Rows inserted in an open transaction are invisible to `get`, `children_of`, `stats`
+/// and `claim` until the commit returns — at once and a while later; then all of them
+/// appear at once.
 pub async fn uncommitted_rows_are_invisible_to_other_callers(store: Arc<dyn Store>) {
     let (tx, parent, children) = insert_by_hand(&store, 4).await;
-    let reader = Arc::clone(&store);
-    let seen = tokio::spawn(async move {
-        let stats = reader.stats().await.unwrap();
-        (
-            reader.get(parent).await.unwrap(),
-            reader.get(children[0]).await.unwrap(),
-            reader.children_of(parent).await.unwrap().len(),
-            stats.work().total(),
-            stats.batches.total(),
-        )
-    })
-    .await
-    .unwrap();
-    assert_eq!(seen, (None, None, 0, 0, 0), "uncommitted rows were visible");
+    assert_invisible_to_other_callers(&store, Some(parent), &children, "before the commit").await;
+    let_late_writes_land().await;
+    assert_invisible_to_other_callers(
+        &store,
+        Some(parent),
+        &children,
+        "a while later, still before the commit",
+    )
+    .await;
     tx.commit().await.unwrap();
     let stats = store.stats().await.unwrap();
     assert_eq!(stats.work().ready, 4);
@@ -706,11 +839,26 @@ pub async fn child_id_taken_by_another_batch_rolls_back(store: Arc<dyn Store>) {
         )
         .await;
     assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
-    assert!(store.get(second_parent).await.unwrap().is_none());
-    assert!(store.get(fresh).await.unwrap().is_none());
+    assert_absent(&store, Some(second_parent), &[fresh], (2, 1), "").await;
     assert_batch_stored(&store, first_parent, &first_children).await;
-    let stats = store.stats().await.unwrap();
-    assert_eq!((stats.work().total(), stats.batches.total()), (2, 1));
+    assert_still_nothing_stored_after_a_while(&store, Some(second_parent), &[fresh], (2, 1)).await;
+    assert_batch_stored(&store, first_parent, &first_children).await;
+
+    // The failed batch's own ids were never taken: with a free second child they commit.
+    let retried = queue
+        .submit_batch(
+            NewBatch::new("batch_retain")
+                .with_id(second_parent)
+                .child(NewOperation::new("retain", json!(0)).with_id(fresh))
+                .child(NewOperation::new("retain", json!(1))),
+        )
+        .await
+        .unwrap();
+    assert!(
+        retried.created,
+        "resubmitting the failed batch's ids found a batch already stored"
+    );
+    assert_eq!(retried.child_ids[0], fresh);
 }
 
 /// A stand-alone operation has no parent, is ready at once, and is idempotent on its id.
@@ -742,8 +890,8 @@ pub async fn standalone_submit_is_visible_and_idempotent(store: Arc<dyn Store>) 
     assert!(matches!(result, Err(Error::Conflict(_))), "{result:?}");
 }
 
-/// 10,000 children: a failure on the very last one leaves nothing; then the whole batch
-/// commits and is visible at once.
+/// 10,000 children: a failure on the very last one leaves nothing, at once or a while
+/// later; then the whole batch, same ids, commits and is visible at once.
 pub async fn large_batch_10k_children_commits_atomically(store: Arc<dyn Store>) {
     const N: usize = 10_000;
     let (batch, parent, children) = batch_with_ids(N);
@@ -755,20 +903,155 @@ pub async fn large_batch_10k_children_commits_atomically(store: Arc<dyn Store>) 
         },
     ));
     assert_injected(broken.submit_batch(batch.clone()).await);
-    assert_nothing_stored(
-        &store,
-        parent,
-        &[children[0], children[N - 2], children[N - 1]],
-    )
-    .await;
+    let sample = [children[0], children[N - 2], children[N - 1]];
+    assert_nothing_stored(&store, parent, &sample).await;
+    assert_still_nothing_stored_after_a_while(&store, Some(parent), &sample, (0, 0)).await;
 
     let receipt = Queue::new(Arc::clone(&store))
         .submit_batch(batch)
         .await
         .unwrap();
+    assert!(
+        receipt.created,
+        "resubmitting the failed batch's ids found a batch already stored"
+    );
     assert_eq!(receipt.child_ids.len(), N);
     assert_batch_stored(&store, parent, &children).await;
     let stats = store.stats().await.unwrap();
     assert_eq!(stats.work().ready, N as u64);
     assert_eq!(stats.batches.open, 1);
+}
+
+/// A stand-alone operation as a caller would insert it by hand: no parent.
+fn standalone_record(id: OperationId) -> ChildRecord {
+    let now = Utc::now();
+    ChildRecord {
+        id,
+        parent_id: None,
+        kind: "consolidate".into(),
+        payload: json!({ "by_hand": true }),
+        payload_json: json!({ "by_hand": true }).to_string(),
+        priority: 0,
+        run_at: now,
+        serialization_key: None,
+        max_attempts: 3,
+        created_at: now,
+    }
+}
+
+/// Inserts one stand-alone operation in an open transaction.
+async fn standalone_by_hand(
+    store: &Arc<dyn Store>,
+) -> (Box<dyn fascicle_api::Transaction>, OperationId) {
+    let id = OperationId::new();
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_child(&standalone_record(id)).await.unwrap();
+    (tx, id)
+}
+
+/// Another stand-alone operation commits, the store is usable; returns its id.
+async fn commit_another_standalone(store: &Arc<dyn Store>) -> OperationId {
+    let receipt = Queue::new(Arc::clone(store))
+        .submit(NewOperation::new("consolidate", json!({ "other": true })))
+        .await
+        .unwrap();
+    assert!(receipt.created);
+    receipt.id
+}
+
+/// The id of a stand-alone write that failed is free: submitting it creates the
+/// operation.
+async fn assert_id_free_again(store: &Arc<dyn Store>, id: OperationId) {
+    let again = Queue::new(Arc::clone(store))
+        .submit(NewOperation::new("consolidate", json!({ "again": true })).with_id(id))
+        .await
+        .unwrap();
+    assert!(
+        again.created,
+        "resubmitting a failed operation's id found an operation already stored"
+    );
+    let stored = store.get(id).await.unwrap().expect("resubmitted operation");
+    assert_eq!(stored.payload, Some(json!({ "again": true })));
+}
+
+/// A stand-alone operation (`Queue::submit`) whose commit fails leaves nothing — at once
+/// or a while later, by `get`, `stats` or `claim` — and its id can be submitted again.
+pub async fn standalone_rollback_on_commit_failure(store: Arc<dyn Store>) {
+    let id = OperationId::new();
+    let broken = Queue::new(faulty(
+        &store,
+        FaultPlan {
+            fail_commit: true,
+            ..FaultPlan::default()
+        },
+    ));
+    assert_injected(
+        broken
+            .submit(NewOperation::new("consolidate", json!({ "bank": "b1" })).with_id(id))
+            .await,
+    );
+    assert_absent(&store, None, &[id], (0, 0), "").await;
+    let other = commit_another_standalone(&store).await;
+    assert_still_nothing_stored_after_a_while(&store, None, &[id], (1, 0)).await;
+    let claimed: Vec<OperationId> = store
+        .claim(&request(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.operation.id)
+        .collect();
+    assert_eq!(claimed, [other], "a claim handed out a failed write");
+    assert_id_free_again(&store, id).await;
+}
+
+/// Dropping an uncommitted transaction holding a stand-alone operation discards it, for
+/// good, and releases the store at once.
+pub async fn standalone_dropped_transaction_rolls_back(store: Arc<dyn Store>) {
+    let (tx, id) = standalone_by_hand(&store).await;
+    drop(tx);
+    assert_absent(&store, None, &[id], (0, 0), "").await;
+    commit_another_standalone(&store).await;
+    assert_still_nothing_stored_after_a_while(&store, None, &[id], (1, 0)).await;
+    assert_id_free_again(&store, id).await;
+}
+
+/// An explicit rollback discards a stand-alone operation, for good.
+pub async fn standalone_explicit_rollback(store: Arc<dyn Store>) {
+    let (tx, id) = standalone_by_hand(&store).await;
+    tx.rollback().await.unwrap();
+    assert_absent(&store, None, &[id], (0, 0), "").await;
+    let (tx, kept) = standalone_by_hand(&store).await;
+    tx.commit().await.unwrap();
+    assert_eq!(
+        store.get(kept).await.unwrap().map(|op| op.parent_id),
+        Some(None),
+        "a committed stand-alone operation is missing"
+    );
+    assert_still_nothing_stored_after_a_while(&store, None, &[id], (1, 0)).await;
+    assert_id_free_again(&store, id).await;
+}
+
+/// A stand-alone operation in an open transaction is invisible to `get`, `stats` and
+/// `claim` — at once and a while later; after the commit it is there, ready, and claimed
+/// exactly once.
+pub async fn standalone_uncommitted_is_invisible_to_get_stats_and_claim(store: Arc<dyn Store>) {
+    let (tx, id) = standalone_by_hand(&store).await;
+    assert_invisible_to_other_callers(&store, None, &[id], "before the commit").await;
+    let_late_writes_land().await;
+    assert_invisible_to_other_callers(
+        &store,
+        None,
+        &[id],
+        "a while later, still before the commit",
+    )
+    .await;
+    tx.commit().await.unwrap();
+    let stored = store.get(id).await.unwrap().expect("committed operation");
+    assert_eq!((stored.parent_id, stored.status), (None, Status::Pending));
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.work().ready, stats.batches.total()), (1, 0));
+    let claimed = store.claim(&request(10)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].operation.id, id);
+    assert!(store.claim(&request(10)).await.unwrap().is_empty());
 }

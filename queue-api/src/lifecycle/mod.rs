@@ -172,6 +172,24 @@ pub struct PruneReport {
     pub batches: u64,
 }
 
+impl PruneReport {
+    /// Adds what another chunk deleted.
+    pub fn add(&mut self, other: PruneReport) {
+        self.operations += other.operations;
+        self.batches += other.batches;
+    }
+
+    /// Whether nothing was deleted.
+    pub fn is_empty(&self) -> bool {
+        self.operations == 0 && self.batches == 0
+    }
+}
+
+/// About how many rows one transaction of [`Store::prune`](crate::Store::prune) deletes:
+/// whole batches (a larger batch alone) and stand-alone operations, so that a prune of a
+/// long history never holds a lock that workers wait on for long.
+pub const PRUNE_CHUNK_ROWS: u64 = 5_000;
+
 /// The terminal state a parent takes from its counters, or `None` while a child is still
 /// open: all completed → `completed`; any failed → `failed`; otherwise (the rest were
 /// cancelled) → `cancelled`.

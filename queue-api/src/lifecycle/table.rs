@@ -578,11 +578,66 @@ pub fn mermaid_diagram() -> String {
     out
 }
 
+/// Every row of [`TRANSITIONS`] as a Markdown table (for `docs/LIFECYCLE.md`, kept
+/// the same by a test).
+pub fn markdown_table() -> String {
+    fn states(states: &[Status]) -> String {
+        states
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+    let mut out = String::from(
+        "| transition | rows | from | to | fence | if cancel requested | attempts | cancel flag | lease | run_at | error | parent |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for t in TRANSITIONS {
+        let to = match (t.to, t.rows) {
+            (Some(to), _) => to.as_str().to_owned(),
+            (None, Rows::Parents) => "its children's outcome".to_owned(),
+            (None, Rows::Operations) => "(deleted)".to_owned(),
+        };
+        let error = match t.error {
+            E::Message(m) => format!("`{m}`"),
+            other => format!("{other:?}"),
+        };
+        out.push_str(&format!(
+            "| `{}` | {:?} | {} | {} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {} | {:?} |\n",
+            t.name,
+            t.rows,
+            states(t.from),
+            to,
+            t.fence,
+            t.when_cancel_requested,
+            t.attempts,
+            t.cancel_requested,
+            t.lease,
+            t.run_at,
+            error,
+            t.parent,
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const OPEN: &[Status] = &[Pending, Processing];
+
+    #[test]
+    fn the_lifecycle_document_shows_this_table() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/LIFECYCLE.md");
+        let doc = std::fs::read_to_string(path).unwrap_or_default();
+        for (what, generated) in [("diagram", mermaid_diagram()), ("table", markdown_table())] {
+            assert!(
+                doc.contains(&generated),
+                "docs/LIFECYCLE.md does not show the current {what}; replace it with:\n\n{generated}"
+            );
+        }
+    }
 
     #[test]
     fn names_are_unique_and_every_row_changes_something() {
