@@ -345,7 +345,10 @@ pub(crate) async fn complete(
                  result = i.result,
                  error = CASE WHEN i.retry AND o.cancel_requested THEN i.cancel_error
                               ELSE i.error END,
-                 run_at = CASE WHEN i.retry AND NOT o.cancel_requested THEN i.run_at
+                 -- One clock: the retry's delay (its run_at less the client's now, $8)
+                 -- is added to the server's now().
+                 run_at = CASE WHEN i.retry AND NOT o.cancel_requested
+                               THEN now() + (i.run_at - $8::timestamptz)
                                ELSE o.run_at END,
                  worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
                  updated_at = now(),
@@ -364,6 +367,7 @@ pub(crate) async fn complete(
         .bind(&errors)
         .bind(&run_ats)
         .bind(&cancel_errors)
+        .bind(chrono::Utc::now())
         .fetch_all(&mut *conn)
         .await
         .db()?;
@@ -733,27 +737,53 @@ pub(crate) async fn retry_batch(
     Ok((failed + cancelled) as u64)
 }
 
+/// One chunk of a prune: whole terminal batches, oldest first, until about `budget` rows
+/// (at least one batch), locked parent first (`SKIP LOCKED`: a batch being finalized or
+/// retried is left for the next prune), then up to `budget` stand-alone operations.
 pub(crate) async fn prune(
     conn: &mut PgConnection,
     sql: &Sql,
     before: chrono::DateTime<chrono::Utc>,
+    budget: u64,
 ) -> Result<PruneReport> {
     let row = sqlx::query(sql.text(
-        "WITH parents AS (
-             DELETE FROM {s}.operations WHERE payload IS NULL AND completed_at < $1
+        "WITH candidates AS (
+             SELECT id, completed_at, coalesce(children_total, 0) + 1 AS size
+             FROM {s}.operations
+             WHERE payload IS NULL AND completed_at < now() - ($3::timestamptz - $1)
                AND status IN ('completed', 'failed', 'cancelled')
-             RETURNING id),
+             ORDER BY completed_at, id LIMIT $2),
+         sized AS (
+             SELECT id, sum(size) OVER w AS upto, row_number() OVER w AS n
+             FROM candidates WINDOW w AS (ORDER BY completed_at, id)),
+         chosen AS (
+             SELECT id FROM {s}.operations
+             WHERE id IN (SELECT id FROM sized WHERE upto <= $2 OR n = 1)
+               AND status IN ('completed', 'failed', 'cancelled')
+             FOR UPDATE SKIP LOCKED),
          children AS (
-             DELETE FROM {s}.operations WHERE parent_id IN (SELECT id FROM parents)
+             DELETE FROM {s}.operations WHERE parent_id IN (SELECT id FROM chosen)
+             RETURNING 1),
+         parents AS (
+             DELETE FROM {s}.operations WHERE id IN (SELECT id FROM chosen)
              RETURNING 1),
          standalone AS (
-             DELETE FROM {s}.operations WHERE payload IS NOT NULL AND parent_id IS NULL
-               AND completed_at < $1 AND status IN ('completed', 'failed', 'cancelled')
+             DELETE FROM {s}.operations WHERE id IN (
+                 SELECT id FROM {s}.operations
+                 WHERE payload IS NOT NULL AND parent_id IS NULL
+                   AND completed_at < now() - ($3::timestamptz - $1)
+                   AND status IN ('completed', 'failed', 'cancelled')
+                 ORDER BY completed_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
              RETURNING 1)
          SELECT (SELECT count(*) FROM parents), (SELECT count(*) FROM children),
                 (SELECT count(*) FROM standalone)",
     ))
     .bind(before)
+    .bind(budget as i64)
+    // One clock: the cut-off's distance from the caller's now ($3) is taken from the
+    // server's now().
+    .bind(chrono::Utc::now())
     .fetch_one(&mut *conn)
     .await
     .db()?;

@@ -279,11 +279,49 @@ pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id
     children_total, children_completed, children_failed, children_cancelled, error, result, \
     created_at, updated_at, completed_at";
 
-const INSERT_PARENT: &str = "INSERT INTO {schema}.operations
+/// How far a client's clock may read *behind* the server's before it counts as wrong.
+///
+/// PostgreSQL's clock is the only one the store compares with (claims, leases, rescue), so
+/// every timestamp a client sends is placed on it. A record's `created_at` is the client's
+/// "now" when it prepared the record, and its `run_at` that instant plus the delay the
+/// caller asked for (a past `run_at` is a negative delay). When the server receives the
+/// insert, its clock (`statement_timestamp()`) must read at or after the record's
+/// `created_at`: the record was prepared before it was sent. A `created_at` within this
+/// tolerance before the server's time is what a right clock and the time between preparing
+/// and sending look like, so the record is stored as prepared (an instant the caller chose
+/// is kept to the microsecond). Anything else is a wrong client clock (a `created_at` in
+/// the server's future, or more than this far in its past), and the record is re-based:
+/// `created_at` becomes the server's time and `run_at` that time plus the same delay.
+///
+/// Hence a client clock that runs fast never delays work, and one that runs slow by more
+/// than this never makes scheduled work run early (by at most this much otherwise).
+pub(crate) const CLOCK_TOLERANCE_MICROS: i64 = 1_000_000;
+
+/// SQL for the instant of the server's clock that stores the client's reading `client`
+/// (a `timestamptz` expression): see [`CLOCK_TOLERANCE_MICROS`].
+fn on_server_clock(client: &str) -> String {
+    format!(
+        "CASE WHEN {client} BETWEEN statement_timestamp() - interval '{CLOCK_TOLERANCE_MICROS} microseconds' \
+                             AND statement_timestamp() \
+         THEN {client} ELSE statement_timestamp() END"
+    )
+}
+
+/// Inserts a parent (`ON CONFLICT` goes where `{conflict}` is) and returns the server's
+/// clock as it read for this statement, for a `COPY` of children that follows.
+fn insert_parent(conflict: &str) -> String {
+    format!(
+        "WITH clock AS (SELECT {} AS at)
+         INSERT INTO {{schema}}.operations
                 (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts,
                  run_at, children_total, children_completed, children_failed, children_cancelled,
                  created_at, updated_at)
-                VALUES ($1, $2, 'pending', NULL, $3, NULL, 0, 0, 0, $4, $5, 0, 0, 0, $4, $4)";
+         SELECT $1, $2, 'pending', NULL, $3, NULL, 0, 0, 0, at, $5, 0, 0, 0, at, at FROM clock
+         {conflict}
+         RETURNING statement_timestamp()",
+        on_server_clock("$4::timestamptz")
+    )
+}
 
 /// Every statement's text, built once with the schema name.
 #[derive(Debug)]
@@ -306,28 +344,31 @@ impl Sql {
         Self {
             schema: schema.to_string(),
             channel: format!("{CHANNEL_PREFIX}{schema}"),
-            insert_parent: s(INSERT_PARENT),
-            insert_parent_if_absent: s(&format!(
-                "{} ON CONFLICT (id) DO NOTHING",
-                INSERT_PARENT
-            )),
+            insert_parent: s(&insert_parent("")),
+            insert_parent_if_absent: s(&insert_parent("ON CONFLICT (id) DO NOTHING")),
             // One statement per chunk of children, whatever its size; the NOTIFY rides in the
             // same statement and is delivered by PostgreSQL only when the transaction commits.
-            insert_children: s("WITH inserted AS (
-                INSERT INTO {schema}.operations
+            // Each row is placed on the server's clock (`CLOCK_TOLERANCE_MICROS`): `at` is its
+            // stored `created_at`, and its `run_at` is `at` plus the delay the client asked
+            // for, sent as an interval of microseconds only (adding days would follow the
+            // session's time zone across a daylight-saving change).
+            insert_children: s(&format!("WITH inserted AS (
+                INSERT INTO {{schema}}.operations
                     (id, kind, status, payload, parent_id, priority, serialization_key, attempts,
                      max_attempts, run_at, created_at, updated_at)
                 SELECT t.id, t.kind, 'pending', t.payload::jsonb, t.parent_id, t.priority, t.skey, 0,
-                       t.max_attempts, t.run_at, t.created_at, t.created_at
+                       t.max_attempts, t.at + t.delay, t.at, t.at
                 -- unnest yields rows in array order and the identity is drawn row by row,
                 -- so seq follows submission order without a sort (checked by the
                 -- conformance suite's ordering assertions).
-                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int4[], $6::text[],
-                            $7::int4[], $8::timestamptz[], $9::timestamptz[])
-                     AS t(id, kind, payload, parent_id, priority, skey, max_attempts, run_at,
-                          created_at)
+                FROM (SELECT u.*, {} AS at
+                      FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int4[],
+                                  $6::text[], $7::int4[], $8::timestamptz[], $9::interval[])
+                           AS u(id, kind, payload, parent_id, priority, skey, max_attempts,
+                                created_at, delay)) AS t
                 RETURNING 1)
-                SELECT count(*), pg_notify($10, count(*)::text) FROM inserted"),
+                SELECT count(*), statement_timestamp(), pg_notify($10, count(*)::text)
+                FROM inserted", on_server_clock("u.created_at"))),
             copy_children: "COPY {schema}.operations (id, kind, payload, parent_id, priority,
                 serialization_key, max_attempts, run_at, created_at, updated_at)
                 FROM STDIN (FORMAT binary)"

@@ -264,8 +264,8 @@ impl PostgresStore {
         limits: &Limits,
     ) -> Result<BatchReceipt> {
         let (parent, children) = limits.prepare_batch(batch)?;
-        let inserted = insert_parent(&mut *conn, &self.sql, &parent, true).await?;
-        if !inserted {
+        let mut clock = insert_parent(&mut *conn, &self.sql, &parent, true).await?;
+        if clock.is_none() {
             let child_ids: Vec<Uuid> = sqlx::query_scalar(sql(&self.sql.children_ids))
                 .bind(parent.id.as_uuid())
                 .fetch_all(&mut *conn)
@@ -278,7 +278,7 @@ impl PostgresStore {
                 notified: true,
             });
         }
-        insert_children(&mut *conn, &self.sql, &children).await?;
+        insert_children(&mut *conn, &self.sql, &children, &mut clock).await?;
         Ok(BatchReceipt {
             parent_id: parent.id,
             child_ids: children.iter().map(|c| c.id).collect(),
@@ -395,6 +395,18 @@ impl Store for PostgresStore {
             .map_err(error::map)
     }
 
+    async fn child_ids_of(&self, parent_id: OperationId) -> Result<Vec<OperationId>> {
+        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            self.sql
+                .text("SELECT id FROM {s}.operations WHERE parent_id = $1 ORDER BY seq"),
+        )
+        .bind(parent_id.as_uuid())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(error::map)?;
+        Ok(ids.into_iter().map(OperationId::from_uuid).collect())
+    }
+
     async fn stats(&self) -> Result<Stats> {
         let rows = sqlx::query(sql(&self.sql.stats))
             .fetch_all(&self.pool)
@@ -459,7 +471,20 @@ impl Store for PostgresStore {
     }
 
     async fn prune(&self, completed_before: chrono::DateTime<chrono::Utc>) -> Result<PruneReport> {
-        transact!(self, conn => lifecycle::prune(conn, &self.sql, completed_before))
+        // One transaction per chunk: workers never wait on a long delete.
+        let mut report = PruneReport::default();
+        loop {
+            let chunk: PruneReport = transact!(self, conn => lifecycle::prune(
+                conn,
+                &self.sql,
+                completed_before,
+                fascicle_api::PRUNE_CHUNK_ROWS,
+            ))?;
+            if chunk.is_empty() {
+                return Ok(report);
+            }
+            report.add(chunk);
+        }
     }
 }
 

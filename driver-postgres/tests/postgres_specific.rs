@@ -1,12 +1,17 @@
 //! Behaviour only PostgreSQL has: killed backends, caller transactions, several pools on
-//! one schema, schema-name validation, concurrent migrations, URL redaction.
+//! one schema, schema-name validation, concurrent migrations, URL redaction, and one
+//! clock (the server's) for every timestamp written.
 
 mod common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use fascicle_api::{Error, NewBatch, NewOperation, OperationId, Queue, Store};
+use fascicle_api::chrono::{DateTime, Duration as TimeDelta, Utc};
+use fascicle_api::{
+    ChildRecord, ClaimRequest, Error, NewBatch, NewOperation, OperationId, ParentRecord, Queue,
+    Store,
+};
 use fascicle_postgres::sqlx::{self, AssertSqlSafe};
 use fascicle_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use serde_json::json;
@@ -403,5 +408,271 @@ async fn listen_wakes_a_worker_in_another_process_without_polling() {
         // The listener holds a pooled connection: let it go before closing the pool.
         drop(listener);
         worker_store.pool().close().await;
+    });
+}
+
+// ---- One clock: the server's (issue #13 item 10) ----
+//
+// A client whose clock is off is simulated by building the records by hand, as
+// `Limits::prepare_batch` would on that client: `created_at` is the client's "now" and
+// `run_at` that now plus the requested delay.
+
+/// Records as a client whose clock reads `skew` away from the real time prepares them,
+/// for work `delay` after submission: a parent with `children` children, or (with
+/// `parent: false`) that many stand-alone operations.
+fn records_on_a_skewed_clock(
+    skew: TimeDelta,
+    delay: TimeDelta,
+    children: usize,
+    parent: bool,
+) -> (Option<ParentRecord>, Vec<ChildRecord>) {
+    let client_now = Utc::now() + skew;
+    let parent = parent.then(|| ParentRecord {
+        id: OperationId::new(),
+        kind: "batch_retain".into(),
+        metadata: json!({ "skew_ms": skew.num_milliseconds() }),
+        children_total: children as u64,
+        created_at: client_now,
+    });
+    let children = (0..children)
+        .map(|i| ChildRecord {
+            id: OperationId::new(),
+            parent_id: parent.as_ref().map(|p| p.id),
+            kind: "retain".into(),
+            payload: json!({ "index": i }),
+            payload_json: json!({ "index": i }).to_string(),
+            priority: 0,
+            run_at: client_now + delay,
+            serialization_key: None,
+            max_attempts: 3,
+            created_at: client_now,
+        })
+        .collect();
+    (parent, children)
+}
+
+/// Inserts through `Store::begin` the way `Queue` does; each slice of children is one
+/// `insert_children` call (so its size picks `unnest` below 64 and `COPY` from 64), a
+/// slice of one goes through `insert_child`.
+async fn insert_in_one_transaction(
+    store: &PostgresStore,
+    parent: Option<&ParentRecord>,
+    calls: &[&[ChildRecord]],
+) {
+    let mut tx = store.begin().await.unwrap();
+    if let Some(parent) = parent {
+        tx.insert_parent(parent).await.unwrap();
+    }
+    for children in calls {
+        match children {
+            [one] => tx.insert_child(one).await.unwrap(),
+            many => tx.insert_children(many).await.unwrap(),
+        }
+    }
+    tx.commit().await.unwrap();
+}
+
+async fn server_now(store: &PostgresStore) -> DateTime<Utc> {
+    sqlx::query_scalar("SELECT now()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+async fn claim_up_to(store: &PostgresStore, limit: usize) -> Vec<OperationId> {
+    store
+        .claim(&ClaimRequest {
+            worker_id: "clock-test".into(),
+            limit,
+            lease: std::time::Duration::from_secs(30),
+            kinds: None,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.operation.id)
+        .collect()
+}
+
+/// Every id's stored `created_at` (and `updated_at`) is an instant of the server's clock
+/// between `from` and `to`, and its `run_at` is `delay` after it.
+async fn assert_on_the_servers_clock(
+    store: &PostgresStore,
+    ids: Vec<OperationId>,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    delay: TimeDelta,
+) {
+    for id in ids {
+        let op = store.get(id).await.unwrap().unwrap();
+        assert!(
+            from <= op.created_at && op.created_at <= to,
+            "{id}: created_at {} is not the server's time of the insert (between {from} and {to})",
+            op.created_at
+        );
+        assert_eq!(op.updated_at, op.created_at, "{id}: updated_at");
+        let expected_run_at = if op.is_parent() {
+            op.created_at
+        } else {
+            op.created_at + delay
+        };
+        assert_eq!(op.run_at, expected_run_at, "{id}: run_at");
+    }
+}
+
+/// A client clock a minute fast, no delay requested: claimable at once, stored at the
+/// server's time. `sizes` are the `insert_children` calls of one transaction.
+async fn a_fast_clock_delays_nothing(store: &PostgresStore, parent: bool, sizes: &[usize]) {
+    let total: usize = sizes.iter().sum();
+    let (parent, children) =
+        records_on_a_skewed_clock(TimeDelta::seconds(60), TimeDelta::zero(), total, parent);
+    let mut calls = Vec::new();
+    let mut rest = &children[..];
+    for &size in sizes {
+        let (call, tail) = rest.split_at(size);
+        calls.push(call);
+        rest = tail;
+    }
+    let from = server_now(store).await;
+    insert_in_one_transaction(store, parent.as_ref(), &calls).await;
+    let to = server_now(store).await;
+
+    // Checked before the claim, which writes updated_at.
+    let ids = parent
+        .iter()
+        .map(|p| p.id)
+        .chain(children.iter().map(|c| c.id))
+        .collect();
+    assert_on_the_servers_clock(store, ids, from, to, TimeDelta::zero()).await;
+    let claimed: HashSet<OperationId> = claim_up_to(store, total + 10).await.into_iter().collect();
+    let submitted: HashSet<OperationId> = children.iter().map(|c| c.id).collect();
+    assert_eq!(
+        claimed.len(),
+        total,
+        "work from a client whose clock runs a minute fast must be claimable at once"
+    );
+    assert_eq!(claimed, submitted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_client_clock_does_not_delay_a_small_batch() {
+    with_store!(|_url, store| {
+        // Three children: one INSERT … SELECT FROM unnest(…).
+        a_fast_clock_delays_nothing(&store, true, &[3]).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_client_clock_does_not_delay_a_copied_batch() {
+    with_store!(|_url, store| {
+        // 100 children: binary COPY, which cannot call now() itself.
+        a_fast_clock_delays_nothing(&store, true, &[100]).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_client_clock_does_not_delay_stand_alone_operations() {
+    with_store!(|_url, store| {
+        // One through insert_child, then 70 through COPY with no parent insert before it
+        // in the transaction, then two more through unnest.
+        a_fast_clock_delays_nothing(&store, false, &[1, 70, 2]).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_from_a_fast_client_clock_counts_from_the_servers_clock() {
+    with_store!(|_url, store| {
+        let delay = TimeDelta::seconds(2);
+        let (parent, children) = records_on_a_skewed_clock(TimeDelta::seconds(60), delay, 66, true);
+        let (small, large) = children.split_at(2);
+        let from = server_now(&store).await;
+        insert_in_one_transaction(&store, parent.as_ref(), &[small, large]).await;
+        let to = server_now(&store).await;
+        let submitted = std::time::Instant::now();
+        assert_eq!(
+            claim_up_to(&store, 100).await.len(),
+            0,
+            "claimable before its delay"
+        );
+        let ids = parent
+            .iter()
+            .map(|p| p.id)
+            .chain(children.iter().map(|c| c.id))
+            .collect();
+        assert_on_the_servers_clock(&store, ids, from, to, delay).await;
+
+        // Claimable once the two seconds have passed on the server, not a minute later.
+        let mut claimed = Vec::new();
+        while claimed.is_empty() && submitted.elapsed() < std::time::Duration::from_secs(10) {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            claimed = claim_up_to(&store, 100).await;
+        }
+        let waited = submitted.elapsed();
+        assert_eq!(claimed.len(), 66, "not claimable after {waited:?}");
+        assert!(
+            waited >= std::time::Duration::from_millis(1500),
+            "claimed after {waited:?}, before the 2 s delay"
+        );
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_from_a_slow_client_clock_is_not_cut_short() {
+    with_store!(|_url, store| {
+        // A client a minute slow asking for 30 s: by the server's clock its run_at would
+        // be half a minute in the past.
+        let delay = TimeDelta::seconds(30);
+        let skew = TimeDelta::seconds(-60);
+        let (parent, children) = records_on_a_skewed_clock(skew, delay, 67, true);
+        let (small, large) = children.split_at(3);
+        let (_, alone) = records_on_a_skewed_clock(skew, delay, 1, false);
+        let from = server_now(&store).await;
+        insert_in_one_transaction(&store, parent.as_ref(), &[small, large]).await;
+        insert_in_one_transaction(&store, None, &[&alone]).await;
+        let to = server_now(&store).await;
+        assert_eq!(
+            claim_up_to(&store, 100).await.len(),
+            0,
+            "delayed work from a slow client clock ran early"
+        );
+        let ids = parent
+            .iter()
+            .map(|p| p.id)
+            .chain(children.iter().chain(&alone).map(|c| c.id))
+            .collect();
+        assert_on_the_servers_clock(&store, ids, from, to, delay).await;
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_right_client_clock_keeps_an_absolute_run_at_to_the_microsecond() {
+    with_store!(|_url, store| {
+        // The clocks agree (same host): an instant the caller chose is stored as chosen,
+        // on both insert paths and in a caller's transaction.
+        let at = Utc::now() + TimeDelta::hours(1);
+        let scheduled = |n: usize| {
+            batch(0)
+                .children((0..n).map(|_| NewOperation::new("retain", json!({})).with_run_at(at)))
+        };
+        let queue = Queue::new(Arc::new(store.clone()));
+        let mut ids = Vec::new();
+        for n in [3, 100] {
+            ids.extend(queue.submit_batch(scheduled(n)).await.unwrap().child_ids);
+            let mut tx = store.pool().begin().await.unwrap();
+            ids.extend(
+                store
+                    .submit_batch_in(&mut tx, scheduled(n))
+                    .await
+                    .unwrap()
+                    .child_ids,
+            );
+            tx.commit().await.unwrap();
+        }
+        assert_eq!(ids.len(), 206);
+        for id in ids {
+            let stored = store.get(id).await.unwrap().unwrap().run_at;
+            let drift = (stored - at).num_microseconds().unwrap().abs();
+            assert!(drift <= 1, "{id}: run_at {stored}, asked for {at}");
+        }
     });
 }
