@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use fascicle::{Driver, Error, Operation, OperationId, Status, Store, Worker};
-use fascicle_retain::{ConsolidateReport, MemoryBank, RetainOptions, read_documents};
+use fascicle_retain::{BATCH_KIND, ConsolidateReport, MemoryBank, RetainOptions, read_documents};
 use serde_json::json;
 
 /// Exit codes, stable for scripts.
@@ -156,7 +156,29 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
         Command::Stats => stats(&store, cli.json).await,
         Command::Status { id } => status(&store, parse_id(&id)?, cli.json).await,
         Command::Cancel { id } => {
-            let report = store.cancel(parse_id(&id)?).await?;
+            let id = parse_id(&id)?;
+            let report = store.cancel(id).await?;
+            // A retain batch this cancel finished is consolidated like one whose last child
+            // finished: no handler runs after a cancel of pending children.
+            let target = store.get(id).await?;
+            let batch = target.and_then(|op| {
+                if op.is_parent() {
+                    Some(op.id)
+                } else {
+                    op.parent_id
+                }
+            });
+            if let Some(batch) = batch
+                && store
+                    .get(batch)
+                    .await?
+                    .is_some_and(|b| b.kind == BATCH_KIND && b.status.is_terminal())
+            {
+                MemoryBank::new(driver)
+                    .await?
+                    .consolidate_if_finished(batch)
+                    .await?;
+            }
             print(cli.json, &report, || {
                 format!(
                     "cancelled {}, asked {} running to stop, {} already finished",
@@ -268,8 +290,8 @@ async fn retain(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    // The child that finished the batch has submitted its consolidation; submitting it
-    // again returns the same operation.
+    // The child that finished the batch (whatever its outcome) has submitted this round's
+    // consolidation; submitting it again returns the same operation.
     bar.set_message("consolidating");
     let consolidation = bank.submit_consolidation(Some(batch)).await?.id;
     let consolidated = loop {

@@ -121,6 +121,50 @@ fn retain_without_wait_is_processed_by_work() {
 }
 
 #[test]
+fn cancelling_a_retain_batch_consolidates_what_its_completed_children_retained() {
+    let work = tempfile::tempdir().unwrap();
+    let db = work.path().join("bank.db");
+    let corpus = corpus_copy();
+    // One child of three completes (run here, as a worker would); then the batch is
+    // cancelled, which finishes it with no handler running after.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let batch = runtime.block_on(async {
+        let url = format!("sqlite://{}", db.display());
+        let bank = fascicle_retain::MemoryBank::open(&url).await.unwrap();
+        let documents = fascicle_retain::read_documents(corpus.path()).unwrap();
+        let receipt = bank
+            .submit(documents, &fascicle_retain::RetainOptions::default())
+            .await
+            .unwrap();
+        let claimed = bank
+            .store()
+            .claim(&fascicle::ClaimRequest {
+                worker_id: "test".into(),
+                limit: 1,
+                lease: std::time::Duration::from_secs(30),
+                kinds: None,
+            })
+            .await
+            .unwrap();
+        bank.run_claimed(&claimed[0]).await.unwrap();
+        receipt.parent_id.to_string()
+    });
+    drop(runtime);
+
+    let cancelled = ok_json(fascicle(&db, &["--json", "cancel", &batch]));
+    assert_eq!(cancelled["cancelled"], 2, "{cancelled}");
+    let stats = ok_json(fascicle(&db, &["--json", "stats"]));
+    assert_eq!(stats["batches"]["cancelled"], 1, "{stats}");
+    assert_eq!(stats["kinds"]["consolidate"]["ready"], 1, "{stats}");
+
+    ok_json(fascicle(&db, &["--json", "work", "--exit-when-idle"]));
+    let stats = ok_json(fascicle(&db, &["--json", "stats"]));
+    assert_eq!(stats["kinds"]["consolidate"]["completed"], 1, "{stats}");
+    let status = ok_json(fascicle(&db, &["--json", "status", &batch]));
+    assert_eq!(status["operation"]["status"], "cancelled", "{status}");
+}
+
+#[test]
 fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
     let work = tempfile::tempdir().unwrap();
     let db = work.path().join("bank.db");
