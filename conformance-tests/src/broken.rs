@@ -292,6 +292,7 @@ fn phantom_of(parent: &ParentRecord) -> Operation {
         created_at: parent.created_at,
         updated_at: parent.created_at,
         completed_at: None,
+        timeout: None,
     }
 }
 

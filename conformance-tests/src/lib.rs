@@ -26,8 +26,18 @@ type Cleanup = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 /// than its rows) — and checks that the reconciler still finalizes it.
 pub type Tamper = Arc<dyn Fn(OperationId, u64) -> CaseFuture + Send + Sync>;
 
+/// A second store instance on the same backend as a [`Fixture`]'s store, given by the
+/// driver's fixture ([`Fixture::with_twin`]): another pool on the same schema, another
+/// store on the same file, another handle on the same shared data. The suite's
+/// two-instance cases run the work through both at once.
+pub type Twin = Arc<dyn Fn() -> StoreFuture + Send + Sync>;
+
+/// A boxed, sendable future yielding a store, as a [`Twin`] returns.
+pub type StoreFuture = Pin<Box<dyn Future<Output = Arc<dyn Store>> + Send + 'static>>;
+
 tokio::task_local! {
-    static TAMPER: Tamper;
+    static TAMPER: Option<Tamper>;
+    static TWIN: Option<Twin>;
 }
 
 /// Sets `parent`'s `children_total` through the fixture's [`Tamper`].
@@ -36,11 +46,28 @@ tokio::task_local! {
 ///
 /// When the driver's fixture gave none ([`Fixture::with_tamper`]).
 pub async fn tamper_children_total(parent: OperationId, total: u64) {
-    let tamper = TAMPER.try_with(Arc::clone).expect(
+    let tamper = TAMPER.try_with(Clone::clone).ok().flatten().expect(
         "this case builds a stranded batch past the Store API: give the fixture \
          Fixture::with_tamper(...) (see the crate's README)",
     );
     tamper(parent, total).await;
+}
+
+/// A new, independent instance of the store under test on the same backend, from the
+/// fixture's [`Twin`]: every call opens another one (another pool, another connection
+/// set), sharing the case's data with the store the case was given. Call it from the
+/// case's own task (the fixture's hooks are task-local, like [`tamper_children_total`]'s).
+///
+/// # Panics
+///
+/// When the driver's fixture gave none ([`Fixture::with_twin`]).
+pub async fn twin() -> Arc<dyn Store> {
+    let twin = TWIN.try_with(Clone::clone).ok().flatten().expect(
+        "this case runs two store instances on one backend at once: give the fixture \
+         Fixture::with_twin(...), a second store on the same schema, file or shared data \
+         (see the crate's README)",
+    );
+    twin().await
 }
 
 /// What a driver's factory hands the suite for one case: an isolated store (fresh
@@ -51,6 +78,7 @@ pub struct Fixture {
     cleanup: Option<Cleanup>,
     skip_reason: Option<String>,
     tamper: Option<Tamper>,
+    twin: Option<Twin>,
 }
 
 impl fmt::Debug for Fixture {
@@ -60,6 +88,7 @@ impl fmt::Debug for Fixture {
             .field("cleanup", &self.cleanup.is_some())
             .field("skip_reason", &self.skip_reason)
             .field("tamper", &self.tamper.is_some())
+            .field("twin", &self.twin.is_some())
             .finish()
     }
 }
@@ -77,6 +106,7 @@ impl Fixture {
             cleanup: None,
             skip_reason: None,
             tamper: None,
+            twin: None,
         }
     }
 
@@ -90,6 +120,20 @@ impl Fixture {
         self.tamper = Some(Arc::new(move |parent, total| {
             Box::pin(tamper(parent, total))
         }));
+        self
+    }
+
+    /// Gives the suite a second, independent instance of the store on the same backend
+    /// (see [`Twin`]): `twin` opens one more each time it is called — for SQLite another
+    /// `SqliteStore::open` of the same file, for PostgreSQL another pool on the same
+    /// schema, for an in-process store another handle on the same data. It must not hand
+    /// back the fixture's own store: the two-instance cases are about two of them.
+    pub fn with_twin<F, Fut>(mut self, twin: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Arc<dyn Store>> + Send + 'static,
+    {
+        self.twin = Some(Arc::new(move || Box::pin(twin())));
         self
     }
 
@@ -112,6 +156,7 @@ impl Fixture {
             cleanup: None,
             skip_reason: Some(reason.into()),
             tamper: None,
+            twin: None,
         }
     }
 }
@@ -143,10 +188,8 @@ where
             let _ = name;
             return;
         };
-        let outcome = match fixture.tamper {
-            Some(tamper) => tokio::spawn(TAMPER.scope(tamper, case(store))).await,
-            None => tokio::spawn(case(store)).await,
-        };
+        let hooked = TAMPER.scope(fixture.tamper, TWIN.scope(fixture.twin, case(store)));
+        let outcome = tokio::spawn(hooked).await;
         if let Some(cleanup) = fixture.cleanup {
             cleanup.await;
         }
@@ -238,6 +281,8 @@ macro_rules! __for_each_case {
             reconcile_races_the_last_completion,
             prune_races_a_live_batch,
             prune_deletes_a_long_history_in_chunks,
+            two_instances_drain_one_queue_exactly_once,
+            two_instances_race_every_transition,
             retry_batch_requeues_failed_children,
             serialization_key_exclusive,
             graceful_shutdown_releases_in_flight,
@@ -251,6 +296,7 @@ macro_rules! __for_each_case {
             a_stale_heartbeat_reply_does_not_cancel_a_new_attempt,
             a_recorded_handler_completes_once,
             handler_panics_are_retried_then_fail,
+            per_operation_timeout_overrides_the_worker,
         );
     };
 }

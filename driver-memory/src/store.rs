@@ -175,6 +175,7 @@ struct Fields {
     result: Option<Value>,
     updated_at: DateTime<Utc>,
     completed_at: Option<DateTime<Utc>>,
+    timeout: Option<Duration>,
 }
 
 impl Fields {
@@ -205,6 +206,7 @@ impl Fields {
             result: None,
             updated_at: created_at,
             completed_at: None,
+            timeout: None,
         }
     }
 
@@ -234,6 +236,7 @@ impl Fields {
             created_at: self.created_at,
             updated_at: self.updated_at,
             completed_at: self.completed_at,
+            timeout: self.timeout,
         }
     }
 }
@@ -364,6 +367,7 @@ impl State {
             priority: child.priority,
             serialization_key: child.serialization_key,
             max_attempts: child.max_attempts,
+            timeout: child.timeout,
             ..Fields::pending(child.id, kind, body, child.run_at, child.created_at)
         });
     }

@@ -89,13 +89,21 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// A fresh memory store, and the fixture the suite needs around it (the reconcile case
 /// writes a stranded batch through the fixture's tamper).
-fn fixture(wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) -> Fixture {
+fn fixture(wrap: impl Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync + 'static) -> Fixture {
     let memory = MemoryStore::new();
     let tamper = memory.clone();
-    Fixture::from_arc(wrap(Arc::new(memory))).with_tamper(move |parent, total| {
-        tamper.overwrite_children_total_for_conformance(parent, total);
-        async {}
-    })
+    let twin = memory.clone();
+    let wrap = Arc::new(wrap);
+    let wrap_twin = Arc::clone(&wrap);
+    Fixture::from_arc(wrap(Arc::new(memory)))
+        .with_tamper(move |parent, total| {
+            tamper.overwrite_children_total_for_conformance(parent, total);
+            async {}
+        })
+        .with_twin(move || {
+            let twin = wrap_twin(Arc::new(twin.clone()));
+            async move { twin }
+        })
 }
 
 /// Runs one case the way `suite!` does (`run_case`: its own runtime, the fixture's
@@ -157,7 +165,7 @@ fn run_suite(make: impl Fn() -> Fixture + Sync) -> Vec<(&'static str, Verdict)> 
 fn suite_catches(promise: BrokenPromise) {
     let started = Instant::now();
     let verdicts = run_suite(|| {
-        fixture(|memory| Arc::new(BrokenStore::new(memory, promise)) as Arc<dyn Store>)
+        fixture(move |memory| Arc::new(BrokenStore::new(memory, promise)) as Arc<dyn Store>)
     });
     let caught: Vec<&str> = verdicts
         .iter()

@@ -89,8 +89,9 @@ pub(crate) async fn claim(
     let mut claimed = Vec::with_capacity(rows.len());
     for row in &rows {
         let operation = operation_from_row(row).db()?;
-        let token: Uuid = row.try_get(22).db()?;
-        let seq: i64 = row.try_get(23).db()?;
+        // The columns of COLUMNS, then the token and seq.
+        let token: Uuid = row.try_get(23).db()?;
+        let seq: i64 = row.try_get(24).db()?;
         claimed.push((
             seq,
             ClaimedOperation {

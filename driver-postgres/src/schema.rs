@@ -204,6 +204,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX operations_finished ON {schema}.operations (completed_at)
         WHERE completed_at IS NOT NULL;
     "#,
+    // 3: a per-operation attempt timeout (`NewOperation::with_timeout`), in milliseconds;
+    // NULL leaves it to the worker. Existing rows keep NULL.
+    r#"
+    ALTER TABLE {schema}.operations ADD COLUMN timeout_ms bigint;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -277,7 +282,7 @@ pub(crate) fn connect_error(location: &str, e: sqlx::Error) -> Error {
 pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id, priority, \
     serialization_key, attempts, max_attempts, run_at, worker_id, lease_expires_at, \
     children_total, children_completed, children_failed, children_cancelled, error, result, \
-    created_at, updated_at, completed_at";
+    created_at, updated_at, completed_at, timeout_ms";
 
 /// How far a client's clock may read *behind* the server's before it counts as wrong.
 ///
@@ -355,22 +360,23 @@ impl Sql {
             insert_children: s(&format!("WITH inserted AS (
                 INSERT INTO {{schema}}.operations
                     (id, kind, status, payload, parent_id, priority, serialization_key, attempts,
-                     max_attempts, run_at, created_at, updated_at)
+                     max_attempts, run_at, created_at, updated_at, timeout_ms)
                 SELECT t.id, t.kind, 'pending', t.payload::jsonb, t.parent_id, t.priority, t.skey, 0,
-                       t.max_attempts, t.at + t.delay, t.at, t.at
+                       t.max_attempts, t.at + t.delay, t.at, t.at, t.timeout_ms
                 -- unnest yields rows in array order and the identity is drawn row by row,
                 -- so seq follows submission order without a sort (checked by the
                 -- conformance suite's ordering assertions).
                 FROM (SELECT u.*, {} AS at
                       FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int4[],
-                                  $6::text[], $7::int4[], $8::timestamptz[], $9::interval[])
+                                  $6::text[], $7::int4[], $8::timestamptz[], $9::interval[],
+                                  $11::int8[])
                            AS u(id, kind, payload, parent_id, priority, skey, max_attempts,
-                                created_at, delay)) AS t
+                                created_at, delay, timeout_ms)) AS t
                 RETURNING 1)
                 SELECT count(*), statement_timestamp(), pg_notify($10, count(*)::text)
                 FROM inserted", on_server_clock("u.created_at"))),
             copy_children: "COPY {schema}.operations (id, kind, payload, parent_id, priority,
-                serialization_key, max_attempts, run_at, created_at, updated_at)
+                serialization_key, max_attempts, run_at, created_at, updated_at, timeout_ms)
                 FROM STDIN (FORMAT binary)"
                 .replace("{schema}", schema),
             get: s(&format!("SELECT {COLUMNS} FROM {{schema}}.operations WHERE id = $1")),

@@ -348,6 +348,9 @@ pub(crate) fn operation_from_row(row: &PgRow) -> sqlx::Result<Operation> {
         created_at: row.try_get(19)?,
         updated_at: row.try_get(20)?,
         completed_at: row.try_get(21)?,
+        timeout: row
+            .try_get::<Option<i64>, _>(22)?
+            .map(|ms| std::time::Duration::from_millis(ms as u64)),
     })
 }
 

@@ -164,7 +164,7 @@ fn encode_copy(children: &[ChildRecord], server_now: DateTime<Utc>) -> Result<Ve
     buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
     for c in children {
         let (created_at, run_at) = on_server_clock(c, server_now)?;
-        buf.extend_from_slice(&10i16.to_be_bytes());
+        buf.extend_from_slice(&11i16.to_be_bytes());
         field(&mut buf, c.id.as_bytes());
         field(&mut buf, c.kind.as_bytes());
         // jsonb's binary form: a version byte, then the JSON text.
@@ -184,6 +184,10 @@ fn encode_copy(children: &[ChildRecord], server_now: DateTime<Utc>) -> Result<Ve
         timestamp(&mut buf, run_at);
         timestamp(&mut buf, created_at);
         timestamp(&mut buf, created_at);
+        match c.timeout {
+            Some(timeout) => field(&mut buf, &(timeout.as_millis() as i64).to_be_bytes()),
+            None => null(&mut buf),
+        }
     }
     buf.extend_from_slice(&(-1i16).to_be_bytes());
     Ok(buf)
@@ -238,7 +242,9 @@ async fn insert_children_unnest(
         let mut attempts = Vec::with_capacity(n);
         let mut created: Vec<DateTime<Utc>> = Vec::with_capacity(n);
         let mut delays: Vec<PgInterval> = Vec::with_capacity(n);
+        let mut timeouts: Vec<Option<i64>> = Vec::with_capacity(n);
         for child in chunk {
+            timeouts.push(child.timeout.map(|t| t.as_millis() as i64));
             ids.push(*child.id.as_uuid());
             kinds.push(child.kind.as_str());
             payloads.push(child.payload_json.as_str());
@@ -265,6 +271,7 @@ async fn insert_children_unnest(
             .bind(&created)
             .bind(&delays)
             .bind(&statements.channel)
+            .bind(&timeouts)
             .fetch_one(&mut *conn)
             .await
             .map_err(error::map)?;
@@ -384,6 +391,7 @@ mod tests {
             serialization_key: None,
             max_attempts: 1,
             created_at,
+            timeout: None,
         }
     }
 

@@ -446,6 +446,7 @@ fn records_on_a_skewed_clock(
             serialization_key: None,
             max_attempts: 3,
             created_at: client_now,
+            timeout: None,
         })
         .collect();
     (parent, children)

@@ -57,14 +57,14 @@ pub(crate) fn claim(
         let mut keys = std::collections::HashSet::new();
         while picked.len() < request.limit {
             let Some(row) = rows.next().db()? else { break };
-            // Column 7 of COLUMNS is serialization_key; `seq` follows the 22 of them.
+            // Column 7 of COLUMNS is serialization_key; `seq` follows the 23 of them.
             let key: Option<String> = row.get(7).db()?;
             if let Some(key) = key
                 && !keys.insert(key)
             {
                 continue;
             }
-            picked.push((row.get(22).db()?, operation_from_row(row).db()?));
+            picked.push((row.get(23).db()?, operation_from_row(row).db()?));
         }
     }
     let mut stmt = tx

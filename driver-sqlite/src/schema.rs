@@ -120,6 +120,11 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX fascicle_operations_finished
         ON fascicle_operations (completed_at) WHERE completed_at IS NOT NULL;
     "#,
+    // 4: a per-operation attempt timeout (`NewOperation::with_timeout`), in milliseconds;
+    // NULL leaves it to the worker. Existing rows keep NULL.
+    r#"
+    ALTER TABLE fascicle_operations ADD COLUMN timeout_ms INTEGER;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -200,7 +205,17 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, CURRENT_VERSION);
-        assert_eq!(dump(&conn), before, "rows, rowids and columns are kept");
+        // Every row and rowid kept, each with the columns later versions added (NULL).
+        let added = CURRENT_VERSION as usize - 3;
+        let kept: Vec<Vec<rusqlite::types::Value>> = dump(&conn)
+            .into_iter()
+            .map(|mut row| {
+                let new = row.split_off(row.len() - added);
+                assert!(new.iter().all(|v| *v == rusqlite::types::Value::Null));
+                row
+            })
+            .collect();
+        assert_eq!(kept, before, "rows, rowids and columns are kept");
         let indexes: i64 = conn
             .query_row(
                 "SELECT count(*) FROM sqlite_master

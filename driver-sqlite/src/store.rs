@@ -312,7 +312,7 @@ impl SqliteStore {
 pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id, priority, \
     serialization_key, attempts, max_attempts, run_at, worker_id, lease_expires_at, \
     children_total, children_completed, children_failed, children_cancelled, error, result, \
-    created_at, updated_at, completed_at";
+    created_at, updated_at, completed_at, timeout_ms";
 
 pub(crate) fn micros(at: DateTime<Utc>) -> i64 {
     at.timestamp_micros()
@@ -378,6 +378,9 @@ pub(crate) fn operation_from_row(row: &Row<'_>) -> rusqlite::Result<Operation> {
         created_at: instant(row.get(19)?)?,
         updated_at: instant(row.get(20)?)?,
         completed_at: row.get::<_, Option<i64>>(21)?.map(instant).transpose()?,
+        timeout: row
+            .get::<_, Option<i64>>(22)?
+            .map(|ms| std::time::Duration::from_millis(ms as u64)),
     })
 }
 

@@ -18,9 +18,9 @@ const INSERT_PARENT: &str = "INSERT INTO fascicle_operations
 
 const INSERT_CHILD_COLUMNS: &str = "INSERT INTO fascicle_operations
     (id, kind, status, payload, parent_id, priority, serialization_key, attempts, max_attempts,
-     run_at, created_at, updated_at) VALUES ";
-const CHILD_VALUES: &str = "(?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?, ?, ?)";
-const PARAMS_PER_CHILD: usize = 10;
+     run_at, created_at, updated_at, timeout_ms) VALUES ";
+const CHILD_VALUES: &str = "(?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)";
+const PARAMS_PER_CHILD: usize = 11;
 /// Rows per multi-row INSERT; fewer statements to step through for a large batch.
 const ROWS_PER_STATEMENT: usize = 64;
 
@@ -49,6 +49,7 @@ struct ChildRow {
     max_attempts: u32,
     run_at: i64,
     created_at: i64,
+    timeout_ms: Option<i64>,
 }
 
 impl From<&ChildRecord> for ChildRow {
@@ -63,6 +64,7 @@ impl From<&ChildRecord> for ChildRow {
             max_attempts: child.max_attempts,
             run_at: micros(child.run_at),
             created_at: micros(child.created_at),
+            timeout_ms: child.timeout.map(|t| t.as_millis() as i64),
         }
     }
 }
@@ -82,6 +84,7 @@ fn bind_child(
     stmt.raw_bind_parameter(first + 7, row.run_at)?;
     stmt.raw_bind_parameter(first + 8, row.created_at)?;
     stmt.raw_bind_parameter(first + 9, row.created_at)?;
+    stmt.raw_bind_parameter(first + 10, row.timeout_ms)?;
     Ok(())
 }
 

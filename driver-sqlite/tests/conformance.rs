@@ -1,6 +1,9 @@
 //! The shared conformance suite on SQLite: a fresh database file per case.
 
-use fascicle_api::OperationId;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fascicle_api::{OperationId, Store};
 use fascicle_sqlite::SqliteStore;
 
 /// The suite's raw write past the API (see `Fixture::with_tamper`).
@@ -25,6 +28,27 @@ fn tamper(
     }
 }
 
+/// The suite's second instance on the same backend (see `Fixture::with_twin`): another
+/// `SqliteStore::open` of the file at `path`, with its own connections and its own writer
+/// lock, so the two meet only in SQLite's file locks, as two processes do. `first` keeps
+/// the fixture's store, and with it a temporary store's directory, alive while a twin can
+/// still be opened.
+fn twin(
+    path: PathBuf,
+    first: SqliteStore,
+) -> impl Fn() -> fascicle_conformance::StoreFuture + Send + Sync + 'static {
+    move || {
+        let (path, first) = (path.clone(), first.clone());
+        Box::pin(async move {
+            let twin = SqliteStore::open(&path)
+                .await
+                .unwrap_or_else(|e| panic!("open a second store on {}: {e}", path.display()));
+            drop(first);
+            Arc::new(twin) as Arc<dyn Store>
+        })
+    }
+}
+
 mod conformance {
     fascicle_conformance::suite!(async {
         let dir = tempfile::tempdir().expect("temporary directory");
@@ -32,8 +56,10 @@ mod conformance {
             .await
             .expect("open a fresh SQLite file");
         let tamper = super::tamper(store.clone());
+        let twin = super::twin(store.path().to_path_buf(), store.clone());
         fascicle_conformance::Fixture::new(store)
             .with_tamper(tamper)
+            .with_twin(twin)
             .with_cleanup(async move { drop(dir) })
     });
 }
@@ -45,6 +71,11 @@ mod conformance_temporary {
             .await
             .expect("open a temporary SQLite store");
         let tamper = super::tamper(store.clone());
-        fascicle_conformance::Fixture::new(store).with_tamper(tamper)
+        // A temporary database is a file of its own directory, so a second store can open
+        // it too, for as long as the first one keeps the directory.
+        let twin = super::twin(store.path().to_path_buf(), store.clone());
+        fascicle_conformance::Fixture::new(store)
+            .with_tamper(tamper)
+            .with_twin(twin)
     });
 }

@@ -23,7 +23,8 @@ pub use queue::{Limits, MAX_JSON_DEPTH, Queue};
 pub use store::{Store, Transaction};
 pub use types::{
     BatchReceipt, BatchStats, ChildCounters, ChildRecord, Counted, DEFAULT_MAX_ATTEMPTS, KindStats,
-    NewBatch, NewOperation, Operation, OperationId, ParentRecord, Receipt, Stats, Status,
+    MAX_ATTEMPT_TIMEOUT, NewBatch, NewOperation, Operation, OperationId, ParentRecord, Receipt,
+    Stats, Status,
 };
 pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};
 

@@ -12,8 +12,8 @@ use crate::error::{Error, Result};
 use crate::notify::{Notifier, Submitted};
 use crate::store::Store;
 use crate::types::{
-    BatchReceipt, ChildRecord, DEFAULT_MAX_ATTEMPTS, NewBatch, NewOperation, OperationId,
-    ParentRecord, Receipt,
+    BatchReceipt, ChildRecord, DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPT_TIMEOUT, NewBatch, NewOperation,
+    OperationId, ParentRecord, Receipt,
 };
 
 /// Input limits enforced before anything is written.
@@ -307,6 +307,14 @@ impl Limits {
                 i32::MAX
             )));
         }
+        if let Some(timeout) = op.timeout
+            && (timeout < std::time::Duration::from_millis(1) || timeout > MAX_ATTEMPT_TIMEOUT)
+        {
+            return Err(Error::InvalidInput(format!(
+                "{what}: the attempt timeout must be between 1 ms and {} days, got {timeout:?}",
+                MAX_ATTEMPT_TIMEOUT.as_secs() / 86_400
+            )));
+        }
         Ok(ChildRecord {
             id: op.id.unwrap_or_default(),
             parent_id,
@@ -318,6 +326,10 @@ impl Limits {
             serialization_key: op.serialization_key,
             max_attempts,
             created_at: now,
+            // Stored in whole milliseconds.
+            timeout: op
+                .timeout
+                .map(|t| std::time::Duration::from_millis(t.as_millis() as u64)),
         })
     }
 }

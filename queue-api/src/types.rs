@@ -164,6 +164,9 @@ pub struct NewOperation {
     pub serialization_key: Option<String>,
     /// Attempts before the operation fails for good; `None` means [`DEFAULT_MAX_ATTEMPTS`].
     pub max_attempts: Option<u32>,
+    /// How long one attempt may run before the worker stops it (a retryable failure);
+    /// `None` leaves it to the worker's `attempt_timeout`.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl NewOperation {
@@ -177,6 +180,7 @@ impl NewOperation {
             run_at: None,
             serialization_key: None,
             max_attempts: None,
+            timeout: None,
         }
     }
 
@@ -209,7 +213,18 @@ impl NewOperation {
         self.max_attempts = Some(max_attempts);
         self
     }
+
+    /// Stops an attempt that runs longer than `timeout` (between 1 ms and
+    /// [`MAX_ATTEMPT_TIMEOUT`]): its handler future is dropped and the attempt is a
+    /// retryable failure "timed out after …". Overrides the worker's `attempt_timeout`.
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
 }
+
+/// The longest per-operation attempt timeout ([`NewOperation::with_timeout`]): 7 days.
+pub const MAX_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// A batch to enqueue atomically: one parent status row plus its children.
 #[derive(Clone, Debug, PartialEq)]
@@ -303,6 +318,8 @@ pub struct ChildRecord {
     pub max_attempts: u32,
     /// Creation instant.
     pub created_at: DateTime<Utc>,
+    /// How long one attempt may run ([`NewOperation::with_timeout`]), whole milliseconds.
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// A parent's child counters, kept up to date in O(1) per child transition.
@@ -366,6 +383,9 @@ pub struct Operation {
     pub updated_at: DateTime<Utc>,
     /// When it reached a terminal state.
     pub completed_at: Option<DateTime<Utc>>,
+    /// How long one attempt may run ([`NewOperation::with_timeout`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Operation {

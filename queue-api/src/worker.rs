@@ -686,7 +686,7 @@ impl Worker {
         let max_attempts = op.max_attempts;
         let id = op.id;
         let cancelled = Arc::clone(&cancel);
-        let timeout = self.attempt_timeout;
+        let timeout = op.timeout.or(self.attempt_timeout);
         let started = tokio::time::Instant::now();
         let mut attempt_future = CatchUnwind(handler(payload, ctx));
         // Fast path: poll the handler once right here. One that finishes without waiting

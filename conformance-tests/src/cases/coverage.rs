@@ -12,6 +12,8 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "claim_skips_key_duplicates_before_the_limit",
             "concurrent_workers_no_double_processing",
             "serialization_key_exclusive",
+            "two_instances_drain_one_queue_exactly_once",
+            "two_instances_race_every_transition",
         ],
     ),
     (
@@ -26,6 +28,8 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         &[
             "parent_completes_when_all_children_complete",
             "last_two_children_race",
+            "two_instances_drain_one_queue_exactly_once",
+            "two_instances_race_every_transition",
         ],
     ),
     (
@@ -33,9 +37,16 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         &[
             "permanent_error_fails_immediately",
             "parent_fails_with_most_common_child_error",
+            "two_instances_race_every_transition",
         ],
     ),
-    ("stop_cancelled", &["cancel_batch_cascades"]),
+    (
+        "stop_cancelled",
+        &[
+            "cancel_batch_cascades",
+            "two_instances_race_every_transition",
+        ],
+    ),
     (
         "retry",
         &[
@@ -54,16 +65,28 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
     ("release_after_cancel", &["cancel_request_survives_release"]),
     (
         "rescue",
-        &["expired_lease_is_rescued", "rescued_worker_cannot_complete"],
+        &[
+            "expired_lease_is_rescued",
+            "rescued_worker_cannot_complete",
+            "two_instances_race_every_transition",
+        ],
     ),
     (
         "rescue_exhausted",
-        &["expired_lease_is_rescued", "rescue_races_a_completion"],
+        &[
+            "expired_lease_is_rescued",
+            "rescue_races_a_completion",
+            "two_instances_race_every_transition",
+        ],
     ),
     ("rescue_after_cancel", &["cancel_request_survives_rescue"]),
     (
         "cancel_pending",
-        &["cancel_batch_cascades", "cancel_races_a_retryable_outcome"],
+        &[
+            "cancel_batch_cascades",
+            "cancel_races_a_retryable_outcome",
+            "two_instances_race_every_transition",
+        ],
     ),
     (
         "request_cancel",
@@ -75,14 +98,23 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "parent_completes_when_all_children_complete",
             "parent_fails_with_most_common_child_error",
             "last_two_children_race",
+            "two_instances_drain_one_queue_exactly_once",
+            "two_instances_race_every_transition",
         ],
     ),
-    ("reconcile_empty", &["reconcile_zero_child_parent"]),
+    (
+        "reconcile_empty",
+        &[
+            "reconcile_zero_child_parent",
+            "two_instances_race_every_transition",
+        ],
+    ),
     (
         "reconcile_finalize",
         &[
             "reconcile_parent_with_all_children_terminal",
             "reconcile_races_the_last_completion",
+            "two_instances_race_every_transition",
         ],
     ),
     (
@@ -90,6 +122,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         &[
             "retry_batch_requeues_failed_children",
             "retry_batch_clears_the_cancel_request",
+            "two_instances_race_every_transition",
         ],
     ),
     (
@@ -97,6 +130,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         &[
             "retry_batch_requeues_failed_children",
             "retry_batch_races_an_in_flight_completion",
+            "two_instances_race_every_transition",
         ],
     ),
     (
@@ -105,6 +139,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "prune_removes_only_whole_terminal_batches",
             "prune_races_a_live_batch",
             "prune_deletes_a_long_history_in_chunks",
+            "two_instances_race_every_transition",
         ],
     ),
 ];

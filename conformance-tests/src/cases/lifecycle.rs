@@ -655,6 +655,7 @@ pub async fn reconcile_parent_with_all_children_terminal(store: Arc<dyn Store>) 
             serialization_key: None,
             max_attempts: 3,
             created_at: now,
+            timeout: None,
         })
         .collect();
     let mut tx = store.begin().await.unwrap();

@@ -35,6 +35,7 @@ pub async fn children_join_only_the_batch_of_their_transaction(store: Arc<dyn St
         serialization_key: None,
         max_attempts: 3,
         created_at: now,
+        timeout: None,
     };
     for parent in [committed.parent_id, OperationId::new()] {
         let late = child_of(parent);

@@ -3,6 +3,7 @@
 
 mod cancel;
 mod coverage;
+mod instances;
 mod lifecycle;
 mod membership;
 mod races;
@@ -11,6 +12,7 @@ mod worker;
 
 pub use cancel::*;
 pub use coverage::TRANSITION_CASES;
+pub use instances::*;
 pub use lifecycle::*;
 pub use membership::*;
 pub use races::*;

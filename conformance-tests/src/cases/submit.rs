@@ -355,6 +355,7 @@ async fn insert_by_hand(
             serialization_key: None,
             max_attempts: 3,
             created_at: now,
+            timeout: None,
         })
         .collect();
     let mut tx = store.begin().await.unwrap();
@@ -936,6 +937,7 @@ fn standalone_record(id: OperationId) -> ChildRecord {
         serialization_key: None,
         max_attempts: 3,
         created_at: now,
+        timeout: None,
     }
 }
 

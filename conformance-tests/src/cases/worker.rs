@@ -506,3 +506,73 @@ pub async fn handler_panics_are_retried_then_fail(store: Arc<dyn Store>) {
     assert!(error.contains("handler panicked: always broken"), "{error}");
     assert_eq!((report.completed, report.failed, report.retried), (1, 1, 2));
 }
+
+/// `NewOperation::with_timeout` is stored with the operation and overrides the worker's
+/// `attempt_timeout` either way: a short one stops a hung attempt on a worker that has
+/// none, a long one lets an attempt outlive the worker's shorter default. Timeouts
+/// outside 1 ms ..= 7 days are refused and nothing is written.
+pub async fn per_operation_timeout_overrides_the_worker(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    for bad in [
+        Duration::ZERO,
+        fascicle_api::MAX_ATTEMPT_TIMEOUT + Duration::from_secs(1),
+    ] {
+        let refused = queue
+            .submit(NewOperation::new("slow", json!({})).with_timeout(bad))
+            .await;
+        assert!(
+            matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("attempt timeout")),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(store.stats().await.unwrap().work().total(), 0);
+
+    let short = queue
+        .submit(
+            NewOperation::new("hang_once", json!({}))
+                .with_max_attempts(3)
+                .with_timeout(Duration::from_millis(150)),
+        )
+        .await
+        .unwrap()
+        .id;
+    let long = queue
+        .submit(NewOperation::new("slow", json!({})).with_timeout(Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .id;
+    let stored = store.get(short).await.unwrap().unwrap();
+    assert_eq!(stored.timeout, Some(Duration::from_millis(150)));
+    assert_eq!(
+        store.get(long).await.unwrap().unwrap().timeout,
+        Some(Duration::from_secs(5))
+    );
+
+    let mut registry = Registry::new();
+    registry.register("hang_once", |_: Value, ctx| async move {
+        if ctx.attempt == 1 {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Ok::<_, HandlerError>(json!(ctx.attempt))
+    });
+    registry.register("slow", |_: Value, ctx| async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        Ok::<_, HandlerError>(json!(ctx.attempt))
+    });
+    // The worker's own default (200 ms) would stop `slow`; its 5 s timeout wins. The
+    // 150 ms one of `hang_once` is what stops its first attempt.
+    let check = Arc::clone(&store);
+    let worker = fast_worker(&store, registry).attempt_timeout(Duration::from_millis(200));
+    run_until(worker, move || all_terminal(&check, &[short, long])).await;
+    let op = store.get(short).await.unwrap().unwrap();
+    assert_eq!(
+        (op.status, op.attempts, op.result),
+        (Status::Completed, 2, Some(json!(2)))
+    );
+    let op = store.get(long).await.unwrap().unwrap();
+    assert_eq!(
+        (op.status, op.attempts, op.result),
+        (Status::Completed, 1, Some(json!(1))),
+        "the operation's own timeout must override the worker's"
+    );
+}

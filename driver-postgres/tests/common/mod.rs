@@ -118,7 +118,21 @@ pub async fn fixture() -> Fixture {
     let store = fresh_store(&database.url).await;
     let cleanup = store.clone();
     let tamper = store.clone();
+    let (url, schema) = (database.url.clone(), store.schema().to_string());
     Fixture::new(store)
+        // A second pool on the same schema, as a second process would open: it connects
+        // and runs the (idempotent, advisory-locked) migration again.
+        .with_twin(move || {
+            let options = PostgresOptions::new(url.clone())
+                .schema(schema.clone())
+                .max_connections(6);
+            async move {
+                let twin = PostgresStore::connect_with(options)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot open a second pool on the schema: {e}"));
+                std::sync::Arc::new(twin) as std::sync::Arc<dyn fascicle_api::Store>
+            }
+        })
         .with_tamper(move |parent, total| {
             let store = tamper.clone();
             async move {
