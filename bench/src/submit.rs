@@ -44,6 +44,57 @@ fn scenario() -> String {
     format!("submit batch of {CHILDREN} children")
 }
 
+/// Children of the resubmitted batch, each with a payload of about 2 KB.
+const RESUBMIT_CHILDREN: usize = 50_000;
+/// Runs of the resubmit scenario (each moves 100 MB of payloads on its first submit).
+const RESUBMIT_RUNS: usize = 3;
+
+/// The same batch (caller-supplied id) submitted twice: the first submit's and the
+/// idempotent resubmit's wall time, in ms. The resubmit must return the stored batch.
+async fn first_and_resubmit(store: Arc<dyn Store>) -> Result<(f64, f64), BoxError> {
+    let queue = Queue::new(store);
+    let text = "x".repeat(2_000);
+    let input = NewBatch::new("batch_retain")
+        .with_id(fascicle_api::OperationId::new())
+        .children(
+            (0..RESUBMIT_CHILDREN)
+                .map(|i| NewOperation::new("retain", json!({ "i": i, "text": text }))),
+        );
+    let start = Instant::now();
+    let first = queue.submit_batch(input.clone()).await?;
+    let first_ms = start.elapsed().as_secs_f64() * 1e3;
+    let start = Instant::now();
+    let again = queue.submit_batch(input).await?;
+    let again_ms = start.elapsed().as_secs_f64() * 1e3;
+    assert!(first.created && !again.created);
+    assert_eq!(again.child_ids, first.child_ids);
+    Ok((first_ms, again_ms))
+}
+
+/// Scenario 1b: an idempotent resubmit against the first submit of the same batch.
+async fn resubmit(
+    driver: &'static str,
+    store: impl Fn() -> Arc<dyn Store>,
+) -> Result<Measurement, BoxError> {
+    let (mut firsts, mut resubmits) = (Vec::new(), Vec::new());
+    for _ in 0..RESUBMIT_RUNS {
+        let (first, again) = first_and_resubmit(store()).await?;
+        firsts.push(first);
+        resubmits.push(again);
+    }
+    Ok(Measurement {
+        scenario: format!(
+            "idempotent resubmit of a {RESUBMIT_CHILDREN}-child batch (2 KB payloads)"
+        ),
+        driver,
+        unit: "ms",
+        samples: resubmits,
+        baseline_name: Some("first submit of that batch".into()),
+        baseline_samples: firsts,
+        target: None,
+    })
+}
+
 async fn submit_once(store: Arc<dyn Store>) -> Result<f64, BoxError> {
     let queue = Queue::new(store);
     let input = batch(CHILDREN);
@@ -59,15 +110,19 @@ pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
     for _ in 0..args.runs {
         samples.push(submit_once(Arc::new(fascicle_memory::MemoryStore::new())).await?);
     }
-    Ok(vec![Measurement {
-        scenario: scenario(),
-        driver: "memory",
-        unit: "rows/s",
-        samples,
-        baseline_name: None,
-        baseline_samples: Vec::new(),
-        target: None,
-    }])
+    let resubmitted = resubmit("memory", || Arc::new(fascicle_memory::MemoryStore::new())).await?;
+    Ok(vec![
+        Measurement {
+            scenario: scenario(),
+            driver: "memory",
+            unit: "rows/s",
+            samples,
+            baseline_name: None,
+            baseline_samples: Vec::new(),
+            target: None,
+        },
+        resubmitted,
+    ])
 }
 
 const SQLITE_INSERT_PARENT: &str = "INSERT INTO fascicle_operations
@@ -173,7 +228,10 @@ pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
         );
         drop(path);
     }
+    let store = SqliteStore::open_temporary().await?;
+    let resubmitted = resubmit("sqlite", || Arc::new(store.clone())).await?;
     Ok(vec![
+        resubmitted,
         Measurement {
             scenario: scenario(),
             driver: "sqlite",
@@ -265,15 +323,20 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
             truncate(&store).await?;
             baseline.push(postgres_per_row(&store, CHILDREN).await?);
         }
-        Ok::<_, BoxError>(vec![Measurement {
-            scenario: scenario(),
-            driver: "postgres",
-            unit: "rows/s",
-            samples: fascicle,
-            baseline_name: Some("1 statement/row, 1 tx".into()),
-            baseline_samples: baseline,
-            target: Some(Target::RatioAtLeast { value: 15.0 }),
-        }])
+        truncate(&store).await?;
+        let resubmitted = resubmit("postgres", || Arc::new(store.clone())).await?;
+        Ok::<_, BoxError>(vec![
+            Measurement {
+                scenario: scenario(),
+                driver: "postgres",
+                unit: "rows/s",
+                samples: fascicle,
+                baseline_name: Some("1 statement/row, 1 tx".into()),
+                baseline_samples: baseline,
+                target: Some(Target::RatioAtLeast { value: 15.0 }),
+            },
+            resubmitted,
+        ])
     }
     .await;
     let _ = sqlx::query(AssertSqlSafe(format!(

@@ -250,6 +250,7 @@ macro_rules! __for_each_case {
             standalone_submit_is_visible_and_idempotent,
             children_join_only_the_batch_of_their_transaction,
             child_ids_of_lists_the_children_in_order,
+            a_transaction_whose_insert_failed_cannot_commit,
             large_batch_10k_children_commits_atomically,
             standalone_rollback_on_commit_failure,
             standalone_dropped_transaction_rolls_back,
@@ -297,6 +298,8 @@ macro_rules! __for_each_case {
             a_recorded_handler_completes_once,
             handler_panics_are_retried_then_fail,
             per_operation_timeout_overrides_the_worker,
+            a_store_in_trouble_never_turns_success_into_failure,
+            the_shutdown_deadline_holds_while_the_store_hangs,
         );
     };
 }

@@ -3,7 +3,9 @@
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
-use fascicle_api::{ChildRecord, Error, OperationId, ParentRecord, Result, Transaction, messages};
+use fascicle_api::{
+    ChildRecord, Error, InsertHealth, OperationId, ParentRecord, Result, Transaction, messages,
+};
 
 use crate::store::MemoryStore;
 
@@ -17,6 +19,7 @@ pub(crate) struct MemoryTransaction {
     staged_ids: HashSet<OperationId>,
     /// Children inserted per parent of this transaction: the parents' `children_total`.
     children_per_parent: HashMap<OperationId, u64>,
+    health: InsertHealth,
 }
 
 impl MemoryTransaction {
@@ -27,6 +30,7 @@ impl MemoryTransaction {
             children: Vec::new(),
             staged_ids: HashSet::new(),
             children_per_parent: HashMap::new(),
+            health: InsertHealth::default(),
         }
     }
 
@@ -57,23 +61,22 @@ impl MemoryTransaction {
     }
 }
 
-#[async_trait]
-impl Transaction for MemoryTransaction {
-    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+impl MemoryTransaction {
+    async fn insert_parent_unchecked(&mut self, parent: &ParentRecord) -> Result<()> {
         self.claim_id(parent.id)?;
         self.children_per_parent.insert(parent.id, 0);
         self.parents.push(parent.clone());
         Ok(())
     }
 
-    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
+    async fn insert_child_unchecked(&mut self, child: &ChildRecord) -> Result<()> {
         self.join_parents(std::slice::from_ref(child))?;
         self.claim_id(child.id)?;
         self.children.push(child.clone());
         Ok(())
     }
 
-    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+    async fn insert_children_unchecked(&mut self, children: &[ChildRecord]) -> Result<()> {
         self.join_parents(children)?;
         {
             let state = self.store.lock();
@@ -90,7 +93,7 @@ impl Transaction for MemoryTransaction {
         Ok(())
     }
 
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit_unchecked(self: Box<Self>) -> Result<()> {
         let store = self.store.clone();
         let mut state = store.lock();
         // Check every id before writing any row, so a conflict with a transaction that
@@ -111,7 +114,38 @@ impl Transaction for MemoryTransaction {
         Ok(())
     }
 
-    async fn rollback(self: Box<Self>) -> Result<()> {
+    async fn rollback_unchecked(self: Box<Self>) -> Result<()> {
         Ok(())
+    }
+}
+
+#[async_trait]
+impl Transaction for MemoryTransaction {
+    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+        let result = self.insert_parent_unchecked(parent).await;
+        self.health.track(result)
+    }
+
+    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
+        let result = self.insert_child_unchecked(child).await;
+        self.health.track(result)
+    }
+
+    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        let result = self.insert_children_unchecked(children).await;
+        self.health.track(result)
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        // After a failed insert the transaction rolls back: never a batch in part.
+        if let Err(refused) = self.health.check() {
+            let _ = self.rollback_unchecked().await;
+            return Err(refused);
+        }
+        self.commit_unchecked().await
+    }
+
+    async fn rollback(self: Box<Self>) -> Result<()> {
+        self.rollback_unchecked().await
     }
 }

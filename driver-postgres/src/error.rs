@@ -8,6 +8,11 @@ pub(crate) const DRIVER: &str = "postgres";
 pub fn map(error: sqlx::Error) -> Error {
     let kind = match &error {
         sqlx::Error::Database(db) => match db.code().as_deref() {
+            // Two claims picked operations of one serialization key at once (claims filtered
+            // by kind can): the index refused the second; claiming again resolves it.
+            Some("23505") if db.constraint() == Some("operations_key_held") => {
+                BackendErrorKind::Busy
+            }
             Some("23505") => {
                 return Error::Conflict(format!("operation id already exists ({})", db.message()));
             }

@@ -110,16 +110,18 @@ pub(crate) async fn claim(
     Ok(claimed.into_iter().map(|(_, c)| c).collect())
 }
 
-/// Locks the parents of `ids`, in id order. Every transaction that can move a batch's
-/// counters takes this lock first — parent before child, the one lock order of every
-/// driver (see `fascicle_api::table`) — so two of them never wait on each other in
-/// opposite orders.
+/// Locks the rows `ids` and their parents: the parents first, then the rows, each group
+/// in id order (rows are locked in the sort's order). Every transaction that changes
+/// operations takes this lock first — parent before child, and among children by id, the
+/// one lock order of every driver (see `fascicle_api::table`) — so two of them never wait
+/// on each other in opposite orders.
 async fn lock_parents_of(conn: &mut PgConnection, sql: &Sql, ids: &[Uuid]) -> Result<()> {
     sqlx::query(sql.text(
         "SELECT 1 FROM {s}.operations
          WHERE id IN (SELECT parent_id FROM {s}.operations
                       WHERE id = ANY($1) AND parent_id IS NOT NULL)
-         ORDER BY id FOR UPDATE",
+            OR id = ANY($1)
+         ORDER BY (payload IS NULL) DESC, id FOR UPDATE",
     ))
     .bind(ids)
     .execute(&mut *conn)
@@ -220,7 +222,7 @@ async fn end_operations(
          updated AS (
              UPDATE {{s}}.operations AS o
              SET status = i.status, error = i.error, result = NULL, worker_id = NULL,
-                 lease_token = NULL, lease_expires_at = NULL, cancel_requested = false,
+                 lease_token = NULL, lease_expires_at = NULL,
                  updated_at = now(), completed_at = now()
              FROM input AS i
              WHERE o.id = i.id AND o.status = i.from_status
@@ -347,9 +349,10 @@ pub(crate) async fn complete(
                  error = CASE WHEN i.retry AND o.cancel_requested THEN i.cancel_error
                               ELSE i.error END,
                  -- One clock: the retry's delay (its run_at less the client's now, $8)
-                 -- is added to the server's now().
+                 -- is added to the server's clock at this statement (a caller's
+                 -- transaction may have started long before).
                  run_at = CASE WHEN i.retry AND NOT o.cancel_requested
-                               THEN now() + (i.run_at - $8::timestamptz)
+                               THEN statement_timestamp() + (i.run_at - $8::timestamptz)
                                ELSE o.run_at END,
                  worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
                  updated_at = now(),
@@ -393,6 +396,8 @@ pub(crate) async fn heartbeat(
 ) -> Result<Vec<LeaseStatus>> {
     let ids: Vec<Uuid> = leases.iter().map(|l| *l.id.as_uuid()).collect();
     let tokens: Vec<Uuid> = leases.iter().map(|l| *l.token.as_uuid()).collect();
+    // In the one lock order, so a heartbeat never deadlocks with a completion.
+    lock_parents_of(conn, sql, &ids).await?;
     let rows = sqlx::query(sql.text(
         "UPDATE {s}.operations AS o
          SET lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
@@ -740,7 +745,8 @@ pub(crate) async fn retry_batch(
 
 /// One chunk of a prune: whole terminal batches, oldest first, until about `budget` rows
 /// (at least one batch), locked parent first (`SKIP LOCKED`: a batch being finalized or
-/// retried is left for the next prune), then up to `budget` stand-alone operations.
+/// retried is left for the next prune), then stand-alone operations for the rest of the
+/// budget.
 pub(crate) async fn prune(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -753,15 +759,12 @@ pub(crate) async fn prune(
              FROM {s}.operations
              WHERE payload IS NULL AND completed_at < now() - ($3::timestamptz - $1)
                AND status IN ('completed', 'failed', 'cancelled')
-             ORDER BY completed_at, id LIMIT $2),
-         sized AS (
-             SELECT id, sum(size) OVER w AS upto, row_number() OVER w AS n
-             FROM candidates WINDOW w AS (ORDER BY completed_at, id)),
-         chosen AS (
-             SELECT id FROM {s}.operations
-             WHERE id IN (SELECT id FROM sized WHERE upto <= $2 OR n = 1)
-               AND status IN ('completed', 'failed', 'cancelled')
+             ORDER BY completed_at, id LIMIT $2
              FOR UPDATE SKIP LOCKED),
+         sized AS (
+             SELECT id, size, sum(size) OVER w AS upto, row_number() OVER w AS n
+             FROM candidates WINDOW w AS (ORDER BY completed_at, id)),
+         chosen AS (SELECT id, size FROM sized WHERE upto <= $2 OR n = 1),
          children AS (
              DELETE FROM {s}.operations WHERE parent_id IN (SELECT id FROM chosen)
              RETURNING 1),
@@ -774,7 +777,8 @@ pub(crate) async fn prune(
                  WHERE payload IS NOT NULL AND parent_id IS NULL
                    AND completed_at < now() - ($3::timestamptz - $1)
                    AND status IN ('completed', 'failed', 'cancelled')
-                 ORDER BY completed_at LIMIT $2
+                 ORDER BY completed_at
+                 LIMIT greatest($2 - (SELECT coalesce(sum(size), 0) FROM chosen), 0)
                  FOR UPDATE SKIP LOCKED)
              RETURNING 1)
          SELECT (SELECT count(*) FROM parents), (SELECT count(*) FROM children),

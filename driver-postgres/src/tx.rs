@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
-use fascicle_api::{ChildRecord, Error, ParentRecord, Result, Transaction, messages};
+use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result, Transaction, messages};
 use sqlx::postgres::types::PgInterval;
 use sqlx::{PgConnection, Postgres, Row};
 use uuid::Uuid;
@@ -298,6 +298,7 @@ pub(crate) struct PostgresTransaction {
     children_per_parent: HashMap<Uuid, (i64, i64)>,
     /// The latest reading of the server's clock in this transaction, for a `COPY`.
     clock: Option<ServerClock>,
+    health: InsertHealth,
 }
 
 impl PostgresTransaction {
@@ -307,13 +308,13 @@ impl PostgresTransaction {
             sql,
             children_per_parent: HashMap::new(),
             clock: None,
+            health: InsertHealth::default(),
         }
     }
 }
 
-#[async_trait]
-impl Transaction for PostgresTransaction {
-    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+impl PostgresTransaction {
+    async fn insert_parent_unchecked(&mut self, parent: &ParentRecord) -> Result<()> {
         self.clock = insert_parent(&mut self.tx, &self.sql, parent, false).await?;
         let claimed = parent.children_total as i64;
         self.children_per_parent
@@ -321,11 +322,12 @@ impl Transaction for PostgresTransaction {
         Ok(())
     }
 
-    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
-        self.insert_children(std::slice::from_ref(child)).await
+    async fn insert_child_unchecked(&mut self, child: &ChildRecord) -> Result<()> {
+        self.insert_children_unchecked(std::slice::from_ref(child))
+            .await
     }
 
-    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+    async fn insert_children_unchecked(&mut self, children: &[ChildRecord]) -> Result<()> {
         for child in children {
             if let Some(parent) = child.parent_id
                 && !self.children_per_parent.contains_key(parent.as_uuid())
@@ -344,7 +346,7 @@ impl Transaction for PostgresTransaction {
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<()> {
+    async fn commit_unchecked(mut self: Box<Self>) -> Result<()> {
         // A parent's `children_total` is the number of rows inserted for it here, never a
         // number the caller claims.
         let (parents, totals): (Vec<Uuid>, Vec<i64>) = self
@@ -368,8 +370,39 @@ impl Transaction for PostgresTransaction {
         self.tx.commit().await.map_err(error::map)
     }
 
-    async fn rollback(self: Box<Self>) -> Result<()> {
+    async fn rollback_unchecked(self: Box<Self>) -> Result<()> {
         self.tx.rollback().await.map_err(error::map)
+    }
+}
+
+#[async_trait]
+impl Transaction for PostgresTransaction {
+    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+        let result = self.insert_parent_unchecked(parent).await;
+        self.health.track(result)
+    }
+
+    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
+        let result = self.insert_child_unchecked(child).await;
+        self.health.track(result)
+    }
+
+    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        let result = self.insert_children_unchecked(children).await;
+        self.health.track(result)
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        // After a failed insert the transaction rolls back: never a batch in part.
+        if let Err(refused) = self.health.check() {
+            let _ = self.rollback_unchecked().await;
+            return Err(refused);
+        }
+        self.commit_unchecked().await
+    }
+
+    async fn rollback(self: Box<Self>) -> Result<()> {
+        self.rollback_unchecked().await
     }
 }
 

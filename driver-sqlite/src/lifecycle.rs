@@ -173,7 +173,7 @@ fn mark_terminal(
     tx.prepare_cached(
         "UPDATE fascicle_operations SET status = ?2, error = ?3, result = ?4,
              worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-             cancel_requested = 0, updated_at = ?5, completed_at = ?5
+             updated_at = ?5, completed_at = ?5
          WHERE seq = ?1",
     )
     .db()?

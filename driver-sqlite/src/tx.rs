@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use fascicle_api::{ChildRecord, Error, ParentRecord, Result, Transaction, messages};
+use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result, Transaction, messages};
 use rusqlite::{Connection, params};
 
 use crate::error;
@@ -121,6 +121,7 @@ pub(crate) struct SqliteTransaction {
     /// Children inserted per parent of this transaction: the parents' `children_total`,
     /// written just before the commit.
     children_per_parent: HashMap<[u8; 16], i64>,
+    health: InsertHealth,
 }
 
 impl SqliteTransaction {
@@ -144,6 +145,7 @@ impl SqliteTransaction {
             conn: Some(conn),
             writer: Some(writer),
             children_per_parent: HashMap::new(),
+            health: InsertHealth::default(),
         })
     }
 
@@ -193,9 +195,8 @@ impl SqliteTransaction {
     }
 }
 
-#[async_trait]
-impl Transaction for SqliteTransaction {
-    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+impl SqliteTransaction {
+    async fn insert_parent_unchecked(&mut self, parent: &ParentRecord) -> Result<()> {
         let parent = parent.clone();
         let id = *parent.id.as_bytes();
         self.run(move |conn| {
@@ -213,11 +214,12 @@ impl Transaction for SqliteTransaction {
         Ok(())
     }
 
-    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
-        self.insert_children(std::slice::from_ref(child)).await
+    async fn insert_child_unchecked(&mut self, child: &ChildRecord) -> Result<()> {
+        self.insert_children_unchecked(std::slice::from_ref(child))
+            .await
     }
 
-    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+    async fn insert_children_unchecked(&mut self, children: &[ChildRecord]) -> Result<()> {
         for child in children {
             if let Some(parent) = child.parent_id
                 && !self.children_per_parent.contains_key(parent.as_bytes())
@@ -238,7 +240,7 @@ impl Transaction for SqliteTransaction {
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<()> {
+    async fn commit_unchecked(mut self: Box<Self>) -> Result<()> {
         // A parent's `children_total` is the number of rows inserted for it here, never a
         // number the caller claims.
         let totals: Vec<([u8; 16], i64)> = self.children_per_parent.drain().collect();
@@ -255,8 +257,39 @@ impl Transaction for SqliteTransaction {
         self.finish("COMMIT").await
     }
 
-    async fn rollback(self: Box<Self>) -> Result<()> {
+    async fn rollback_unchecked(self: Box<Self>) -> Result<()> {
         self.finish("ROLLBACK").await
+    }
+}
+
+#[async_trait]
+impl Transaction for SqliteTransaction {
+    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
+        let result = self.insert_parent_unchecked(parent).await;
+        self.health.track(result)
+    }
+
+    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
+        let result = self.insert_child_unchecked(child).await;
+        self.health.track(result)
+    }
+
+    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
+        let result = self.insert_children_unchecked(children).await;
+        self.health.track(result)
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        // After a failed insert the transaction rolls back: never a batch in part.
+        if let Err(refused) = self.health.check() {
+            let _ = self.rollback_unchecked().await;
+            return Err(refused);
+        }
+        self.commit_unchecked().await
+    }
+
+    async fn rollback(self: Box<Self>) -> Result<()> {
+        self.rollback_unchecked().await
     }
 }
 

@@ -132,17 +132,49 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport>;
 }
 
+/// For driver authors: remembers that an insert of a transaction failed, so that the
+/// transaction can no longer commit — a caller that ignores an insert's error and commits
+/// gets the transaction rolled back, never a batch in part.
+#[derive(Debug, Default)]
+pub struct InsertHealth {
+    failed: Option<String>,
+}
+
+impl InsertHealth {
+    /// Passes `result` through, remembering an error.
+    pub fn track<T>(&mut self, result: Result<T>) -> Result<T> {
+        if let Err(error) = &result {
+            self.failed.get_or_insert_with(|| error.to_string());
+        }
+        result
+    }
+
+    /// `Ok` while no insert failed; else the `InvalidInput` a commit must return (after
+    /// rolling back).
+    pub fn check(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(reason) => Err(crate::Error::InvalidInput(
+                crate::messages::commit_after_failed_insert(reason),
+            )),
+        }
+    }
+}
+
 /// An open write transaction on a [`Store`]. Rolled back on drop.
 ///
 /// # Contract
 ///
 /// Rows inserted here are invisible to every other caller until
 /// [`commit`](Transaction::commit) returns `Ok`; after a failed commit, an explicit
-/// [`rollback`](Transaction::rollback) or a drop, none of them exist.
+/// [`rollback`](Transaction::rollback) or a drop, none of them exist. Once an insert has
+/// failed, `commit` rolls back and returns `Error::InvalidInput`. A child names a parent
+/// inserted by the same transaction, or none.
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait Transaction: Send {
-    /// Inserts a batch parent (no payload; `children_total` set from the record).
+    /// Inserts a batch parent (no payload). Its `children_total` is the number of children
+    /// this transaction inserts for it, whatever the record says.
     async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()>;
 
     /// Inserts one child or stand-alone operation.

@@ -464,10 +464,11 @@ impl Worker {
     /// timeout for running handlers and releases what is left to `pending` without
     /// spending an attempt.
     ///
-    /// It returns within the shutdown timeout plus about one round trip to the store for
-    /// the completions still waiting to be recorded and one for the release, even when the
-    /// store is down: outcomes that cannot be recorded by then are released (or left to
-    /// expire) and counted in [`WorkerReport::unrecorded`].
+    /// It returns within about twice the shutdown timeout (at least the timeout plus two
+    /// seconds), even when the store is down or hangs: after the deadline the completions
+    /// still waiting are tried once more and the leases left are released, each step
+    /// bounded by the shutdown timeout (at least 1 s); outcomes that cannot be recorded by
+    /// then are released or left to expire, and counted in [`WorkerReport::unrecorded`].
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerReport> {
         let report = Arc::new(Mutex::new(WorkerReport::default()));
         let running: Arc<Mutex<HashMap<OperationId, Running>>> = Arc::default();
@@ -611,11 +612,25 @@ impl Worker {
         drop(done_tx);
         // The recorder writes what is queued; past the deadline it tries each batch once
         // more and hands back what the store would not take.
+        // Each step after the deadline gets this long at most: a store that hangs (a
+        // stalled connection) cannot hold shutdown back.
+        let grace = self.shutdown_timeout.max(Duration::from_secs(1));
         let unrecorded = match tokio::time::timeout_at(deadline, &mut completer).await {
             Ok(finished) => finished.unwrap_or_default(),
             Err(_) => {
                 let _ = give_up_tx.send(true);
-                completer.await.unwrap_or_default()
+                match tokio::time::timeout(grace, &mut completer).await {
+                    Ok(finished) => finished.unwrap_or_default(),
+                    Err(_) => {
+                        // What it still held is not known here: those leases expire and
+                        // a rescuer takes the operations back.
+                        completer.abort();
+                        tracing::warn!(
+                            "recording completions did not finish after the shutdown deadline; their leases are left to expire"
+                        );
+                        Vec::new()
+                    }
+                }
             }
         };
         for c in unrecorded {
@@ -630,15 +645,21 @@ impl Worker {
             }
         }
         if !leases.is_empty() {
-            match self.store.release(&leases).await {
-                Ok(released) => report.lock().expect("report").released += released,
+            match tokio::time::timeout(grace, self.store.release(&leases)).await {
+                Ok(Ok(released)) => report.lock().expect("report").released += released,
                 // The leases expire and a rescuer takes the operations back.
-                Err(error) => tracing::warn!(%error, "releasing leases at shutdown failed"),
+                Ok(Err(error)) => tracing::warn!(%error, "releasing leases at shutdown failed"),
+                Err(_) => tracing::warn!("releasing leases at shutdown did not finish in time"),
             }
         }
+        // Background calls in flight (a heartbeat, a rescue, a statistics query) are not
+        // waited for.
+        heartbeat.abort();
+        maintenance.abort();
         let _ = heartbeat.await;
         let _ = maintenance.await;
         if let Some(queue_depth) = queue_depth {
+            queue_depth.abort();
             let _ = queue_depth.await;
         }
         let report = *report.lock().expect("report");
@@ -1005,11 +1026,12 @@ async fn record_completions(
     unrecorded
 }
 
-/// Records `batch`, isolating what the store refuses: a transient error is retried with
-/// backoff (until `give_up`); a refused batch is split and its completions recorded one
-/// by one; a refused completion is recorded as its operation's failure instead (its
-/// outcome in `batch` is replaced, so it is counted as what was stored). Per completion:
-/// what the store answered, or `None` when it could not be recorded.
+/// Records `batch`, isolating what the store refuses: any error but a refusal is retried
+/// with backoff (until `give_up`); a refused batch (`Error::InvalidInput`: the store
+/// cannot hold an outcome) is split and its completions recorded one by one; a refused
+/// completion is recorded as its operation's failure instead (its outcome in `batch` is
+/// replaced, so it is counted as what was stored). Per completion: what the store
+/// answered, or `None` when it could not be recorded.
 async fn record(
     store: &dyn Store,
     batch: &mut [Completion],
@@ -1020,6 +1042,9 @@ async fn record(
         Err(None) => return vec![None; batch.len()],
         Err(Some(refused)) => refused,
     };
+    if *give_up.borrow() {
+        return vec![None; batch.len()];
+    }
     if batch.len() > 1 {
         let mut results = Vec::with_capacity(batch.len());
         for one in batch.chunks_mut(1) {
@@ -1046,8 +1071,11 @@ async fn record(
     }
 }
 
-/// `store.complete(batch)`, retried with backoff while the error is transient. `Err(None)`
-/// when `give_up` was set before it succeeded; `Err(Some(error))` when the store refused.
+/// `store.complete(batch)`, retried with backoff on every error but a refusal of the
+/// outcomes themselves (`Error::InvalidInput`). An unavailable, locked, read-only or
+/// misconfigured store is waited for: an outcome is never turned into a failure because
+/// the store had trouble. `Err(None)` when `give_up` was set (or the worker is gone)
+/// before it succeeded; `Err(Some(error))` when the store refused.
 async fn complete_retrying(
     store: &dyn Store,
     batch: &[Completion],
@@ -1057,19 +1085,24 @@ async fn complete_retrying(
     loop {
         match store.complete(batch).await {
             Ok(results) => return Ok(results),
-            Err(error) if error.is_transient() => {
+            Err(error @ Error::InvalidInput(_)) => return Err(Some(error)),
+            Err(error) => {
                 // The outcomes are safe to write again: each names its lease token.
-                tracing::warn!(%error, "recording completions failed; retrying");
+                if error.is_transient() {
+                    tracing::warn!(%error, "recording completions failed; retrying");
+                } else {
+                    tracing::error!(%error, "recording completions failed; retrying until the store recovers");
+                }
                 if *give_up.borrow() {
                     return Err(None);
                 }
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
-                    _ = give_up.changed() => {}
+                    // Set, or the worker is gone: give up either way.
+                    _ = give_up.changed() => return Err(None),
                 }
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
-            Err(error) => return Err(Some(error)),
         }
     }
 }

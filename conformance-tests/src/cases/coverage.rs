@@ -113,7 +113,6 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         "reconcile_finalize",
         &[
             "reconcile_parent_with_all_children_terminal",
-            "reconcile_races_the_last_completion",
             "two_instances_race_every_transition",
         ],
     ),

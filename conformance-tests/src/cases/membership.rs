@@ -120,3 +120,76 @@ pub async fn child_ids_of_lists_the_children_in_order(store: Arc<dyn Store>) {
     assert!(!again.created);
     assert_eq!(again.child_ids, first.child_ids);
 }
+
+/// An insert of a transaction fails (a taken id, a child naming a parent of another
+/// transaction) and the caller commits anyway: the commit rolls back and says so, and
+/// nothing the transaction inserted exists — now or a while later.
+pub async fn a_transaction_whose_insert_failed_cannot_commit(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let taken = queue
+        .submit(NewOperation::new("retain", json!({ "taken": true })))
+        .await
+        .unwrap()
+        .id;
+    let now = Utc::now();
+    let record = |id: OperationId, parent: Option<OperationId>| fascicle_api::ChildRecord {
+        id,
+        parent_id: parent,
+        kind: "retain".into(),
+        payload: json!({}),
+        payload_json: "{}".into(),
+        priority: 0,
+        run_at: now,
+        serialization_key: None,
+        max_attempts: 3,
+        created_at: now,
+        timeout: None,
+    };
+    for failing in ["taken id", "foreign parent"] {
+        let parent = fascicle_api::ParentRecord {
+            id: OperationId::new(),
+            kind: "batch_retain".into(),
+            metadata: Value::Null,
+            children_total: 3,
+            created_at: now,
+        };
+        let fine: Vec<OperationId> = (0..2).map(|_| OperationId::new()).collect();
+        let mut tx = store.begin().await.unwrap();
+        tx.insert_parent(&parent).await.unwrap();
+        tx.insert_children(&[
+            record(fine[0], Some(parent.id)),
+            record(fine[1], Some(parent.id)),
+        ])
+        .await
+        .unwrap();
+        let bad = match failing {
+            "taken id" => record(taken, Some(parent.id)),
+            _ => record(OperationId::new(), Some(OperationId::new())),
+        };
+        assert!(
+            tx.insert_child(&bad).await.is_err(),
+            "{failing}: the insert must fail"
+        );
+        let committed = tx.commit().await;
+        assert!(
+            matches!(&committed, Err(Error::InvalidInput(m)) if m.contains("rolled back")),
+            "{failing}: a commit after a failed insert must roll back: {committed:?}"
+        );
+        for _ in 0..2 {
+            assert!(
+                store.get(parent.id).await.unwrap().is_none(),
+                "{failing}: parent kept"
+            );
+            for id in &fine {
+                assert!(
+                    store.get(*id).await.unwrap().is_none(),
+                    "{failing}: child kept"
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        }
+    }
+    // Only the operation submitted first is stored.
+    assert_eq!(store.stats().await.unwrap().work().total(), 1);
+    assert_eq!(store.stats().await.unwrap().batches.total(), 0);
+}

@@ -25,6 +25,11 @@ enum Meddle {
     RefuseSuccessOf(OperationId),
     /// `complete` answers a transient error while the flag is set.
     CompleteUnavailable(AtomicBool),
+    /// `complete` answers a non-transient backend error (as a read-only or misconfigured
+    /// database would) while the flag is set.
+    CompleteBroken(AtomicBool),
+    /// `complete` never answers (a stalled connection).
+    CompleteHangs,
     /// Every heartbeat reaches the inner store this much later.
     SlowHeartbeats(Duration),
 }
@@ -85,6 +90,12 @@ impl Store for Meddling {
                     "the database is unreachable",
                 ))
             }
+            Meddle::CompleteBroken(broken) if broken.load(Ordering::SeqCst) => Err(Error::backend(
+                "meddling",
+                BackendErrorKind::Other,
+                "permission denied for table operations",
+            )),
+            Meddle::CompleteHangs => std::future::pending().await,
             _ => self.inner.complete(completions).await,
         }
     }
@@ -575,4 +586,97 @@ pub async fn per_operation_timeout_overrides_the_worker(store: Arc<dyn Store>) {
         (Status::Completed, 1, Some(json!(1))),
         "the operation's own timeout must override the worker's"
     );
+}
+
+/// The store fails every completion for a while with a non-transient backend error (a
+/// read-only or misconfigured database, not an outcome it cannot hold): the outcomes are
+/// kept and recorded once it recovers — a success is never turned into a failure because
+/// the store had trouble.
+pub async fn a_store_in_trouble_never_turns_success_into_failure(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let ids = submit_numbered(&queue, "work", 5).await;
+    let broken = Arc::new(Meddling {
+        inner: Arc::clone(&store),
+        meddle: Meddle::CompleteBroken(AtomicBool::new(true)),
+    });
+    let mut registry = Registry::new();
+    registry.register("work", |_: Value, _| async move {
+        tokio::task::yield_now().await;
+        Ok::<_, HandlerError>(json!("done"))
+    });
+    let store_dyn: Arc<dyn Store> = broken.clone();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(fast_worker(&store_dyn, registry).run(async {
+        let _ = stop_rx.await;
+    }));
+    // Let the recorder meet the broken store a few times.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for id in &ids {
+        assert_ne!(
+            status(&store, *id).await,
+            Status::Failed,
+            "a successful attempt was recorded as a failure while the store was in trouble"
+        );
+    }
+    if let Meddle::CompleteBroken(flag) = &broken.meddle {
+        flag.store(false, Ordering::SeqCst);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !all_terminal(&store, &ids).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recorded after recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    let report = handle.await.unwrap().unwrap();
+    for id in &ids {
+        assert_eq!(status(&store, *id).await, Status::Completed);
+    }
+    assert_eq!((report.completed, report.failed), (5, 0));
+}
+
+/// The store stops answering completions altogether (a stalled connection): shutdown
+/// still returns — within about twice its timeout — and the operations whose outcomes
+/// it could not record are released to run again.
+pub async fn the_shutdown_deadline_holds_while_the_store_hangs(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let ids = submit_numbered(&queue, "work", 3).await;
+    let hung = meddling(&store, Meddle::CompleteHangs);
+    let mut registry = Registry::new();
+    let (ran_tx, mut ran_rx) = tokio::sync::mpsc::unbounded_channel();
+    registry.register("work", move |_: Value, _| {
+        let ran = ran_tx.clone();
+        async move {
+            let _ = ran.send(());
+            tokio::task::yield_now().await;
+            Ok::<_, HandlerError>(json!("done"))
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = fast_worker(&hung, registry).shutdown_timeout(Duration::from_millis(300));
+    let handle = tokio::spawn(worker.run(async {
+        let _ = stop_rx.await;
+    }));
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(10), ran_rx.recv())
+            .await
+            .expect("the handlers never ran");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let asked = tokio::time::Instant::now();
+    let _ = stop_tx.send(());
+    let report = tokio::time::timeout(Duration::from_secs(15), handle)
+        .await
+        .expect("run() hung on a store that does not answer")
+        .unwrap()
+        .unwrap();
+    let took = asked.elapsed();
+    // 300 ms to the deadline, then at most 1 s for the recorder and 1 s for the release.
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+    assert_eq!(report.released, 3, "{report:?}");
+    for id in ids {
+        assert_eq!(status(&store, id).await, Status::Pending);
+    }
 }

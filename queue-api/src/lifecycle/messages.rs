@@ -45,6 +45,14 @@ pub fn attempt_timed_out(timeout: std::time::Duration) -> String {
     format!("timed out after {timeout:?}; the handler was stopped")
 }
 
+/// Why a commit was refused: an insert of the transaction had failed (the caller went
+/// on). The transaction is rolled back instead, so a batch never commits in part.
+pub fn commit_after_failed_insert(reason: &str) -> String {
+    format!(
+        "the transaction was rolled back and nothing was written: an insert in it had failed ({reason})"
+    )
+}
+
 /// Why a child was refused: it names a parent that this transaction did not insert.
 /// Children join a batch only in the transaction that creates it, so a committed batch's
 /// counters always match its rows.
