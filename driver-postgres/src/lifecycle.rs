@@ -117,10 +117,13 @@ pub(crate) async fn claim(
 /// on each other in opposite orders.
 async fn lock_parents_of(conn: &mut PgConnection, sql: &Sql, ids: &[Uuid]) -> Result<()> {
     sqlx::query(sql.text(
+        // One `IN` over a union, not `IN (…) OR id = ANY($1)`: the OR made PostgreSQL scan
+        // the whole table on every completion (drain 0.1x the raw bound; EXPLAIN showed a
+        // sequential scan of 200,000 rows, 14 ms, against 0.4 ms by primary key).
         "SELECT 1 FROM {s}.operations
          WHERE id IN (SELECT parent_id FROM {s}.operations
-                      WHERE id = ANY($1) AND parent_id IS NOT NULL)
-            OR id = ANY($1)
+                      WHERE id = ANY($1) AND parent_id IS NOT NULL
+                      UNION ALL SELECT unnest($1::uuid[]))
          ORDER BY (payload IS NULL) DESC, id FOR UPDATE",
     ))
     .bind(ids)
