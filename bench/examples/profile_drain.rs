@@ -5,7 +5,9 @@
 //! otherwise compare `task-clock`):
 //!
 //! A number as the second argument runs that many workers instead of one; `sqlite` as
-//! the third drains a temporary SQLite file instead of the memory store.
+//! the third drains a temporary SQLite file instead of the memory store, `postgres` a
+//! fresh schema of `DATABASE_URL` (sample `pg_stat_activity` meanwhile to see which
+//! statement the time goes to).
 //!
 //! ```sh
 //! cargo build --release -p fascicle-bench --example profile_drain
@@ -33,6 +35,19 @@ async fn main() {
                 .await
                 .unwrap(),
         ),
+        Some("postgres") => {
+            let url = std::env::var("DATABASE_URL").expect("DATABASE_URL for postgres");
+            let schema = format!("profile_{}", uuid::Uuid::new_v4().simple());
+            Arc::new(
+                fascicle_postgres::PostgresStore::connect_with(
+                    fascicle_postgres::PostgresOptions::new(url)
+                        .schema(schema)
+                        .max_connections(8),
+                )
+                .await
+                .unwrap(),
+            )
+        }
         _ => Arc::new(fascicle_memory::MemoryStore::new()),
     };
     let queue = Queue::new(Arc::clone(&store));

@@ -40,65 +40,69 @@ pub(crate) async fn claim(
         .map(|c| format!("o.{}", c.trim()))
         .collect();
     let columns = columns.join(", ");
-    let statement = sql.text(&format!(
-        // One-per-key comes before the limit: the first ready operation of each key not
-        // held by a processing one competes with the keyless ones for the `$1` places, so
-        // a long run of one key never hides the work behind it.
-        "WITH keyless AS (
-             SELECT id, priority, run_at, seq FROM {{s}}.operations
+    // One ordered scan with the limit, like the raw bound, then one per key among the
+    // candidates. When several candidates shared a key, the limit was reached with fewer
+    // claimed: claim again in the same transaction for the room left — the keys just
+    // claimed are held now (by this transaction's own rows), so their other operations
+    // drop out and the work behind them is reached (one-per-key before the limit). A
+    // form that applied the rule inside the scan drained 2.5x slower.
+    let statement = format!(
+        "WITH candidates AS (
+             SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
              WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= now()
-               AND ($2::text[] IS NULL OR kind = ANY($2)) AND serialization_key IS NULL
+               AND ($2::text[] IS NULL OR kind = ANY($2))
+               AND (serialization_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM {{s}}.operations AS h
+                    WHERE h.serialization_key = o.serialization_key AND h.status = 'processing'))
              ORDER BY priority DESC, run_at, seq
              LIMIT $1
-             FOR UPDATE SKIP LOCKED
-         ), first_of_each_key AS (
-             SELECT DISTINCT ON (serialization_key) id, priority, run_at, seq
-             FROM {{s}}.operations AS o
-             WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= now()
-               AND ($2::text[] IS NULL OR kind = ANY($2)) AND serialization_key IS NOT NULL
-               AND NOT EXISTS (
-                    SELECT 1 FROM {{s}}.operations AS h
-                    WHERE h.serialization_key = o.serialization_key AND h.status = 'processing')
-             ORDER BY serialization_key, priority DESC, run_at, seq
-         ), keyed AS (
-             SELECT o.id, o.priority, o.run_at, o.seq FROM {{s}}.operations AS o
-             WHERE o.id IN (SELECT id FROM first_of_each_key
-                            ORDER BY priority DESC, run_at, seq LIMIT $1)
-               AND o.status = 'pending'
              FOR UPDATE SKIP LOCKED
          ), picked AS (
-             SELECT id FROM (SELECT * FROM keyless UNION ALL SELECT * FROM keyed) AS c
-             ORDER BY priority DESC, run_at, seq
-             LIMIT $1
+             SELECT id FROM (
+                 SELECT id, serialization_key, row_number() OVER (
+                     PARTITION BY serialization_key ORDER BY priority DESC, run_at, seq) AS rank
+                 FROM candidates) AS ranked
+             WHERE serialization_key IS NULL OR rank = 1
          )
          UPDATE {{s}}.operations AS o
          SET status = 'processing', attempts = attempts + 1, worker_id = $3,
              lease_token = gen_random_uuid(),
              lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
          FROM picked WHERE o.id = picked.id
-         RETURNING {columns}, o.lease_token, o.seq"
-    ));
-    let rows = sqlx::query(statement)
-        .bind(request.limit as i64)
-        .bind(request.kinds.as_deref())
-        .bind(&request.worker_id)
-        .bind(request.lease.as_secs_f64())
-        .fetch_all(&mut *conn)
-        .await
-        .db()?;
-    let mut claimed = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let operation = operation_from_row(row).db()?;
-        // The columns of COLUMNS, then the token and seq.
-        let token: Uuid = row.try_get(23).db()?;
-        let seq: i64 = row.try_get(24).db()?;
-        claimed.push((
-            seq,
-            ClaimedOperation {
-                operation,
-                lease_token: LeaseToken::from_uuid(token),
-            },
-        ));
+         RETURNING {columns}, o.lease_token, o.seq, (SELECT count(*) FROM candidates)"
+    );
+    let mut claimed = Vec::with_capacity(request.limit);
+    // Bounded: each extra round needs a key with several ready operations.
+    for _ in 0..8 {
+        let room = request.limit - claimed.len();
+        let rows = sqlx::query(sql.text(&statement))
+            .bind(room as i64)
+            .bind(request.kinds.as_deref())
+            .bind(&request.worker_id)
+            .bind(request.lease.as_secs_f64())
+            .fetch_all(&mut *conn)
+            .await
+            .db()?;
+        let mut candidates = 0;
+        for row in &rows {
+            let operation = operation_from_row(row).db()?;
+            // The columns of COLUMNS, then the token, seq and the number of candidates.
+            let token: Uuid = row.try_get(23).db()?;
+            let seq: i64 = row.try_get(24).db()?;
+            candidates = row.try_get::<i64, _>(25).db()? as usize;
+            claimed.push((
+                seq,
+                ClaimedOperation {
+                    operation,
+                    lease_token: LeaseToken::from_uuid(token),
+                },
+            ));
+        }
+        // Done when the room is filled, or the scan did not fill the limit (nothing more
+        // is ready), or nothing was claimed.
+        if rows.is_empty() || claimed.len() >= request.limit || candidates < room {
+            break;
+        }
     }
     claimed.sort_by(|(sa, a), (sb, b)| {
         b.operation

@@ -209,6 +209,15 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE {schema}.operations ADD COLUMN timeout_ms bigint;
     "#,
+    // 4: the ready operations that have a serialization key, in claim order within each
+    // key: the claim's one-per-key step reads the first of each key here. Without it
+    // every claim scanned every pending row (5 ms per claim at 100,000 pending, drain
+    // 0.3x the raw bound); with no keyed work it is empty and costs nothing.
+    r#"
+    CREATE INDEX operations_keyed_ready
+        ON {schema}.operations (serialization_key, priority DESC, run_at, seq)
+        WHERE status = 'pending' AND payload IS NOT NULL AND serialization_key IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -435,11 +435,14 @@ impl Store for PostgresStore {
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
         // Two claimers can both see a serialization key as free; the unique index on
-        // held keys refuses the second, which then claims again with a fresh snapshot.
+        // held keys refuses the second (`Busy`, see `error::map`), which then claims again
+        // with a fresh snapshot.
         let mut attempt = 0;
         loop {
             match self.claim_once(request).await {
-                Err(Error::Conflict(_)) if attempt < 8 => attempt += 1,
+                Err(e) if attempt < 8 && (e.is_transient() || matches!(e, Error::Conflict(_))) => {
+                    attempt += 1;
+                }
                 result => return result,
             }
         }
