@@ -2,10 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use async_trait::async_trait;
-use fascicle_api::{
-    ChildRecord, Error, InsertHealth, OperationId, ParentRecord, Result, Transaction, messages,
-};
+use fascicle_api::{ChildRecord, Error, InsertHealth, OperationId, ParentRecord, Result, messages};
 
 use crate::store::MemoryStore;
 
@@ -119,33 +116,4 @@ impl MemoryTransaction {
     }
 }
 
-#[async_trait]
-impl Transaction for MemoryTransaction {
-    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
-        let result = self.insert_parent_unchecked(parent).await;
-        self.health.track(result)
-    }
-
-    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
-        let result = self.insert_child_unchecked(child).await;
-        self.health.track(result)
-    }
-
-    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
-        let result = self.insert_children_unchecked(children).await;
-        self.health.track(result)
-    }
-
-    async fn commit(self: Box<Self>) -> Result<()> {
-        // After a failed insert the transaction rolls back: never a batch in part.
-        if let Err(refused) = self.health.check() {
-            let _ = self.rollback_unchecked().await;
-            return Err(refused);
-        }
-        self.commit_unchecked().await
-    }
-
-    async fn rollback(self: Box<Self>) -> Result<()> {
-        self.rollback_unchecked().await
-    }
-}
+fascicle_api::checked_transaction!(MemoryTransaction);

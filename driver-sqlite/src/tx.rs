@@ -3,8 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result, Transaction, messages};
+use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result, messages};
 use rusqlite::{Connection, params};
 
 use crate::error;
@@ -262,36 +261,7 @@ impl SqliteTransaction {
     }
 }
 
-#[async_trait]
-impl Transaction for SqliteTransaction {
-    async fn insert_parent(&mut self, parent: &ParentRecord) -> Result<()> {
-        let result = self.insert_parent_unchecked(parent).await;
-        self.health.track(result)
-    }
-
-    async fn insert_child(&mut self, child: &ChildRecord) -> Result<()> {
-        let result = self.insert_child_unchecked(child).await;
-        self.health.track(result)
-    }
-
-    async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
-        let result = self.insert_children_unchecked(children).await;
-        self.health.track(result)
-    }
-
-    async fn commit(self: Box<Self>) -> Result<()> {
-        // After a failed insert the transaction rolls back: never a batch in part.
-        if let Err(refused) = self.health.check() {
-            let _ = self.rollback_unchecked().await;
-            return Err(refused);
-        }
-        self.commit_unchecked().await
-    }
-
-    async fn rollback(self: Box<Self>) -> Result<()> {
-        self.rollback_unchecked().await
-    }
-}
+fascicle_api::checked_transaction!(SqliteTransaction);
 
 impl Drop for SqliteTransaction {
     fn drop(&mut self) {

@@ -161,6 +161,51 @@ impl InsertHealth {
     }
 }
 
+/// For driver authors: implements [`Transaction`] for a type that has an
+/// [`InsertHealth`] field `health` and the inherent methods `insert_parent_unchecked`,
+/// `insert_child_unchecked`, `insert_children_unchecked`, `commit_unchecked` and
+/// `rollback_unchecked` (the driver's own steps): every insert's error is remembered, and
+/// a commit after one rolls back and returns `Error::InvalidInput` — one rule for every
+/// driver.
+#[macro_export]
+macro_rules! checked_transaction {
+    ($ty:ty) => {
+        #[$crate::async_trait]
+        impl $crate::Transaction for $ty {
+            async fn insert_parent(&mut self, parent: &$crate::ParentRecord) -> $crate::Result<()> {
+                let result = self.insert_parent_unchecked(parent).await;
+                self.health.track(result)
+            }
+
+            async fn insert_child(&mut self, child: &$crate::ChildRecord) -> $crate::Result<()> {
+                let result = self.insert_child_unchecked(child).await;
+                self.health.track(result)
+            }
+
+            async fn insert_children(
+                &mut self,
+                children: &[$crate::ChildRecord],
+            ) -> $crate::Result<()> {
+                let result = self.insert_children_unchecked(children).await;
+                self.health.track(result)
+            }
+
+            async fn commit(self: Box<Self>) -> $crate::Result<()> {
+                // After a failed insert the transaction rolls back: never a batch in part.
+                if let Err(refused) = self.health.check() {
+                    let _ = self.rollback_unchecked().await;
+                    return Err(refused);
+                }
+                self.commit_unchecked().await
+            }
+
+            async fn rollback(self: Box<Self>) -> $crate::Result<()> {
+                self.rollback_unchecked().await
+            }
+        }
+    };
+}
+
 /// An open write transaction on a [`Store`]. Rolled back on drop.
 ///
 /// # Contract
