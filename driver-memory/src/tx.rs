@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use fascicle_api::{ChildRecord, Error, InsertHealth, OperationId, ParentRecord, Result, messages};
+use fascicle_api::{ChildRecord, Error, InsertHealth, OperationId, ParentRecord, Result};
 
 use crate::store::MemoryStore;
 
@@ -42,15 +42,9 @@ impl MemoryTransaction {
     /// Counts `children` into their parents, which must all have been inserted by this
     /// transaction (checked before anything is counted).
     fn join_parents(&mut self, children: &[ChildRecord]) -> Result<()> {
-        for child in children {
-            if let Some(parent) = child.parent_id
-                && !self.children_per_parent.contains_key(&parent)
-            {
-                return Err(Error::InvalidInput(
-                    messages::parent_not_in_this_transaction(child.id, parent),
-                ));
-            }
-        }
+        fascicle_api::check_batch_membership(children, |p| {
+            self.children_per_parent.contains_key(p)
+        })?;
         for parent in children.iter().filter_map(|c| c.parent_id) {
             *self.children_per_parent.entry(parent).or_default() += 1;
         }

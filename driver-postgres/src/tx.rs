@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result, messages};
+use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result};
 use sqlx::postgres::types::PgInterval;
 use sqlx::{PgConnection, Postgres, Row};
 use uuid::Uuid;
@@ -327,15 +327,9 @@ impl PostgresTransaction {
     }
 
     async fn insert_children_unchecked(&mut self, children: &[ChildRecord]) -> Result<()> {
-        for child in children {
-            if let Some(parent) = child.parent_id
-                && !self.children_per_parent.contains_key(parent.as_uuid())
-            {
-                return Err(Error::InvalidInput(
-                    messages::parent_not_in_this_transaction(child.id, parent),
-                ));
-            }
-        }
+        fascicle_api::check_batch_membership(children, |p| {
+            self.children_per_parent.contains_key(p.as_uuid())
+        })?;
         insert_children(&mut self.tx, &self.sql, children, &mut self.clock).await?;
         for parent in children.iter().filter_map(|c| c.parent_id) {
             if let Some((_, counted)) = self.children_per_parent.get_mut(parent.as_uuid()) {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result, messages};
+use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result};
 use rusqlite::{Connection, params};
 
 use crate::error;
@@ -219,15 +219,9 @@ impl SqliteTransaction {
     }
 
     async fn insert_children_unchecked(&mut self, children: &[ChildRecord]) -> Result<()> {
-        for child in children {
-            if let Some(parent) = child.parent_id
-                && !self.children_per_parent.contains_key(parent.as_bytes())
-            {
-                return Err(Error::InvalidInput(
-                    messages::parent_not_in_this_transaction(child.id, parent),
-                ));
-            }
-        }
+        fascicle_api::check_batch_membership(children, |p| {
+            self.children_per_parent.contains_key(p.as_bytes())
+        })?;
         let rows: Vec<ChildRow> = children.iter().map(ChildRow::from).collect();
         self.run(move |conn| insert_rows(conn, &rows)).await?;
         for parent in children.iter().filter_map(|c| c.parent_id) {

@@ -161,6 +161,25 @@ impl InsertHealth {
     }
 }
 
+/// For driver authors: refuses, before anything is written, children that name a parent
+/// this transaction did not insert (`inserted_here` answers for a parent id): children join
+/// a batch only in the transaction that creates it.
+pub fn check_batch_membership(
+    children: &[crate::ChildRecord],
+    inserted_here: impl Fn(&crate::OperationId) -> bool,
+) -> Result<()> {
+    for child in children {
+        if let Some(parent) = child.parent_id
+            && !inserted_here(&parent)
+        {
+            return Err(crate::Error::InvalidInput(
+                crate::messages::parent_not_in_this_transaction(child.id, parent),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// For driver authors: implements [`Transaction`] for a type that has an
 /// [`InsertHealth`] field `health` and the inherent methods `insert_parent_unchecked`,
 /// `insert_child_unchecked`, `insert_children_unchecked`, `commit_unchecked` and
