@@ -293,6 +293,8 @@ fn phantom_of(parent: &ParentRecord) -> Operation {
         updated_at: parent.created_at,
         completed_at: None,
         timeout: None,
+        plan: Some(parent.plan.clone()),
+        callback_for: None,
     }
 }
 

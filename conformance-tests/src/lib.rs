@@ -300,6 +300,18 @@ macro_rules! __for_each_case {
             per_operation_timeout_overrides_the_worker,
             a_store_in_trouble_never_turns_success_into_failure,
             the_shutdown_deadline_holds_while_the_store_hangs,
+            callbacks_fire_once_for_the_outcome,
+            a_failed_batch_fires_its_failure_callbacks,
+            a_cancelled_batch_fires_only_on_complete,
+            the_last_two_children_race_fires_each_callback_once,
+            the_reconciler_fires_the_callbacks_of_the_batches_it_finalizes,
+            retry_batch_fires_the_callbacks_of_the_new_outcome,
+            fail_fast_cancels_pending_siblings_and_stops_running_ones,
+            fail_fast_races_a_completing_sibling,
+            fail_fast_on_an_expired_last_attempt,
+            ignore_failures_completes_a_batch_with_failed_children,
+            invalid_callbacks_are_refused_and_nothing_is_written,
+            a_callback_handler_sees_its_batch,
         );
     };
 }

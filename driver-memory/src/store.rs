@@ -14,14 +14,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use fascicle_api::messages;
 use fascicle_api::table::{self, LifecycleRow, Transition};
 use fascicle_api::{
-    Applied, CancelReport, Capabilities, ChildCounters, ChildRecord, ClaimRequest,
-    ClaimedOperation, Completion, Counted, Error, Lease, LeaseStatus, LeaseToken, Operation,
-    OperationId, Outcome, ParentRecord, PruneReport, ReconcileReport, RescueReport, Result, Stats,
-    Status, Store, Transaction, most_common_error, parent_outcome, parent_summary,
+    Applied, BatchInfo, BatchPlan, CancelReport, Capabilities, ChildCounters, ChildRecord,
+    ClaimRequest, ClaimedOperation, Completion, Counted, Error, FailurePolicy, Lease, LeaseStatus,
+    LeaseToken, Operation, OperationId, Outcome, ParentRecord, PruneReport, ReconcileReport,
+    RescueReport, Result, Stats, Status, Store, Transaction, most_common_error, parent_outcome,
+    parent_summary,
 };
+use fascicle_api::{messages, workflow};
 use serde_json::Value;
 
 use crate::tx::MemoryTransaction;
@@ -149,6 +150,10 @@ impl Rows {
 struct Body {
     payload: Option<Value>,
     metadata: Option<Value>,
+    /// A parent's failure policy and callbacks.
+    plan: Option<BatchPlan>,
+    /// A callback's batch.
+    callback_for: Option<BatchInfo>,
 }
 
 /// An operation's fields as stored.
@@ -237,7 +242,16 @@ impl Fields {
             updated_at: self.updated_at,
             completed_at: self.completed_at,
             timeout: self.timeout,
+            plan: self.body.plan.clone(),
+            callback_for: self.body.callback_for.clone(),
         }
+    }
+
+    fn policy(&self) -> FailurePolicy {
+        self.body
+            .plan
+            .as_ref()
+            .map_or(FailurePolicy::WaitAll, |p| p.failure_policy)
     }
 }
 
@@ -343,6 +357,8 @@ impl State {
         let body = Body {
             payload: None,
             metadata: Some(parent.metadata.clone()),
+            plan: Some(parent.plan.clone()),
+            callback_for: None,
         };
         self.insert(Fields {
             children: Some(ChildCounters {
@@ -354,6 +370,10 @@ impl State {
     }
 
     pub(crate) fn apply_child(&mut self, child: ChildRecord) {
+        self.insert_operation(child, None);
+    }
+
+    fn insert_operation(&mut self, child: ChildRecord, callback_for: Option<BatchInfo>) {
         if let Some(parent) = child.parent_id {
             self.children.entry(parent).or_default().push(child.id);
         }
@@ -361,6 +381,8 @@ impl State {
         let body = Body {
             payload: Some(child.payload),
             metadata: None,
+            plan: None,
+            callback_for,
         };
         self.insert(Fields {
             parent_id: child.parent_id,
@@ -548,6 +570,8 @@ impl State {
         let Some(parent) = self.rows.get_mut(&parent_id) else {
             return;
         };
+        let policy = parent.op.policy();
+        let pending = parent.op.status == Status::Pending;
         let Some(counters) = parent.op.children.as_mut() else {
             return;
         };
@@ -556,10 +580,43 @@ impl State {
             Status::Failed => counters.failed += 1,
             _ => counters.cancelled += 1,
         }
+        if !pending {
+            return;
+        }
+        if status == Status::Failed && policy == FailurePolicy::FailFast {
+            // `fail_fast_cancel_pending` and `fail_fast_request_cancel` for the siblings;
+            // the last cancelled sibling finalizes the parent when none still runs.
+            self.fail_fast(parent_id, id, now);
+            return;
+        }
         // Most completions leave the batch open: decided without another lookup.
-        if parent.op.status == Status::Pending && parent_outcome(counters).is_some() {
+        if parent_outcome(counters).is_some() {
             self.finalize_parent(parent_id, now);
         }
+    }
+
+    /// `failed` failed for good in a `FailFast` batch: its pending siblings are cancelled
+    /// naming it, its running ones asked to stop; the parent is finalized once no child
+    /// is left open.
+    fn fail_fast(&mut self, parent_id: OperationId, failed: OperationId, now: DateTime<Utc>) {
+        let siblings = self.children.get(&parent_id).cloned().unwrap_or_default();
+        let reason = messages::cancelled_by_fail_fast(failed);
+        for sibling in siblings {
+            match self.rows.get(&sibling).map(|r| r.op.status) {
+                Some(Status::Pending) => self.finish(
+                    sibling,
+                    &table::FAIL_FAST_CANCEL_PENDING,
+                    Some(reason.clone()),
+                    None,
+                    now,
+                ),
+                Some(Status::Processing) => self.update(sibling, |row| {
+                    row.take(&table::FAIL_FAST_REQUEST_CANCEL, None, now)
+                }),
+                _ => {}
+            }
+        }
+        self.finalize_parent(parent_id, now);
     }
 
     /// Finalizes a pending parent whose counters say every child is terminal.
@@ -568,7 +625,8 @@ impl State {
             return false;
         };
         let counters = parent.op.children.unwrap_or_default();
-        let Some(outcome) = parent_outcome(&counters) else {
+        let policy = parent.op.policy();
+        let Some(outcome) = policy.outcome(&counters) else {
             return false;
         };
         if parent.op.status != Status::Pending {
@@ -577,12 +635,17 @@ impl State {
         let error = (outcome == Status::Failed)
             .then(|| {
                 let children = self.children.get(&parent_id).cloned().unwrap_or_default();
-                let errors: Vec<String> = children
+                let failed = children
                     .iter()
                     .filter_map(|c| self.rows.get(c))
-                    .filter(|c| c.op.status == Status::Failed)
-                    .filter_map(|c| c.op.error.clone())
-                    .collect();
+                    .filter(|c| c.op.status == Status::Failed);
+                if policy == FailurePolicy::FailFast {
+                    // The first failure: earliest completed_at, then submission order.
+                    return failed
+                        .min_by_key(|c| (c.op.completed_at, c.seq))
+                        .and_then(|c| c.op.error.clone());
+                }
+                let errors: Vec<String> = failed.filter_map(|c| c.op.error.clone()).collect();
                 most_common_error(errors.iter().map(String::as_str))
             })
             .flatten();
@@ -593,7 +656,38 @@ impl State {
             row.op.updated_at = now;
             row.op.completed_at = Some(now);
         });
+        self.fire_callbacks(parent_id, now);
         true
+    }
+
+    /// Inserts the callbacks a just-finalized parent's outcome selects.
+    fn fire_callbacks(&mut self, parent_id: OperationId, now: DateTime<Utc>) {
+        let Some(parent) = self.rows.get(&parent_id) else {
+            return;
+        };
+        let Some(plan) = parent
+            .op
+            .body
+            .plan
+            .as_ref()
+            .filter(|p| !p.callbacks.is_empty())
+        else {
+            return;
+        };
+        let fired = workflow::fire(
+            &plan.callbacks,
+            workflow::Finalized {
+                id: parent_id,
+                kind: &parent.op.kind,
+                outcome: parent.op.status,
+                children: &parent.op.children.unwrap_or_default(),
+                error: parent.op.error.as_deref(),
+            },
+            now,
+        );
+        for (record, info) in fired {
+            self.insert_operation(record, Some(info));
+        }
     }
 
     /// The slot of a row, looked up among the processing rows first.
@@ -847,6 +941,7 @@ impl Store for MemoryStore {
                     row.take(&table::RECONCILE_EMPTY, None, now);
                     row.op.children = Some(ChildCounters::default());
                 });
+                state.fire_callbacks(parent_id, now);
                 report.empty_parents_failed += 1;
             } else {
                 state.update(parent_id, |row| row.op.children = Some(counters));

@@ -9,7 +9,7 @@ use fascicle_api::{
     LeaseStatus, LeaseToken, OperationId, Outcome, PruneReport, ReconcileReport, RescueReport,
     Result, Status, ZERO_CHILDREN_REASON, parent_outcome, parent_summary, representative_error,
 };
-use fascicle_api::{messages, table};
+use fascicle_api::{BatchPlan, FailurePolicy, messages, table, workflow};
 use std::collections::HashSet;
 
 use serde_json::Value;
@@ -17,7 +17,7 @@ use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
 use crate::error;
-use crate::schema::{COLUMNS, Sql};
+use crate::schema::{COLUMN_COUNT, COLUMNS, Sql};
 use crate::store::operation_from_row;
 
 trait Db<T> {
@@ -87,9 +87,9 @@ pub(crate) async fn claim(
         for row in &rows {
             let operation = operation_from_row(row).db()?;
             // The columns of COLUMNS, then the token, seq and the number of candidates.
-            let token: Uuid = row.try_get(23).db()?;
-            let seq: i64 = row.try_get(24).db()?;
-            candidates = row.try_get::<i64, _>(25).db()? as usize;
+            let token: Uuid = row.try_get(COLUMN_COUNT).db()?;
+            let seq: i64 = row.try_get(COLUMN_COUNT + 1).db()?;
+            candidates = row.try_get::<i64, _>(COLUMN_COUNT + 2).db()? as usize;
             claimed.push((
                 seq,
                 ClaimedOperation {
@@ -156,17 +156,19 @@ const MOVE_PARENTS: &str = "
              children_cancelled = p.children_cancelled + m.cancelled, updated_at = now()
          FROM moved AS m WHERE p.id = m.parent_id
          RETURNING p.id, p.children_total, p.children_completed, p.children_failed,
-                   p.children_cancelled, p.status)
-     SELECT false AS is_parent, id, 0::bigint, 0::bigint, 0::bigint, 0::bigint, status
+                   p.children_cancelled, p.status, m.failed AS newly_failed, p.failure_policy)
+     SELECT false AS is_parent, id, 0::bigint, 0::bigint, 0::bigint, 0::bigint, status,
+            0::bigint, NULL::text
          FROM updated
      UNION ALL
      SELECT true, id, children_total, children_completed, children_failed,
-            children_cancelled, status
+            children_cancelled, status, newly_failed, failure_policy
          FROM parents";
 
-/// Reads the rows of a statement ending in [`MOVE_PARENTS`]: finalizes every pending
-/// parent whose counters say no child is left open (`finalize_parent`), and returns the
-/// ids of the changed operations.
+/// Reads the rows of a statement ending in [`MOVE_PARENTS`]: for a `FailFast` parent
+/// one of whose children just failed for good, cancels the siblings (`fail_fast_*`);
+/// finalizes every pending parent whose counters say no child is left open
+/// (`finalize_parent`); and returns the ids of the changed operations.
 async fn finalize_moved(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -180,13 +182,73 @@ async fn finalize_moved(
             changed.insert(id);
             continue;
         }
-        let counters = counters_from(row, 2)?;
+        let mut counters = counters_from(row, 2)?;
         let status: String = row.try_get(6).db()?;
-        if status == "pending" {
-            finalize_parent(conn, sql, id, &counters).await?;
+        if status != "pending" {
+            continue;
+        }
+        let newly_failed: i64 = row.try_get(7).db()?;
+        let policy = FailurePolicy::from_stored(row.try_get::<Option<&str>, _>(8).db()?)?;
+        if newly_failed > 0 && policy == FailurePolicy::FailFast {
+            counters = fail_fast(conn, sql, id).await?.unwrap_or(counters);
+        }
+        if parent_outcome(&counters).is_some() {
+            finalize_parent(conn, sql, id, &counters, policy).await?;
         }
     }
     Ok(changed)
+}
+
+/// The first failed child of a batch (earliest `completed_at`, then submission order):
+/// the one a `FailFast` batch names and takes its error from.
+async fn first_failure(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    parent: Uuid,
+) -> Result<Option<(Uuid, Option<String>)>> {
+    sqlx::query_as(sql.text(
+        "SELECT id, error FROM {s}.operations
+         WHERE parent_id = $1 AND status = 'failed' ORDER BY completed_at, seq LIMIT 1",
+    ))
+    .bind(parent)
+    .fetch_optional(&mut *conn)
+    .await
+    .db()
+}
+
+/// `fail_fast_cancel_pending` and `fail_fast_request_cancel`: a child of the `FailFast`
+/// batch `parent` (locked by the caller) failed for good. Its pending siblings are
+/// cancelled naming it and counted into the parent, then — in a statement of its own, so
+/// a sibling claimed meanwhile is seen as processing — its running ones are asked to
+/// stop. Returns the parent's counters after.
+async fn fail_fast(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    parent: Uuid,
+) -> Result<Option<ChildCounters>> {
+    let Some((failed, _)) = first_failure(conn, sql, parent).await? else {
+        return Ok(None);
+    };
+    let row = sqlx::query(sql.text(
+        "WITH cancelled AS (
+             UPDATE {s}.operations SET status = 'cancelled', error = $2, updated_at = now(),
+                 completed_at = now()
+             WHERE parent_id = $1 AND status = 'pending'
+             RETURNING 1)
+         UPDATE {s}.operations
+         SET children_cancelled = children_cancelled + (SELECT count(*) FROM cancelled),
+             updated_at = now()
+         WHERE id = $1
+         RETURNING children_total, children_completed, children_failed, children_cancelled",
+    ))
+    .bind(parent)
+    .bind(messages::cancelled_by_fail_fast(failed))
+    .fetch_one(&mut *conn)
+    .await
+    .db()?;
+    let counters = counters_from(&row, 0)?;
+    request_cancel(conn, sql, "parent_id = $1", parent).await?;
+    Ok(Some(counters))
 }
 
 /// One terminal transition of one operation, for [`end_operations`].
@@ -264,44 +326,108 @@ fn counters_from(row: &sqlx::postgres::PgRow, first: usize) -> Result<ChildCount
 }
 
 /// Finalizes a pending parent whose counters say every child is terminal
-/// (`finalize_parent`). A failed batch's representative error is chosen in the database
-/// (one row comes back, whatever the number of failed children).
+/// (`finalize_parent`), to the state its policy gives, and inserts the callbacks that
+/// outcome selects. A failed batch's representative error is chosen in the database (one
+/// row comes back, whatever the number of failed children).
 async fn finalize_parent(
     conn: &mut PgConnection,
     sql: &Sql,
     parent: Uuid,
     counters: &ChildCounters,
+    policy: FailurePolicy,
 ) -> Result<bool> {
-    let Some(outcome) = parent_outcome(counters) else {
+    let Some(outcome) = policy.outcome(counters) else {
         return Ok(false);
     };
-    let error = if outcome == Status::Failed {
-        let most: Option<(String, i64)> = sqlx::query_as(sql.text(
-            "SELECT error, count(*) FROM {s}.operations
-             WHERE parent_id = $1 AND status = 'failed' AND error IS NOT NULL
-             GROUP BY error ORDER BY count(*) DESC, error COLLATE \"C\" LIMIT 1",
-        ))
-        .bind(parent)
-        .fetch_optional(&mut *conn)
-        .await
-        .db()?;
-        most.map(|(error, n)| representative_error(&error, n as u64))
-    } else {
-        None
+    let error = match outcome {
+        Status::Failed if policy == FailurePolicy::FailFast => first_failure(conn, sql, parent)
+            .await?
+            .and_then(|(_, error)| error),
+        Status::Failed => {
+            let most: Option<(String, i64)> = sqlx::query_as(sql.text(
+                "SELECT error, count(*) FROM {s}.operations
+                 WHERE parent_id = $1 AND status = 'failed' AND error IS NOT NULL
+                 GROUP BY error ORDER BY count(*) DESC, error COLLATE \"C\" LIMIT 1",
+            ))
+            .bind(parent)
+            .fetch_optional(&mut *conn)
+            .await
+            .db()?;
+            most.map(|(error, n)| representative_error(&error, n as u64))
+        }
+        _ => None,
     };
-    let done = sqlx::query(sql.text(
+    let finalized: Option<(String, Option<Value>)> = sqlx::query_as(sql.text(
         "UPDATE {s}.operations SET status = $2, error = $3, result = $4,
              updated_at = now(), completed_at = now()
-         WHERE id = $1 AND status = 'pending'",
+         WHERE id = $1 AND status = 'pending'
+         RETURNING kind, callbacks",
     ))
     .bind(parent)
     .bind(outcome.as_str())
-    .bind(error)
+    .bind(&error)
     .bind(parent_summary(counters))
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
     .db()?;
-    Ok(done.rows_affected() == 1)
+    let Some((kind, callbacks)) = finalized else {
+        return Ok(false);
+    };
+    let batch = workflow::Finalized {
+        id: OperationId::from_uuid(parent),
+        kind: &kind,
+        outcome,
+        children: counters,
+        error: error.as_deref(),
+    };
+    fire_callbacks(conn, sql, callbacks, batch).await?;
+    Ok(true)
+}
+
+/// Inserts the callbacks (a parent's stored `callbacks`) that `batch`'s outcome selects,
+/// in the transaction that finalized it, and queues a NOTIFY (delivered on commit).
+async fn fire_callbacks(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    callbacks: Option<Value>,
+    batch: workflow::Finalized<'_>,
+) -> Result<()> {
+    let Some(callbacks) = callbacks else {
+        return Ok(());
+    };
+    let plan = BatchPlan::from_stored(None, Some(&callbacks.to_string()))?;
+    let fired = workflow::fire(&plan.callbacks, batch, chrono::Utc::now());
+    if fired.is_empty() {
+        return Ok(());
+    }
+    for (record, info) in &fired {
+        // On the server's clock, like every instant this store compares.
+        sqlx::query(sql.text(
+            "INSERT INTO {s}.operations
+                 (id, kind, status, payload, parent_id, priority, serialization_key, attempts,
+                  max_attempts, run_at, created_at, updated_at, timeout_ms, callback_for)
+             VALUES ($1, $2, 'pending', $3::jsonb, NULL, $4, $5, 0, $6, now(), now(), now(),
+                     $7, $8::jsonb)",
+        ))
+        .bind(record.id.as_uuid())
+        .bind(&record.kind)
+        .bind(&record.payload_json)
+        .bind(record.priority)
+        .bind(&record.serialization_key)
+        .bind(record.max_attempts as i32)
+        .bind(record.timeout.map(|t| t.as_millis() as i64))
+        .bind(info.to_json())
+        .execute(&mut *conn)
+        .await
+        .db()?;
+    }
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(&sql.channel)
+        .bind(fired.len().to_string())
+        .execute(&mut *conn)
+        .await
+        .db()?;
+    Ok(())
 }
 
 pub(crate) async fn complete(
@@ -542,8 +668,8 @@ pub(crate) async fn rescue(conn: &mut PgConnection, sql: &Sql) -> Result<RescueR
 }
 
 pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<ReconcileReport> {
-    let stranded: Vec<Uuid> = sqlx::query_scalar(sql.text(
-        "SELECT id FROM {s}.operations AS p
+    let stranded: Vec<(Uuid, Option<String>)> = sqlx::query_as(sql.text(
+        "SELECT id, failure_policy FROM {s}.operations AS p
          WHERE payload IS NULL AND status = 'pending'
            AND NOT EXISTS (SELECT 1 FROM {s}.operations AS c
                            WHERE c.parent_id = p.id AND c.status IN ('pending', 'processing'))
@@ -553,7 +679,8 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
     .await
     .db()?;
     let mut report = ReconcileReport::default();
-    for parent in stranded {
+    for (parent, policy) in stranded {
+        let policy = FailurePolicy::from_stored(policy.as_deref())?;
         let row = sqlx::query(sql.text(
             "SELECT count(*), count(*) FILTER (WHERE status = 'completed'),
                     count(*) FILTER (WHERE status = 'failed'),
@@ -566,17 +693,28 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
         .db()?;
         let counters = counters_from(&row, 0)?;
         if counters.total == 0 {
-            report.empty_parents_failed += sqlx::query(sql.text(
+            let failed: Option<(String, Option<Value>)> = sqlx::query_as(sql.text(
                 "UPDATE {s}.operations SET status = 'failed', error = $2, children_total = 0,
                      updated_at = now(), completed_at = now()
-                 WHERE id = $1 AND status = 'pending'",
+                 WHERE id = $1 AND status = 'pending'
+                 RETURNING kind, callbacks",
             ))
             .bind(parent)
             .bind(ZERO_CHILDREN_REASON)
-            .execute(&mut *conn)
+            .fetch_optional(&mut *conn)
             .await
-            .db()?
-            .rows_affected();
+            .db()?;
+            if let Some((kind, callbacks)) = failed {
+                let batch = workflow::Finalized {
+                    id: OperationId::from_uuid(parent),
+                    kind: &kind,
+                    outcome: Status::Failed,
+                    children: &counters,
+                    error: Some(ZERO_CHILDREN_REASON),
+                };
+                fire_callbacks(conn, sql, callbacks, batch).await?;
+                report.empty_parents_failed += 1;
+            }
             continue;
         }
         sqlx::query(sql.text(
@@ -592,7 +730,7 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
         .execute(&mut *conn)
         .await
         .db()?;
-        if finalize_parent(conn, sql, parent, &counters).await? {
+        if finalize_parent(conn, sql, parent, &counters, policy).await? {
             report.parents_finalized += 1;
         }
     }

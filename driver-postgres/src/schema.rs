@@ -218,6 +218,13 @@ const MIGRATIONS: &[&str] = &[
         ON {schema}.operations (serialization_key, priority DESC, run_at, seq)
         WHERE status = 'pending' AND payload IS NOT NULL AND serialization_key IS NOT NULL;
     "#,
+    // 5: workflows. A parent's failure policy (NULL: wait_all, as every existing batch)
+    // and callbacks (a JSON array, NULL: none); a callback operation's batch (what its
+    // handler reads). Existing rows keep NULL and behave as before.
+    r#"
+    ALTER TABLE {schema}.operations ADD COLUMN failure_policy text,
+        ADD COLUMN callbacks jsonb, ADD COLUMN callback_for jsonb;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -291,7 +298,10 @@ pub(crate) fn connect_error(location: &str, e: sqlx::Error) -> Error {
 pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id, priority, \
     serialization_key, attempts, max_attempts, run_at, worker_id, lease_expires_at, \
     children_total, children_completed, children_failed, children_cancelled, error, result, \
-    created_at, updated_at, completed_at, timeout_ms";
+    created_at, updated_at, completed_at, timeout_ms, failure_policy, callbacks, callback_for";
+
+/// The number of columns in [`COLUMNS`]: a statement that returns more has them after.
+pub(crate) const COLUMN_COUNT: usize = 26;
 
 /// How far a client's clock may read *behind* the server's before it counts as wrong.
 ///
@@ -329,8 +339,9 @@ fn insert_parent(conflict: &str) -> String {
          INSERT INTO {{schema}}.operations
                 (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts,
                  run_at, children_total, children_completed, children_failed, children_cancelled,
-                 created_at, updated_at)
-         SELECT $1, $2, 'pending', NULL, $3, NULL, 0, 0, 0, at, $5, 0, 0, 0, at, at FROM clock
+                 created_at, updated_at, failure_policy, callbacks)
+         SELECT $1, $2, 'pending', NULL, $3, NULL, 0, 0, 0, at, $5, 0, 0, 0, at, at, $6, $7::jsonb
+         FROM clock
          {conflict}
          RETURNING statement_timestamp()",
         on_server_clock("$4::timestamptz")

@@ -8,9 +8,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fascicle_api::InProcessWaker;
 use fascicle_api::{
-    Applied, BatchReceipt, CancelReport, Capabilities, ChildCounters, ClaimRequest,
-    ClaimedOperation, Completion, Counted, Error, Lease, LeaseStatus, Limits, NewBatch, Operation,
-    OperationId, PruneReport, ReconcileReport, RescueReport, Result, Stats, Store, Transaction,
+    Applied, BatchInfo, BatchPlan, BatchReceipt, CancelReport, Capabilities, ChildCounters,
+    ClaimRequest, ClaimedOperation, Completion, Counted, Error, Lease, LeaseStatus, Limits,
+    NewBatch, Operation, OperationId, PruneReport, ReconcileReport, RescueReport, Result, Stats,
+    Store, Transaction,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
@@ -351,6 +352,23 @@ pub(crate) fn operation_from_row(row: &PgRow) -> sqlx::Result<Operation> {
         timeout: row
             .try_get::<Option<i64>, _>(22)?
             .map(|ms| std::time::Duration::from_millis(ms as u64)),
+        plan: match total {
+            Some(_) => Some(
+                BatchPlan::from_stored(
+                    row.try_get::<Option<String>, _>(23)?.as_deref(),
+                    row.try_get::<Option<serde_json::Value>, _>(24)?
+                        .map(|v| v.to_string())
+                        .as_deref(),
+                )
+                .map_err(|e| sqlx::Error::Decode(e.into()))?,
+            ),
+            None => None,
+        },
+        callback_for: row
+            .try_get::<Option<serde_json::Value>, _>(25)?
+            .map(|v| BatchInfo::from_json(&v.to_string()))
+            .transpose()
+            .map_err(|e| sqlx::Error::Decode(e.into()))?,
     })
 }
 

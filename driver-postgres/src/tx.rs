@@ -98,6 +98,8 @@ pub(crate) async fn insert_parent(
         .bind(&parent.metadata)
         .bind(parent.created_at)
         .bind(parent.children_total as i64)
+        .bind(parent.plan.policy_stored())
+        .bind(parent.plan.callbacks_json())
         .fetch_optional(conn)
         .await
         .map_err(error::map)?;

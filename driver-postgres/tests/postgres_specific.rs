@@ -433,6 +433,7 @@ fn records_on_a_skewed_clock(
         metadata: json!({ "skew_ms": skew.num_milliseconds() }),
         children_total: children as u64,
         created_at: client_now,
+        plan: Default::default(),
     });
     let children = (0..children)
         .map(|i| ChildRecord {

@@ -8,11 +8,11 @@ use fascicle_api::{
     RescueReport, Result, Status, ZERO_CHILDREN_REASON, parent_outcome, parent_summary,
     representative_error,
 };
-use fascicle_api::{messages, table};
+use fascicle_api::{BatchPlan, FailurePolicy, messages, table, workflow};
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use crate::error;
-use crate::store::{COLUMNS, instant, micros, operation_from_row};
+use crate::store::{COLUMN_COUNT, COLUMNS, instant, micros, operation_from_row};
 
 /// `?` for rusqlite results inside fascicle-returning code.
 pub(crate) trait Db<T> {
@@ -57,14 +57,14 @@ pub(crate) fn claim(
         let mut keys = std::collections::HashSet::new();
         while picked.len() < request.limit {
             let Some(row) = rows.next().db()? else { break };
-            // Column 7 of COLUMNS is serialization_key; `seq` follows the 23 of them.
+            // Column 7 of COLUMNS is serialization_key; `seq` follows the last of them.
             let key: Option<String> = row.get(7).db()?;
             if let Some(key) = key
                 && !keys.insert(key)
             {
                 continue;
             }
-            picked.push((row.get(23).db()?, operation_from_row(row).db()?));
+            picked.push((row.get(COLUMN_COUNT).db()?, operation_from_row(row).db()?));
         }
     }
     let mut stmt = tx
@@ -182,7 +182,8 @@ fn mark_terminal(
     Ok(Some(parent))
 }
 
-/// Adds children's outcomes to a parent's counters (O(1), whatever the batch size) and
+/// Adds children's outcomes to a parent's counters (O(1), whatever the batch size); when
+/// a child failed for good under `FailFast`, cancels the siblings (`fail_fast_*`); and
 /// finalizes the parent when no child is left open.
 fn move_parent(tx: &Transaction<'_>, parent: &[u8], delta: Delta, now: i64) -> Result<()> {
     let moved = tx
@@ -192,7 +193,7 @@ fn move_parent(tx: &Transaction<'_>, parent: &[u8], delta: Delta, now: i64) -> R
                  children_cancelled = children_cancelled + ?4, updated_at = ?5
              WHERE id = ?1
              RETURNING children_total, children_completed, children_failed,
-                       children_cancelled, status = 'pending'",
+                       children_cancelled, status = 'pending', failure_policy",
         )
         .db()?
         .query_row(
@@ -206,18 +207,79 @@ fn move_parent(tx: &Transaction<'_>, parent: &[u8], delta: Delta, now: i64) -> R
                         cancelled: row.get::<_, i64>(3)? as u64,
                     },
                     row.get::<_, bool>(4)?,
+                    row.get::<_, Option<String>>(5)?,
                 ))
             },
         )
         .optional()
         .db()?;
-    if let Some((counters, pending)) = moved
-        && pending
-        && parent_outcome(&counters).is_some()
-    {
-        finalize_parent(tx, parent, &counters, now)?;
+    let Some((mut counters, true, policy)) = moved else {
+        return Ok(());
+    };
+    let policy = FailurePolicy::from_stored(policy.as_deref())?;
+    if delta.failed > 0 && policy == FailurePolicy::FailFast {
+        counters.cancelled += fail_fast(tx, parent, now)?;
+    }
+    if parent_outcome(&counters).is_some() {
+        finalize_parent(tx, parent, &counters, policy, now)?;
     }
     Ok(())
+}
+
+/// The first failed child of a batch (earliest `completed_at`, then submission order):
+/// the one a `FailFast` batch names and takes its error from.
+fn first_failure(tx: &Transaction<'_>, parent: &[u8]) -> Result<Option<(Vec<u8>, Option<String>)>> {
+    tx.prepare_cached(
+        "SELECT id, error FROM fascicle_operations
+         WHERE parent_id = ?1 AND status = 'failed' ORDER BY completed_at, seq LIMIT 1",
+    )
+    .db()?
+    .query_row(params![parent], |row| Ok((row.get(0)?, row.get(1)?)))
+    .optional()
+    .db()
+}
+
+/// `fail_fast_cancel_pending` and `fail_fast_request_cancel`: a child of the `FailFast`
+/// batch `parent` failed for good. Its pending siblings are cancelled naming it (counted
+/// into the parent here) and its running ones asked to stop. Returns how many were
+/// cancelled.
+fn fail_fast(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<u64> {
+    let Some((failed, _)) = first_failure(tx, parent)? else {
+        return Ok(0);
+    };
+    let reason = messages::cancelled_by_fail_fast(id_of(failed)?);
+    let cancelled = tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET status = 'cancelled', error = ?2,
+                 updated_at = ?3, completed_at = ?3
+             WHERE parent_id = ?1 AND status = 'pending'",
+        )
+        .db()?
+        .execute(params![parent, reason, now])
+        .db()? as i64;
+    if cancelled > 0 {
+        tx.prepare_cached(
+            "UPDATE fascicle_operations SET children_cancelled = children_cancelled + ?2
+             WHERE id = ?1",
+        )
+        .db()?
+        .execute(params![parent, cancelled])
+        .db()?;
+    }
+    request_cancel_children(tx, parent, now)?;
+    Ok(cancelled as u64)
+}
+
+/// `request_cancel` for every processing child of `parent`. Returns how many.
+fn request_cancel_children(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<u64> {
+    Ok(tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET cancel_requested = 1, updated_at = ?2
+             WHERE parent_id = ?1 AND status = 'processing'",
+        )
+        .db()?
+        .execute(params![parent, now])
+        .db()? as u64)
 }
 
 /// [`mark_terminal`] plus the parent's counters, for one operation. Returns whether the
@@ -242,52 +304,111 @@ fn finish(
 }
 
 /// Finalizes a pending parent whose counters (as just written) say every child is
-/// terminal; a parent that is no longer pending is left alone.
+/// terminal, to the state its policy gives, and inserts the callbacks that outcome
+/// selects; a parent that is no longer pending is left alone.
 fn finalize_parent(
     tx: &Transaction<'_>,
     parent: &[u8],
     counters: &ChildCounters,
+    policy: FailurePolicy,
     now: i64,
 ) -> Result<bool> {
-    let Some(outcome) = parent_outcome(counters) else {
+    let Some(outcome) = policy.outcome(counters) else {
         return Ok(false);
     };
-    // A failed batch's representative error is chosen in the database: one row comes
-    // back, whatever the number of failed children.
-    let error = if outcome == Status::Failed {
-        tx.prepare_cached(
-            "SELECT error, count(*) FROM fascicle_operations
-             WHERE parent_id = ?1 AND status = 'failed' AND error IS NOT NULL
-             GROUP BY error ORDER BY count(*) DESC, error LIMIT 1",
-        )
-        .db()?
-        .query_row(params![parent], |row| {
-            Ok(representative_error(
-                &row.get::<_, String>(0)?,
-                row.get::<_, i64>(1)? as u64,
-            ))
-        })
-        .optional()
-        .db()?
-    } else {
-        None
+    let error = match outcome {
+        Status::Failed if policy == FailurePolicy::FailFast => {
+            first_failure(tx, parent)?.and_then(|(_, error)| error)
+        }
+        // A failed batch's representative error is chosen in the database: one row
+        // comes back, whatever the number of failed children.
+        Status::Failed => tx
+            .prepare_cached(
+                "SELECT error, count(*) FROM fascicle_operations
+                 WHERE parent_id = ?1 AND status = 'failed' AND error IS NOT NULL
+                 GROUP BY error ORDER BY count(*) DESC, error LIMIT 1",
+            )
+            .db()?
+            .query_row(params![parent], |row| {
+                Ok(representative_error(
+                    &row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)? as u64,
+                ))
+            })
+            .optional()
+            .db()?,
+        _ => None,
     };
-    let changed = tx
+    let finalized: Option<(String, Option<String>)> = tx
         .prepare_cached(
             "UPDATE fascicle_operations SET status = ?2, error = ?3, result = ?4,
                  updated_at = ?5, completed_at = ?5
-             WHERE id = ?1 AND status = 'pending'",
+             WHERE id = ?1 AND status = 'pending'
+             RETURNING kind, callbacks",
         )
         .db()?
-        .execute(params![
-            parent,
-            outcome.as_str(),
-            error,
-            parent_summary(counters).to_string(),
-            now
+        .query_row(
+            params![
+                parent,
+                outcome.as_str(),
+                error,
+                parent_summary(counters).to_string(),
+                now
+            ],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()
+        .db()?;
+    let Some((kind, callbacks)) = finalized else {
+        return Ok(false);
+    };
+    let finalized = workflow::Finalized {
+        id: id_of(parent.to_vec())?,
+        kind: &kind,
+        outcome,
+        children: counters,
+        error: error.as_deref(),
+    };
+    fire_callbacks(tx, callbacks.as_deref(), finalized, now)?;
+    Ok(true)
+}
+
+/// Inserts the callbacks (a parent's stored `callbacks`) that `batch`'s outcome selects,
+/// in the transaction that finalized it.
+fn fire_callbacks(
+    tx: &Transaction<'_>,
+    callbacks: Option<&str>,
+    batch: workflow::Finalized<'_>,
+    now: i64,
+) -> Result<()> {
+    let Some(callbacks) = callbacks else {
+        return Ok(());
+    };
+    let plan = BatchPlan::from_stored(None, Some(callbacks))?;
+    let fired = workflow::fire(&plan.callbacks, batch, instant(now).db()?);
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO fascicle_operations
+                 (id, kind, status, payload, parent_id, priority, serialization_key, attempts,
+                  max_attempts, run_at, created_at, updated_at, timeout_ms, callback_for)
+             VALUES (?1, ?2, 'pending', ?3, NULL, ?4, ?5, 0, ?6, ?7, ?7, ?7, ?8, ?9)",
+        )
+        .db()?;
+    for (record, info) in fired {
+        stmt.execute(params![
+            record.id.as_bytes(),
+            record.kind,
+            record.payload_json,
+            record.priority,
+            record.serialization_key,
+            record.max_attempts,
+            now,
+            record.timeout.map(|t| t.as_millis() as i64),
+            info.to_json(),
         ])
         .db()?;
-    Ok(changed == 1)
+    }
+    Ok(())
 }
 
 pub(crate) fn complete(
@@ -506,20 +627,21 @@ pub(crate) fn rescue(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<RescueR
 
 pub(crate) fn reconcile(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<ReconcileReport> {
     let now = micros(now);
-    let stranded: Vec<Vec<u8>> = tx
+    let stranded: Vec<(Vec<u8>, Option<String>)> = tx
         .prepare_cached(
-            "SELECT id FROM fascicle_operations AS p
+            "SELECT id, failure_policy FROM fascicle_operations AS p
              WHERE payload IS NULL AND status = 'pending'
                AND NOT EXISTS (SELECT 1 FROM fascicle_operations AS c
                                WHERE c.parent_id = p.id AND c.status IN ('pending', 'processing'))",
         )
         .db()?
-        .query_map([], |row| row.get(0))
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
         .db()?
         .collect::<rusqlite::Result<_>>()
         .db()?;
     let mut report = ReconcileReport::default();
-    for parent in stranded {
+    for (parent, policy) in stranded {
+        let policy = FailurePolicy::from_stored(policy.as_deref())?;
         let mut counters = ChildCounters::default();
         {
             let mut stmt = tx
@@ -541,15 +663,30 @@ pub(crate) fn reconcile(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<Reco
             }
         }
         if counters.total == 0 {
-            report.empty_parents_failed += tx
+            let failed: Option<(String, Option<String>)> = tx
                 .prepare_cached(
                     "UPDATE fascicle_operations SET status = 'failed', error = ?2,
                          children_total = 0, updated_at = ?3, completed_at = ?3
-                     WHERE id = ?1 AND status = 'pending'",
+                     WHERE id = ?1 AND status = 'pending'
+                     RETURNING kind, callbacks",
                 )
                 .db()?
-                .execute(params![parent, ZERO_CHILDREN_REASON, now])
-                .db()? as u64;
+                .query_row(params![parent, ZERO_CHILDREN_REASON, now], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()
+                .db()?;
+            if let Some((kind, callbacks)) = failed {
+                let batch = workflow::Finalized {
+                    id: id_of(parent.clone())?,
+                    kind: &kind,
+                    outcome: Status::Failed,
+                    children: &counters,
+                    error: Some(ZERO_CHILDREN_REASON),
+                };
+                fire_callbacks(tx, callbacks.as_deref(), batch, now)?;
+                report.empty_parents_failed += 1;
+            }
             continue;
         }
         tx.prepare_cached(
@@ -566,7 +703,7 @@ pub(crate) fn reconcile(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<Reco
             counters.cancelled as i64
         ])
         .db()?;
-        if finalize_parent(tx, &parent, &counters, now)? {
+        if finalize_parent(tx, &parent, &counters, policy, now)? {
             report.parents_finalized += 1;
         }
     }
@@ -649,14 +786,7 @@ pub(crate) fn cancel(
             move_parent(tx, id.as_bytes(), delta, now)?;
         }
         report.cancelled = cancelled as u64;
-        report.signalled = tx
-            .prepare_cached(
-                "UPDATE fascicle_operations SET cancel_requested = 1, updated_at = ?2
-                 WHERE parent_id = ?1 AND status = 'processing'",
-            )
-            .db()?
-            .execute(params![id.as_bytes(), now])
-            .db()? as u64;
+        report.signalled = request_cancel_children(tx, id.as_bytes(), now)?;
         let total: i64 = tx
             .prepare_cached("SELECT children_total FROM fascicle_operations WHERE id = ?1")
             .db()?

@@ -125,6 +125,14 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE fascicle_operations ADD COLUMN timeout_ms INTEGER;
     "#,
+    // 5: workflows. A parent's failure policy (NULL: wait_all, as every existing batch)
+    // and callbacks (a JSON array, NULL: none); a callback operation's batch (JSON, what
+    // its handler reads). Existing rows keep NULL and behave as before.
+    r#"
+    ALTER TABLE fascicle_operations ADD COLUMN failure_policy TEXT;
+    ALTER TABLE fascicle_operations ADD COLUMN callbacks TEXT;
+    ALTER TABLE fascicle_operations ADD COLUMN callback_for TEXT;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -206,7 +214,8 @@ mod tests {
             .unwrap();
         assert_eq!(version, CURRENT_VERSION);
         // Every row and rowid kept, each with the columns later versions added (NULL).
-        let added = CURRENT_VERSION as usize - 3;
+        // timeout_ms (4); failure_policy, callbacks, callback_for (5).
+        let added = 4;
         let kept: Vec<Vec<rusqlite::types::Value>> = dump(&conn)
             .into_iter()
             .map(|mut row| {

@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fascicle_api::{
-    Applied, CancelReport, Capabilities, ChildCounters, ClaimRequest, ClaimedOperation, Completion,
-    Counted, Lease, LeaseStatus, Operation, OperationId, PruneReport, ReconcileReport,
-    RescueReport, Result, Stats, Store, Transaction,
+    Applied, BatchInfo, BatchPlan, CancelReport, Capabilities, ChildCounters, ClaimRequest,
+    ClaimedOperation, Completion, Counted, Lease, LeaseStatus, Operation, OperationId, PruneReport,
+    ReconcileReport, RescueReport, Result, Stats, Store, Transaction,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
@@ -312,7 +312,10 @@ impl SqliteStore {
 pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id, priority, \
     serialization_key, attempts, max_attempts, run_at, worker_id, lease_expires_at, \
     children_total, children_completed, children_failed, children_cancelled, error, result, \
-    created_at, updated_at, completed_at, timeout_ms";
+    created_at, updated_at, completed_at, timeout_ms, failure_policy, callbacks, callback_for";
+
+/// The number of columns in [`COLUMNS`]: a statement that selects more reads them after.
+pub(crate) const COLUMN_COUNT: usize = 26;
 
 pub(crate) fn micros(at: DateTime<Utc>) -> i64 {
     at.timestamp_micros()
@@ -381,7 +384,25 @@ pub(crate) fn operation_from_row(row: &Row<'_>) -> rusqlite::Result<Operation> {
         timeout: row
             .get::<_, Option<i64>>(22)?
             .map(|ms| std::time::Duration::from_millis(ms as u64)),
+        plan: match total {
+            Some(_) => Some(
+                BatchPlan::from_stored(
+                    row.get::<_, Option<String>>(23)?.as_deref(),
+                    row.get::<_, Option<String>>(24)?.as_deref(),
+                )
+                .map_err(|e| conversion(23, e))?,
+            ),
+            None => None,
+        },
+        callback_for: row
+            .get::<_, Option<String>>(25)?
+            .map(|text| BatchInfo::from_json(&text).map_err(|e| conversion(25, e)))
+            .transpose()?,
     })
+}
+
+fn conversion(column: usize, e: fascicle_api::Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, e.into())
 }
 
 #[async_trait]

@@ -12,8 +12,8 @@ use crate::store::{Inner, micros};
 const INSERT_PARENT: &str = "INSERT INTO fascicle_operations
     (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts, run_at,
      children_total, children_completed, children_failed, children_cancelled,
-     created_at, updated_at)
-    VALUES (?1, ?2, 'pending', NULL, ?3, NULL, 0, 0, 0, ?4, ?5, 0, 0, 0, ?4, ?4)";
+     created_at, updated_at, failure_policy, callbacks)
+    VALUES (?1, ?2, 'pending', NULL, ?3, NULL, 0, 0, 0, ?4, ?5, 0, 0, 0, ?4, ?4, ?6, ?7)";
 
 const INSERT_CHILD_COLUMNS: &str = "INSERT INTO fascicle_operations
     (id, kind, status, payload, parent_id, priority, serialization_key, attempts, max_attempts,
@@ -205,6 +205,8 @@ impl SqliteTransaction {
                 parent.metadata.to_string(),
                 micros(parent.created_at),
                 0i64,
+                parent.plan.policy_stored(),
+                parent.plan.callbacks_json(),
             ])?;
             Ok(())
         })

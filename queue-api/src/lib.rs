@@ -9,6 +9,7 @@ mod queue;
 mod store;
 mod types;
 mod worker;
+pub mod workflow;
 
 pub use capabilities::Capabilities;
 pub use error::{BackendErrorKind, BoxError, Error, Result};
@@ -27,6 +28,7 @@ pub use types::{
     Stats, Status,
 };
 pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};
+pub use workflow::{BatchInfo, BatchPlan, Callback, CallbackOn, FailurePolicy};
 
 #[cfg(any(test, feature = "mock"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]

@@ -15,6 +15,7 @@ use crate::types::{
     BatchReceipt, ChildRecord, DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPT_TIMEOUT, NewBatch, NewOperation,
     OperationId, ParentRecord, Receipt,
 };
+use crate::workflow::{BatchPlan, Callback, CallbackOn};
 
 /// Input limits enforced before anything is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -268,12 +269,26 @@ impl Limits {
             }
             children.push(record);
         }
+        let mut callbacks = Vec::new();
+        for (on, callback) in [
+            (CallbackOn::Success, batch.on_success),
+            (CallbackOn::Failure, batch.on_failure),
+            (CallbackOn::Complete, batch.on_complete),
+        ] {
+            if let Some(callback) = callback {
+                callbacks.push(self.prepare_callback(on, callback, now)?);
+            }
+        }
         let parent = ParentRecord {
             id: parent_id,
             kind: batch.kind,
             metadata: batch.metadata,
             children_total,
             created_at: now,
+            plan: BatchPlan {
+                failure_policy: batch.failure_policy,
+                callbacks,
+            },
         };
         Ok((parent, children))
     }
@@ -286,6 +301,38 @@ impl Limits {
         now: chrono::DateTime<Utc>,
     ) -> Result<ChildRecord> {
         self.prepare_child(op, parent_id, now, Subject::Operation)
+    }
+
+    /// Validates a batch callback like any operation; it takes no id and no `run_at`,
+    /// which are set when it fires.
+    fn prepare_callback(
+        &self,
+        on: CallbackOn,
+        op: NewOperation,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Callback> {
+        let what = Subject::Callback(on);
+        if let Some(id) = op.id {
+            return Err(Error::InvalidInput(format!(
+                "{what} has id {id}: a callback's id is made when it fires (a retried batch \
+                 fires again), so it cannot be chosen; remove with_id"
+            )));
+        }
+        if op.run_at.is_some() {
+            return Err(Error::InvalidInput(format!(
+                "{what} has a run_at: a callback is ready when its batch ends; remove with_run_at"
+            )));
+        }
+        let record = self.prepare_child(op, None, now, what)?;
+        Ok(Callback {
+            on,
+            kind: record.kind,
+            payload: record.payload,
+            priority: record.priority,
+            serialization_key: record.serialization_key,
+            max_attempts: record.max_attempts,
+            timeout_ms: record.timeout.map(|t| t.as_millis() as u64),
+        })
     }
 
     fn prepare_child(
@@ -360,6 +407,7 @@ enum Subject {
     Batch,
     Child(usize),
     Operation,
+    Callback(CallbackOn),
 }
 
 impl fmt::Display for Subject {
@@ -368,6 +416,7 @@ impl fmt::Display for Subject {
             Self::Batch => f.write_str("batch"),
             Self::Child(index) => write!(f, "child #{index}"),
             Self::Operation => f.write_str("operation"),
+            Self::Callback(on) => write!(f, "callback {on}"),
         }
     }
 }

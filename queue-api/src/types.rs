@@ -10,6 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::workflow::{BatchInfo, BatchPlan, FailurePolicy};
 
 /// The id of an operation or batch: a UUID, v7 (time ordered) when fascicle makes it.
 ///
@@ -237,6 +238,14 @@ pub struct NewBatch {
     pub metadata: Value,
     /// The child operations; at least one.
     pub children: Vec<NewOperation>,
+    /// What a child that fails for good does to the batch. Default `WaitAll`.
+    pub failure_policy: FailurePolicy,
+    /// Inserted when the batch completes.
+    pub on_success: Option<NewOperation>,
+    /// Inserted when the batch fails.
+    pub on_failure: Option<NewOperation>,
+    /// Inserted when the batch ends, whatever its outcome.
+    pub on_complete: Option<NewOperation>,
 }
 
 impl NewBatch {
@@ -247,6 +256,10 @@ impl NewBatch {
             kind: kind.into(),
             metadata: Value::Null,
             children: Vec::new(),
+            failure_policy: FailurePolicy::WaitAll,
+            on_success: None,
+            on_failure: None,
+            on_complete: None,
         }
     }
 
@@ -273,6 +286,35 @@ impl NewBatch {
         self.children.extend(children);
         self
     }
+
+    /// Sets what a child that fails for good does to the batch
+    /// ([`FailurePolicy`](crate::FailurePolicy); `WaitAll` unless set).
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// The operation to insert, in the transaction that finalizes the batch, when the
+    /// batch completes. Its handler reads the batch in
+    /// [`Context::batch`](crate::Context::batch). One per batch (a second call replaces
+    /// the first); it takes no id and no `run_at` (both are set when it fires).
+    pub fn on_success(mut self, callback: NewOperation) -> Self {
+        self.on_success = Some(callback);
+        self
+    }
+
+    /// Like [`on_success`](Self::on_success), when the batch fails.
+    pub fn on_failure(mut self, callback: NewOperation) -> Self {
+        self.on_failure = Some(callback);
+        self
+    }
+
+    /// Like [`on_success`](Self::on_success), when the batch ends whatever its outcome
+    /// (completed, failed or cancelled).
+    pub fn on_complete(mut self, callback: NewOperation) -> Self {
+        self.on_complete = Some(callback);
+        self
+    }
 }
 
 /// A batch parent as handed to [`Transaction::insert_parent`](crate::Transaction::insert_parent):
@@ -290,6 +332,8 @@ pub struct ParentRecord {
     pub children_total: u64,
     /// Creation instant.
     pub created_at: DateTime<Utc>,
+    /// Failure policy and callbacks; [`BatchPlan::default`] for a plain batch.
+    pub plan: BatchPlan,
 }
 
 /// A child (or stand-alone) operation as handed to
@@ -386,6 +430,13 @@ pub struct Operation {
     /// How long one attempt may run ([`NewOperation::with_timeout`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<std::time::Duration>,
+    /// A batch parent's failure policy and callbacks (parents only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<BatchPlan>,
+    /// For a callback, the batch that fired it (what its handler reads in
+    /// [`Context::batch`](crate::Context::batch)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_for: Option<BatchInfo>,
 }
 
 impl Operation {

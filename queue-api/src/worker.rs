@@ -69,6 +69,9 @@ pub struct Context {
     pub max_attempts: u32,
     /// The batch it belongs to.
     pub parent_id: Option<OperationId>,
+    /// For a batch callback ([`NewBatch::on_success`](crate::NewBatch::on_success) and
+    /// the others), the batch that fired it: its id, outcome, counters and error.
+    pub batch: Option<crate::BatchInfo>,
     /// The token of this claim: a handler registered with
     /// [`Registry::register_recorded`] presents it when it records its own completion.
     pub lease_token: LeaseToken,
@@ -86,6 +89,7 @@ impl Context {
             attempt: op.attempts,
             max_attempts: op.max_attempts,
             parent_id: op.parent_id,
+            batch: op.callback_for.clone(),
             lease_token: claimed.lease_token,
             cancel: Arc::default(),
         }
@@ -698,6 +702,7 @@ impl Worker {
             attempt: op.attempts,
             max_attempts: op.max_attempts,
             parent_id: op.parent_id,
+            batch: op.callback_for,
             lease_token: token,
             cancel: Arc::clone(&cancel),
         };
@@ -1236,6 +1241,7 @@ mod tests {
             attempt: 1,
             max_attempts: 1,
             parent_id: None,
+            batch: None,
             lease_token: LeaseToken::new(),
             cancel: Arc::default(),
         };

@@ -93,6 +93,18 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         &["cancel_batch_cascades", "cancel_races_a_completion"],
     ),
     (
+        "fail_fast_cancel_pending",
+        &[
+            "fail_fast_cancels_pending_siblings_and_stops_running_ones",
+            "fail_fast_races_a_completing_sibling",
+            "fail_fast_on_an_expired_last_attempt",
+        ],
+    ),
+    (
+        "fail_fast_request_cancel",
+        &["fail_fast_cancels_pending_siblings_and_stops_running_ones"],
+    ),
+    (
         "finalize_parent",
         &[
             "parent_completes_when_all_children_complete",
@@ -100,6 +112,14 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "last_two_children_race",
             "two_instances_drain_one_queue_exactly_once",
             "two_instances_race_every_transition",
+            "callbacks_fire_once_for_the_outcome",
+            "a_failed_batch_fires_its_failure_callbacks",
+            "a_cancelled_batch_fires_only_on_complete",
+            "the_last_two_children_race_fires_each_callback_once",
+            "retry_batch_fires_the_callbacks_of_the_new_outcome",
+            "fail_fast_races_a_completing_sibling",
+            "ignore_failures_completes_a_batch_with_failed_children",
+            "a_callback_handler_sees_its_batch",
         ],
     ),
     (
@@ -107,6 +127,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         &[
             "reconcile_zero_child_parent",
             "two_instances_race_every_transition",
+            "the_reconciler_fires_the_callbacks_of_the_batches_it_finalizes",
         ],
     ),
     (
@@ -114,6 +135,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         &[
             "reconcile_parent_with_all_children_terminal",
             "two_instances_race_every_transition",
+            "the_reconciler_fires_the_callbacks_of_the_batches_it_finalizes",
         ],
     ),
     (

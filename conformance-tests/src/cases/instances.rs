@@ -774,6 +774,7 @@ async fn reconcile_through_all_while_a_last_child_completes(instances: &Instance
                 metadata: Value::Null,
                 children_total: 2,
                 created_at: Utc::now(),
+                plan: Default::default(),
             };
             let mut tx = store
                 .begin()

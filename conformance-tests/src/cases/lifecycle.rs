@@ -606,6 +606,7 @@ pub async fn reconcile_zero_child_parent(store: Arc<dyn Store>) {
         metadata: Value::Null,
         children_total: 2,
         created_at: Utc::now(),
+        plan: Default::default(),
     };
     let mut tx = store.begin().await.unwrap();
     tx.insert_parent(&parent).await.unwrap();
@@ -645,6 +646,7 @@ pub async fn reconcile_parent_with_all_children_terminal(store: Arc<dyn Store>) 
         metadata: Value::Null,
         children_total: 2,
         created_at: now,
+        plan: Default::default(),
     };
     let kids: Vec<ChildRecord> = (0..2)
         .map(|i| ChildRecord {

@@ -63,6 +63,7 @@ pub async fn children_join_only_the_batch_of_their_transaction(store: Arc<dyn St
         metadata: Value::Null,
         children_total: 5,
         created_at: now,
+        plan: Default::default(),
     };
     let mut tx = store.begin().await.unwrap();
     tx.insert_parent(&parent).await.unwrap();
@@ -152,6 +153,7 @@ pub async fn a_transaction_whose_insert_failed_cannot_commit(store: Arc<dyn Stor
             metadata: Value::Null,
             children_total: 3,
             created_at: now,
+            plan: Default::default(),
         };
         let fine: Vec<OperationId> = (0..2).map(|_| OperationId::new()).collect();
         let mut tx = store.begin().await.unwrap();

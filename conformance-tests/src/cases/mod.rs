@@ -9,6 +9,7 @@ mod membership;
 mod races;
 mod submit;
 mod worker;
+mod workflow;
 
 pub use cancel::*;
 pub use coverage::TRANSITION_CASES;
@@ -18,5 +19,6 @@ pub use membership::*;
 pub use races::*;
 pub use submit::*;
 pub use worker::*;
+pub use workflow::*;
 
 crate::__for_each_case!(__case_table;);

@@ -342,6 +342,7 @@ async fn insert_by_hand(
         metadata: Value::Null,
         children_total: n as u64,
         created_at: now,
+        plan: Default::default(),
     };
     let children: Vec<fascicle_api::ChildRecord> = (0..n)
         .map(|i| fascicle_api::ChildRecord {

@@ -65,3 +65,9 @@ pub fn parent_not_in_this_transaction(
          children join a batch only in the transaction that creates it"
     )
 }
+
+/// A pending child of a `FailFast` batch, cancelled because its sibling `failed` failed
+/// for good.
+pub fn cancelled_by_fail_fast(failed: impl std::fmt::Display) -> String {
+    format!("cancelled: sibling {failed} failed and the batch fails fast")
+}

@@ -130,6 +130,20 @@ pub enum ParentEffect {
     Recount,
 }
 
+/// What a transition sets off in the same transaction, besides its own row and its
+/// parent's counters (see [`crate::workflow`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// Nothing more.
+    Nothing,
+    /// When the parent's policy is `FailFast`: its pending siblings take
+    /// [`FAIL_FAST_CANCEL_PENDING`] and its running ones [`FAIL_FAST_REQUEST_CANCEL`].
+    FailFastSiblings,
+    /// The parent's callbacks that its outcome selects are inserted as new operations
+    /// ([`fire`](crate::workflow::fire)).
+    FireCallbacks,
+}
+
 /// Which rows a transition applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rows {
@@ -168,6 +182,8 @@ pub struct Transition {
     pub error: ErrorEffect,
     /// Effect on the parent's counters.
     pub parent: ParentEffect,
+    /// What else happens in the same transaction.
+    pub then: Then,
 }
 
 use ErrorEffect as E;
@@ -190,6 +206,7 @@ const NOTHING: Transition = Transition {
     run_at: RunAt::Keep,
     error: E::Keep,
     parent: ParentEffect::None,
+    then: Then::Nothing,
 };
 
 /// A ready operation is handed to a worker.
@@ -238,6 +255,7 @@ pub const FAIL: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Given,
     parent: ParentEffect::CountTerminal,
+    then: Then::FailFastSiblings,
     ..NOTHING
 };
 
@@ -336,6 +354,7 @@ pub const RESCUE_EXHAUSTED: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Given,
     parent: ParentEffect::CountTerminal,
+    then: Then::FailFastSiblings,
     ..NOTHING
 };
 
@@ -374,8 +393,33 @@ pub const REQUEST_CANCEL: Transition = Transition {
     ..NOTHING
 };
 
+/// A pending sibling of a child that failed for good, in a `FailFast` batch: cancelled
+/// in the failing child's transaction. The error is
+/// [`cancelled_by_fail_fast`](super::messages::cancelled_by_fail_fast), naming that child.
+pub const FAIL_FAST_CANCEL_PENDING: Transition = Transition {
+    name: "fail_fast_cancel_pending",
+    trigger: "a sibling's fail or rescue_exhausted, FailurePolicy::FailFast",
+    from: &[Pending],
+    to: Some(Cancelled),
+    error: E::Given,
+    parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// A running sibling of a child that failed for good, in a `FailFast` batch: asked to
+/// stop, in the failing child's transaction.
+pub const FAIL_FAST_REQUEST_CANCEL: Transition = Transition {
+    name: "fail_fast_request_cancel",
+    trigger: "a sibling's fail or rescue_exhausted, FailurePolicy::FailFast",
+    from: &[Processing],
+    to: Some(Processing),
+    cancel_requested: CancelFlag::Set,
+    ..NOTHING
+};
+
 /// A child whose outcome made its parent's counters complete: the parent takes the
-/// state [`parent_outcome`](super::parent_outcome) gives, exactly once.
+/// state its [`FailurePolicy::outcome`](crate::FailurePolicy::outcome) gives, exactly
+/// once, and its callbacks for that outcome are inserted.
 pub const FINALIZE_PARENT: Transition = Transition {
     name: "finalize_parent",
     trigger: "the last open child's terminal transition, in its transaction",
@@ -383,6 +427,7 @@ pub const FINALIZE_PARENT: Transition = Transition {
     from: &[Pending],
     to: None,
     error: E::Given,
+    then: Then::FireCallbacks,
     ..NOTHING
 };
 
@@ -395,6 +440,7 @@ pub const RECONCILE_EMPTY: Transition = Transition {
     to: Some(Failed),
     error: E::Message(super::messages::ZERO_CHILDREN_REASON),
     parent: ParentEffect::Recount,
+    then: Then::FireCallbacks,
     ..NOTHING
 };
 
@@ -407,6 +453,7 @@ pub const RECONCILE_FINALIZE: Transition = Transition {
     to: None,
     error: E::Given,
     parent: ParentEffect::Recount,
+    then: Then::FireCallbacks,
     ..NOTHING
 };
 
@@ -462,6 +509,8 @@ pub const TRANSITIONS: &[Transition] = &[
     RESCUE_AFTER_CANCEL,
     CANCEL_PENDING,
     REQUEST_CANCEL,
+    FAIL_FAST_CANCEL_PENDING,
+    FAIL_FAST_REQUEST_CANCEL,
     FINALIZE_PARENT,
     RECONCILE_EMPTY,
     RECONCILE_FINALIZE,
@@ -589,8 +638,8 @@ pub fn markdown_table() -> String {
             .join(", ")
     }
     let mut out = String::from(
-        "| transition | rows | from | to | fence | if cancel requested | attempts | cancel flag | lease | run_at | error | parent |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| transition | rows | from | to | fence | if cancel requested | attempts | cancel flag | lease | run_at | error | parent | then |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in TRANSITIONS {
         let to = match (t.to, t.rows) {
@@ -603,7 +652,7 @@ pub fn markdown_table() -> String {
             other => format!("{other:?}"),
         };
         out.push_str(&format!(
-            "| `{}` | {:?} | {} | {} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {} | {:?} |\n",
+            "| `{}` | {:?} | {} | {} | {:?} | {:?} | {:?} | {:?} | {:?} | {:?} | {} | {:?} | {:?} |\n",
             t.name,
             t.rows,
             states(t.from),
@@ -616,6 +665,7 @@ pub fn markdown_table() -> String {
             t.run_at,
             error,
             t.parent,
+            t.then,
         ));
     }
     out
@@ -630,11 +680,22 @@ mod tests {
     #[test]
     fn the_lifecycle_document_shows_this_table() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/LIFECYCLE.md");
-        let doc = std::fs::read_to_string(path).unwrap_or_default();
+        let mut doc = std::fs::read_to_string(path).unwrap_or_default();
+        if std::env::var_os("FASCICLE_REGENERATE_DOCS").is_some() {
+            // The diagram's code block and the table (up to the next blank line), rewritten.
+            let start = doc.find("```mermaid\n").expect("a mermaid block") + 11;
+            let end = start + doc[start..].find("```").expect("the block ends");
+            doc.replace_range(start..end, &mermaid_diagram());
+            let start = doc.find("| transition |").expect("a table");
+            let end = start + doc[start..].find("\n\n").expect("the table ends") + 1;
+            doc.replace_range(start..end, &markdown_table());
+            std::fs::write(path, &doc).unwrap();
+        }
         for (what, generated) in [("diagram", mermaid_diagram()), ("table", markdown_table())] {
             assert!(
                 doc.contains(&generated),
-                "docs/LIFECYCLE.md does not show the current {what}; replace it with:\n\n{generated}"
+                "docs/LIFECYCLE.md does not show the current {what} (FASCICLE_REGENERATE_DOCS=1 \
+                 rewrites it); replace it with:\n\n{generated}"
             );
         }
     }
@@ -680,6 +741,16 @@ mod tests {
         assert_eq!(rescue_of(true, 5, 5), RESCUE_AFTER_CANCEL);
         assert_eq!(rescue_of(false, 5, 5), RESCUE_EXHAUSTED);
         assert_eq!(rescue_of(false, 1, 5), RESCUE);
+    }
+
+    #[test]
+    fn every_permanent_failure_fails_fast_and_every_parent_ending_fires_callbacks() {
+        for t in TRANSITIONS {
+            let fails = t.rows == Rows::Operations && t.to == Some(Failed);
+            assert_eq!(fails, t.then == Then::FailFastSiblings, "{}", t.name);
+            let parent_ends = t.rows == Rows::Parents && t.to.is_none_or(Status::is_terminal);
+            assert_eq!(parent_ends, t.then == Then::FireCallbacks, "{}", t.name);
+        }
     }
 
     #[test]
