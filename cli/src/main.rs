@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fascicle::{Driver, Error, Operation, OperationId, Status, Store, Worker};
+use fascicle::{CallbackOn, Driver, Error, Operation, OperationId, Status, Store, Worker};
 use fascicle_retain::{BATCH_KIND, ConsolidateReport, MemoryBank, RetainOptions, read_documents};
 use serde_json::json;
 
@@ -630,6 +630,33 @@ fn describe(op: &Operation) {
         && let Some(worker) = &op.worker_id
     {
         println!("held by {worker}");
+    }
+    if let Some(plan) = &op.plan {
+        println!("failure policy: {}", plan.failure_policy);
+        for callback in &plan.callbacks {
+            println!(
+                "callback {}: {} (inserted when the batch {})",
+                callback.on,
+                callback.kind,
+                match callback.on {
+                    CallbackOn::Success => "completes",
+                    CallbackOn::Failure => "fails",
+                    CallbackOn::Complete => "ends",
+                }
+            );
+        }
+    }
+    if let Some(batch) = &op.callback_for {
+        println!(
+            "callback {} of batch {} ({}), which ended {}: {} completed, {} failed, {} cancelled",
+            batch.on,
+            batch.id,
+            batch.kind,
+            batch.outcome,
+            batch.children.completed,
+            batch.children.failed,
+            batch.children.cancelled
+        );
     }
     if let Some(error) = &op.error {
         println!("error: {error}");

@@ -179,3 +179,79 @@ async fn mistakes_get_one_readable_line_and_a_meaningful_exit_code() {
         stderr(&out)
     );
 }
+
+/// `fascicle status` shows a batch's failure policy and callbacks, and for a callback the
+/// batch that fired it; `--json` carries the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_failure_policies_and_callbacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let store = fascicle::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let receipt = Queue::new(Arc::clone(&store))
+        .submit_batch(
+            NewBatch::new("nightly")
+                .child(NewOperation::new("step", json!(1)))
+                .with_failure_policy(fascicle::FailurePolicy::FailFast)
+                .on_failure(NewOperation::new("page_someone", json!({ "team": "ops" }))),
+        )
+        .await
+        .unwrap();
+    let parent = receipt.parent_id.to_string();
+    let out = fascicle(&db, &["status", &parent]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("failure policy: fail_fast"), "{text}");
+    assert!(
+        text.contains("callback on_failure: page_someone (inserted when the batch fails)"),
+        "{text}"
+    );
+
+    let claimed = store
+        .claim(&ClaimRequest {
+            worker_id: "test".into(),
+            limit: 1,
+            lease: std::time::Duration::from_secs(60),
+            kinds: None,
+        })
+        .await
+        .unwrap();
+    store
+        .complete(&[Completion {
+            id: claimed[0].operation.id,
+            lease_token: claimed[0].lease_token,
+            outcome: Outcome::Failed("it broke".into()),
+        }])
+        .await
+        .unwrap();
+    let callback = store
+        .claim(&ClaimRequest {
+            worker_id: "test".into(),
+            limit: 1,
+            lease: std::time::Duration::from_secs(60),
+            kinds: Some(vec!["page_someone".into()]),
+        })
+        .await
+        .unwrap()
+        .remove(0);
+    let out = fascicle(&db, &["status", &callback.operation.id.to_string()]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "callback on_failure of batch {parent} (nightly), which ended failed: 0 completed, 1 failed, 0 cancelled"
+        )),
+        "{text}"
+    );
+    let out = fascicle(&db, &["--json", "status", &parent]);
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["operation"]["plan"]["failure_policy"], "fail_fast");
+    assert_eq!(status["operation"]["plan"]["callbacks"][0]["on"], "failure");
+    let out = fascicle(
+        &db,
+        &["--json", "status", &callback.operation.id.to_string()],
+    );
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["operation"]["callback_for"]["id"], parent.as_str());
+    assert_eq!(status["operation"]["callback_for"]["outcome"], "failed");
+}

@@ -312,6 +312,7 @@ macro_rules! __for_each_case {
             ignore_failures_completes_a_batch_with_failed_children,
             invalid_callbacks_are_refused_and_nothing_is_written,
             a_callback_handler_sees_its_batch,
+            a_callback_runs_without_waiting_for_the_poll_interval,
         );
     };
 }

@@ -312,6 +312,8 @@ struct Running {
     token: LeaseToken,
     cancel: Arc<CancelSignal>,
     abort: tokio::task::AbortHandle,
+    /// A batch child: recording its end may have finalized the batch and fired callbacks.
+    in_batch: bool,
 }
 
 /// Runs handlers for claimed operations.
@@ -351,6 +353,9 @@ pub struct Worker {
     attempt_timeout: Option<Duration>,
     queue_depth_interval: Option<Duration>,
     wake: Option<WakeSubscription>,
+    /// Notified when a recorded completion ended a batch child: the claiming loop looks
+    /// again at once, so a callback its batch fired does not wait for the poll interval.
+    batch_moved: Arc<Notify>,
 }
 
 impl fmt::Debug for Worker {
@@ -384,6 +389,7 @@ impl Worker {
             attempt_timeout: None,
             queue_depth_interval: None,
             wake: None,
+            batch_moved: Arc::default(),
         }
     }
 
@@ -490,7 +496,10 @@ impl Worker {
             Arc::clone(&self.store),
             done_rx,
             Arc::clone(&running),
-            Arc::clone(&freed),
+            LoopWake {
+                freed: Arc::clone(&freed),
+                batch_moved: Arc::clone(&self.batch_moved),
+            },
             Arc::clone(&report),
             self.completion_linger,
             give_up_rx,
@@ -524,6 +533,7 @@ impl Worker {
             let running_now = active.load(Ordering::SeqCst);
             let free = self.concurrency.saturating_sub(running_now);
             let mut claimed_full_batch = false;
+            let mut ended_batch_children = false;
             let room = free >= threshold || (free > 0 && running_now == 0);
             if room {
                 let request = ClaimRequest {
@@ -538,6 +548,8 @@ impl Worker {
                         report.lock().expect("report").claimed += claimed.len() as u64;
                         metrics::counter!("fascicle_claimed_total").increment(claimed.len() as u64);
                         let mut finished = Vec::new();
+                        ended_batch_children =
+                            claimed.iter().any(|c| c.operation.parent_id.is_some());
                         for op in claimed {
                             finished.extend(
                                 self.spawn_handler(
@@ -548,6 +560,7 @@ impl Worker {
                         // Outcomes of handlers that finished on their first poll are
                         // recorded here in one transaction; if that fails, the recorder
                         // task takes them over and retries.
+                        ended_batch_children &= !finished.is_empty();
                         if !finished.is_empty() {
                             match self.store.complete(&finished).await {
                                 Ok(results) => tally(&report, &finished, &results),
@@ -565,8 +578,9 @@ impl Worker {
                     }
                 }
             }
-            if claimed_full_batch {
-                // More work is likely waiting; claim again unless asked to stop.
+            if claimed_full_batch || ended_batch_children {
+                // More work is likely waiting (or a batch just ended and fired its
+                // callbacks); claim again unless asked to stop.
                 if futures_poll_ready(&mut shutdown) {
                     break;
                 }
@@ -581,6 +595,7 @@ impl Worker {
             tokio::select! {
                 () = &mut shutdown => break,
                 () = wake => {}
+                () = self.batch_moved.notified() => {}
                 () = freed.notified(), if !room => {}
                 () = tokio::time::sleep(self.poll_interval) => {}
             }
@@ -681,6 +696,7 @@ impl Worker {
     ) -> Option<Completion> {
         let op = claimed.operation;
         let token = claimed.lease_token;
+        let in_batch = op.parent_id.is_some();
         let Some(handler) = self.registry.handlers.get(&op.kind) else {
             // Claims ask only for registered kinds; a driver that ignored the filter gets
             // the operation failed rather than silently dropped.
@@ -736,6 +752,7 @@ impl Worker {
             };
         }
         let (report, running_set) = (Arc::clone(report), Arc::clone(running));
+        let batch_moved = Arc::clone(&self.batch_moved);
         let done = done.clone();
         // Hold the lock while spawning so the task cannot finish before it is recorded.
         let mut running = running.lock().expect("running set");
@@ -768,6 +785,9 @@ impl Worker {
                     }
                     Finished::Recorded(applied) => {
                         tally_recorded(&report, applied);
+                        if in_batch {
+                            batch_moved.notify_one();
+                        }
                         let mut running = running_set.lock().expect("running set");
                         if running.get(&id).is_some_and(|r| r.token == token) {
                             running.remove(&id);
@@ -786,6 +806,7 @@ impl Worker {
                 token,
                 cancel,
                 abort,
+                in_batch,
             },
         );
         None
@@ -973,17 +994,25 @@ fn tally_recorded(report: &Mutex<WorkerReport>, applied: Applied) {
     }
 }
 
+/// What the recorder wakes the claiming loop with: capacity freed, and a batch child
+/// ended (its batch may have fired callbacks).
+struct LoopWake {
+    freed: Arc<Notify>,
+    batch_moved: Arc<Notify>,
+}
+
 /// Records finished attempts in batched transactions until the channel closes; returns
 /// the completions it could not record (the caller releases their leases).
 async fn record_completions(
     store: Arc<dyn Store>,
     mut done: mpsc::UnboundedReceiver<Completion>,
     running: Arc<Mutex<HashMap<OperationId, Running>>>,
-    freed: Arc<Notify>,
+    wake: LoopWake,
     report: Arc<Mutex<WorkerReport>>,
     linger: Duration,
     mut give_up: watch::Receiver<bool>,
 ) -> Vec<Completion> {
+    let LoopWake { freed, batch_moved } = wake;
     let mut batch = Vec::with_capacity(COMPLETION_BATCH);
     let mut unrecorded = Vec::new();
     while done.recv_many(&mut batch, COMPLETION_BATCH).await > 0 {
@@ -1008,8 +1037,12 @@ async fn record_completions(
             }
         }
         tally(&report, &recorded, &applied);
+        let mut moved_a_batch = false;
         {
             let mut running = running.lock().expect("running set");
+            moved_a_batch |= recorded
+                .iter()
+                .any(|c| running.get(&c.id).is_some_and(|r| r.in_batch));
             // Unrecorded ones leave the set too: no more heartbeats, so their leases
             // expire and a rescuer takes the operations back if nobody releases them.
             for completion in recorded.iter().chain(&unrecorded) {
@@ -1020,6 +1053,10 @@ async fn record_completions(
                     running.remove(&completion.id);
                 }
             }
+        }
+        if moved_a_batch {
+            // A batch may have ended and fired callbacks: the claiming loop looks again.
+            batch_moved.notify_one();
         }
         // One waiter (the claiming loop); a stored permit also covers a loop not yet waiting.
         freed.notify_one();

@@ -120,6 +120,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "fail_fast_races_a_completing_sibling",
             "ignore_failures_completes_a_batch_with_failed_children",
             "a_callback_handler_sees_its_batch",
+            "a_callback_runs_without_waiting_for_the_poll_interval",
         ],
     ),
     (

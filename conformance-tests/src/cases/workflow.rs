@@ -36,10 +36,11 @@ fn with_callbacks(n: usize) -> NewBatch {
         .on_complete(NewOperation::new("cb_complete", json!(null)))
 }
 
-/// Claims every ready operation of the callback kinds.
+/// Claims every ready operation of the callback kinds (a few rounds at most: a store
+/// that hands out the same operation again must not keep a case looping).
 async fn claim_callbacks(store: &Arc<dyn Store>) -> Vec<ClaimedOperation> {
     let mut all = Vec::new();
-    loop {
+    for _ in 0..3 {
         let claimed = store
             .claim(&ClaimRequest {
                 kinds: Some(CALLBACK_KINDS.iter().map(|k| k.to_string()).collect()),
@@ -48,10 +49,11 @@ async fn claim_callbacks(store: &Arc<dyn Store>) -> Vec<ClaimedOperation> {
             .await
             .unwrap();
         if claimed.is_empty() {
-            return all;
+            break;
         }
         all.extend(claimed);
     }
+    all
 }
 
 /// Claims and completes every ready `step`, with `outcome` for each.
@@ -711,4 +713,60 @@ pub async fn a_callback_handler_sees_its_batch(store: Arc<dyn Store>) {
         Some("callback"),
         "{order:?}"
     );
+}
+
+/// A worker that records the last child of a batch claims the callback it fired at once,
+/// without a notification and long before its poll interval (a minute here).
+pub async fn a_callback_runs_without_waiting_for_the_poll_interval(store: Arc<dyn Store>) {
+    // Submits wake the worker; the callbacks the store inserts notify no one in-process.
+    let waker = fascicle_api::InProcessWaker::new();
+    let queue = Queue::new(Arc::clone(&store)).with_notifier(Arc::new(waker.clone()));
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut registry = Registry::new();
+    registry.register("step", |_: Value, _ctx| async move {
+        // Not ready on its first poll: recorded by the background recorder.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok::<_, HandlerError>(json!(null))
+    });
+    registry.register("quick", |_: Value, _ctx| async move {
+        // Ready on its first poll: recorded inline by the claiming loop.
+        Ok::<_, HandlerError>(json!(null))
+    });
+    let flag = Arc::clone(&ran);
+    registry.register("cb_complete", move |_: Value, _ctx| {
+        let flag = Arc::clone(&flag);
+        async move {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, HandlerError>(json!(null))
+        }
+    });
+    let worker = fascicle_api::Worker::new(Arc::clone(&store), registry)
+        .poll_interval(Duration::from_secs(60))
+        .maintenance_interval(Duration::from_secs(60))
+        .wake_on(waker.subscribe());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(worker.run(async {
+        let _ = stop_rx.await;
+    }));
+    for kind in ["step", "quick"] {
+        ran.store(false, std::sync::atomic::Ordering::SeqCst);
+        queue
+            .submit_batch(
+                NewBatch::new("flow")
+                    .children(children(kind, 2))
+                    .on_complete(NewOperation::new("cb_complete", json!(null))),
+            )
+            .await
+            .unwrap();
+        let started = tokio::time::Instant::now();
+        while !ran.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the callback of a `{kind}` batch waited for the poll interval"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let _ = stop_tx.send(());
+    handle.await.unwrap().unwrap();
 }
