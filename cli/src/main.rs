@@ -566,13 +566,13 @@ async fn stats(store: &Arc<dyn Store>, json: bool) -> fascicle::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
-        "KIND", "READY", "SCHEDULED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"
+        "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+        "KIND", "READY", "WAITING", "SCHEDULED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"
     );
     for (kind, k) in &stats.kinds {
         println!(
-            "{:<24} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
-            kind, k.ready, k.scheduled, k.processing, k.completed, k.failed, k.cancelled
+            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
+            kind, k.ready, k.waiting, k.scheduled, k.processing, k.completed, k.failed, k.cancelled
         );
     }
     let b = stats.batches;
@@ -609,18 +609,57 @@ async fn status(store: &Arc<dyn Store>, id: OperationId, json: bool) -> fascicle
             "progress: {done}/{} children finished ({percent}%): {} completed, {} failed, {} cancelled",
             c.total, c.completed, c.failed, c.cancelled
         );
-        println!("{:<38} {:<11} {:>8}  ERROR", "CHILD", "STATUS", "ATTEMPTS");
-        for child in &children {
+        println!(
+            "{:<41} {:<11} {:>8}  ERROR / WAITING FOR",
+            "CHILD", "STATUS", "ATTEMPTS"
+        );
+        let statuses: std::collections::HashMap<OperationId, Status> =
+            children.iter().map(|c| (c.id, c.status)).collect();
+        for (i, child) in children.iter().enumerate() {
+            let branch = if i + 1 == children.len() {
+                "└─"
+            } else {
+                "├─"
+            };
+            let note = match (&child.error, waiting_for(child, &statuses)) {
+                (_, Some(waiting)) => waiting,
+                (Some(error), None) => error.clone(),
+                (None, None) => String::new(),
+            };
             println!(
-                "{:<38} {:<11} {:>8}  {}",
+                "{branch} {:<38} {:<11} {:>8}  {note}",
                 child.id.to_string(),
                 child.status,
                 format!("{}/{}", child.attempts, child.max_attempts),
-                child.error.as_deref().unwrap_or("")
             );
         }
     }
     Ok(())
+}
+
+/// For a waiting operation, what it still waits for: its dependencies that have not
+/// released it (not completed, or for `after_any` not ended).
+fn waiting_for(
+    op: &Operation,
+    statuses: &std::collections::HashMap<OperationId, Status>,
+) -> Option<String> {
+    if op.status != Status::Pending || op.waiting_on == 0 {
+        return None;
+    }
+    let open: Vec<String> = op
+        .after
+        .iter()
+        .filter(|d| {
+            let status = statuses.get(&d.id).copied().unwrap_or(Status::Completed);
+            !(status == Status::Completed || (d.any && status.is_terminal()))
+        })
+        .map(|d| format!("{}{}", d.id, if d.any { " (to end)" } else { "" }))
+        .collect();
+    Some(format!(
+        "waiting for {}: {}",
+        op.waiting_on,
+        open.join(", ")
+    ))
 }
 
 fn describe(op: &Operation) {
@@ -645,6 +684,18 @@ fn describe(op: &Operation) {
                 }
             );
         }
+    }
+    if op.status == Status::Pending && op.waiting_on > 0 {
+        let after: Vec<String> = op
+            .after
+            .iter()
+            .map(|d| format!("{}{}", d.id, if d.any { " (to end)" } else { "" }))
+            .collect();
+        println!(
+            "waiting for {} of its dependencies: {}",
+            op.waiting_on,
+            after.join(", ")
+        );
     }
     if let Some(batch) = &op.callback_for {
         println!(

@@ -255,3 +255,55 @@ async fn status_shows_failure_policies_and_callbacks() {
     assert_eq!(status["operation"]["callback_for"]["id"], parent.as_str());
     assert_eq!(status["operation"]["callback_for"]["outcome"], "failed");
 }
+
+/// `fascicle status` draws a batch's children as a tree and names, for each waiting
+/// operation, the dependencies that have not released it; `--json` carries them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_what_a_waiting_operation_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let store = fascicle::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let (a, b, c) = (
+        fascicle::OperationId::new(),
+        fascicle::OperationId::new(),
+        fascicle::OperationId::new(),
+    );
+    let receipt = Queue::new(Arc::clone(&store))
+        .submit_batch(
+            NewBatch::new("dag").children([
+                NewOperation::new("step", json!(1)).with_id(a),
+                NewOperation::new("step", json!(2)).with_id(b),
+                NewOperation::new("step", json!(3))
+                    .with_id(c)
+                    .after(&[a])
+                    .after_any(&[b]),
+            ]),
+        )
+        .await
+        .unwrap();
+    let out = fascicle(&db, &["status", &receipt.parent_id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(&format!("├─ {a}")), "{text}");
+    assert!(text.contains(&format!("└─ {c}")), "{text}");
+    assert!(
+        text.contains(&format!("waiting for 2: {a}, {b} (to end)")),
+        "{text}"
+    );
+    let out = fascicle(&db, &["status", &c.to_string()]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "waiting for 2 of its dependencies: {a}, {b} (to end)"
+        )),
+        "{text}"
+    );
+    let out = fascicle(&db, &["--json", "status", &receipt.parent_id.to_string()]);
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let waiting = &status["children"][2];
+    assert_eq!(waiting["waiting_on"], 2);
+    assert_eq!(waiting["after"][0]["id"], a.to_string().as_str());
+    assert_eq!(waiting["after"][1]["any"], true);
+}

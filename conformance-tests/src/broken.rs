@@ -295,6 +295,8 @@ fn phantom_of(parent: &ParentRecord) -> Operation {
         timeout: None,
         plan: Some(parent.plan.clone()),
         callback_for: None,
+        after: Vec::new(),
+        waiting_on: 0,
     }
 }
 
@@ -345,6 +347,7 @@ impl Store for BrokenStore {
                             status: parent.status,
                             is_parent: false,
                             scheduled: false,
+                            waiting: false,
                         };
                         stats.count(counted, 1);
                     }
@@ -358,6 +361,7 @@ impl Store for BrokenStore {
                         status: phantom.status,
                         is_parent: true,
                         scheduled: false,
+                        waiting: false,
                     };
                     stats.count(counted, 1);
                 }

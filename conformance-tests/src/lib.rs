@@ -313,6 +313,13 @@ macro_rules! __for_each_case {
             invalid_callbacks_are_refused_and_nothing_is_written,
             a_callback_handler_sees_its_batch,
             a_callback_runs_without_waiting_for_the_poll_interval,
+            dependencies_run_in_order,
+            a_failed_dependency_cancels_its_dependents_and_after_any_still_runs,
+            cancelling_a_dependency_cascades_to_its_dependents,
+            a_fan_in_releases_its_dependent_after_the_last_dependency,
+            a_dependency_finishing_races_its_dependent_being_cancelled,
+            retry_batch_requeues_a_dependency_chain,
+            invalid_dependencies_are_refused_naming_the_ids,
         );
     };
 }

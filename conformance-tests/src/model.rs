@@ -454,6 +454,7 @@ async fn verify(
                 is_parent: op.is_parent(),
                 scheduled: op.status == Status::Pending
                     && op.run_at > fascicle_api::chrono::Utc::now(),
+                waiting: op.status == Status::Pending && op.waiting_on > 0,
             },
             1,
         );

@@ -17,10 +17,10 @@ use chrono::{DateTime, Utc};
 use fascicle_api::table::{self, LifecycleRow, Transition};
 use fascicle_api::{
     Applied, BatchInfo, BatchPlan, CancelReport, Capabilities, ChildCounters, ChildRecord,
-    ClaimRequest, ClaimedOperation, Completion, Counted, Error, FailurePolicy, Lease, LeaseStatus,
-    LeaseToken, Operation, OperationId, Outcome, ParentRecord, PruneReport, ReconcileReport,
-    RescueReport, Result, Stats, Status, Store, Transaction, most_common_error, parent_outcome,
-    parent_summary,
+    ClaimRequest, ClaimedOperation, Completion, Counted, Dependency, Error, FailurePolicy, Lease,
+    LeaseStatus, LeaseToken, Operation, OperationId, Outcome, ParentRecord, PruneReport,
+    ReconcileReport, RescueReport, Result, Stats, Status, Store, Transaction, most_common_error,
+    parent_outcome, parent_summary,
 };
 use fascicle_api::{messages, workflow};
 use serde_json::Value;
@@ -85,6 +85,9 @@ pub(crate) struct State {
     /// One shared copy of each kind's name.
     kinds: HashMap<Arc<str>, ()>,
     next_seq: u64,
+    /// Set while one step cancels every pending child of a batch (a batch's cancel, a
+    /// fail-fast): their dependents are among them, so none is released one by one.
+    bulk: bool,
 }
 
 /// The rows in slots, in submission order (a pruned row's slot is reused), with an
@@ -154,6 +157,10 @@ struct Body {
     plan: Option<BatchPlan>,
     /// A callback's batch.
     callback_for: Option<BatchInfo>,
+    /// The operations of its batch it waits for.
+    after: Vec<Dependency>,
+    /// The operations of its batch that wait for it.
+    dependents: Vec<Dependency>,
 }
 
 /// An operation's fields as stored.
@@ -181,6 +188,8 @@ struct Fields {
     updated_at: DateTime<Utc>,
     completed_at: Option<DateTime<Utc>>,
     timeout: Option<Duration>,
+    /// Dependencies that have not released it yet; not claimable before 0.
+    waiting_on: u32,
 }
 
 impl Fields {
@@ -212,6 +221,7 @@ impl Fields {
             updated_at: created_at,
             completed_at: None,
             timeout: None,
+            waiting_on: 0,
         }
     }
 
@@ -244,6 +254,8 @@ impl Fields {
             timeout: self.timeout,
             plan: self.body.plan.clone(),
             callback_for: self.body.callback_for.clone(),
+            after: self.body.after.clone(),
+            waiting_on: self.waiting_on,
         }
     }
 
@@ -359,6 +371,8 @@ impl State {
             metadata: Some(parent.metadata.clone()),
             plan: Some(parent.plan.clone()),
             callback_for: None,
+            after: Vec::new(),
+            dependents: Vec::new(),
         };
         self.insert(Fields {
             children: Some(ChildCounters {
@@ -378,13 +392,17 @@ impl State {
             self.children.entry(parent).or_default().push(child.id);
         }
         let kind = self.kind(&child.kind);
+        let waiting_on = child.after.len() as u32;
         let body = Body {
             payload: Some(child.payload),
             metadata: None,
             plan: None,
             callback_for,
+            after: child.after,
+            dependents: child.dependents,
         };
         self.insert(Fields {
+            waiting_on,
             parent_id: child.parent_id,
             priority: child.priority,
             serialization_key: child.serialization_key,
@@ -456,6 +474,7 @@ impl State {
             Status::Pending if row.op.is_parent() => {
                 self.open_parents.insert(id, row.slot);
             }
+            Status::Pending if row.op.waiting_on > 0 => {}
             Status::Pending => {
                 self.ready.insert(row.ready_key());
             }
@@ -564,14 +583,15 @@ impl State {
         row.take(transition, error, now);
         row.op.result = result;
         let status = row.op.status;
-        let Some(parent_id) = row.op.parent_id else {
+        let parent_id = row.op.parent_id;
+        let has_dependents = !row.op.body.dependents.is_empty();
+        let Some(parent_id) = parent_id else {
             return;
         };
         let Some(parent) = self.rows.get_mut(&parent_id) else {
             return;
         };
         let policy = parent.op.policy();
-        let pending = parent.op.status == Status::Pending;
         let Some(counters) = parent.op.children.as_mut() else {
             return;
         };
@@ -580,7 +600,14 @@ impl State {
             Status::Failed => counters.failed += 1,
             _ => counters.cancelled += 1,
         }
-        if !pending {
+        if has_dependents && !self.bulk {
+            // `ReleaseDependents`, before the fail-fast step.
+            self.release_dependents(id, status, now);
+        }
+        let Some(parent) = self.rows.get(&parent_id) else {
+            return;
+        };
+        if parent.op.status != Status::Pending {
             return;
         }
         if status == Status::Failed && policy == FailurePolicy::FailFast {
@@ -590,8 +617,38 @@ impl State {
             return;
         }
         // Most completions leave the batch open: decided without another lookup.
-        if parent_outcome(counters).is_some() {
+        if parent
+            .op
+            .children
+            .as_ref()
+            .and_then(parent_outcome)
+            .is_some()
+        {
             self.finalize_parent(parent_id, now);
+        }
+    }
+
+    /// `ReleaseDependents` of `id`, which just ended `status`: each pending dependent waits
+    /// for one dependency fewer, or — when it needs `id` completed and `id` did not
+    /// complete — is cancelled (`dependency_failed`), releasing its own in turn.
+    fn release_dependents(&mut self, id: OperationId, status: Status, now: DateTime<Utc>) {
+        let Some(row) = self.rows.get(&id) else {
+            return;
+        };
+        let body = Arc::clone(&row.op.body);
+        for edge in &body.dependents {
+            if self.rows.get(&edge.id).map(|r| r.op.status) != Some(Status::Pending) {
+                continue;
+            }
+            if status == Status::Completed || edge.any {
+                self.update(edge.id, |row| {
+                    row.op.waiting_on = row.op.waiting_on.saturating_sub(1);
+                    row.op.updated_at = now;
+                });
+            } else {
+                let reason = messages::cancelled_by_dependency(id, status);
+                self.finish(edge.id, &table::DEPENDENCY_FAILED, Some(reason), None, now);
+            }
         }
     }
 
@@ -601,6 +658,7 @@ impl State {
     fn fail_fast(&mut self, parent_id: OperationId, failed: OperationId, now: DateTime<Utc>) {
         let siblings = self.children.get(&parent_id).cloned().unwrap_or_default();
         let reason = messages::cancelled_by_fail_fast(failed);
+        self.bulk = true;
         for sibling in siblings {
             match self.rows.get(&sibling).map(|r| r.op.status) {
                 Some(Status::Pending) => self.finish(
@@ -616,6 +674,7 @@ impl State {
                 _ => {}
             }
         }
+        self.bulk = false;
         self.finalize_parent(parent_id, now);
     }
 
@@ -806,6 +865,7 @@ impl Store for MemoryStore {
                 status: op.status,
                 is_parent: op.is_parent(),
                 scheduled: op.status == Status::Pending && op.run_at > now,
+                waiting: op.status == Status::Pending && op.waiting_on > 0,
             };
             stats.count(rows, 1);
         }
@@ -962,9 +1022,11 @@ impl Store for MemoryStore {
         let mut report = CancelReport::default();
         if row.op.is_parent() {
             let children = state.children.get(&id).cloned().unwrap_or_default();
+            state.bulk = true;
             for child in children {
                 state.cancel_one(child, now, &mut report);
             }
+            state.bulk = false;
         } else {
             state.cancel_one(id, now, &mut report);
         }
@@ -1002,6 +1064,27 @@ impl Store for MemoryStore {
                 row.op.run_at = now;
                 row.op.completed_at = None;
             });
+        }
+        // A re-queued operation waits again for what has not released it: a dependency
+        // it needs completed that is not, or one it waits to end that is open again.
+        for (id, _) in &retry {
+            let Some(row) = state.rows.get(id) else {
+                continue;
+            };
+            let waiting = row
+                .op
+                .body
+                .after
+                .iter()
+                .filter(|d| {
+                    let status = state
+                        .rows
+                        .get(&d.id)
+                        .map_or(Status::Completed, |r| r.op.status);
+                    !(status == Status::Completed || (d.any && status.is_terminal()))
+                })
+                .count() as u32;
+            state.update(*id, |row| row.op.waiting_on = waiting);
         }
         let failed = retry.iter().filter(|(_, s)| *s == Status::Failed).count() as u64;
         let cancelled = retry.len() as u64 - failed;

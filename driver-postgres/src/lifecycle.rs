@@ -49,7 +49,8 @@ pub(crate) async fn claim(
     let statement = format!(
         "WITH candidates AS (
              SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
-             WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= now()
+             WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0
+               AND run_at <= now()
                AND ($2::text[] IS NULL OR kind = ANY($2))
                AND (serialization_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM {{s}}.operations AS h
@@ -158,11 +159,11 @@ const MOVE_PARENTS: &str = "
          RETURNING p.id, p.children_total, p.children_completed, p.children_failed,
                    p.children_cancelled, p.status, m.failed AS newly_failed, p.failure_policy)
      SELECT false AS is_parent, id, 0::bigint, 0::bigint, 0::bigint, 0::bigint, status,
-            0::bigint, NULL::text
+            0::bigint, NULL::text, has_dependents
          FROM updated
      UNION ALL
      SELECT true, id, children_total, children_completed, children_failed,
-            children_cancelled, status, newly_failed, failure_policy
+            children_cancelled, status, newly_failed, failure_policy, false
          FROM parents";
 
 /// Reads the rows of a statement ending in [`MOVE_PARENTS`]: for a `FailFast` parent
@@ -175,11 +176,28 @@ async fn finalize_moved(
     rows: &[sqlx::postgres::PgRow],
 ) -> Result<HashSet<Uuid>> {
     let mut changed = HashSet::with_capacity(rows.len());
+    let mut ended = Vec::new();
     for row in rows {
         let is_parent: bool = row.try_get(0).db()?;
         let id: Uuid = row.try_get(1).db()?;
         if !is_parent {
             changed.insert(id);
+            let status: &str = row.try_get(6).db()?;
+            if row.try_get::<bool, _>(9).db()? && !matches!(status, "pending" | "processing") {
+                ended.push(id);
+            }
+        }
+    }
+    // `ReleaseDependents`, before the fail-fast step (and before the parents' counters
+    // below are read: a cancelled dependent moves them again, in its own statement, which
+    // finalizes the parent when it was the last).
+    if !ended.is_empty() {
+        Box::pin(release_dependents(conn, sql, &ended)).await?;
+    }
+    for row in rows {
+        let is_parent: bool = row.try_get(0).db()?;
+        let id: Uuid = row.try_get(1).db()?;
+        if !is_parent {
             continue;
         }
         let mut counters = counters_from(row, 2)?;
@@ -197,6 +215,62 @@ async fn finalize_moved(
         }
     }
     Ok(changed)
+}
+
+/// `ReleaseDependents` of the operations `ended` (terminal in this transaction, their
+/// parents locked): each pending dependent waits for one dependency fewer, or — when it
+/// needs a dependency completed that ended otherwise — is cancelled (`dependency_failed`),
+/// releasing its own in turn. O(1) per edge.
+async fn release_dependents(conn: &mut PgConnection, sql: &Sql, ended: &[Uuid]) -> Result<()> {
+    let edges: Vec<(Uuid, String, Uuid, bool)> = sqlx::query_as(sql.text(
+        "SELECT o.id, o.status, (e->>'id')::uuid, coalesce((e->>'any')::boolean, false)
+         FROM {s}.operations AS o, jsonb_array_elements(o.dependents) AS e
+         WHERE o.id = ANY($1)",
+    ))
+    .bind(ended)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    let mut released: std::collections::HashMap<Uuid, i32> = Default::default();
+    let mut cancelled: Vec<(Uuid, String)> = Vec::new();
+    for (dependency, status, dependent, any) in edges {
+        let status: Status = status.parse()?;
+        if status == Status::Completed || any {
+            *released.entry(dependent).or_default() += 1;
+        } else if !cancelled.iter().any(|(id, _)| *id == dependent) {
+            cancelled.push((
+                dependent,
+                messages::cancelled_by_dependency(dependency, status),
+            ));
+        }
+    }
+    if !released.is_empty() {
+        let (ids, counts): (Vec<Uuid>, Vec<i32>) = released.into_iter().unzip();
+        sqlx::query(sql.text(
+            "UPDATE {s}.operations AS o
+             SET waiting_on = greatest(o.waiting_on - r.n, 0), updated_at = now()
+             FROM unnest($1::uuid[], $2::int4[]) AS r(id, n)
+             WHERE o.id = r.id AND o.status = 'pending'",
+        ))
+        .bind(&ids)
+        .bind(&counts)
+        .execute(&mut *conn)
+        .await
+        .db()?;
+    }
+    let endings: Vec<Ending<'_>> = cancelled
+        .iter()
+        .map(|(id, reason)| Ending {
+            id: *id,
+            token: None,
+            from: Status::Pending,
+            to: Status::Cancelled,
+            error: reason,
+            cancel_requested: None,
+        })
+        .collect();
+    end_operations(conn, sql, &endings).await?;
+    Ok(())
 }
 
 /// The first failed child of a batch (earliest `completed_at`, then submission order):
@@ -299,7 +373,7 @@ async fn end_operations(
                AND (i.from_status <> 'processing' OR i.token IS NOT NULL
                     OR o.lease_expires_at < now())
                AND (i.cancel IS NULL OR o.cancel_requested = i.cancel)
-             RETURNING o.id, o.parent_id, o.status),
+             RETURNING o.id, o.parent_id, o.status, o.dependents IS NOT NULL AS has_dependents),
          {MOVE_PARENTS}"
     );
     let rows = sqlx::query(sql.text(&statement))
@@ -493,7 +567,7 @@ pub(crate) async fn complete(
                                      ELSE now() END
              FROM input AS i
              WHERE o.id = i.id AND o.status = 'processing' AND o.lease_token = i.token
-             RETURNING o.id, o.parent_id, o.status),
+             RETURNING o.id, o.parent_id, o.status, o.dependents IS NOT NULL AS has_dependents),
          {MOVE_PARENTS}"
     );
     let rows = sqlx::query(sql.text(&statement))
@@ -799,7 +873,8 @@ pub(crate) async fn cancel(
              UPDATE {{s}}.operations AS o
              SET status = 'cancelled', error = $2, updated_at = now(), completed_at = now()
              WHERE parent_id = $1 AND status = 'pending'
-             RETURNING o.id, o.parent_id, o.status),
+             -- Every pending child in this one step: no dependent is left to release.
+             RETURNING o.id, o.parent_id, o.status, false AS has_dependents),
          {MOVE_PARENTS}"
     );
     let rows = sqlx::query(sql.text(&statement))
@@ -852,7 +927,7 @@ pub(crate) async fn retry_batch(
         }
         Some(true) => {}
     }
-    let (failed, cancelled): (i64, i64) = sqlx::query_as(sql.text(
+    let (failed, cancelled, waiting): (i64, i64, Vec<Uuid>) = sqlx::query_as(sql.text(
         "WITH retried AS (
              UPDATE {s}.operations AS o SET status = 'pending', attempts = 0, error = NULL,
                  result = NULL, cancel_requested = false, run_at = now(), updated_at = now(),
@@ -860,8 +935,9 @@ pub(crate) async fn retry_batch(
              FROM (SELECT id, status FROM {s}.operations
                    WHERE parent_id = $1 AND status IN ('failed', 'cancelled') FOR UPDATE) AS old
              WHERE o.id = old.id
-             RETURNING old.status AS was)
-         SELECT count(*) FILTER (WHERE was = 'failed'), count(*) FILTER (WHERE was = 'cancelled')
+             RETURNING o.id, old.status AS was, o.depends_on IS NOT NULL AS waits)
+         SELECT count(*) FILTER (WHERE was = 'failed'), count(*) FILTER (WHERE was = 'cancelled'),
+                coalesce(array_agg(id) FILTER (WHERE waits), '{}')
          FROM retried",
     ))
     .bind(parent.as_uuid())
@@ -872,6 +948,23 @@ pub(crate) async fn retry_batch(
         return Err(Error::Conflict(format!(
             "batch {parent} has no failed or cancelled children to retry"
         )));
+    }
+    if !waiting.is_empty() {
+        // A re-queued operation waits again for what has not released it: a dependency
+        // it needs completed that is not, or one it waits to end that is open again.
+        sqlx::query(sql.text(
+            "UPDATE {s}.operations AS o SET waiting_on = (
+                 SELECT count(*) FROM jsonb_array_elements(o.depends_on) AS e
+                 JOIN {s}.operations AS d ON d.id = (e->>'id')::uuid
+                 WHERE NOT (d.status = 'completed'
+                            OR (coalesce((e->>'any')::boolean, false)
+                                AND d.status IN ('failed', 'cancelled'))))
+             WHERE o.id = ANY($1)",
+        ))
+        .bind(&waiting)
+        .execute(&mut *conn)
+        .await
+        .db()?;
     }
     sqlx::query(sql.text(
         "UPDATE {s}.operations SET status = 'pending', error = NULL, result = NULL,

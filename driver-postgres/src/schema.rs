@@ -224,6 +224,19 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE {schema}.operations ADD COLUMN failure_policy text,
         ADD COLUMN callbacks jsonb, ADD COLUMN callback_for jsonb;
+    -- Dependencies inside a batch: how many have not released an operation yet (it is
+    -- not claimable before 0), what it waits for and what waits for it (arrays of
+    -- {"id", "any"}). The claim indexes leave waiting operations out.
+    ALTER TABLE {schema}.operations ADD COLUMN waiting_on integer NOT NULL DEFAULT 0,
+        ADD COLUMN depends_on jsonb, ADD COLUMN dependents jsonb;
+    DROP INDEX {schema}.operations_claimable;
+    CREATE INDEX operations_claimable ON {schema}.operations (priority DESC, run_at, seq)
+        WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0;
+    DROP INDEX {schema}.operations_keyed_ready;
+    CREATE INDEX operations_keyed_ready
+        ON {schema}.operations (serialization_key, priority DESC, run_at, seq)
+        WHERE status = 'pending' AND payload IS NOT NULL AND serialization_key IS NOT NULL
+          AND waiting_on = 0;
     "#,
 ];
 
@@ -298,10 +311,11 @@ pub(crate) fn connect_error(location: &str, e: sqlx::Error) -> Error {
 pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id, priority, \
     serialization_key, attempts, max_attempts, run_at, worker_id, lease_expires_at, \
     children_total, children_completed, children_failed, children_cancelled, error, result, \
-    created_at, updated_at, completed_at, timeout_ms, failure_policy, callbacks, callback_for";
+    created_at, updated_at, completed_at, timeout_ms, failure_policy, callbacks, callback_for, \
+    waiting_on, depends_on";
 
 /// The number of columns in [`COLUMNS`]: a statement that returns more has them after.
-pub(crate) const COLUMN_COUNT: usize = 26;
+pub(crate) const COLUMN_COUNT: usize = 28;
 
 /// How far a client's clock may read *behind* the server's before it counts as wrong.
 ///
@@ -380,31 +394,36 @@ impl Sql {
             insert_children: s(&format!("WITH inserted AS (
                 INSERT INTO {{schema}}.operations
                     (id, kind, status, payload, parent_id, priority, serialization_key, attempts,
-                     max_attempts, run_at, created_at, updated_at, timeout_ms)
+                     max_attempts, run_at, created_at, updated_at, timeout_ms, waiting_on,
+                     depends_on, dependents)
                 SELECT t.id, t.kind, 'pending', t.payload::jsonb, t.parent_id, t.priority, t.skey, 0,
-                       t.max_attempts, t.at + t.delay, t.at, t.at, t.timeout_ms
+                       t.max_attempts, t.at + t.delay, t.at, t.at, t.timeout_ms, t.waiting_on,
+                       t.depends_on::jsonb, t.dependents::jsonb
                 -- unnest yields rows in array order and the identity is drawn row by row,
                 -- so seq follows submission order without a sort (checked by the
                 -- conformance suite's ordering assertions).
                 FROM (SELECT u.*, {} AS at
                       FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::int4[],
                                   $6::text[], $7::int4[], $8::timestamptz[], $9::interval[],
-                                  $11::int8[])
+                                  $11::int8[], $12::int4[], $13::text[], $14::text[])
                            AS u(id, kind, payload, parent_id, priority, skey, max_attempts,
-                                created_at, delay, timeout_ms)) AS t
+                                created_at, delay, timeout_ms, waiting_on, depends_on,
+                                dependents)) AS t
                 RETURNING 1)
                 SELECT count(*), statement_timestamp(), pg_notify($10, count(*)::text)
                 FROM inserted", on_server_clock("u.created_at"))),
             copy_children: "COPY {schema}.operations (id, kind, payload, parent_id, priority,
-                serialization_key, max_attempts, run_at, created_at, updated_at, timeout_ms)
+                serialization_key, max_attempts, run_at, created_at, updated_at, timeout_ms,
+                waiting_on, depends_on, dependents)
                 FROM STDIN (FORMAT binary)"
                 .replace("{schema}", schema),
             get: s(&format!("SELECT {COLUMNS} FROM {{schema}}.operations WHERE id = $1")),
             children_of: s(&format!(
                 "SELECT {COLUMNS} FROM {{schema}}.operations WHERE parent_id = $1 ORDER BY seq"
             )),
-            stats: s("SELECT kind, status, payload IS NULL, (status = 'pending' AND run_at > now()), count(*)
-                FROM {schema}.operations GROUP BY 1, 2, 3, 4"),
+            stats: s("SELECT kind, status, payload IS NULL, (status = 'pending' AND run_at > now()),
+                    (status = 'pending' AND waiting_on > 0), count(*)
+                FROM {schema}.operations GROUP BY 1, 2, 3, 4, 5"),
             children_ids: s("SELECT id FROM {schema}.operations WHERE parent_id = $1 ORDER BY seq"),
         }
     }

@@ -369,6 +369,13 @@ pub(crate) fn operation_from_row(row: &PgRow) -> sqlx::Result<Operation> {
             .map(|v| BatchInfo::from_json(&v.to_string()))
             .transpose()
             .map_err(|e| sqlx::Error::Decode(e.into()))?,
+        waiting_on: row.try_get::<i32, _>(26)? as u32,
+        after: fascicle_api::Dependency::list_from_json(
+            row.try_get::<Option<serde_json::Value>, _>(27)?
+                .map(|v| v.to_string())
+                .as_deref(),
+        )
+        .map_err(|e| sqlx::Error::Decode(e.into()))?,
     })
 }
 
@@ -439,12 +446,14 @@ impl Store for PostgresStore {
             let status: String = row.try_get(1).map_err(error::map)?;
             let is_parent: bool = row.try_get(2).map_err(error::map)?;
             let scheduled: bool = row.try_get(3).map_err(error::map)?;
-            let count = row.try_get::<i64, _>(4).map_err(error::map)? as u64;
+            let waiting: bool = row.try_get(4).map_err(error::map)?;
+            let count = row.try_get::<i64, _>(5).map_err(error::map)? as u64;
             let rows = Counted {
                 kind: &kind,
                 status: status.parse()?,
                 is_parent,
                 scheduled,
+                waiting,
             };
             stats.count(rows, count);
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use fascicle_api::{ChildRecord, Error, InsertHealth, ParentRecord, Result};
+use fascicle_api::{ChildRecord, Dependency, Error, InsertHealth, ParentRecord, Result};
 use sqlx::postgres::types::PgInterval;
 use sqlx::{PgConnection, Postgres, Row};
 use uuid::Uuid;
@@ -165,7 +165,7 @@ fn encode_copy(children: &[ChildRecord], server_now: DateTime<Utc>) -> Result<Ve
     buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
     for c in children {
         let (created_at, run_at) = on_server_clock(c, server_now)?;
-        buf.extend_from_slice(&11i16.to_be_bytes());
+        buf.extend_from_slice(&14i16.to_be_bytes());
         field(&mut buf, c.id.as_bytes());
         field(&mut buf, c.kind.as_bytes());
         // jsonb's binary form: a version byte, then the JSON text.
@@ -188,6 +188,17 @@ fn encode_copy(children: &[ChildRecord], server_now: DateTime<Utc>) -> Result<Ve
         match c.timeout {
             Some(timeout) => field(&mut buf, &(timeout.as_millis() as i64).to_be_bytes()),
             None => null(&mut buf),
+        }
+        field(&mut buf, &(c.after.len() as i32).to_be_bytes());
+        for list in [&c.after, &c.dependents] {
+            match Dependency::list_json(list) {
+                Some(json) => {
+                    buf.extend_from_slice(&((json.len() + 1) as i32).to_be_bytes());
+                    buf.push(1);
+                    buf.extend_from_slice(json.as_bytes());
+                }
+                None => null(&mut buf),
+            }
         }
     }
     buf.extend_from_slice(&(-1i16).to_be_bytes());
@@ -244,7 +255,13 @@ async fn insert_children_unnest(
         let mut created: Vec<DateTime<Utc>> = Vec::with_capacity(n);
         let mut delays: Vec<PgInterval> = Vec::with_capacity(n);
         let mut timeouts: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut waiting: Vec<i32> = Vec::with_capacity(n);
+        let mut depends_on: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut dependents: Vec<Option<String>> = Vec::with_capacity(n);
         for child in chunk {
+            waiting.push(child.after.len() as i32);
+            depends_on.push(Dependency::list_json(&child.after));
+            dependents.push(Dependency::list_json(&child.dependents));
             timeouts.push(child.timeout.map(|t| t.as_millis() as i64));
             ids.push(*child.id.as_uuid());
             kinds.push(child.kind.as_str());
@@ -273,6 +290,9 @@ async fn insert_children_unnest(
             .bind(&delays)
             .bind(&statements.channel)
             .bind(&timeouts)
+            .bind(&waiting)
+            .bind(&depends_on)
+            .bind(&dependents)
             .fetch_one(&mut *conn)
             .await
             .map_err(error::map)?;
@@ -391,6 +411,8 @@ mod tests {
             max_attempts: 1,
             created_at,
             timeout: None,
+            after: Vec::new(),
+            dependents: Vec::new(),
         }
     }
 

@@ -448,6 +448,8 @@ fn records_on_a_skewed_clock(
             max_attempts: 3,
             created_at: client_now,
             timeout: None,
+            after: Vec::new(),
+            dependents: Vec::new(),
         })
         .collect();
     (parent, children)

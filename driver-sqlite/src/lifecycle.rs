@@ -44,7 +44,8 @@ pub(crate) fn claim(
         let mut stmt = tx
             .prepare_cached(&format!(
                 "SELECT {COLUMNS}, seq FROM fascicle_operations AS o
-                 WHERE status = 'pending' AND payload IS NOT NULL AND run_at <= ?1
+                 WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0
+                   AND run_at <= ?1
                    AND (?2 IS NULL OR kind IN (SELECT value FROM json_each(?2)))
                    AND (serialization_key IS NULL OR NOT EXISTS (
                         SELECT 1 FROM fascicle_operations AS h
@@ -138,8 +139,14 @@ impl Delta {
     }
 }
 
+/// What [`mark_terminal`] changed: the operation's parent and what waits for it.
+struct Marked {
+    parent: Option<Vec<u8>>,
+    dependents: Option<String>,
+}
+
 /// Moves an operation to a terminal state (from `pending` or `processing`; under `token`
-/// when one is given). Returns `None` when nothing changed, else its parent (if any).
+/// when one is given). Returns `None` when nothing changed.
 #[allow(clippy::too_many_arguments)]
 fn mark_terminal(
     tx: &Transaction<'_>,
@@ -149,11 +156,11 @@ fn mark_terminal(
     error: Option<&str>,
     result: Option<String>,
     now: i64,
-) -> Result<Option<Option<Vec<u8>>>> {
+) -> Result<Option<Marked>> {
     // Found first, then changed by rowid (no `RETURNING`: see `claim`).
-    let found: Option<(i64, Option<Vec<u8>>)> = tx
+    let found: Option<(i64, Option<Vec<u8>>, Option<String>)> = tx
         .prepare_cached(
-            "SELECT seq, parent_id FROM fascicle_operations
+            "SELECT seq, parent_id, dependents FROM fascicle_operations
              WHERE id = ?1 AND status IN ('pending', 'processing')
                AND (?2 IS NULL OR (status = 'processing' AND lease_token = ?2))",
         )
@@ -163,11 +170,11 @@ fn mark_terminal(
                 id.as_bytes(),
                 token.map(|t| t.as_uuid().as_bytes().to_vec())
             ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
         )
         .optional()
         .db()?;
-    let Some((seq, parent)) = found else {
+    let Some((seq, parent, dependents)) = found else {
         return Ok(None);
     };
     tx.prepare_cached(
@@ -179,7 +186,83 @@ fn mark_terminal(
     .db()?
     .execute(params![seq, status.as_str(), error, result, now])
     .db()?;
-    Ok(Some(parent))
+    Ok(Some(Marked { parent, dependents }))
+}
+
+/// Parents whose counters a transaction moves, with their children's outcomes.
+type Moves = std::collections::BTreeMap<Vec<u8>, Delta>;
+
+/// One operation's terminal transition: [`mark_terminal`], its outcome added to `moves`
+/// (the caller moves the parents), and `ReleaseDependents`. Returns whether it changed.
+#[allow(clippy::too_many_arguments)]
+fn end_one(
+    tx: &Transaction<'_>,
+    id: &OperationId,
+    token: Option<&LeaseToken>,
+    status: Status,
+    error: Option<&str>,
+    result: Option<String>,
+    now: i64,
+    moves: &mut Moves,
+) -> Result<bool> {
+    let Some(marked) = mark_terminal(tx, id, token, status, error, result, now)? else {
+        return Ok(false);
+    };
+    if let Some(parent) = marked.parent {
+        moves.entry(parent).or_default().add(Delta::of(status));
+    }
+    if marked.dependents.is_some() {
+        release_dependents(tx, id, status, marked.dependents.as_deref(), now, moves)?;
+    }
+    Ok(true)
+}
+
+/// `ReleaseDependents` of `id`, which just ended `status`: each pending dependent waits
+/// for one dependency fewer, or — when it needs `id` completed and `id` did not
+/// complete — is cancelled (`dependency_failed`), releasing its own in turn.
+fn release_dependents(
+    tx: &Transaction<'_>,
+    id: &OperationId,
+    status: Status,
+    dependents: Option<&str>,
+    now: i64,
+    moves: &mut Moves,
+) -> Result<()> {
+    for edge in fascicle_api::Dependency::list_from_json(dependents)? {
+        if status == Status::Completed || edge.any {
+            tx.prepare_cached(
+                "UPDATE fascicle_operations SET waiting_on = waiting_on - 1, updated_at = ?2
+                 WHERE id = ?1 AND status = 'pending' AND waiting_on > 0",
+            )
+            .db()?
+            .execute(params![edge.id.as_bytes(), now])
+            .db()?;
+            continue;
+        }
+        let pending = tx
+            .prepare_cached(
+                "SELECT 1 FROM fascicle_operations WHERE id = ?1 AND status = 'pending'",
+            )
+            .db()?
+            .query_row(params![edge.id.as_bytes()], |_| Ok(()))
+            .optional()
+            .db()?
+            .is_some();
+        if pending {
+            let reason = messages::cancelled_by_dependency(id, status);
+            end_one(
+                tx,
+                &edge.id,
+                None,
+                Status::Cancelled,
+                Some(&reason),
+                None,
+                now,
+                moves,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Adds children's outcomes to a parent's counters (O(1), whatever the batch size); when
@@ -282,7 +365,7 @@ fn request_cancel_children(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Res
         .db()? as u64)
 }
 
-/// [`mark_terminal`] plus the parent's counters, for one operation. Returns whether the
+/// [`end_one`] plus the parents' counters, for one operation. Returns whether the
 /// operation changed.
 fn finish(
     tx: &Transaction<'_>,
@@ -293,14 +376,12 @@ fn finish(
     result: Option<String>,
     now: i64,
 ) -> Result<bool> {
-    match mark_terminal(tx, id, token, status, error, result, now)? {
-        None => Ok(false),
-        Some(None) => Ok(true),
-        Some(Some(parent)) => {
-            move_parent(tx, &parent, Delta::of(status), now)?;
-            Ok(true)
-        }
+    let mut moves = Moves::new();
+    let changed = end_one(tx, id, token, status, error, result, now, &mut moves)?;
+    for (parent, delta) in moves {
+        move_parent(tx, &parent, delta, now)?;
     }
+    Ok(changed)
 }
 
 /// Finalizes a pending parent whose counters (as just written) say every child is
@@ -419,18 +500,11 @@ pub(crate) fn complete(
     let now = micros(now);
     let mut applied = Vec::with_capacity(completions.len());
     // Children's outcomes are added to each parent once per call, not once per child.
-    let mut parents: std::collections::BTreeMap<Vec<u8>, Delta> = Default::default();
+    let mut parents = Moves::new();
     for c in completions {
         let token = Some(&c.lease_token);
         let mut terminal = |status: Status, error: Option<&str>, result: Option<String>| {
-            let marked = mark_terminal(tx, &c.id, token, status, error, result, now)?;
-            if let Some(Some(parent)) = &marked {
-                parents
-                    .entry(parent.clone())
-                    .or_default()
-                    .add(Delta::of(status));
-            }
-            Ok::<_, fascicle_api::Error>(marked.is_some())
+            end_one(tx, &c.id, token, status, error, result, now, &mut parents)
         };
         let changed = match &c.outcome {
             Outcome::Completed(result) => {
@@ -836,6 +910,20 @@ pub(crate) fn retry_batch(
             "batch {parent} has no failed or cancelled children to retry"
         )));
     }
+    // The re-queued operations that wait for others: their counts are taken again below.
+    let waiting: Vec<(Vec<u8>, String)> = tx
+        .prepare_cached(
+            "SELECT id, depends_on FROM fascicle_operations
+             WHERE parent_id = ?1 AND status IN ('failed', 'cancelled')
+               AND depends_on IS NOT NULL",
+        )
+        .db()?
+        .query_map(params![parent.as_bytes()], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .db()?
+        .collect::<rusqlite::Result<_>>()
+        .db()?;
     tx.prepare_cached(
         "UPDATE fascicle_operations SET status = 'pending', attempts = 0, error = NULL,
              result = NULL, cancel_requested = 0, run_at = ?2, updated_at = ?2,
@@ -845,6 +933,27 @@ pub(crate) fn retry_batch(
     .db()?
     .execute(params![parent.as_bytes(), now])
     .db()?;
+    for (id, after) in waiting {
+        // What has not released it: a dependency it needs completed that is not, or one
+        // it waits to end that is open again.
+        let mut count = 0i64;
+        for dependency in fascicle_api::Dependency::list_from_json(Some(&after))? {
+            let status: Option<String> = tx
+                .prepare_cached("SELECT status FROM fascicle_operations WHERE id = ?1")
+                .db()?
+                .query_row(params![dependency.id.as_bytes()], |row| row.get(0))
+                .optional()
+                .db()?;
+            let status = status.map_or(Ok(Status::Completed), status_of)?;
+            if !(status == Status::Completed || (dependency.any && status.is_terminal())) {
+                count += 1;
+            }
+        }
+        tx.prepare_cached("UPDATE fascicle_operations SET waiting_on = ?2 WHERE id = ?1")
+            .db()?
+            .execute(params![id, count])
+            .db()?;
+    }
     tx.prepare_cached(
         "UPDATE fascicle_operations SET status = 'pending', error = NULL, result = NULL,
              children_failed = children_failed - ?2, children_cancelled = children_cancelled - ?3,

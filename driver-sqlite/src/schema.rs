@@ -132,6 +132,16 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE fascicle_operations ADD COLUMN failure_policy TEXT;
     ALTER TABLE fascicle_operations ADD COLUMN callbacks TEXT;
     ALTER TABLE fascicle_operations ADD COLUMN callback_for TEXT;
+    -- Dependencies inside a batch: how many have not released an operation yet (it is
+    -- not claimable before 0), what it waits for and what waits for it (JSON arrays of
+    -- {"id", "any"}). The claim index leaves waiting operations out.
+    ALTER TABLE fascicle_operations ADD COLUMN waiting_on INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE fascicle_operations ADD COLUMN depends_on TEXT;
+    ALTER TABLE fascicle_operations ADD COLUMN dependents TEXT;
+    DROP INDEX fascicle_operations_claimable;
+    CREATE INDEX fascicle_operations_claimable
+        ON fascicle_operations (priority DESC, run_at)
+        WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0;
     "#,
 ];
 
@@ -214,13 +224,18 @@ mod tests {
             .unwrap();
         assert_eq!(version, CURRENT_VERSION);
         // Every row and rowid kept, each with the columns later versions added (NULL).
-        // timeout_ms (4); failure_policy, callbacks, callback_for (5).
-        let added = 4;
+        // timeout_ms (4); failure_policy, callbacks, callback_for, waiting_on (0),
+        // depends_on, dependents (5).
+        let added = 7;
         let kept: Vec<Vec<rusqlite::types::Value>> = dump(&conn)
             .into_iter()
             .map(|mut row| {
                 let new = row.split_off(row.len() - added);
-                assert!(new.iter().all(|v| *v == rusqlite::types::Value::Null));
+                use rusqlite::types::Value::{Integer, Null};
+                assert!(
+                    new.iter().all(|v| *v == Null || *v == Integer(0)),
+                    "{new:?}"
+                );
                 row
             })
             .collect();

@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fascicle_api::{
     Applied, BatchInfo, BatchPlan, CancelReport, Capabilities, ChildCounters, ClaimRequest,
-    ClaimedOperation, Completion, Counted, Lease, LeaseStatus, Operation, OperationId, PruneReport,
-    ReconcileReport, RescueReport, Result, Stats, Store, Transaction,
+    ClaimedOperation, Completion, Counted, Dependency, Lease, LeaseStatus, Operation, OperationId,
+    PruneReport, ReconcileReport, RescueReport, Result, Stats, Store, Transaction,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
@@ -312,10 +312,11 @@ impl SqliteStore {
 pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id, priority, \
     serialization_key, attempts, max_attempts, run_at, worker_id, lease_expires_at, \
     children_total, children_completed, children_failed, children_cancelled, error, result, \
-    created_at, updated_at, completed_at, timeout_ms, failure_policy, callbacks, callback_for";
+    created_at, updated_at, completed_at, timeout_ms, failure_policy, callbacks, callback_for, \
+    waiting_on, depends_on";
 
 /// The number of columns in [`COLUMNS`]: a statement that selects more reads them after.
-pub(crate) const COLUMN_COUNT: usize = 26;
+pub(crate) const COLUMN_COUNT: usize = 28;
 
 pub(crate) fn micros(at: DateTime<Utc>) -> i64 {
     at.timestamp_micros()
@@ -398,6 +399,9 @@ pub(crate) fn operation_from_row(row: &Row<'_>) -> rusqlite::Result<Operation> {
             .get::<_, Option<String>>(25)?
             .map(|text| BatchInfo::from_json(&text).map_err(|e| conversion(25, e)))
             .transpose()?,
+        waiting_on: row.get(26)?,
+        after: Dependency::list_from_json(row.get::<_, Option<String>>(27)?.as_deref())
+            .map_err(|e| conversion(27, e))?,
     })
 }
 
@@ -484,8 +488,9 @@ impl Store for SqliteStore {
         self.with_conn(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT kind, status, payload IS NULL, status = 'pending' AND run_at > ?1, count(*)
-                     FROM fascicle_operations GROUP BY 1, 2, 3, 4",
+                    "SELECT kind, status, payload IS NULL, status = 'pending' AND run_at > ?1,
+                            status = 'pending' AND waiting_on > 0, count(*)
+                     FROM fascicle_operations GROUP BY 1, 2, 3, 4, 5",
                 )
                 .map_err(error::map)?;
             let mut rows = stmt.query(params![now]).map_err(error::map)?;
@@ -495,12 +500,14 @@ impl Store for SqliteStore {
                 let status: String = row.get(1).map_err(error::map)?;
                 let is_parent: bool = row.get(2).map_err(error::map)?;
                 let scheduled: bool = row.get(3).map_err(error::map)?;
-                let count = row.get::<_, i64>(4).map_err(error::map)? as u64;
+                let waiting: bool = row.get(4).map_err(error::map)?;
+                let count = row.get::<_, i64>(5).map_err(error::map)? as u64;
                 let rows = Counted {
                     kind: &kind,
                     status: status.parse()?,
                     is_parent,
                     scheduled,
+                    waiting,
                 };
                 stats.count(rows, count);
             }

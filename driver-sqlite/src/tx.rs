@@ -17,9 +17,9 @@ const INSERT_PARENT: &str = "INSERT INTO fascicle_operations
 
 const INSERT_CHILD_COLUMNS: &str = "INSERT INTO fascicle_operations
     (id, kind, status, payload, parent_id, priority, serialization_key, attempts, max_attempts,
-     run_at, created_at, updated_at, timeout_ms) VALUES ";
-const CHILD_VALUES: &str = "(?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)";
-const PARAMS_PER_CHILD: usize = 11;
+     run_at, created_at, updated_at, timeout_ms, waiting_on, depends_on, dependents) VALUES ";
+const CHILD_VALUES: &str = "(?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)";
+const PARAMS_PER_CHILD: usize = 14;
 /// Rows per multi-row INSERT; fewer statements to step through for a large batch.
 const ROWS_PER_STATEMENT: usize = 64;
 
@@ -49,6 +49,9 @@ struct ChildRow {
     run_at: i64,
     created_at: i64,
     timeout_ms: Option<i64>,
+    waiting_on: u32,
+    depends_on: Option<String>,
+    dependents: Option<String>,
 }
 
 impl From<&ChildRecord> for ChildRow {
@@ -64,6 +67,9 @@ impl From<&ChildRecord> for ChildRow {
             run_at: micros(child.run_at),
             created_at: micros(child.created_at),
             timeout_ms: child.timeout.map(|t| t.as_millis() as i64),
+            waiting_on: child.after.len() as u32,
+            depends_on: fascicle_api::Dependency::list_json(&child.after),
+            dependents: fascicle_api::Dependency::list_json(&child.dependents),
         }
     }
 }
@@ -84,6 +90,9 @@ fn bind_child(
     stmt.raw_bind_parameter(first + 8, row.created_at)?;
     stmt.raw_bind_parameter(first + 9, row.created_at)?;
     stmt.raw_bind_parameter(first + 10, row.timeout_ms)?;
+    stmt.raw_bind_parameter(first + 11, row.waiting_on)?;
+    stmt.raw_bind_parameter(first + 12, row.depends_on.as_deref())?;
+    stmt.raw_bind_parameter(first + 13, row.dependents.as_deref())?;
     Ok(())
 }
 

@@ -1,6 +1,9 @@
-//! A workflow on the in-process memory store: a batch of steps with a failure policy and
-//! callbacks, submitted in one transaction; the callback its outcome selects is inserted
-//! in the transaction that finishes the last step, and reads the batch's outcome.
+//! A workflow on the in-process memory store: a small DAG of steps (fetch, then two
+//! resizes, then assemble, and a clean-up that runs whatever happens) with a failure
+//! policy and a callback, all submitted in one transaction. Each step becomes claimable
+//! in the transaction that finishes its last dependency; the callback is inserted in the
+//! one that finishes the batch, and reads the batch's outcome. Prints the order the steps
+//! ran in.
 //!
 //! ```sh
 //! cargo run -p fascicle --example workflow --features memory
@@ -11,8 +14,8 @@ use std::time::Duration;
 
 use fascicle::memory::MemoryStore;
 use fascicle::{
-    Context, FailurePolicy, HandlerError, InProcessWaker, NewBatch, NewOperation, Queue, Registry,
-    Store, Worker,
+    Context, FailurePolicy, HandlerError, InProcessWaker, NewBatch, NewOperation, OperationId,
+    Queue, Registry, Store, Worker,
 };
 use serde_json::{Value, json};
 
@@ -25,14 +28,14 @@ async fn main() -> fascicle::Result<()> {
 
     let mut registry = Registry::new();
     let steps = Arc::clone(&order);
-    registry.register("resize", move |input: Value, _ctx: Context| {
+    registry.register("step", move |input: Value, _ctx: Context| {
         let steps = Arc::clone(&steps);
         async move {
-            steps
-                .lock()
-                .unwrap()
-                .push(format!("resize {}", input["image"]));
-            Ok::<_, HandlerError>(json!({ "resized": input["image"] }))
+            let name = input["name"].as_str().unwrap_or_default().to_owned();
+            // Work takes a while: the order below comes from the dependencies alone.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            steps.lock().unwrap().push(name.clone());
+            Ok::<_, HandlerError>(json!({ "done": name }))
         }
     });
     let callbacks = Arc::clone(&order);
@@ -60,13 +63,17 @@ async fn main() -> fascicle::Result<()> {
         let _ = stopped.await;
     }));
 
+    // Ids chosen here, so that steps can name what they wait for.
+    let [fetch, small, large, assemble, clean_up] = [(); 5].map(|_| OperationId::new());
+    let step = |id, name: &str| NewOperation::new("step", json!({ "name": name })).with_id(id);
     let receipt = queue
         .submit_batch(
             NewBatch::new("album")
-                .children(
-                    ["cover.png", "p1.png", "p2.png"]
-                        .map(|image| NewOperation::new("resize", json!({ "image": image }))),
-                )
+                .child(step(clean_up, "clean up").after_any(&[assemble]))
+                .child(step(assemble, "assemble").after(&[small, large]))
+                .child(step(large, "resize large").after(&[fetch]))
+                .child(step(small, "resize small").after(&[fetch]))
+                .child(step(fetch, "fetch"))
                 // The first step that fails for good cancels the rest.
                 .with_failure_policy(FailurePolicy::FailFast)
                 .on_success(NewOperation::new(
@@ -78,7 +85,7 @@ async fn main() -> fascicle::Result<()> {
 
     // Wait for the callback: it runs after the last step, once.
     for _ in 0..500 {
-        if order.lock().unwrap().len() == 4 {
+        if order.lock().unwrap().len() == 6 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -91,9 +98,13 @@ async fn main() -> fascicle::Result<()> {
     for (i, step) in order.iter().enumerate() {
         println!("  {}. {step}", i + 1);
     }
-    assert_eq!(order.len(), 4, "three steps and the callback");
+    assert_eq!(order.len(), 6, "five steps and the callback");
+    let at = |name: &str| order.iter().position(|s| s.starts_with(name)).unwrap();
+    assert_eq!(at("fetch"), 0);
+    assert!(at("resize small") < at("assemble") && at("resize large") < at("assemble"));
+    assert_eq!(at("clean up"), 4);
     assert!(
-        order[3].starts_with("publish album"),
+        order[5].starts_with("publish album"),
         "the callback ran last"
     );
     Ok(())

@@ -23,9 +23,9 @@ pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscr
 pub use queue::{Limits, MAX_JSON_DEPTH, Queue};
 pub use store::{InsertHealth, Store, Transaction, check_batch_membership};
 pub use types::{
-    BatchReceipt, BatchStats, ChildCounters, ChildRecord, Counted, DEFAULT_MAX_ATTEMPTS, KindStats,
-    MAX_ATTEMPT_TIMEOUT, NewBatch, NewOperation, Operation, OperationId, ParentRecord, Receipt,
-    Stats, Status,
+    BatchReceipt, BatchStats, ChildCounters, ChildRecord, Counted, DEFAULT_MAX_ATTEMPTS,
+    Dependency, KindStats, MAX_ATTEMPT_TIMEOUT, NewBatch, NewOperation, Operation, OperationId,
+    ParentRecord, Receipt, Stats, Status,
 };
 pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};
 pub use workflow::{BatchInfo, BatchPlan, Callback, CallbackOn, FailurePolicy};

@@ -269,6 +269,7 @@ impl Limits {
             }
             children.push(record);
         }
+        link_dependencies(&mut children)?;
         let mut callbacks = Vec::new();
         for (on, callback) in [
             (CallbackOn::Success, batch.on_success),
@@ -300,7 +301,9 @@ impl Limits {
         parent_id: Option<OperationId>,
         now: chrono::DateTime<Utc>,
     ) -> Result<ChildRecord> {
-        self.prepare_child(op, parent_id, now, Subject::Operation)
+        let record = self.prepare_child(op, parent_id, now, Subject::Operation)?;
+        refuse_dependencies(&record, Subject::Operation)?;
+        Ok(record)
     }
 
     /// Validates a batch callback like any operation; it takes no id and no `run_at`,
@@ -324,6 +327,7 @@ impl Limits {
             )));
         }
         let record = self.prepare_child(op, None, now, what)?;
+        refuse_dependencies(&record, what)?;
         Ok(Callback {
             on,
             kind: record.kind,
@@ -377,8 +381,108 @@ impl Limits {
             timeout: op
                 .timeout
                 .map(|t| std::time::Duration::from_millis(t.as_millis() as u64)),
+            after: op.after,
+            dependents: Vec::new(),
         })
     }
+}
+
+/// Dependencies exist only among the children of one batch.
+fn refuse_dependencies(record: &ChildRecord, what: Subject) -> Result<()> {
+    match record.after.first() {
+        None => Ok(()),
+        Some(dependency) => Err(Error::InvalidInput(format!(
+            "{what} waits for {}: dependencies (after, after_any) are only between the \
+             children of one batch",
+            dependency.id
+        ))),
+    }
+}
+
+/// How many ids a refusal names at most.
+const NAMED_IDS: usize = 10;
+
+/// Checks a batch's dependency graph — every dependency another child of the batch,
+/// none twice, no cycle — and fills in each child's `dependents` (the reverse edges). A
+/// batch without dependencies costs one pass over its children.
+fn link_dependencies(children: &mut [ChildRecord]) -> Result<()> {
+    if children.iter().all(|c| c.after.is_empty()) {
+        return Ok(());
+    }
+    let index: std::collections::HashMap<OperationId, usize> = children
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.id, i))
+        .collect();
+    let mut edges = Vec::new();
+    for (i, child) in children.iter().enumerate() {
+        let what = Subject::Child(i);
+        let mut seen = HashSet::with_capacity(child.after.len());
+        for dependency in &child.after {
+            if dependency.id == child.id {
+                return Err(Error::InvalidInput(format!(
+                    "{what} ({}) waits for itself",
+                    child.id
+                )));
+            }
+            let Some(&from) = index.get(&dependency.id) else {
+                return Err(Error::InvalidInput(format!(
+                    "{what} ({}) waits for {}, which is not an operation of this batch \
+                     (a dependency must be another child of the same batch, given its id \
+                     with with_id)",
+                    child.id, dependency.id
+                )));
+            };
+            if !seen.insert(dependency.id) {
+                return Err(Error::InvalidInput(format!(
+                    "{what} ({}) lists {} twice among its dependencies",
+                    child.id, dependency.id
+                )));
+            }
+            edges.push((from, i, dependency.any));
+        }
+    }
+    // Kahn's algorithm: what is never freed lies on, or behind, a cycle.
+    let mut waiting: Vec<usize> = children.iter().map(|c| c.after.len()).collect();
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); children.len()];
+    for &(from, to, _) in &edges {
+        out[from].push(to);
+    }
+    let mut ready: Vec<usize> = (0..children.len()).filter(|&i| waiting[i] == 0).collect();
+    let mut freed = 0;
+    while let Some(i) = ready.pop() {
+        freed += 1;
+        for &to in &out[i] {
+            waiting[to] -= 1;
+            if waiting[to] == 0 {
+                ready.push(to);
+            }
+        }
+    }
+    if freed < children.len() {
+        let stuck: Vec<String> = (0..children.len())
+            .filter(|&i| waiting[i] > 0)
+            .map(|i| children[i].id.to_string())
+            .collect();
+        let more = stuck.len().saturating_sub(NAMED_IDS);
+        return Err(Error::InvalidInput(format!(
+            "the batch's dependencies form a cycle: these operations are on it or wait for \
+             it, and could never run: {}{}",
+            stuck[..stuck.len().min(NAMED_IDS)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        )));
+    }
+    for (from, to, any) in edges {
+        let id = children[to].id;
+        children[from]
+            .dependents
+            .push(crate::types::Dependency { id, any });
+    }
+    Ok(())
 }
 
 fn validate_name(subject: Subject, field: &str, name: &str, max_bytes: usize) -> Result<()> {

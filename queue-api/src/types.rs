@@ -168,6 +168,39 @@ pub struct NewOperation {
     /// How long one attempt may run before the worker stops it (a retryable failure);
     /// `None` leaves it to the worker's `attempt_timeout`.
     pub timeout: Option<std::time::Duration>,
+    /// Operations of the same batch this one waits for ([`after`](Self::after),
+    /// [`after_any`](Self::after_any)).
+    pub after: Vec<Dependency>,
+}
+
+/// One edge of a batch's dependency graph: the operation `id`, and whether the waiting
+/// side runs whatever `id`'s outcome (`any`) or only once it completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Dependency {
+    /// The operation at the other end.
+    pub id: OperationId,
+    /// `true`: any terminal outcome releases the dependent (a `finally` step);
+    /// `false`: only `completed` does, and a failed or cancelled dependency cancels it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub any: bool,
+}
+
+impl Dependency {
+    /// A list as drivers store it: a JSON array, or `None` for an empty list.
+    pub fn list_json(list: &[Dependency]) -> Option<String> {
+        (!list.is_empty()).then(|| serde_json::to_string(list).expect("dependencies serialize"))
+    }
+
+    /// A list read back from [`list_json`](Self::list_json)'s text (`None`: empty).
+    pub fn list_from_json(text: Option<&str>) -> crate::Result<Vec<Dependency>> {
+        match text {
+            None => Ok(Vec::new()),
+            Some(text) => serde_json::from_str(text).map_err(|e| Error::Storage {
+                location: "an operation's dependencies".into(),
+                reason: format!("the stored dependencies cannot be read: {e}"),
+            }),
+        }
+    }
 }
 
 impl NewOperation {
@@ -182,7 +215,26 @@ impl NewOperation {
             serialization_key: None,
             max_attempts: None,
             timeout: None,
+            after: Vec::new(),
         }
+    }
+
+    /// Not claimable until every operation in `ids` — children of the same batch, given
+    /// their ids with [`with_id`](Self::with_id) — has completed. When one of them fails
+    /// or is cancelled, this operation is cancelled with a reason naming it. Checked at
+    /// submit: unknown ids, ids outside the batch and cycles are refused, naming the ids.
+    pub fn after(mut self, ids: &[OperationId]) -> Self {
+        self.after
+            .extend(ids.iter().map(|&id| Dependency { id, any: false }));
+        self
+    }
+
+    /// Not claimable until every operation in `ids` has ended, whatever its outcome
+    /// (completed, failed or cancelled): a `finally` step.
+    pub fn after_any(mut self, ids: &[OperationId]) -> Self {
+        self.after
+            .extend(ids.iter().map(|&id| Dependency { id, any: true }));
+        self
     }
 
     /// Uses a caller-supplied id (idempotent submit).
@@ -364,6 +416,13 @@ pub struct ChildRecord {
     pub created_at: DateTime<Utc>,
     /// How long one attempt may run ([`NewOperation::with_timeout`]), whole milliseconds.
     pub timeout: Option<std::time::Duration>,
+    /// The operations of its batch it waits for; it is stored waiting on
+    /// `after.len()` of them and not claimable before that count is zero.
+    pub after: Vec<Dependency>,
+    /// The operations of its batch that wait for it (the reverse edges, with their
+    /// mode): when it ends, each is released (its count goes down by one) or, for a
+    /// dependent that needs it completed, cancelled.
+    pub dependents: Vec<Dependency>,
 }
 
 /// A parent's child counters, kept up to date in O(1) per child transition.
@@ -437,6 +496,16 @@ pub struct Operation {
     /// [`Context::batch`](crate::Context::batch)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_for: Option<BatchInfo>,
+    /// The operations of its batch it waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<Dependency>,
+    /// How many of them have not released it yet; it is not claimable before this is 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub waiting_on: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Operation {
@@ -451,6 +520,9 @@ impl Operation {
 pub struct KindStats {
     /// Pending and claimable now.
     pub ready: u64,
+    /// Pending but waiting for dependencies of its batch ([`NewOperation::after`]).
+    #[serde(default)]
+    pub waiting: u64,
     /// Pending but not before a later `run_at` (scheduled or waiting out a retry backoff).
     pub scheduled: u64,
     /// Held by a worker.
@@ -466,7 +538,7 @@ pub struct KindStats {
 impl KindStats {
     /// Operations not yet terminal.
     pub fn outstanding(&self) -> u64 {
-        self.ready + self.scheduled + self.processing
+        self.ready + self.waiting + self.scheduled + self.processing
     }
 
     /// Every operation counted.
@@ -516,6 +588,8 @@ pub struct Counted<'a> {
     pub is_parent: bool,
     /// Pending with a `run_at` still in the future.
     pub scheduled: bool,
+    /// Pending and waiting for dependencies (counted before `scheduled`).
+    pub waiting: bool,
 }
 
 impl Stats {
@@ -535,6 +609,7 @@ impl Stats {
             None => self.kinds.entry(rows.kind.to_string()).or_default(),
         };
         match rows.status {
+            Status::Pending if rows.waiting => kind.waiting += n,
             Status::Pending if rows.scheduled => kind.scheduled += n,
             Status::Pending => kind.ready += n,
             Status::Processing => kind.processing += n,
@@ -550,6 +625,7 @@ impl Stats {
             .values()
             .fold(KindStats::default(), |mut acc, k| {
                 acc.ready += k.ready;
+                acc.waiting += k.waiting;
                 acc.scheduled += k.scheduled;
                 acc.processing += k.processing;
                 acc.completed += k.completed;

@@ -287,6 +287,8 @@ pub fn fire(
                 max_attempts: c.max_attempts,
                 created_at: now,
                 timeout: c.timeout_ms.map(Duration::from_millis),
+                after: Vec::new(),
+                dependents: Vec::new(),
             };
             let info = BatchInfo {
                 id: batch.id,

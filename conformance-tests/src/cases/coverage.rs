@@ -26,6 +26,9 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
     (
         "complete",
         &[
+            "dependencies_run_in_order",
+            "a_fan_in_releases_its_dependent_after_the_last_dependency",
+            "a_dependency_finishing_races_its_dependent_being_cancelled",
             "parent_completes_when_all_children_complete",
             "last_two_children_race",
             "two_instances_drain_one_queue_exactly_once",
@@ -98,6 +101,14 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "fail_fast_cancels_pending_siblings_and_stops_running_ones",
             "fail_fast_races_a_completing_sibling",
             "fail_fast_on_an_expired_last_attempt",
+        ],
+    ),
+    (
+        "dependency_failed",
+        &[
+            "a_failed_dependency_cancels_its_dependents_and_after_any_still_runs",
+            "cancelling_a_dependency_cascades_to_its_dependents",
+            "retry_batch_requeues_a_dependency_chain",
         ],
     ),
     (

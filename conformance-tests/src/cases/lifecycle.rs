@@ -661,6 +661,8 @@ pub async fn reconcile_parent_with_all_children_terminal(store: Arc<dyn Store>) 
             max_attempts: 3,
             created_at: now,
             timeout: None,
+            after: Vec::new(),
+            dependents: Vec::new(),
         })
         .collect();
     let mut tx = store.begin().await.unwrap();

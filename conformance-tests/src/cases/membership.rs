@@ -36,6 +36,8 @@ pub async fn children_join_only_the_batch_of_their_transaction(store: Arc<dyn St
         max_attempts: 3,
         created_at: now,
         timeout: None,
+        after: Vec::new(),
+        dependents: Vec::new(),
     };
     for parent in [committed.parent_id, OperationId::new()] {
         let late = child_of(parent);
@@ -145,6 +147,8 @@ pub async fn a_transaction_whose_insert_failed_cannot_commit(store: Arc<dyn Stor
         max_attempts: 3,
         created_at: now,
         timeout: None,
+        after: Vec::new(),
+        dependents: Vec::new(),
     };
     for failing in ["taken id", "foreign parent"] {
         let parent = fascicle_api::ParentRecord {

@@ -3,6 +3,7 @@
 
 mod cancel;
 mod coverage;
+mod dependencies;
 mod instances;
 mod lifecycle;
 mod membership;
@@ -13,6 +14,7 @@ mod workflow;
 
 pub use cancel::*;
 pub use coverage::TRANSITION_CASES;
+pub use dependencies::*;
 pub use instances::*;
 pub use lifecycle::*;
 pub use membership::*;

@@ -357,6 +357,8 @@ async fn insert_by_hand(
             max_attempts: 3,
             created_at: now,
             timeout: None,
+            after: Vec::new(),
+            dependents: Vec::new(),
         })
         .collect();
     let mut tx = store.begin().await.unwrap();
@@ -939,6 +941,8 @@ fn standalone_record(id: OperationId) -> ChildRecord {
         max_attempts: 3,
         created_at: now,
         timeout: None,
+        after: Vec::new(),
+        dependents: Vec::new(),
     }
 }
 

@@ -71,3 +71,9 @@ pub fn parent_not_in_this_transaction(
 pub fn cancelled_by_fail_fast(failed: impl std::fmt::Display) -> String {
     format!("cancelled: sibling {failed} failed and the batch fails fast")
 }
+
+/// A waiting operation cancelled because an operation it needed completed ended
+/// otherwise (`dependency_failed`).
+pub fn cancelled_by_dependency(dependency: impl std::fmt::Display, ended: crate::Status) -> String {
+    format!("cancelled: its dependency {dependency} ended {ended}")
+}

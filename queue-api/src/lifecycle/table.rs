@@ -142,6 +142,12 @@ pub enum Then {
     /// The parent's callbacks that its outcome selects are inserted as new operations
     /// ([`fire`](crate::workflow::fire)).
     FireCallbacks,
+    /// The operations of the batch that wait for this one are released: each waits for
+    /// one dependency fewer — or, for a dependent that needs it completed and it ended
+    /// otherwise, takes [`DEPENDENCY_FAILED`]. O(1) per edge. Before `FailFastSiblings`
+    /// when a row has both: a dependent of the failed child is cancelled as its
+    /// dependent, the other pending siblings by the fail-fast step.
+    ReleaseDependents,
 }
 
 /// Which rows a transition applies to.
@@ -183,7 +189,7 @@ pub struct Transition {
     /// Effect on the parent's counters.
     pub parent: ParentEffect,
     /// What else happens in the same transaction.
-    pub then: Then,
+    pub then: &'static [Then],
 }
 
 use ErrorEffect as E;
@@ -206,7 +212,7 @@ const NOTHING: Transition = Transition {
     run_at: RunAt::Keep,
     error: E::Keep,
     parent: ParentEffect::None,
-    then: Then::Nothing,
+    then: &[],
 };
 
 /// A ready operation is handed to a worker.
@@ -242,6 +248,7 @@ pub const COMPLETE: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Clear,
     parent: ParentEffect::CountTerminal,
+    then: &[Then::ReleaseDependents],
     ..NOTHING
 };
 
@@ -255,7 +262,7 @@ pub const FAIL: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Given,
     parent: ParentEffect::CountTerminal,
-    then: Then::FailFastSiblings,
+    then: &[Then::ReleaseDependents, Then::FailFastSiblings],
     ..NOTHING
 };
 
@@ -269,6 +276,7 @@ pub const STOP_CANCELLED: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Given,
     parent: ParentEffect::CountTerminal,
+    then: &[Then::ReleaseDependents],
     ..NOTHING
 };
 
@@ -298,6 +306,7 @@ pub const RETRY_AFTER_CANCEL: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Given,
     parent: ParentEffect::CountTerminal,
+    then: &[Then::ReleaseDependents],
     ..NOTHING
 };
 
@@ -325,6 +334,7 @@ pub const RELEASE_AFTER_CANCEL: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Message(super::messages::CANCELLED_AT_RELEASE),
     parent: ParentEffect::CountTerminal,
+    then: &[Then::ReleaseDependents],
     ..NOTHING
 };
 
@@ -354,7 +364,7 @@ pub const RESCUE_EXHAUSTED: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Given,
     parent: ParentEffect::CountTerminal,
-    then: Then::FailFastSiblings,
+    then: &[Then::ReleaseDependents, Then::FailFastSiblings],
     ..NOTHING
 };
 
@@ -369,10 +379,13 @@ pub const RESCUE_AFTER_CANCEL: Transition = Transition {
     lease: LeaseEffect::Drop,
     error: E::Message(super::messages::CANCELLED_AT_RESCUE),
     parent: ParentEffect::CountTerminal,
+    then: &[Then::ReleaseDependents],
     ..NOTHING
 };
 
-/// `cancel` on a pending operation (alone, or as a child of a cancelled batch).
+/// `cancel` on a pending operation (alone, or as a child of a cancelled batch: a batch's
+/// cancel takes every pending child in one step, so its dependents are cancelled by the
+/// same step).
 pub const CANCEL_PENDING: Transition = Transition {
     name: "cancel_pending",
     trigger: "Store::cancel",
@@ -380,6 +393,7 @@ pub const CANCEL_PENDING: Transition = Transition {
     to: Some(Cancelled),
     error: E::Message(super::messages::CANCELLED_BEFORE_RUN),
     parent: ParentEffect::CountTerminal,
+    then: &[Then::ReleaseDependents],
     ..NOTHING
 };
 
@@ -396,6 +410,8 @@ pub const REQUEST_CANCEL: Transition = Transition {
 /// A pending sibling of a child that failed for good, in a `FailFast` batch: cancelled
 /// in the failing child's transaction. The error is
 /// [`cancelled_by_fail_fast`](super::messages::cancelled_by_fail_fast), naming that child.
+/// Every pending sibling is cancelled in this one step, so there is no dependent left to
+/// release.
 pub const FAIL_FAST_CANCEL_PENDING: Transition = Transition {
     name: "fail_fast_cancel_pending",
     trigger: "a sibling's fail or rescue_exhausted, FailurePolicy::FailFast",
@@ -403,6 +419,21 @@ pub const FAIL_FAST_CANCEL_PENDING: Transition = Transition {
     to: Some(Cancelled),
     error: E::Given,
     parent: ParentEffect::CountTerminal,
+    ..NOTHING
+};
+
+/// A waiting operation whose dependency (one it needs completed) failed or was
+/// cancelled: cancelled in that transition's transaction, with
+/// [`cancelled_by_dependency`](super::messages::cancelled_by_dependency) naming it; its own
+/// dependents are released in turn.
+pub const DEPENDENCY_FAILED: Transition = Transition {
+    name: "dependency_failed",
+    trigger: "a terminal transition of a dependency that did not complete",
+    from: &[Pending],
+    to: Some(Cancelled),
+    error: E::Given,
+    parent: ParentEffect::CountTerminal,
+    then: &[Then::ReleaseDependents],
     ..NOTHING
 };
 
@@ -427,7 +458,7 @@ pub const FINALIZE_PARENT: Transition = Transition {
     from: &[Pending],
     to: None,
     error: E::Given,
-    then: Then::FireCallbacks,
+    then: &[Then::FireCallbacks],
     ..NOTHING
 };
 
@@ -440,7 +471,7 @@ pub const RECONCILE_EMPTY: Transition = Transition {
     to: Some(Failed),
     error: E::Message(super::messages::ZERO_CHILDREN_REASON),
     parent: ParentEffect::Recount,
-    then: Then::FireCallbacks,
+    then: &[Then::FireCallbacks],
     ..NOTHING
 };
 
@@ -453,7 +484,7 @@ pub const RECONCILE_FINALIZE: Transition = Transition {
     to: None,
     error: E::Given,
     parent: ParentEffect::Recount,
-    then: Then::FireCallbacks,
+    then: &[Then::FireCallbacks],
     ..NOTHING
 };
 
@@ -511,6 +542,7 @@ pub const TRANSITIONS: &[Transition] = &[
     REQUEST_CANCEL,
     FAIL_FAST_CANCEL_PENDING,
     FAIL_FAST_REQUEST_CANCEL,
+    DEPENDENCY_FAILED,
     FINALIZE_PARENT,
     RECONCILE_EMPTY,
     RECONCILE_FINALIZE,
@@ -747,9 +779,15 @@ mod tests {
     fn every_permanent_failure_fails_fast_and_every_parent_ending_fires_callbacks() {
         for t in TRANSITIONS {
             let fails = t.rows == Rows::Operations && t.to == Some(Failed);
-            assert_eq!(fails, t.then == Then::FailFastSiblings, "{}", t.name);
+            let then = |what| t.then.contains(&what);
+            assert_eq!(fails, then(Then::FailFastSiblings), "{}", t.name);
             let parent_ends = t.rows == Rows::Parents && t.to.is_none_or(Status::is_terminal);
-            assert_eq!(parent_ends, t.then == Then::FireCallbacks, "{}", t.name);
+            assert_eq!(parent_ends, then(Then::FireCallbacks), "{}", t.name);
+            // Every way an operation ends releases what waits for it, except the one step
+            // that cancels every pending sibling at once.
+            let ends = t.rows == Rows::Operations && t.is_terminal();
+            let bulk = t.name == FAIL_FAST_CANCEL_PENDING.name;
+            assert_eq!(ends && !bulk, then(Then::ReleaseDependents), "{}", t.name);
         }
     }
 
