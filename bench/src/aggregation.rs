@@ -37,6 +37,25 @@ async fn submit_sized(
     n: usize,
     total: usize,
 ) -> Result<fascicle_api::BatchReceipt, BoxError> {
+    submit_shaped(store, n, total, Shape::Flat).await
+}
+
+/// What the measured batch looks like.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `n` independent children.
+    Flat,
+    /// `n` children and one more that waits for all of them (`after`): each completion
+    /// also releases it by one.
+    FanIn,
+}
+
+async fn submit_shaped(
+    store: &Arc<dyn Store>,
+    n: usize,
+    total: usize,
+    shape: Shape,
+) -> Result<fascicle_api::BatchReceipt, BoxError> {
     if total > n {
         Queue::new(Arc::clone(store))
             .submit_batch(
@@ -46,16 +65,25 @@ async fn submit_sized(
             )
             .await?;
     }
-    submit(store, n).await
+    submit(store, n, shape).await
 }
 
-async fn submit(store: &Arc<dyn Store>, n: usize) -> Result<fascicle_api::BatchReceipt, BoxError> {
-    Ok(Queue::new(Arc::clone(store))
-        .submit_batch(
-            NewBatch::new("aggregate")
-                .children((0..n).map(|i| NewOperation::new("child", json!({ "i": i })))),
-        )
-        .await?)
+async fn submit(
+    store: &Arc<dyn Store>,
+    n: usize,
+    shape: Shape,
+) -> Result<fascicle_api::BatchReceipt, BoxError> {
+    let ids: Vec<fascicle_api::OperationId> =
+        (0..n).map(|_| fascicle_api::OperationId::new()).collect();
+    let mut batch = NewBatch::new("aggregate").children(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| NewOperation::new("child", json!({ "i": i })).with_id(*id)),
+    );
+    if shape == Shape::FanIn {
+        batch = batch.child(NewOperation::new("join", json!({})).after(&ids));
+    }
+    Ok(Queue::new(Arc::clone(store)).submit_batch(batch).await?)
 }
 
 /// Mean µs per child completion with fascicle's `Store::complete`, over `SAMPLE` children.
@@ -67,7 +95,17 @@ async fn fascicle_cost(
     total: usize,
     settle: impl AsyncFnOnce() -> Result<(), BoxError>,
 ) -> Result<f64, BoxError> {
-    submit_sized(&store, n, total).await?;
+    shaped_cost(store, n, total, Shape::Flat, settle).await
+}
+
+async fn shaped_cost(
+    store: Arc<dyn Store>,
+    n: usize,
+    total: usize,
+    shape: Shape,
+    settle: impl AsyncFnOnce() -> Result<(), BoxError>,
+) -> Result<f64, BoxError> {
+    submit_shaped(&store, n, total, shape).await?;
     settle().await?;
     let claimed = store
         .claim(&fascicle_api::ClaimRequest {
@@ -135,6 +173,71 @@ fn rows(
     .collect()
 }
 
+/// The fan-in rows: the cost of one completion that also releases the dependent of an
+/// `n`-way fan-in, small vs large, beside the flat batch of the same size in the same run.
+fn fan_in_rows(
+    driver: &'static str,
+    args: &Args,
+    fan_in: (f64, f64),
+    flat: (f64, f64),
+) -> Vec<Measurement> {
+    let (small, big) = fan_in;
+    let row = |scenario: String, unit, samples, baseline: f64| Measurement {
+        scenario,
+        driver,
+        unit,
+        samples: vec![samples],
+        baseline_name: Some("flat batch of that size, same run".to_string()),
+        baseline_samples: vec![baseline],
+        target: None,
+    };
+    vec![
+        Measurement {
+            target: Some(Target::AtMost { value: 1.3 }),
+            ..row(
+                format!(
+                    "fan-in release cost {} vs {SMALL} dependencies (ratio of µs/completion)",
+                    large(args)
+                ),
+                "x",
+                big / small,
+                flat.1 / flat.0,
+            )
+        },
+        row(
+            format!("µs per completion releasing a {SMALL}-way fan-in"),
+            "µs",
+            small,
+            flat.0,
+        ),
+        row(
+            format!("µs per completion releasing a {}-way fan-in", large(args)),
+            "µs",
+            big,
+            flat.1,
+        ),
+    ]
+}
+
+/// Fan-in costs (small, large) on fresh stores from `open`.
+async fn fan_in_costs<S, F, Fut>(args: &Args, open: F) -> Result<(f64, f64), BoxError>
+where
+    S: Store + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<S, BoxError>>,
+{
+    let total = large(args);
+    let mut small = Vec::new();
+    let mut big = Vec::new();
+    for _ in 0..runs(args) {
+        let store: Arc<dyn Store> = Arc::new(open().await?);
+        small.push(shaped_cost(store, SMALL, total, Shape::FanIn, async || Ok(())).await?);
+        let store: Arc<dyn Store> = Arc::new(open().await?);
+        big.push(shaped_cost(store, total, total, Shape::FanIn, async || Ok(())).await?);
+    }
+    Ok((median(&small), median(&big)))
+}
+
 pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
     let mut small = Vec::new();
     let mut big = Vec::new();
@@ -144,7 +247,11 @@ pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
         small.push(fascicle_cost(store(), SMALL, total, async || Ok(())).await?);
         big.push(fascicle_cost(store(), total, total, async || Ok(())).await?);
     }
-    Ok(rows("memory", args, (median(&small), median(&big)), None))
+    let flat = (median(&small), median(&big));
+    let fan_in = fan_in_costs(args, async || Ok(fascicle_memory::MemoryStore::new())).await?;
+    let mut rows = rows("memory", args, flat, None);
+    rows.extend(fan_in_rows("memory", args, fan_in, flat));
+    Ok(rows)
 }
 
 /// The replaced design on SQLite: per completion, update the child, then recount all of
@@ -211,12 +318,16 @@ pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
             baseline[i].push(tokio::task::spawn_blocking(move || sqlite_rescan(&path, n)).await??);
         }
     }
-    Ok(rows(
+    let flat = (median(&fascicle[0]), median(&fascicle[1]));
+    let fan_in = fan_in_costs(args, async || Ok(SqliteStore::open_temporary().await?)).await?;
+    let mut rows = rows(
         "sqlite",
         args,
-        (median(&fascicle[0]), median(&fascicle[1])),
+        flat,
         Some((median(&baseline[0]), median(&baseline[1]))),
-    ))
+    );
+    rows.extend(fan_in_rows("sqlite", args, fan_in, flat));
+    Ok(rows)
 }
 
 async fn postgres_rescan(store: &PostgresStore, n: usize) -> Result<f64, BoxError> {
@@ -291,10 +402,20 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
             }
         }
     }
-    Ok(rows(
-        "postgres",
-        args,
-        (fascicle[0], fascicle[1]),
-        Some((baseline[0], baseline[1])),
-    ))
+    let mut fan_in = Vec::new();
+    for n in [SMALL, large(args)] {
+        let store = PostgresStore::connect_with(
+            PostgresOptions::new(url)
+                .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple())),
+        )
+        .await?;
+        let shared: Arc<dyn Store> = Arc::new(store.clone());
+        let result = shaped_cost(shared, n, large(args), Shape::FanIn, async || Ok(())).await;
+        crate::drain::drop_schema(&store).await;
+        fan_in.push(result?);
+    }
+    let flat = (fascicle[0], fascicle[1]);
+    let mut rows = rows("postgres", args, flat, Some((baseline[0], baseline[1])));
+    rows.extend(fan_in_rows("postgres", args, (fan_in[0], fan_in[1]), flat));
+    Ok(rows)
 }

@@ -139,16 +139,15 @@ impl Delta {
     }
 }
 
-/// What [`mark_terminal`] changed: the operation's parent and what waits for it.
-struct Marked {
-    parent: Option<Vec<u8>>,
-    dependents: Option<String>,
-}
+/// Parents whose counters a transaction moves, with their children's outcomes.
+type Moves = std::collections::BTreeMap<Vec<u8>, Delta>;
 
-/// Moves an operation to a terminal state (from `pending` or `processing`; under `token`
-/// when one is given). Returns `None` when nothing changed.
+/// One operation's terminal transition: it is moved to `status` (from `pending` or
+/// `processing`; under `token` when one is given), its outcome is added to `moves` (the
+/// caller moves the parents), and its dependents are released (`ReleaseDependents`).
+/// Returns whether it changed.
 #[allow(clippy::too_many_arguments)]
-fn mark_terminal(
+fn end_one(
     tx: &Transaction<'_>,
     id: &OperationId,
     token: Option<&LeaseToken>,
@@ -156,7 +155,8 @@ fn mark_terminal(
     error: Option<&str>,
     result: Option<String>,
     now: i64,
-) -> Result<Option<Marked>> {
+    moves: &mut Moves,
+) -> Result<bool> {
     // Found first, then changed by rowid (no `RETURNING`: see `claim`).
     let found: Option<(i64, Option<Vec<u8>>, Option<String>)> = tx
         .prepare_cached(
@@ -175,7 +175,7 @@ fn mark_terminal(
         .optional()
         .db()?;
     let Some((seq, parent, dependents)) = found else {
-        return Ok(None);
+        return Ok(false);
     };
     tx.prepare_cached(
         "UPDATE fascicle_operations SET status = ?2, error = ?3, result = ?4,
@@ -186,33 +186,11 @@ fn mark_terminal(
     .db()?
     .execute(params![seq, status.as_str(), error, result, now])
     .db()?;
-    Ok(Some(Marked { parent, dependents }))
-}
-
-/// Parents whose counters a transaction moves, with their children's outcomes.
-type Moves = std::collections::BTreeMap<Vec<u8>, Delta>;
-
-/// One operation's terminal transition: [`mark_terminal`], its outcome added to `moves`
-/// (the caller moves the parents), and `ReleaseDependents`. Returns whether it changed.
-#[allow(clippy::too_many_arguments)]
-fn end_one(
-    tx: &Transaction<'_>,
-    id: &OperationId,
-    token: Option<&LeaseToken>,
-    status: Status,
-    error: Option<&str>,
-    result: Option<String>,
-    now: i64,
-    moves: &mut Moves,
-) -> Result<bool> {
-    let Some(marked) = mark_terminal(tx, id, token, status, error, result, now)? else {
-        return Ok(false);
-    };
-    if let Some(parent) = marked.parent {
+    if let Some(parent) = parent {
         moves.entry(parent).or_default().add(Delta::of(status));
     }
-    if marked.dependents.is_some() {
-        release_dependents(tx, id, status, marked.dependents.as_deref(), now, moves)?;
+    if dependents.is_some() {
+        release_dependents(tx, id, status, dependents.as_deref(), now, moves)?;
     }
     Ok(true)
 }
@@ -913,9 +891,9 @@ pub(crate) fn retry_batch(
     // The re-queued operations that wait for others: their counts are taken again below.
     let waiting: Vec<(Vec<u8>, String)> = tx
         .prepare_cached(
-            "SELECT id, depends_on FROM fascicle_operations
-             WHERE parent_id = ?1 AND status IN ('failed', 'cancelled')
-               AND depends_on IS NOT NULL",
+            "SELECT o.id, d.list FROM fascicle_operations AS o
+             JOIN fascicle_depends_on AS d ON d.operation = o.id
+             WHERE o.parent_id = ?1 AND o.status IN ('failed', 'cancelled')",
         )
         .db()?
         .query_map(params![parent.as_bytes()], |row| {
@@ -994,6 +972,13 @@ pub(crate) fn prune(
         if left == 0 {
             break;
         }
+        tx.prepare_cached(
+            "DELETE FROM fascicle_depends_on WHERE operation IN (
+                 SELECT id FROM fascicle_operations WHERE parent_id = ?1)",
+        )
+        .db()?
+        .execute(params![parent])
+        .db()?;
         report.operations += tx
             .prepare_cached("DELETE FROM fascicle_operations WHERE parent_id = ?1")
             .db()?

@@ -133,11 +133,16 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE fascicle_operations ADD COLUMN callbacks TEXT;
     ALTER TABLE fascicle_operations ADD COLUMN callback_for TEXT;
     -- Dependencies inside a batch: how many have not released an operation yet (it is
-    -- not claimable before 0), what it waits for and what waits for it (JSON arrays of
-    -- {"id", "any"}). The claim index leaves waiting operations out.
+    -- not claimable before 0) and what waits for it (a JSON array of {"id", "any"}, read
+    -- once, when it ends). What it waits for lives in a table of its own: SQLite rewrites
+    -- a whole row on every update, and the row of a 100,000-way fan-in's dependent, whose
+    -- count each dependency updates, would otherwise carry the whole list each time.
     ALTER TABLE fascicle_operations ADD COLUMN waiting_on INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE fascicle_operations ADD COLUMN depends_on TEXT;
     ALTER TABLE fascicle_operations ADD COLUMN dependents TEXT;
+    CREATE TABLE fascicle_depends_on (
+        operation   BLOB PRIMARY KEY,
+        list        TEXT NOT NULL
+    ) WITHOUT ROWID;
     DROP INDEX fascicle_operations_claimable;
     CREATE INDEX fascicle_operations_claimable
         ON fascicle_operations (priority DESC, run_at)
@@ -225,8 +230,8 @@ mod tests {
         assert_eq!(version, CURRENT_VERSION);
         // Every row and rowid kept, each with the columns later versions added (NULL).
         // timeout_ms (4); failure_policy, callbacks, callback_for, waiting_on (0),
-        // depends_on, dependents (5).
-        let added = 7;
+        // dependents (5).
+        let added = 6;
         let kept: Vec<Vec<rusqlite::types::Value>> = dump(&conn)
             .into_iter()
             .map(|mut row| {

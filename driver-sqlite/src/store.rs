@@ -313,7 +313,7 @@ pub(crate) const COLUMNS: &str = "id, kind, status, payload, metadata, parent_id
     serialization_key, attempts, max_attempts, run_at, worker_id, lease_expires_at, \
     children_total, children_completed, children_failed, children_cancelled, error, result, \
     created_at, updated_at, completed_at, timeout_ms, failure_policy, callbacks, callback_for, \
-    waiting_on, depends_on";
+    waiting_on, (SELECT list FROM fascicle_depends_on WHERE operation = id)";
 
 /// The number of columns in [`COLUMNS`]: a statement that selects more reads them after.
 pub(crate) const COLUMN_COUNT: usize = 28;

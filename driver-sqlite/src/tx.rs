@@ -17,9 +17,9 @@ const INSERT_PARENT: &str = "INSERT INTO fascicle_operations
 
 const INSERT_CHILD_COLUMNS: &str = "INSERT INTO fascicle_operations
     (id, kind, status, payload, parent_id, priority, serialization_key, attempts, max_attempts,
-     run_at, created_at, updated_at, timeout_ms, waiting_on, depends_on, dependents) VALUES ";
-const CHILD_VALUES: &str = "(?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?)";
-const PARAMS_PER_CHILD: usize = 14;
+     run_at, created_at, updated_at, timeout_ms, waiting_on, dependents) VALUES ";
+const CHILD_VALUES: &str = "(?, ?, 'pending', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?)";
+const PARAMS_PER_CHILD: usize = 13;
 /// Rows per multi-row INSERT; fewer statements to step through for a large batch.
 const ROWS_PER_STATEMENT: usize = 64;
 
@@ -91,8 +91,7 @@ fn bind_child(
     stmt.raw_bind_parameter(first + 9, row.created_at)?;
     stmt.raw_bind_parameter(first + 10, row.timeout_ms)?;
     stmt.raw_bind_parameter(first + 11, row.waiting_on)?;
-    stmt.raw_bind_parameter(first + 12, row.depends_on.as_deref())?;
-    stmt.raw_bind_parameter(first + 13, row.dependents.as_deref())?;
+    stmt.raw_bind_parameter(first + 12, row.dependents.as_deref())?;
     Ok(())
 }
 
@@ -114,6 +113,15 @@ fn insert_rows(conn: &Connection, rows: &[ChildRow]) -> rusqlite::Result<()> {
         for row in rest {
             bind_child(&mut stmt, 1, row)?;
             stmt.raw_execute()?;
+        }
+    }
+    // What each waits for, beside its row (see the schema's version 5).
+    for row in rows {
+        if let Some(list) = &row.depends_on {
+            conn.prepare_cached(
+                "INSERT INTO fascicle_depends_on (operation, list) VALUES (?1, ?2)",
+            )?
+            .execute(rusqlite::params![&row.id[..], list])?;
         }
     }
     Ok(())

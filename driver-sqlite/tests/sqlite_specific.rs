@@ -190,3 +190,38 @@ async fn a_batch_of_100k_children_commits_atomically() {
     assert_eq!(stats.work().ready, N as u64);
     assert_eq!(stats.batches.open, 1);
 }
+
+/// What an operation waits for is kept beside its row (so a fan-in's counter updates do
+/// not rewrite the list); pruning the batch removes those rows too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_a_batch_removes_what_its_operations_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deps.db");
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let (a, b) = (OperationId::new(), OperationId::new());
+    let receipt = Queue::new(Arc::clone(&store))
+        .submit_batch(NewBatch::new("dag").children([
+            NewOperation::new("step", json!(1)).with_id(a),
+            NewOperation::new("step", json!(2)).with_id(b).after(&[a]),
+        ]))
+        .await
+        .unwrap();
+    let lists = || -> i64 {
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM fascicle_depends_on", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(lists(), 1);
+    store.cancel(receipt.parent_id).await.unwrap();
+    let report = store
+        .prune(fascicle_api::chrono::Utc::now() + fascicle_api::chrono::Duration::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!((report.batches, report.operations), (1, 2));
+    assert_eq!(
+        lists(),
+        0,
+        "a pruned batch left its dependency lists behind"
+    );
+}
