@@ -1,4 +1,5 @@
-//! Model-based testing: random histories of submits, claims, outcomes, cancellations
+//! Model-based testing: random histories of submits (batches under every failure policy,
+//! with chains of `after` / `after_any` dependencies), claims, outcomes, cancellations
 //! (also of running operations), retries, releases, lease expiries, rescues,
 //! reconciliations and prunes, with the store's invariants checked after every step
 //! against a recount and a small reference model. [`check_lockstep`] runs one history
@@ -20,8 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fascicle_api::{
-    ChildCounters, ClaimRequest, ClaimedOperation, Completion, NewBatch, NewOperation, Operation,
-    OperationId, Outcome, Queue, Status, Store, parent_outcome,
+    ChildCounters, ClaimRequest, ClaimedOperation, Completion, FailurePolicy, NewBatch,
+    NewOperation, Operation, OperationId, Outcome, Queue, Status, Store,
 };
 use proptest::prelude::*;
 use serde_json::json;
@@ -35,6 +36,11 @@ pub enum Step {
     Submit {
         /// How many children; 0 submits a stand-alone operation instead.
         children: usize,
+        /// The batch's failure policy: 0 `WaitAll`, 1 `FailFast`, 2 `IgnoreFailures`.
+        policy: u8,
+        /// Child `i` (from 1) waits for child `i - 1` when bit `i - 1` is set, with
+        /// `after_any` when bit `i + 3` is set too.
+        deps: u8,
     },
     /// Claim up to `limit`; with `short_lease` the lease expires at once.
     Claim {
@@ -77,7 +83,8 @@ pub enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0usize..4).prop_map(|children| Step::Submit { children }),
+        3 => (0usize..4, 0u8..3, any::<u8>())
+            .prop_map(|(children, policy, deps)| Step::Submit { children, policy, deps }),
         3 => (1usize..6, any::<bool>()).prop_map(|(limit, short_lease)| Step::Claim { limit, short_lease }),
         4 => (any::<usize>(), 0u8..4).prop_map(|(pick, outcome)| Step::Finish { pick, outcome }),
         1 => any::<usize>().prop_map(|pick| Step::Cancel { pick }),
@@ -162,6 +169,7 @@ type Observed = (
     Option<ChildCounters>,
     Option<String>,
     Option<serde_json::Value>,
+    u32,
 );
 
 async fn run_lockstep(stores: Vec<Arc<dyn Store>>, steps: Vec<Step>) {
@@ -170,7 +178,7 @@ async fn run_lockstep(stores: Vec<Arc<dyn Store>>, steps: Vec<Step>) {
     for (i, step) in steps.iter().enumerate() {
         // The same new ids for every store.
         let fresh: Vec<OperationId> = match step {
-            Step::Submit { children } => (0..=*children).map(|_| OperationId::new()).collect(),
+            Step::Submit { children, .. } => (0..=*children).map(|_| OperationId::new()).collect(),
             _ => Vec::new(),
         };
         let mut observed: Vec<BTreeMap<OperationId, Observed>> = Vec::new();
@@ -193,7 +201,14 @@ async fn run_lockstep(stores: Vec<Arc<dyn Store>>, steps: Vec<Step>) {
                     .map(|(id, op)| {
                         (
                             id,
-                            (op.status, op.attempts, op.children, op.error, op.result),
+                            (
+                                op.status,
+                                op.attempts,
+                                op.children,
+                                op.error,
+                                op.result,
+                                op.waiting_on,
+                            ),
                         )
                     })
                     .collect(),
@@ -224,23 +239,40 @@ async fn apply(
     fresh: &[OperationId],
 ) {
     match *step {
-        Step::Submit { children: 0 } => {
+        Step::Submit { children: 0, .. } => {
             let receipt = queue
                 .submit(NewOperation::new("op", json!({})).with_id(fresh[0]))
                 .await
                 .unwrap();
             model.ids.insert(receipt.id);
         }
-        Step::Submit { children } => {
-            let receipt =
-                queue
-                    .submit_batch(NewBatch::new("batch").with_id(fresh[0]).children(
-                        (0..children).map(|i| {
-                            NewOperation::new("op", json!({ "i": i })).with_id(fresh[i + 1])
-                        }),
-                    ))
-                    .await
-                    .unwrap();
+        Step::Submit {
+            children,
+            policy,
+            deps,
+        } => {
+            let policy = [
+                FailurePolicy::WaitAll,
+                FailurePolicy::FailFast,
+                FailurePolicy::IgnoreFailures,
+            ][policy as usize % 3];
+            let child = |i: usize| {
+                let op = NewOperation::new("op", json!({ "i": i })).with_id(fresh[i + 1]);
+                match (i, deps >> (i.max(1) - 1) & 1, deps >> (i + 3) & 1) {
+                    (0, _, _) | (_, 0, _) => op,
+                    (_, _, 0) => op.after(&[fresh[i]]),
+                    _ => op.after_any(&[fresh[i]]),
+                }
+            };
+            let receipt = queue
+                .submit_batch(
+                    NewBatch::new("batch")
+                        .with_id(fresh[0])
+                        .with_failure_policy(policy)
+                        .children((0..children).map(child)),
+                )
+                .await
+                .unwrap();
             model.ids.insert(receipt.parent_id);
             model.ids.extend(receipt.child_ids.iter().copied());
             model.parents.insert(receipt.parent_id, receipt.child_ids);
@@ -445,6 +477,43 @@ async fn verify(
             ));
         }
     }
+    for op in ops.values() {
+        // An operation that ran waited for what it needed completed, and that stays
+        // completed (a batch retry re-queues only failed and cancelled children).
+        if matches!(op.status, Status::Processing | Status::Completed) {
+            for dependency in op.after.iter().filter(|d| !d.any) {
+                if ops.get(&dependency.id).map(|d| d.status) != Some(Status::Completed) {
+                    return Err(format!(
+                        "{} is {} although its dependency {} is not completed",
+                        op.id, op.status, dependency.id
+                    ));
+                }
+            }
+        }
+        // A pending operation counts every dependency it needs completed that is not
+        // (exactly, when it has no after_any ones; an after_any one that ended released
+        // it, and stays so until a batch retry re-queues the operation itself).
+        if op.status == Status::Pending {
+            let status = |id| {
+                ops.get(id)
+                    .map_or(Status::Completed, |d: &Operation| d.status)
+            };
+            let strict_open = op
+                .after
+                .iter()
+                .filter(|d| !d.any && status(&d.id) != Status::Completed)
+                .count();
+            let any = op.after.iter().filter(|d| d.any).count();
+            let waiting = op.waiting_on as usize;
+            if waiting < strict_open || waiting > strict_open + any {
+                return Err(format!(
+                    "{} waits for {waiting} but {strict_open} of its dependencies it needs \
+                     completed are open (and {any} after_any)",
+                    op.id
+                ));
+            }
+        }
+    }
     let mut expected = fascicle_api::Stats::default();
     for op in ops.values() {
         expected.count(
@@ -489,7 +558,11 @@ async fn verify(
                 p.children
             ));
         }
-        let want = parent_outcome(&recount).unwrap_or(Status::Pending);
+        let policy = p
+            .plan
+            .as_ref()
+            .map_or(FailurePolicy::WaitAll, |plan| plan.failure_policy);
+        let want = policy.outcome(&recount).unwrap_or(Status::Pending);
         if p.status != want {
             return Err(format!(
                 "parent {parent} is {} but its children say {want} ({recount:?})",
