@@ -320,6 +320,9 @@ macro_rules! __for_each_case {
             a_dependency_finishing_races_its_dependent_being_cancelled,
             retry_batch_requeues_a_dependency_chain,
             invalid_dependencies_are_refused_naming_the_ids,
+            the_longest_chain_allowed_cancels_in_one_step,
+            one_complete_call_is_one_fail_fast_step,
+            one_rescue_is_one_fail_fast_step,
         );
     };
 }

@@ -88,6 +88,11 @@ pub(crate) struct State {
     /// Set while one step cancels every pending child of a batch (a batch's cancel, a
     /// fail-fast): their dependents are among them, so none is released one by one.
     bulk: bool,
+    /// Set while one store call ends several operations at once (`complete`, a rescue):
+    /// their parents are settled — fail-fast, finalization — once all of them ended, as
+    /// the SQL drivers do in one statement. Each entry: the parent, and whether a child of
+    /// it failed for good in this call.
+    deferred: Option<Vec<(OperationId, bool)>>,
 }
 
 /// The rows in slots, in submission order (a pruned row's slot is reused), with an
@@ -582,6 +587,8 @@ impl State {
         let row = self.rows.at_mut(slot);
         row.take(transition, error, now);
         row.op.result = result;
+        // An operation that ended waits for nothing.
+        row.op.waiting_on = 0;
         let status = row.op.status;
         let parent_id = row.op.parent_id;
         let has_dependents = !row.op.body.dependents.is_empty();
@@ -604,16 +611,27 @@ impl State {
             // `ReleaseDependents`, before the fail-fast step.
             self.release_dependents(id, status, now);
         }
+        let failed = status == Status::Failed;
+        if let Some(deferred) = self.deferred.as_mut() {
+            deferred.push((parent_id, failed));
+            return;
+        }
+        self.settle(parent_id, failed && policy == FailurePolicy::FailFast, now);
+    }
+
+    /// After children of `parent_id` ended: the fail-fast step when one of them failed
+    /// for good under `FailFast`, then the parent's finalization when no child is open.
+    fn settle(&mut self, parent_id: OperationId, fail_fast: bool, now: DateTime<Utc>) {
         let Some(parent) = self.rows.get(&parent_id) else {
             return;
         };
         if parent.op.status != Status::Pending {
             return;
         }
-        if status == Status::Failed && policy == FailurePolicy::FailFast {
+        if fail_fast {
             // `fail_fast_cancel_pending` and `fail_fast_request_cancel` for the siblings;
             // the last cancelled sibling finalizes the parent when none still runs.
-            self.fail_fast(parent_id, id, now);
+            self.fail_fast(parent_id, now);
             return;
         }
         // Most completions leave the batch open: decided without another lookup.
@@ -626,6 +644,39 @@ impl State {
         {
             self.finalize_parent(parent_id, now);
         }
+    }
+
+    /// Ends several operations as one step (`f`), then settles each parent they touched.
+    fn in_one_step(&mut self, now: DateTime<Utc>, f: impl FnOnce(&mut Self)) {
+        self.deferred = Some(Vec::new());
+        f(self);
+        let deferred = self.deferred.take().unwrap_or_default();
+        let mut parents: Vec<(OperationId, bool)> = Vec::new();
+        for (parent, failed) in deferred {
+            match parents.iter_mut().find(|(p, _)| *p == parent) {
+                Some(entry) => entry.1 |= failed,
+                None => parents.push((parent, failed)),
+            }
+        }
+        for (parent, failed) in parents {
+            let fail_fast = failed
+                && self
+                    .rows
+                    .get(&parent)
+                    .is_some_and(|p| p.op.policy() == FailurePolicy::FailFast);
+            self.settle(parent, fail_fast, now);
+        }
+    }
+
+    /// The first failed child of a batch (earliest `completed_at`, then submission
+    /// order): the one a `FailFast` batch names and takes its error from.
+    fn first_failure(&self, parent_id: OperationId) -> Option<&Row> {
+        self.children
+            .get(&parent_id)?
+            .iter()
+            .filter_map(|c| self.rows.get(c))
+            .filter(|c| c.op.status == Status::Failed)
+            .min_by_key(|c| (c.op.completed_at, c.seq))
     }
 
     /// `ReleaseDependents` of `id`, which just ended `status`: each pending dependent waits
@@ -655,7 +706,10 @@ impl State {
     /// `failed` failed for good in a `FailFast` batch: its pending siblings are cancelled
     /// naming it, its running ones asked to stop; the parent is finalized once no child
     /// is left open.
-    fn fail_fast(&mut self, parent_id: OperationId, failed: OperationId, now: DateTime<Utc>) {
+    fn fail_fast(&mut self, parent_id: OperationId, now: DateTime<Utc>) {
+        let Some(failed) = self.first_failure(parent_id).map(|row| row.op.id) else {
+            return;
+        };
         let siblings = self.children.get(&parent_id).cloned().unwrap_or_default();
         let reason = messages::cancelled_by_fail_fast(failed);
         self.bulk = true;
@@ -699,9 +753,8 @@ impl State {
                     .filter_map(|c| self.rows.get(c))
                     .filter(|c| c.op.status == Status::Failed);
                 if policy == FailurePolicy::FailFast {
-                    // The first failure: earliest completed_at, then submission order.
-                    return failed
-                        .min_by_key(|c| (c.op.completed_at, c.seq))
+                    return self
+                        .first_failure(parent_id)
                         .and_then(|c| c.op.error.clone());
                 }
                 let errors: Vec<String> = failed.filter_map(|c| c.op.error.clone()).collect();
@@ -888,7 +941,11 @@ impl Store for MemoryStore {
     async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
         let now = Utc::now();
         let mut state = self.lock();
-        Ok(completions.iter().map(|c| state.complete(c, now)).collect())
+        let mut applied = Vec::with_capacity(completions.len());
+        state.in_one_step(now, |state| {
+            applied.extend(completions.iter().map(|c| state.complete(c, now)));
+        });
+        Ok(applied)
     }
 
     async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
@@ -944,14 +1001,22 @@ impl Store for MemoryStore {
             })
             .collect();
         let mut report = RescueReport::default();
-        for (id, rescue, attempts) in expired {
-            if rescue == table::RESCUE {
-                state.update(id, |row| {
-                    row.take(&rescue, None, now);
+        // One step, as the SQL drivers take it: every requeue first, then every ending,
+        // then each touched parent is settled once.
+        for (id, rescue, _) in &expired {
+            if *rescue == table::RESCUE {
+                state.update(*id, |row| {
+                    row.take(rescue, None, now);
                     row.op.run_at = now;
                 });
                 report.requeued += 1;
-            } else {
+            }
+        }
+        state.in_one_step(now, |state| {
+            for (id, rescue, attempts) in expired {
+                if rescue == table::RESCUE {
+                    continue;
+                }
                 let error = (rescue == table::RESCUE_EXHAUSTED)
                     .then(|| messages::lease_expired_on_last_attempt(attempts));
                 state.finish(id, &rescue, error, None, now);
@@ -961,7 +1026,7 @@ impl Store for MemoryStore {
                     report.failed += 1;
                 }
             }
-        }
+        });
         Ok(report)
     }
 

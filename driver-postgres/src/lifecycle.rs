@@ -305,8 +305,8 @@ async fn fail_fast(
     };
     let row = sqlx::query(sql.text(
         "WITH cancelled AS (
-             UPDATE {s}.operations SET status = 'cancelled', error = $2, updated_at = now(),
-                 completed_at = now()
+             UPDATE {s}.operations SET status = 'cancelled', error = $2, waiting_on = 0,
+                 updated_at = now(), completed_at = now()
              WHERE parent_id = $1 AND status = 'pending'
              RETURNING 1)
          UPDATE {s}.operations
@@ -365,7 +365,7 @@ async fn end_operations(
          updated AS (
              UPDATE {{s}}.operations AS o
              SET status = i.status, error = i.error, result = NULL, worker_id = NULL,
-                 lease_token = NULL, lease_expires_at = NULL,
+                 lease_token = NULL, lease_expires_at = NULL, waiting_on = 0,
                  updated_at = now(), completed_at = now()
              FROM input AS i
              WHERE o.id = i.id AND o.status = i.from_status
@@ -871,7 +871,8 @@ pub(crate) async fn cancel(
     let statement = format!(
         "WITH updated AS (
              UPDATE {{s}}.operations AS o
-             SET status = 'cancelled', error = $2, updated_at = now(), completed_at = now()
+             SET status = 'cancelled', error = $2, waiting_on = 0, updated_at = now(),
+                 completed_at = now()
              WHERE parent_id = $1 AND status = 'pending'
              -- Every pending child in this one step: no dependent is left to release.
              RETURNING o.id, o.parent_id, o.status, false AS has_dependents),

@@ -180,7 +180,7 @@ fn end_one(
     tx.prepare_cached(
         "UPDATE fascicle_operations SET status = ?2, error = ?3, result = ?4,
              worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-             updated_at = ?5, completed_at = ?5
+             waiting_on = 0, updated_at = ?5, completed_at = ?5
          WHERE seq = ?1",
     )
     .db()?
@@ -312,7 +312,7 @@ fn fail_fast(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<u64> {
     let cancelled = tx
         .prepare_cached(
             "UPDATE fascicle_operations SET status = 'cancelled', error = ?2,
-                 updated_at = ?3, completed_at = ?3
+                 waiting_on = 0, updated_at = ?3, completed_at = ?3
              WHERE parent_id = ?1 AND status = 'pending'",
         )
         .db()?
@@ -642,6 +642,9 @@ pub(crate) fn rescue(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<RescueR
         .collect::<rusqlite::Result<_>>()
         .db()?;
     let mut report = RescueReport::default();
+    // One step, as PostgreSQL takes it in one statement: every requeue first, then every
+    // ending, then each touched parent moved once (fail-fast, finalization).
+    let mut endings = Vec::new();
     for (id, attempts, max_attempts, cancel) in expired {
         let id = id_of(id)?;
         let rescue = table::rescue_of(cancel, attempts, max_attempts);
@@ -651,28 +654,35 @@ pub(crate) fn rescue(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<RescueR
                     "UPDATE fascicle_operations SET status = 'pending', error = ?3,
                          worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
                          run_at = ?2, updated_at = ?2
-                     WHERE id = ?1 AND status = 'processing' AND lease_expires_at < ?2",
+                     WHERE id = ?1 AND status = 'processing' AND lease_expires_at < ?2
+                       AND cancel_requested = 0",
                 )
                 .db()?
                 .execute(params![id.as_bytes(), now, messages::LEASE_EXPIRED])
                 .db()? as u64;
-            continue;
-        }
-        let (status, error) = if rescue == table::RESCUE_AFTER_CANCEL {
-            (Status::Cancelled, messages::CANCELLED_AT_RESCUE.to_owned())
+        } else if rescue == table::RESCUE_AFTER_CANCEL {
+            endings.push((
+                id,
+                Status::Cancelled,
+                messages::CANCELLED_AT_RESCUE.to_owned(),
+            ));
         } else {
-            (
-                Status::Failed,
-                messages::lease_expired_on_last_attempt(attempts),
-            )
-        };
-        if finish(tx, &id, None, status, Some(&error), None, now)? {
+            let error = messages::lease_expired_on_last_attempt(attempts);
+            endings.push((id, Status::Failed, error));
+        }
+    }
+    let mut moves = Moves::new();
+    for (id, status, error) in endings {
+        if end_one(tx, &id, None, status, Some(&error), None, now, &mut moves)? {
             if status == Status::Cancelled {
                 report.cancelled += 1;
             } else {
                 report.failed += 1;
             }
         }
+    }
+    for (parent, delta) in moves {
+        move_parent(tx, &parent, delta, now)?;
     }
     Ok(report)
 }
@@ -824,7 +834,7 @@ pub(crate) fn cancel(
         let cancelled = tx
             .prepare_cached(
                 "UPDATE fascicle_operations SET status = 'cancelled', error = ?2,
-                     updated_at = ?3, completed_at = ?3
+                     waiting_on = 0, updated_at = ?3, completed_at = ?3
                  WHERE parent_id = ?1 AND status = 'pending'",
             )
             .db()?

@@ -20,7 +20,7 @@ pub use lifecycle::{
 };
 pub use lifecycle::{messages, table};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
-pub use queue::{Limits, MAX_JSON_DEPTH, Queue};
+pub use queue::{Limits, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, Queue};
 pub use store::{InsertHealth, Store, Transaction, check_batch_membership};
 pub use types::{
     BatchReceipt, BatchStats, ChildCounters, ChildRecord, Counted, DEFAULT_MAX_ATTEMPTS,

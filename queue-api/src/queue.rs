@@ -402,6 +402,10 @@ fn refuse_dependencies(record: &ChildRecord, what: Subject) -> Result<()> {
 /// How many ids a refusal names at most.
 const NAMED_IDS: usize = 10;
 
+/// The longest chain of dependencies a batch may hold (operations each waiting for the one
+/// before): a failure cancels down a chain one link after another in one transaction.
+pub const MAX_DEPENDENCY_DEPTH: usize = 100;
+
 /// Checks a batch's dependency graph — every dependency another child of the batch,
 /// none twice, no cycle — and fills in each child's `dependents` (the reverse edges). A
 /// batch without dependencies costs one pass over its children.
@@ -449,10 +453,21 @@ fn link_dependencies(children: &mut [ChildRecord]) -> Result<()> {
         out[from].push(to);
     }
     let mut ready: Vec<usize> = (0..children.len()).filter(|&i| waiting[i] == 0).collect();
+    // The longest chain of dependencies ending at each operation (1 for one without).
+    let mut depth = vec![1usize; children.len()];
     let mut freed = 0;
     while let Some(i) = ready.pop() {
         freed += 1;
+        if depth[i] > MAX_DEPENDENCY_DEPTH {
+            return Err(Error::InvalidInput(format!(
+                "child {} ends a chain of more than {MAX_DEPENDENCY_DEPTH} operations each \
+                 waiting for the one before; the longest chain a batch may hold is \
+                 {MAX_DEPENDENCY_DEPTH}",
+                children[i].id
+            )));
+        }
         for &to in &out[i] {
+            depth[to] = depth[to].max(depth[i] + 1);
             waiting[to] -= 1;
             if waiting[to] == 0 {
                 ready.push(to);

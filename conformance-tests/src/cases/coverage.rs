@@ -101,6 +101,8 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "fail_fast_cancels_pending_siblings_and_stops_running_ones",
             "fail_fast_races_a_completing_sibling",
             "fail_fast_on_an_expired_last_attempt",
+            "one_complete_call_is_one_fail_fast_step",
+            "one_rescue_is_one_fail_fast_step",
         ],
     ),
     (
@@ -109,6 +111,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "a_failed_dependency_cancels_its_dependents_and_after_any_still_runs",
             "cancelling_a_dependency_cascades_to_its_dependents",
             "retry_batch_requeues_a_dependency_chain",
+            "the_longest_chain_allowed_cancels_in_one_step",
         ],
     ),
     (

@@ -345,3 +345,40 @@ pub async fn invalid_dependencies_are_refused_naming_the_ids(store: Arc<dyn Stor
     let stats = store.stats().await.unwrap();
     assert_eq!(stats.work().total() + stats.batches.total(), 0);
 }
+
+/// The longest chain a batch may hold (`MAX_DEPENDENCY_DEPTH` operations each waiting for
+/// the one before) is cancelled link by link in one transaction when its head fails; one
+/// link more is refused at submit.
+pub async fn the_longest_chain_allowed_cancels_in_one_step(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let chain = |n: usize| {
+        let ids: Vec<OperationId> = (0..n).map(|_| OperationId::new()).collect();
+        let batch =
+            NewBatch::new("chain").children(ids.iter().enumerate().map(|(i, &id)| match i {
+                0 => step(id),
+                _ => step(id).after(&[ids[i - 1]]),
+            }));
+        (ids, batch)
+    };
+    let (_, too_long) = chain(fascicle_api::MAX_DEPENDENCY_DEPTH + 1);
+    refused(
+        queue.submit_batch(too_long).await,
+        &[fascicle_api::MAX_DEPENDENCY_DEPTH.to_string()],
+    );
+    let (links, batch) = chain(fascicle_api::MAX_DEPENDENCY_DEPTH);
+    let receipt = queue.submit_batch(batch).await.unwrap();
+    let head = claim(&store, 10).await;
+    assert_eq!(ids(&head), HashSet::from([links[0]]));
+    finish(&store, &head[0], Outcome::Failed("the head broke".into())).await;
+    let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
+    assert_eq!(parent.status, Status::Failed);
+    assert_eq!(
+        parent.children.unwrap().cancelled,
+        fascicle_api::MAX_DEPENDENCY_DEPTH as u64 - 1
+    );
+    let tail = store.get(*links.last().unwrap()).await.unwrap().unwrap();
+    assert_eq!(
+        tail.error.as_deref(),
+        Some(messages::cancelled_by_dependency(links[links.len() - 2], Status::Cancelled).as_str())
+    );
+}

@@ -770,3 +770,94 @@ pub async fn a_callback_runs_without_waiting_for_the_poll_interval(store: Arc<dy
     let _ = stop_tx.send(());
     handle.await.unwrap().unwrap();
 }
+
+/// Several endings recorded by one store call form one step on every driver: a
+/// `complete` whose first completion fails a `FailFast` child and whose second asks for a
+/// retry leaves the retried sibling cancelled by the fail-fast step (not re-queued), and
+/// siblings are named after the batch's first failure (submission order among failures
+/// recorded together), whichever order the call lists them in.
+pub async fn one_complete_call_is_one_fail_fast_step(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let receipt = queue
+        .submit_batch(
+            NewBatch::new("fast")
+                .children(children("step", 4))
+                .with_failure_policy(FailurePolicy::FailFast),
+        )
+        .await
+        .unwrap();
+    let running = claim(&store, 3).await;
+    let by_id: HashMap<OperationId, &ClaimedOperation> =
+        running.iter().map(|c| (c.operation.id, c)).collect();
+    let [first, second, third] = [0, 1, 2].map(|i| by_id[&receipt.child_ids[i]]);
+    let completion = |c: &ClaimedOperation, outcome| fascicle_api::Completion {
+        id: c.operation.id,
+        lease_token: c.lease_token,
+        outcome,
+    };
+    let applied = store
+        .complete(&[
+            completion(second, Outcome::Failed("second's error".into())),
+            completion(first, Outcome::Failed("first's error".into())),
+            completion(
+                third,
+                Outcome::Retry {
+                    error: "try again".into(),
+                    run_at: Utc::now(),
+                },
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(applied, [Applied::Applied; 3]);
+    let reason = messages::cancelled_by_fail_fast(receipt.child_ids[0]);
+    for id in &receipt.child_ids[2..] {
+        let child = store.get(*id).await.unwrap().unwrap();
+        assert_eq!(child.status, Status::Cancelled, "{id}");
+        assert_eq!(child.error.as_deref(), Some(reason.as_str()), "{id}");
+    }
+    let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
+    assert_eq!(parent.status, Status::Failed);
+    assert_eq!(parent.error.as_deref(), Some("first's error"));
+}
+
+/// A rescue is one step too: in a `FailFast` batch whose child on its last attempt and
+/// whose sibling with attempts left both lost their leases, the sibling goes back to
+/// `pending` and is then cancelled by the fail-fast step, on every driver.
+pub async fn one_rescue_is_one_fail_fast_step(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let last = OperationId::new();
+    let receipt = queue
+        .submit_batch(
+            NewBatch::new("fast")
+                .child(
+                    NewOperation::new("step", json!(0))
+                        .with_id(last)
+                        .with_max_attempts(1),
+                )
+                .children(children("step", 2))
+                .with_failure_policy(FailurePolicy::FailFast),
+        )
+        .await
+        .unwrap();
+    let short = store
+        .claim(&ClaimRequest {
+            lease: Duration::from_millis(50),
+            ..request(2)
+        })
+        .await
+        .unwrap();
+    assert_eq!(short.len(), 2);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let report = store.rescue_expired_leases().await.unwrap();
+    assert_eq!((report.requeued, report.failed), (1, 1));
+    let reason = messages::cancelled_by_fail_fast(last);
+    for id in &receipt.child_ids[1..] {
+        let child = store.get(*id).await.unwrap().unwrap();
+        assert_eq!(child.status, Status::Cancelled, "{id}");
+        assert_eq!(child.error.as_deref(), Some(reason.as_str()), "{id}");
+    }
+    let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
+    assert_eq!(parent.status, Status::Failed);
+    assert!(claim(&store, 10).await.is_empty());
+}
