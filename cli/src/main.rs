@@ -651,7 +651,7 @@ fn waiting_for(
         .iter()
         .filter(|d| {
             let status = statuses.get(&d.id).copied().unwrap_or(Status::Completed);
-            !(status == Status::Completed || (d.any && status.is_terminal()))
+            !d.released_by(status)
         })
         .map(|d| format!("{}{}", d.id, if d.any { " (to end)" } else { "" }))
         .collect();

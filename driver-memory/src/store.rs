@@ -691,7 +691,7 @@ impl State {
             if self.rows.get(&edge.id).map(|r| r.op.status) != Some(Status::Pending) {
                 continue;
             }
-            if status == Status::Completed || edge.any {
+            if edge.released_by(status) {
                 self.update(edge.id, |row| {
                     row.op.waiting_on = row.op.waiting_on.saturating_sub(1);
                     row.op.updated_at = now;
@@ -1146,7 +1146,7 @@ impl Store for MemoryStore {
                         .rows
                         .get(&d.id)
                         .map_or(Status::Completed, |r| r.op.status);
-                    !(status == Status::Completed || (d.any && status.is_terminal()))
+                    !d.released_by(status)
                 })
                 .count() as u32;
             state.update(*id, |row| row.op.waiting_on = waiting);

@@ -235,7 +235,11 @@ async fn release_dependents(conn: &mut PgConnection, sql: &Sql, ended: &[Uuid]) 
     let mut cancelled: Vec<(Uuid, String)> = Vec::new();
     for (dependency, status, dependent, any) in edges {
         let status: Status = status.parse()?;
-        if status == Status::Completed || any {
+        let edge = fascicle_api::Dependency {
+            id: dependent.into(),
+            any,
+        };
+        if edge.released_by(status) {
             *released.entry(dependent).or_default() += 1;
         } else if !cancelled.iter().any(|(id, _)| *id == dependent) {
             cancelled.push((

@@ -207,7 +207,7 @@ fn release_dependents(
     moves: &mut Moves,
 ) -> Result<()> {
     for edge in fascicle_api::Dependency::list_from_json(dependents)? {
-        if status == Status::Completed || edge.any {
+        if edge.released_by(status) {
             tx.prepare_cached(
                 "UPDATE fascicle_operations SET waiting_on = waiting_on - 1, updated_at = ?2
                  WHERE id = ?1 AND status = 'pending' AND waiting_on > 0",
@@ -933,7 +933,7 @@ pub(crate) fn retry_batch(
                 .optional()
                 .db()?;
             let status = status.map_or(Ok(Status::Completed), status_of)?;
-            if !(status == Status::Completed || (dependency.any && status.is_terminal())) {
+            if !dependency.released_by(status) {
                 count += 1;
             }
         }

@@ -186,6 +186,13 @@ pub struct Dependency {
 }
 
 impl Dependency {
+    /// Whether a dependency in `status` has released the operation waiting for it: by
+    /// completing, or — for an `any` edge — by ending in any way. The one rule the
+    /// drivers' releases and `retry_batch`'s recount apply.
+    pub fn released_by(&self, status: Status) -> bool {
+        status == Status::Completed || (self.any && status.is_terminal())
+    }
+
     /// A list as drivers store it: a JSON array, or `None` for an empty list.
     pub fn list_json(list: &[Dependency]) -> Option<String> {
         (!list.is_empty()).then(|| serde_json::to_string(list).expect("dependencies serialize"))

@@ -70,6 +70,18 @@ async fn finish_steps(store: &Arc<dyn Store>, outcome: impl Fn(usize) -> Outcome
     }
 }
 
+/// Claims every ready `step`: the first fails with `error`, the others complete.
+async fn fail_the_first_step(store: &Arc<dyn Store>, error: &str) {
+    finish_steps(store, |i| {
+        if i == 0 {
+            Outcome::Failed(error.into())
+        } else {
+            Outcome::Completed(json!(1))
+        }
+    })
+    .await;
+}
+
 fn batch_of(claimed: &ClaimedOperation) -> &BatchInfo {
     claimed
         .operation
@@ -154,14 +166,7 @@ pub async fn callbacks_fire_once_for_the_outcome(store: Arc<dyn Store>) {
 pub async fn a_failed_batch_fires_its_failure_callbacks(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
     let receipt = queue.submit_batch(with_callbacks(2)).await.unwrap();
-    finish_steps(&store, |i| {
-        if i == 0 {
-            Outcome::Failed("disk full".into())
-        } else {
-            Outcome::Completed(json!(1))
-        }
-    })
-    .await;
+    fail_the_first_step(&store, "disk full").await;
     let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
     assert_eq!(parent.status, Status::Failed);
     let callbacks = claim_callbacks(&store).await;
@@ -330,14 +335,7 @@ pub async fn the_reconciler_fires_the_callbacks_of_the_batches_it_finalizes(stor
 pub async fn retry_batch_fires_the_callbacks_of_the_new_outcome(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
     let receipt = queue.submit_batch(with_callbacks(2)).await.unwrap();
-    finish_steps(&store, |i| {
-        if i == 0 {
-            Outcome::Failed("first try".into())
-        } else {
-            Outcome::Completed(json!(1))
-        }
-    })
-    .await;
+    fail_the_first_step(&store, "first try").await;
     let first = claim_callbacks(&store).await;
     assert_eq!(kinds(&first), ["cb_complete", "cb_failure"]);
     assert_eq!(store.retry_batch(receipt.parent_id).await.unwrap(), 1);
