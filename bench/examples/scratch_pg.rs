@@ -22,7 +22,11 @@ async fn main() {
             .unwrap();
         let b = batch(10_000);
         let t = Instant::now();
-        let (p, c) = Limits::default().prepare_batch(b).unwrap();
+        let (p, c) = Limits::default()
+            .prepare_batch(b)
+            .unwrap()
+            .batches
+            .remove(0);
         let prep = t.elapsed();
         let _ = store.get(p.id).await.unwrap();
         let mut tx = store.begin().await.unwrap();

@@ -11,7 +11,11 @@ fn batch(n: usize) -> NewBatch {
 async fn manual(store: Arc<dyn Store>) -> std::time::Duration {
     let b = batch(10_000);
     let t = Instant::now();
-    let (p, c) = Limits::default().prepare_batch(b).unwrap();
+    let (p, c) = Limits::default()
+        .prepare_batch(b)
+        .unwrap()
+        .batches
+        .remove(0);
     let _ = store.get(p.id).await.unwrap();
     let mut tx = store.begin().await.unwrap();
     tx.insert_parent(&p).await.unwrap();

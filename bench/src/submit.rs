@@ -38,6 +38,8 @@ fn records(n: usize) -> (ParentRecord, Vec<ChildRecord>) {
     Limits::default()
         .prepare_batch(batch(n))
         .expect("benchmark batch is valid")
+        .batches
+        .remove(0)
 }
 
 fn scenario() -> String {

@@ -323,6 +323,18 @@ macro_rules! __for_each_case {
             the_longest_chain_allowed_cancels_in_one_step,
             one_complete_call_is_one_fail_fast_step,
             one_rescue_is_one_fail_fast_step,
+            a_nested_tree_finalizes_level_by_level,
+            a_failed_nested_batch_fails_fast_its_outer_batch,
+            fail_fast_reaches_into_nested_batches,
+            cancel_acts_on_the_tree,
+            retry_batch_reopens_the_tree,
+            dependencies_cross_the_tree,
+            invalid_trees_are_refused,
+            the_reconciler_counts_a_nested_batch_into_its_parent,
+            a_nested_batch_joins_only_a_batch_of_its_transaction,
+            prune_removes_whole_trees,
+            last_children_of_two_nested_batches_race,
+            the_deepest_tree_allowed_ends_in_one_step,
         );
     };
 }

@@ -85,9 +85,10 @@ pub(crate) struct State {
     /// One shared copy of each kind's name.
     kinds: HashMap<Arc<str>, ()>,
     next_seq: u64,
-    /// Set while one step cancels every pending child of a batch (a batch's cancel, a
-    /// fail-fast): their dependents are among them, so none is released one by one.
-    bulk: bool,
+    /// Set while one step cancels every pending operation of a batch's tree (a batch's
+    /// cancel, a fail-fast): the rows that ended with dependents, released once the step
+    /// is over (what is left pending of them then is outside the tree).
+    bulk: Option<Vec<(OperationId, Status)>>,
     /// Set while one store call ends several operations at once (`complete`, a rescue):
     /// their parents are settled — fail-fast, finalization — once all of them ended, as
     /// the SQL drivers do in one statement. Each entry: the parent, and whether a child of
@@ -370,6 +371,9 @@ impl State {
 
     /// Stores a parent whose transaction inserted `children_total` children for it.
     pub(crate) fn apply_parent(&mut self, parent: &ParentRecord, children_total: u64) {
+        if let Some(outer) = parent.parent_id {
+            self.children.entry(outer).or_default().push(parent.id);
+        }
         let kind = self.kind(&parent.kind);
         let body = Body {
             payload: None,
@@ -377,9 +381,10 @@ impl State {
             plan: Some(parent.plan.clone()),
             callback_for: None,
             after: Vec::new(),
-            dependents: Vec::new(),
+            dependents: parent.dependents.clone(),
         };
         self.insert(Fields {
+            parent_id: parent.parent_id,
             children: Some(ChildCounters {
                 total: children_total,
                 ..ChildCounters::default()
@@ -590,6 +595,17 @@ impl State {
         // An operation that ended waits for nothing.
         row.op.waiting_on = 0;
         let status = row.op.status;
+        self.ended(id, status, now);
+    }
+
+    /// After the row `id` (an operation, or a nested batch just finalized) ended in
+    /// `status`: its outcome is counted into its parent, what waits for it is released
+    /// (`ReleaseDependents`, before the fail-fast step), and the parent is settled — at
+    /// once, or at the end of the step when one is open.
+    fn ended(&mut self, id: OperationId, status: Status, now: DateTime<Utc>) {
+        let Some(row) = self.rows.get(&id) else {
+            return;
+        };
         let parent_id = row.op.parent_id;
         let has_dependents = !row.op.body.dependents.is_empty();
         let Some(parent_id) = parent_id else {
@@ -607,9 +623,11 @@ impl State {
             Status::Failed => counters.failed += 1,
             _ => counters.cancelled += 1,
         }
-        if has_dependents && !self.bulk {
-            // `ReleaseDependents`, before the fail-fast step.
-            self.release_dependents(id, status, now);
+        if has_dependents {
+            match self.bulk.as_mut() {
+                Some(ended) => ended.push((id, status)),
+                None => self.release_dependents(id, status, now),
+            }
         }
         let failed = status == Status::Failed;
         if let Some(deferred) = self.deferred.as_mut() {
@@ -703,33 +721,84 @@ impl State {
         }
     }
 
-    /// `failed` failed for good in a `FailFast` batch: its pending siblings are cancelled
-    /// naming it, its running ones asked to stop; the parent is finalized once no child
-    /// is left open.
+    /// `failed` failed for good in a `FailFast` batch: the pending operations of its tree
+    /// are cancelled naming it, its running ones asked to stop; the parent is finalized
+    /// once no child is left open.
     fn fail_fast(&mut self, parent_id: OperationId, now: DateTime<Utc>) {
         let Some(failed) = self.first_failure(parent_id).map(|row| row.op.id) else {
             return;
         };
-        let siblings = self.children.get(&parent_id).cloned().unwrap_or_default();
         let reason = messages::cancelled_by_fail_fast(failed);
-        self.bulk = true;
-        for sibling in siblings {
-            match self.rows.get(&sibling).map(|r| r.op.status) {
-                Some(Status::Pending) => self.finish(
-                    sibling,
-                    &table::FAIL_FAST_CANCEL_PENDING,
-                    Some(reason.clone()),
-                    None,
-                    now,
-                ),
-                Some(Status::Processing) => self.update(sibling, |row| {
-                    row.take(&table::FAIL_FAST_REQUEST_CANCEL, None, now)
-                }),
-                _ => {}
+        self.cancel_tree(
+            parent_id,
+            &table::FAIL_FAST_CANCEL_PENDING,
+            &table::FAIL_FAST_REQUEST_CANCEL,
+            Some(reason),
+            now,
+        );
+        self.finalize_parent(parent_id, now);
+    }
+
+    /// The operations of the batch `root` and of every batch nested in it, in insertion
+    /// order batch by batch.
+    fn tree_operations(&self, root: OperationId) -> Vec<OperationId> {
+        let mut operations = Vec::new();
+        let mut batches = vec![root];
+        while let Some(batch) = batches.pop() {
+            for child in self.children.get(&batch).into_iter().flatten() {
+                match self.rows.get(child) {
+                    Some(row) if row.op.is_parent() => batches.push(*child),
+                    Some(_) => operations.push(*child),
+                    None => {}
+                }
             }
         }
-        self.bulk = false;
-        self.finalize_parent(parent_id, now);
+        operations
+    }
+
+    /// One step over the tree of `root`: every pending operation takes `pending` (with
+    /// `reason` as its given error), then the dependents left pending are released, then
+    /// every processing one takes `processing` (asked to stop). Returns the report.
+    fn cancel_tree(
+        &mut self,
+        root: OperationId,
+        pending: &Transition,
+        processing: &Transition,
+        reason: Option<String>,
+        now: DateTime<Utc>,
+    ) -> CancelReport {
+        let operations = self.tree_operations(root);
+        let mut report = CancelReport::default();
+        let mut running = Vec::new();
+        // A nested batch ending in this step may start a fail-fast step of its own: the
+        // outermost step releases the dependents of both.
+        let outermost = self.bulk.is_none();
+        if outermost {
+            self.bulk = Some(Vec::new());
+        }
+        for id in operations {
+            match self.rows.get(&id).map(|r| r.op.status) {
+                Some(Status::Pending) => {
+                    self.finish(id, pending, reason.clone(), None, now);
+                    report.cancelled += 1;
+                }
+                Some(Status::Processing) => running.push(id),
+                Some(_) => report.already_terminal += 1,
+                None => {}
+            }
+        }
+        if outermost {
+            for (id, status) in self.bulk.take().unwrap_or_default() {
+                self.release_dependents(id, status, now);
+            }
+        }
+        for id in running {
+            if self.rows.get(&id).map(|r| r.op.status) == Some(Status::Processing) {
+                self.update(id, |row| row.take(processing, None, now));
+                report.signalled += 1;
+            }
+        }
+        report
     }
 
     /// Finalizes a pending parent whose counters say every child is terminal.
@@ -769,6 +838,8 @@ impl State {
             row.op.completed_at = Some(now);
         });
         self.fire_callbacks(parent_id, now);
+        // A nested batch counts into the batch holding it (`CountIntoOuterBatch`).
+        self.ended(parent_id, outcome, now);
         true
     }
 
@@ -1067,6 +1138,7 @@ impl Store for MemoryStore {
                     row.op.children = Some(ChildCounters::default());
                 });
                 state.fire_callbacks(parent_id, now);
+                state.ended(parent_id, Status::Failed, now);
                 report.empty_parents_failed += 1;
             } else {
                 state.update(parent_id, |row| row.op.children = Some(counters));
@@ -1084,17 +1156,18 @@ impl Store for MemoryStore {
         let Some(row) = state.rows.get(&id) else {
             return Err(Error::NotFound(format!("operation {id} does not exist")));
         };
-        let mut report = CancelReport::default();
         if row.op.is_parent() {
-            let children = state.children.get(&id).cloned().unwrap_or_default();
-            state.bulk = true;
-            for child in children {
-                state.cancel_one(child, now, &mut report);
-            }
-            state.bulk = false;
-        } else {
-            state.cancel_one(id, now, &mut report);
+            let report = state.cancel_tree(
+                id,
+                &table::CANCEL_PENDING,
+                &table::REQUEST_CANCEL,
+                None,
+                now,
+            );
+            return Ok(report);
         }
+        let mut report = CancelReport::default();
+        state.cancel_one(id, now, &mut report);
         Ok(report)
     }
 
@@ -1110,19 +1183,19 @@ impl Store for MemoryStore {
             }
             None => return Err(Error::NotFound(format!("batch {parent_id} does not exist"))),
         }
-        let children = state.children.get(&parent_id).cloned().unwrap_or_default();
-        let retry: Vec<(OperationId, Status)> = children
+        let operations = state.tree_operations(parent_id);
+        let retry: Vec<OperationId> = operations
             .iter()
             .filter_map(|c| state.rows.get(c))
             .filter(|c| matches!(c.op.status, Status::Failed | Status::Cancelled))
-            .map(|c| (c.op.id, c.op.status))
+            .map(|c| c.op.id)
             .collect();
         if retry.is_empty() {
             return Err(Error::Conflict(format!(
                 "batch {parent_id} has no failed or cancelled children to retry"
             )));
         }
-        for (id, _) in &retry {
+        for id in &retry {
             state.update(*id, |row| {
                 row.take(&table::RETRY_BATCH_CHILD, None, now);
                 row.op.result = None;
@@ -1130,9 +1203,42 @@ impl Store for MemoryStore {
                 row.op.completed_at = None;
             });
         }
+        // The batches that reopen: each holding a re-queued operation, up to the tree's
+        // root (the batch retried and the batches holding it).
+        let mut reopen: Vec<OperationId> = Vec::new();
+        for id in &retry {
+            let mut at = state.rows.get(id).and_then(|r| r.op.parent_id);
+            while let Some(batch) = at {
+                if reopen.contains(&batch) {
+                    break;
+                }
+                reopen.push(batch);
+                at = state.rows.get(&batch).and_then(|r| r.op.parent_id);
+            }
+        }
+        for batch in &reopen {
+            state.update(*batch, |row| {
+                row.take(&table::RETRY_BATCH_PARENT, None, now);
+                row.op.result = None;
+                row.op.completed_at = None;
+            });
+        }
+        for batch in &reopen {
+            let mut counters = ChildCounters::default();
+            for child in state.children.get(batch).into_iter().flatten() {
+                counters.total += 1;
+                match state.rows.get(child).map(|r| r.op.status) {
+                    Some(Status::Completed) => counters.completed += 1,
+                    Some(Status::Failed) => counters.failed += 1,
+                    Some(Status::Cancelled) => counters.cancelled += 1,
+                    _ => {}
+                }
+            }
+            state.update(*batch, |row| row.op.children = Some(counters));
+        }
         // A re-queued operation waits again for what has not released it: a dependency
         // it needs completed that is not, or one it waits to end that is open again.
-        for (id, _) in &retry {
+        for id in &retry {
             let Some(row) = state.rows.get(id) else {
                 continue;
             };
@@ -1151,17 +1257,6 @@ impl Store for MemoryStore {
                 .count() as u32;
             state.update(*id, |row| row.op.waiting_on = waiting);
         }
-        let failed = retry.iter().filter(|(_, s)| *s == Status::Failed).count() as u64;
-        let cancelled = retry.len() as u64 - failed;
-        state.update(parent_id, |row| {
-            if let Some(c) = row.op.children.as_mut() {
-                c.failed -= failed.min(c.failed);
-                c.cancelled -= cancelled.min(c.cancelled);
-            }
-            row.take(&table::RETRY_BATCH_PARENT, None, now);
-            row.op.result = None;
-            row.op.completed_at = None;
-        });
         Ok(retry.len() as u64)
     }
 
@@ -1174,7 +1269,7 @@ impl Store for MemoryStore {
             let parents = state
                 .rows
                 .values()
-                .filter(|r| r.op.is_parent() && old(r))
+                .filter(|r| r.op.is_parent() && r.op.parent_id.is_none() && old(r))
                 .map(|r| r.op.id)
                 .collect();
             let standalone = state
@@ -1200,15 +1295,24 @@ impl Store for MemoryStore {
                     if !state.rows.get(&parent).is_some_and(old) {
                         continue;
                     }
-                    let children = state.children.remove(&parent).unwrap_or_default();
-                    budget = budget.saturating_sub(children.len() as u64 + 1);
-                    for child in children {
-                        state.unindex(child);
-                        state.rows.remove(&child);
-                        report.operations += 1;
+                    // The whole tree: the batch and every batch nested in it.
+                    let mut tree = vec![parent];
+                    while let Some(batch) = tree.pop() {
+                        let children = state.children.remove(&batch).unwrap_or_default();
+                        budget = budget.saturating_sub(children.len() as u64 + 1);
+                        for child in children {
+                            if state.rows.get(&child).is_some_and(|r| r.op.is_parent()) {
+                                tree.push(child);
+                                continue;
+                            }
+                            state.unindex(child);
+                            state.rows.remove(&child);
+                            report.operations += 1;
+                        }
+                        state.unindex(batch);
+                        state.rows.remove(&batch);
+                        report.batches += 1;
                     }
-                    state.rows.remove(&parent);
-                    report.batches += 1;
                 }
                 while budget > 0
                     && let Some(id) = operations.next()

@@ -11,8 +11,9 @@ use crate::store::MemoryStore;
 #[derive(Debug)]
 pub(crate) struct MemoryTransaction {
     store: MemoryStore,
-    parents: Vec<ParentRecord>,
-    children: Vec<ChildRecord>,
+    /// Parents and children in insertion order (a nested batch's parent row is one of its
+    /// outer batch's children).
+    staged: Vec<Staged>,
     staged_ids: HashSet<OperationId>,
     /// Children inserted per parent of this transaction: the parents' `children_total`.
     children_per_parent: HashMap<OperationId, u64>,
@@ -23,8 +24,7 @@ impl MemoryTransaction {
     pub(crate) fn new(store: MemoryStore) -> Self {
         Self {
             store,
-            parents: Vec::new(),
-            children: Vec::new(),
+            staged: Vec::new(),
             staged_ids: HashSet::new(),
             children_per_parent: HashMap::new(),
             health: InsertHealth::default(),
@@ -52,18 +52,30 @@ impl MemoryTransaction {
     }
 }
 
+#[derive(Debug)]
+enum Staged {
+    Parent(ParentRecord),
+    Child(ChildRecord),
+}
+
 impl MemoryTransaction {
     async fn insert_parent_unchecked(&mut self, parent: &ParentRecord) -> Result<()> {
+        fascicle_api::check_parent_membership(parent, |p| {
+            self.children_per_parent.contains_key(p)
+        })?;
         self.claim_id(parent.id)?;
+        if let Some(outer) = parent.parent_id {
+            *self.children_per_parent.entry(outer).or_default() += 1;
+        }
         self.children_per_parent.insert(parent.id, 0);
-        self.parents.push(parent.clone());
+        self.staged.push(Staged::Parent(parent.clone()));
         Ok(())
     }
 
     async fn insert_child_unchecked(&mut self, child: &ChildRecord) -> Result<()> {
         self.join_parents(std::slice::from_ref(child))?;
         self.claim_id(child.id)?;
-        self.children.push(child.clone());
+        self.staged.push(Staged::Child(child.clone()));
         Ok(())
     }
 
@@ -80,7 +92,8 @@ impl MemoryTransaction {
                 }
             }
         }
-        self.children.extend_from_slice(children);
+        self.staged
+            .extend(children.iter().cloned().map(Staged::Child));
         Ok(())
     }
 
@@ -95,12 +108,14 @@ impl MemoryTransaction {
             )));
         }
         let this = *self;
-        for parent in &this.parents {
-            let total = this.children_per_parent[&parent.id];
-            state.apply_parent(parent, total);
-        }
-        for child in this.children {
-            state.apply_child(child);
+        for staged in this.staged {
+            match staged {
+                Staged::Parent(parent) => {
+                    let total = this.children_per_parent[&parent.id];
+                    state.apply_parent(&parent, total);
+                }
+                Staged::Child(child) => state.apply_child(child),
+            }
         }
         Ok(())
     }

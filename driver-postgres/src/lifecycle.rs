@@ -115,21 +115,26 @@ pub(crate) async fn claim(
     Ok(claimed.into_iter().map(|(_, c)| c).collect())
 }
 
-/// Locks the rows `ids` and their parents: the parents first, then the rows, each group
-/// in id order (rows are locked in the sort's order). Every transaction that changes
-/// operations takes this lock first — parent before child, and among children by id, the
-/// one lock order of every driver (see `fascicle_api::table`) — so two of them never wait
-/// on each other in opposite orders.
+/// Locks the rows `ids` and every batch above them: the trees' outermost batches first,
+/// then the nested batches, then the rows, each group in id order (rows are locked in the
+/// sort's order). Every transaction that changes operations takes this lock first —
+/// parent before child, a tree's root before anything in it, the one lock order of every
+/// driver (see `fascicle_api::table`) — so two of them never wait on each other in
+/// opposite orders: two steps in one tree meet at its root first.
 async fn lock_parents_of(conn: &mut PgConnection, sql: &Sql, ids: &[Uuid]) -> Result<()> {
     sqlx::query(sql.text(
-        // One `IN` over a union, not `IN (…) OR id = ANY($1)`: the OR made PostgreSQL scan
-        // the whole table on every completion (drain 0.1x the raw bound; EXPLAIN showed a
-        // sequential scan of 200,000 rows, 14 ms, against 0.4 ms by primary key).
-        "SELECT 1 FROM {s}.operations
-         WHERE id IN (SELECT parent_id FROM {s}.operations
-                      WHERE id = ANY($1) AND parent_id IS NOT NULL
-                      UNION ALL SELECT unnest($1::uuid[]))
-         ORDER BY (payload IS NULL) DESC, id FOR UPDATE",
+        // One `IN` over the rows and their ancestors, not `IN (…) OR id = ANY($1)`: the OR
+        // made PostgreSQL scan the whole table on every completion (drain 0.1x the raw
+        // bound; EXPLAIN showed a sequential scan of 200,000 rows, 14 ms, against 0.4 ms
+        // by primary key).
+        "WITH RECURSIVE up(id, parent_id) AS (
+             SELECT id, parent_id FROM {s}.operations WHERE id = ANY($1)
+             UNION
+             SELECT o.id, o.parent_id FROM {s}.operations AS o JOIN up ON o.id = up.parent_id)
+         SELECT 1 FROM {s}.operations
+         WHERE id IN (SELECT id FROM up)
+         ORDER BY (payload IS NULL AND parent_id IS NULL) DESC, (payload IS NULL) DESC, id
+         FOR UPDATE",
     ))
     .bind(ids)
     .execute(&mut *conn)
@@ -166,10 +171,52 @@ const MOVE_PARENTS: &str = "
             children_cancelled, status, newly_failed, failure_policy, false
          FROM parents";
 
-/// Reads the rows of a statement ending in [`MOVE_PARENTS`]: for a `FailFast` parent
-/// one of whose children just failed for good, cancels the siblings (`fail_fast_*`);
-/// finalizes every pending parent whose counters say no child is left open
-/// (`finalize_parent`); and returns the ids of the changed operations.
+/// One parent a statement ending in [`MOVE_PARENTS`] moved.
+struct Moved {
+    id: Uuid,
+    counters: ChildCounters,
+    pending: bool,
+    newly_failed: bool,
+    policy: FailurePolicy,
+}
+
+/// Reads a statement's rows (see [`MOVE_PARENTS`]): the changed operations' ids into
+/// `changed`, those that ended and have dependents into `ended`, the moved parents into
+/// `moved`.
+fn read_moved(
+    rows: &[sqlx::postgres::PgRow],
+    changed: &mut HashSet<Uuid>,
+    ended: &mut Vec<Uuid>,
+    moved: &mut Vec<Moved>,
+) -> Result<()> {
+    for row in rows {
+        let is_parent: bool = row.try_get(0).db()?;
+        let id: Uuid = row.try_get(1).db()?;
+        let status: &str = row.try_get(6).db()?;
+        if !is_parent {
+            changed.insert(id);
+            if row.try_get::<bool, _>(9).db()? && !matches!(status, "pending" | "processing") {
+                ended.push(id);
+            }
+            continue;
+        }
+        moved.push(Moved {
+            id,
+            counters: counters_from(row, 2)?,
+            pending: status == "pending",
+            newly_failed: row.try_get::<i64, _>(7).db()? > 0,
+            policy: FailurePolicy::from_stored(row.try_get::<Option<&str>, _>(8).db()?)?,
+        });
+    }
+    Ok(())
+}
+
+/// Reads the rows of a statement ending in [`MOVE_PARENTS`] and takes the step to its
+/// end: `ReleaseDependents` of the operations that ended — a cascade of cancelled
+/// dependents is a worklist, one statement per link, never a recursion — then, for each
+/// moved parent, the fail-fast step when a child of a `FailFast` parent failed for good
+/// (`fail_fast_*`) and `finalize_parent` when no child is left open. Returns the ids of
+/// the operations the first statement changed.
 async fn finalize_moved(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -177,51 +224,65 @@ async fn finalize_moved(
 ) -> Result<HashSet<Uuid>> {
     let mut changed = HashSet::with_capacity(rows.len());
     let mut ended = Vec::new();
-    for row in rows {
-        let is_parent: bool = row.try_get(0).db()?;
-        let id: Uuid = row.try_get(1).db()?;
-        if !is_parent {
-            changed.insert(id);
-            let status: &str = row.try_get(6).db()?;
-            if row.try_get::<bool, _>(9).db()? && !matches!(status, "pending" | "processing") {
-                ended.push(id);
-            }
+    let mut moved = Vec::new();
+    read_moved(rows, &mut changed, &mut ended, &mut moved)?;
+    let mut cascaded = false;
+    let mut cascade_changed = HashSet::new();
+    while !ended.is_empty() {
+        let cancelled = release_dependents(conn, sql, &ended).await?;
+        ended.clear();
+        if cancelled.is_empty() {
+            break;
         }
+        cascaded = true;
+        let endings: Vec<Ending<'_>> = cancelled
+            .iter()
+            .map(|(id, reason)| Ending {
+                id: *id,
+                token: None,
+                from: Status::Pending,
+                to: Status::Cancelled,
+                error: reason,
+                cancel_requested: None,
+            })
+            .collect();
+        let rows = end_statement(conn, sql, &endings).await?;
+        read_moved(&rows, &mut cascade_changed, &mut ended, &mut moved)?;
     }
-    // `ReleaseDependents`, before the fail-fast step (and before the parents' counters
-    // below are read: a cancelled dependent moves them again, in its own statement, which
-    // finalizes the parent when it was the last).
-    if !ended.is_empty() {
-        Box::pin(release_dependents(conn, sql, &ended)).await?;
-    }
-    for row in rows {
-        let is_parent: bool = row.try_get(0).db()?;
-        let id: Uuid = row.try_get(1).db()?;
-        if !is_parent {
+    // Each parent once, after the whole cascade: its counters as a cascade left them are
+    // read again (without a cascade, the statement's own are current).
+    let mut seen = HashSet::with_capacity(moved.len());
+    for (i, parent) in moved.iter().enumerate() {
+        if !seen.insert(parent.id) {
             continue;
         }
-        let mut counters = counters_from(row, 2)?;
-        let status: String = row.try_get(6).db()?;
-        if status != "pending" {
+        let failed = moved[i..]
+            .iter()
+            .any(|m| m.id == parent.id && m.newly_failed);
+        if !moved[i..].iter().any(|m| m.id == parent.id && m.pending) {
             continue;
         }
-        let newly_failed: i64 = row.try_get(7).db()?;
-        let policy = FailurePolicy::from_stored(row.try_get::<Option<&str>, _>(8).db()?)?;
-        if newly_failed > 0 && policy == FailurePolicy::FailFast {
-            counters = fail_fast(conn, sql, id).await?.unwrap_or(counters);
-        }
-        if parent_outcome(&counters).is_some() {
-            finalize_parent(conn, sql, id, &counters, policy).await?;
+        if failed && parent.policy == FailurePolicy::FailFast {
+            fail_fast(conn, sql, parent.id).await?;
+            finalize_if_done(conn, sql, parent.id).await?;
+        } else if cascaded {
+            finalize_if_done(conn, sql, parent.id).await?;
+        } else if parent.pending && parent_outcome(&parent.counters).is_some() {
+            finalize_parent(conn, sql, parent.id, &parent.counters, parent.policy).await?;
         }
     }
     Ok(changed)
 }
 
-/// `ReleaseDependents` of the operations `ended` (terminal in this transaction, their
-/// parents locked): each pending dependent waits for one dependency fewer, or — when it
-/// needs a dependency completed that ended otherwise — is cancelled (`dependency_failed`),
-/// releasing its own in turn. O(1) per edge.
-async fn release_dependents(conn: &mut PgConnection, sql: &Sql, ended: &[Uuid]) -> Result<()> {
+/// `ReleaseDependents` of the operations (or nested batches) `ended`, terminal in this
+/// transaction, their tree locked: each pending dependent waits for one dependency
+/// fewer (O(1) per edge). Returns the dependents to cancel (`dependency_failed`): those
+/// that needed a dependency completed that ended otherwise, with their reason.
+async fn release_dependents(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    ended: &[Uuid],
+) -> Result<Vec<(Uuid, String)>> {
     let edges: Vec<(Uuid, String, Uuid, bool)> = sqlx::query_as(sql.text(
         "SELECT o.id, o.status, (e->>'id')::uuid, coalesce((e->>'any')::boolean, false)
          FROM {s}.operations AS o, jsonb_array_elements(o.dependents) AS e
@@ -262,19 +323,7 @@ async fn release_dependents(conn: &mut PgConnection, sql: &Sql, ended: &[Uuid]) 
         .await
         .db()?;
     }
-    let endings: Vec<Ending<'_>> = cancelled
-        .iter()
-        .map(|(id, reason)| Ending {
-            id: *id,
-            token: None,
-            from: Status::Pending,
-            to: Status::Cancelled,
-            error: reason,
-            cancel_requested: None,
-        })
-        .collect();
-    end_operations(conn, sql, &endings).await?;
-    Ok(())
+    Ok(cancelled)
 }
 
 /// The first failed child of a batch (earliest `completed_at`, then submission order):
@@ -295,38 +344,107 @@ async fn first_failure(
 }
 
 /// `fail_fast_cancel_pending` and `fail_fast_request_cancel`: a child of the `FailFast`
-/// batch `parent` (locked by the caller) failed for good. Its pending siblings are
-/// cancelled naming it and counted into the parent, then — in a statement of its own, so
-/// a sibling claimed meanwhile is seen as processing — its running ones are asked to
-/// stop. Returns the parent's counters after.
-async fn fail_fast(
-    conn: &mut PgConnection,
-    sql: &Sql,
-    parent: Uuid,
-) -> Result<Option<ChildCounters>> {
+/// batch `parent` (its tree locked by the caller) failed for good. The pending operations
+/// of its tree are cancelled naming it, in one step.
+async fn fail_fast(conn: &mut PgConnection, sql: &Sql, parent: Uuid) -> Result<()> {
     let Some((failed, _)) = first_failure(conn, sql, parent).await? else {
-        return Ok(None);
+        return Ok(());
     };
+    let reason = messages::cancelled_by_fail_fast(failed);
+    Box::pin(cancel_tree(conn, sql, parent, &reason)).await?;
+    Ok(())
+}
+
+/// Finalizes `parent` when it is still pending and its counters, as stored now, say no
+/// child is left open.
+async fn finalize_if_done(conn: &mut PgConnection, sql: &Sql, parent: Uuid) -> Result<()> {
     let row = sqlx::query(sql.text(
-        "WITH cancelled AS (
-             UPDATE {s}.operations SET status = 'cancelled', error = $2, waiting_on = 0,
-                 updated_at = now(), completed_at = now()
-             WHERE parent_id = $1 AND status = 'pending'
-             RETURNING 1)
-         UPDATE {s}.operations
-         SET children_cancelled = children_cancelled + (SELECT count(*) FROM cancelled),
-             updated_at = now()
-         WHERE id = $1
-         RETURNING children_total, children_completed, children_failed, children_cancelled",
+        "SELECT children_total, children_completed, children_failed, children_cancelled,
+                failure_policy
+         FROM {s}.operations WHERE id = $1 AND status = 'pending'",
     ))
     .bind(parent)
-    .bind(messages::cancelled_by_fail_fast(failed))
-    .fetch_one(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await
     .db()?;
+    let Some(row) = row else {
+        return Ok(());
+    };
     let counters = counters_from(&row, 0)?;
-    request_cancel(conn, sql, "parent_id = $1", parent).await?;
-    Ok(Some(counters))
+    if parent_outcome(&counters).is_some() {
+        let policy = FailurePolicy::from_stored(row.try_get::<Option<&str>, _>(4).db()?)?;
+        finalize_parent(conn, sql, parent, &counters, policy).await?;
+    }
+    Ok(())
+}
+
+/// The batch `$1` and every batch nested in it, as the relation `tree(id)`; a statement
+/// goes on with more common table expressions after it.
+const TREE: &str = "WITH RECURSIVE tree(id) AS (
+         SELECT $1::uuid UNION ALL
+         SELECT o.id FROM {s}.operations AS o JOIN tree AS t ON o.parent_id = t.id
+         WHERE o.payload IS NULL)";
+
+/// One step over the tree of the batch `root` (locked by the caller): every pending
+/// operation is cancelled with `reason` and counted into its batch, the dependents left
+/// pending are released and the batches with no child left open finalized
+/// ([`finalize_moved`]), then — in a statement of its own, so an operation claimed
+/// meanwhile is seen as processing — the running ones are asked to stop. Returns
+/// (cancelled, signalled).
+async fn cancel_tree(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    root: Uuid,
+    reason: &str,
+) -> Result<(u64, u64)> {
+    let statement = format!(
+        "{TREE},
+         updated AS (
+             UPDATE {{s}}.operations AS o
+             SET status = 'cancelled', error = $2, waiting_on = 0, updated_at = now(),
+                 completed_at = now()
+             WHERE parent_id IN (SELECT id FROM tree) AND status = 'pending'
+               AND payload IS NOT NULL
+             RETURNING o.id, o.parent_id, o.status, o.dependents IS NOT NULL AS has_dependents),
+         {MOVE_PARENTS}"
+    );
+    let rows = sqlx::query(sql.text(&statement))
+        .bind(root)
+        .bind(reason)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+    let cancelled = finalize_moved(conn, sql, &rows).await?.len() as u64;
+    let signalled = sqlx::query(sql.text(&format!(
+        "{TREE}
+         UPDATE {{s}}.operations SET cancel_requested = true, updated_at = now()
+         WHERE parent_id IN (SELECT id FROM tree) AND status = 'processing'"
+    )))
+    .bind(root)
+    .execute(&mut *conn)
+    .await
+    .db()?
+    .rows_affected();
+    Ok((cancelled, signalled))
+}
+
+/// After the batch `id` ended (`finalize_parent`, `reconcile_*`): what waits for it is
+/// released (`ReleaseDependents`) and a nested batch's outcome is counted into the batch
+/// holding it (`CountIntoOuterBatch`), which may finalize that one in turn.
+async fn batch_ended(conn: &mut PgConnection, sql: &Sql, id: Uuid) -> Result<()> {
+    let statement = format!(
+        "WITH updated AS (
+             SELECT id, parent_id, status, dependents IS NOT NULL AS has_dependents
+             FROM {{s}}.operations WHERE id = $1),
+         {MOVE_PARENTS}"
+    );
+    let rows = sqlx::query(sql.text(&statement))
+        .bind(id)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+    Box::pin(finalize_moved(conn, sql, &rows)).await?;
+    Ok(())
 }
 
 /// One terminal transition of one operation, for [`end_operations`].
@@ -345,7 +463,8 @@ struct Ending<'a> {
 /// Makes operations terminal in one set-based statement — `cancel_pending`,
 /// `release_after_cancel`, `rescue_exhausted`, `rescue_after_cancel` — each guarded by
 /// the state, token, expiry and cancel flag its row of the table names, parents locked
-/// first and their counters moved in the same statement. Returns the ids that changed.
+/// first and their counters moved in the same statement, then takes the step to its end
+/// ([`finalize_moved`]). Returns the ids that changed.
 async fn end_operations(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -354,6 +473,16 @@ async fn end_operations(
     if endings.is_empty() {
         return Ok(HashSet::new());
     }
+    let rows = end_statement(conn, sql, endings).await?;
+    finalize_moved(conn, sql, &rows).await
+}
+
+/// The statement of [`end_operations`], with [`MOVE_PARENTS`]'s rows.
+async fn end_statement(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    endings: &[Ending<'_>],
+) -> Result<Vec<sqlx::postgres::PgRow>> {
     let ids: Vec<Uuid> = endings.iter().map(|e| e.id).collect();
     lock_parents_of(conn, sql, &ids).await?;
     let tokens: Vec<Option<Uuid>> = endings.iter().map(|e| e.token).collect();
@@ -380,7 +509,7 @@ async fn end_operations(
              RETURNING o.id, o.parent_id, o.status, o.dependents IS NOT NULL AS has_dependents),
          {MOVE_PARENTS}"
     );
-    let rows = sqlx::query(sql.text(&statement))
+    sqlx::query(sql.text(&statement))
         .bind(&ids)
         .bind(&tokens)
         .bind(&from)
@@ -389,8 +518,7 @@ async fn end_operations(
         .bind(&cancel)
         .fetch_all(&mut *conn)
         .await
-        .db()?;
-    finalize_moved(conn, sql, &rows).await
+        .db()
 }
 
 fn counters_from(row: &sqlx::postgres::PgRow, first: usize) -> Result<ChildCounters> {
@@ -435,11 +563,11 @@ async fn finalize_parent(
         }
         _ => None,
     };
-    let finalized: Option<(String, Option<Value>)> = sqlx::query_as(sql.text(
+    let finalized: Option<(String, Option<Value>, bool)> = sqlx::query_as(sql.text(
         "UPDATE {s}.operations SET status = $2, error = $3, result = $4,
              updated_at = now(), completed_at = now()
          WHERE id = $1 AND status = 'pending'
-         RETURNING kind, callbacks",
+         RETURNING kind, callbacks, parent_id IS NOT NULL OR dependents IS NOT NULL",
     ))
     .bind(parent)
     .bind(outcome.as_str())
@@ -448,7 +576,7 @@ async fn finalize_parent(
     .fetch_optional(&mut *conn)
     .await
     .db()?;
-    let Some((kind, callbacks)) = finalized else {
+    let Some((kind, callbacks, nested)) = finalized else {
         return Ok(false);
     };
     let batch = workflow::Finalized {
@@ -459,6 +587,9 @@ async fn finalize_parent(
         error: error.as_deref(),
     };
     fire_callbacks(conn, sql, callbacks, batch).await?;
+    if nested {
+        batch_ended(conn, sql, parent).await?;
+    }
     Ok(true)
 }
 
@@ -746,18 +877,29 @@ pub(crate) async fn rescue(conn: &mut PgConnection, sql: &Sql) -> Result<RescueR
 }
 
 pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<ReconcileReport> {
-    let stranded: Vec<(Uuid, Option<String>)> = sqlx::query_as(sql.text(
-        "SELECT id, failure_policy FROM {s}.operations AS p
+    // Read without locking; each one is then locked with its tree (root first, the one
+    // lock order) and looked at again.
+    const STRANDED: &str = "SELECT id, failure_policy FROM {s}.operations AS p
          WHERE payload IS NULL AND status = 'pending'
            AND NOT EXISTS (SELECT 1 FROM {s}.operations AS c
-                           WHERE c.parent_id = p.id AND c.status IN ('pending', 'processing'))
-         FOR UPDATE SKIP LOCKED",
-    ))
-    .fetch_all(&mut *conn)
-    .await
-    .db()?;
+                           WHERE c.parent_id = p.id AND c.status IN ('pending', 'processing'))";
+    let stranded: Vec<(Uuid, Option<String>)> = sqlx::query_as(sql.text(STRANDED))
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
     let mut report = ReconcileReport::default();
     for (parent, policy) in stranded {
+        lock_parents_of(conn, sql, &[parent]).await?;
+        let still: Option<i32> = sqlx::query_scalar(
+            sql.text(&format!("SELECT 1 FROM ({STRANDED}) AS s WHERE s.id = $1")),
+        )
+        .bind(parent)
+        .fetch_optional(&mut *conn)
+        .await
+        .db()?;
+        if still.is_none() {
+            continue;
+        }
         let policy = FailurePolicy::from_stored(policy.as_deref())?;
         let row = sqlx::query(sql.text(
             "SELECT count(*), count(*) FILTER (WHERE status = 'completed'),
@@ -771,18 +913,18 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
         .db()?;
         let counters = counters_from(&row, 0)?;
         if counters.total == 0 {
-            let failed: Option<(String, Option<Value>)> = sqlx::query_as(sql.text(
+            let failed: Option<(String, Option<Value>, bool)> = sqlx::query_as(sql.text(
                 "UPDATE {s}.operations SET status = 'failed', error = $2, children_total = 0,
                      updated_at = now(), completed_at = now()
                  WHERE id = $1 AND status = 'pending'
-                 RETURNING kind, callbacks",
+                 RETURNING kind, callbacks, parent_id IS NOT NULL OR dependents IS NOT NULL",
             ))
             .bind(parent)
             .bind(ZERO_CHILDREN_REASON)
             .fetch_optional(&mut *conn)
             .await
             .db()?;
-            if let Some((kind, callbacks)) = failed {
+            if let Some((kind, callbacks, nested)) = failed {
                 let batch = workflow::Finalized {
                     id: OperationId::from_uuid(parent),
                     kind: &kind,
@@ -791,6 +933,9 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
                     error: Some(ZERO_CHILDREN_REASON),
                 };
                 fire_callbacks(conn, sql, callbacks, batch).await?;
+                if nested {
+                    batch_ended(conn, sql, parent).await?;
+                }
                 report.empty_parents_failed += 1;
             }
             continue;
@@ -822,15 +967,14 @@ pub(crate) async fn cancel(
 ) -> Result<CancelReport> {
     let id = *id.as_uuid();
     // Parent first: for a batch its own row, for an operation its parent's.
-    let found: Option<(String, bool, i64)> = sqlx::query_as(sql.text(
-        "SELECT status, payload IS NULL, coalesce(children_total, 0)
-         FROM {s}.operations WHERE id = $1",
-    ))
+    let found: Option<(String, bool)> = sqlx::query_as(
+        sql.text("SELECT status, payload IS NULL FROM {s}.operations WHERE id = $1"),
+    )
     .bind(id)
     .fetch_optional(&mut *conn)
     .await
     .db()?;
-    let Some((_, is_parent, total)) = found else {
+    let Some((_, is_parent)) = found else {
         return Err(Error::NotFound(format!("operation {id} does not exist")));
     };
     if !is_parent {
@@ -864,36 +1008,23 @@ pub(crate) async fn cancel(
         }
         return Ok(report);
     }
-    sqlx::query(sql.text("SELECT 1 FROM {s}.operations WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .db()?;
-    // `cancel_pending` for every pending child at once, its count moved into the parent,
-    // then `request_cancel` for the running ones: a child claimed meanwhile is processing
-    // by then and gets the signal.
-    let statement = format!(
-        "WITH updated AS (
-             UPDATE {{s}}.operations AS o
-             SET status = 'cancelled', error = $2, waiting_on = 0, updated_at = now(),
-                 completed_at = now()
-             WHERE parent_id = $1 AND status = 'pending'
-             -- Every pending child in this one step: no dependent is left to release.
-             RETURNING o.id, o.parent_id, o.status, false AS has_dependents),
-         {MOVE_PARENTS}"
-    );
-    let rows = sqlx::query(sql.text(&statement))
-        .bind(id)
-        .bind(messages::CANCELLED_BEFORE_RUN)
-        .fetch_all(&mut *conn)
-        .await
-        .db()?;
-    let cancelled = finalize_moved(conn, sql, &rows).await?.len() as u64;
-    let signalled = request_cancel(conn, sql, "parent_id = $1", id).await?;
+    lock_parents_of(conn, sql, &[id]).await?;
+    // `cancel_pending` for every pending operation of the tree at once, then
+    // `request_cancel` for the running ones.
+    let operations: i64 = sqlx::query_scalar(sql.text(&format!(
+        "{TREE}
+         SELECT count(*) FROM {{s}}.operations
+         WHERE parent_id IN (SELECT id FROM tree) AND payload IS NOT NULL"
+    )))
+    .bind(id)
+    .fetch_one(&mut *conn)
+    .await
+    .db()?;
+    let (cancelled, signalled) = cancel_tree(conn, sql, id, messages::CANCELLED_BEFORE_RUN).await?;
     Ok(CancelReport {
         cancelled,
         signalled,
-        already_terminal: (total as u64).saturating_sub(cancelled + signalled),
+        already_terminal: (operations as u64).saturating_sub(cancelled + signalled),
     })
 }
 
@@ -916,13 +1047,12 @@ pub(crate) async fn retry_batch(
     sql: &Sql,
     parent: OperationId,
 ) -> Result<u64> {
-    let is_parent: Option<bool> = sqlx::query_scalar(
-        sql.text("SELECT payload IS NULL FROM {s}.operations WHERE id = $1 FOR UPDATE"),
-    )
-    .bind(parent.as_uuid())
-    .fetch_optional(&mut *conn)
-    .await
-    .db()?;
+    let is_parent: Option<bool> =
+        sqlx::query_scalar(sql.text("SELECT payload IS NULL FROM {s}.operations WHERE id = $1"))
+            .bind(parent.as_uuid())
+            .fetch_optional(&mut *conn)
+            .await
+            .db()?;
     match is_parent {
         None => return Err(Error::NotFound(format!("batch {parent} does not exist"))),
         Some(false) => {
@@ -932,28 +1062,65 @@ pub(crate) async fn retry_batch(
         }
         Some(true) => {}
     }
-    let (failed, cancelled, waiting): (i64, i64, Vec<Uuid>) = sqlx::query_as(sql.text(
-        "WITH retried AS (
-             UPDATE {s}.operations AS o SET status = 'pending', attempts = 0, error = NULL,
+    let parent = *parent.as_uuid();
+    // The batch and every batch holding it, root first (the one lock order).
+    lock_parents_of(conn, sql, &[parent]).await?;
+    let (retried, batches, waiting): (i64, Vec<Uuid>, Vec<Uuid>) =
+        sqlx::query_as(sql.text(&format!(
+            "{TREE},
+         retried AS (
+             UPDATE {{s}}.operations AS o SET status = 'pending', attempts = 0, error = NULL,
                  result = NULL, cancel_requested = false, run_at = now(), updated_at = now(),
                  completed_at = NULL
-             FROM (SELECT id, status FROM {s}.operations
-                   WHERE parent_id = $1 AND status IN ('failed', 'cancelled') FOR UPDATE) AS old
-             WHERE o.id = old.id
-             RETURNING o.id, old.status AS was, o.depends_on IS NOT NULL AS waits)
-         SELECT count(*) FILTER (WHERE was = 'failed'), count(*) FILTER (WHERE was = 'cancelled'),
-                coalesce(array_agg(id) FILTER (WHERE waits), '{}')
-         FROM retried",
-    ))
-    .bind(parent.as_uuid())
-    .fetch_one(&mut *conn)
-    .await
-    .db()?;
-    if failed + cancelled == 0 {
+             WHERE o.parent_id IN (SELECT id FROM tree) AND o.payload IS NOT NULL
+               AND o.status IN ('failed', 'cancelled')
+             RETURNING o.id, o.parent_id, o.depends_on IS NOT NULL AS waits)
+         SELECT count(*), coalesce(array_agg(DISTINCT parent_id), '{{}}'),
+                coalesce(array_agg(id) FILTER (WHERE waits), '{{}}')
+         FROM retried"
+        )))
+        .bind(parent)
+        .fetch_one(&mut *conn)
+        .await
+        .db()?;
+    if retried == 0 {
         return Err(Error::Conflict(format!(
             "batch {parent} has no failed or cancelled children to retry"
         )));
     }
+    // The batches that reopen: each holding a re-queued operation, up to the tree's root
+    // (the batch retried and the batches holding it); then each is recounted from its
+    // children, the reopened ones among them pending now.
+    let reopened: Vec<Uuid> = sqlx::query_scalar(sql.text(
+        "WITH RECURSIVE up(id) AS (
+             SELECT unnest($1::uuid[])
+             UNION
+             SELECT o.parent_id FROM {s}.operations AS o JOIN up ON o.id = up.id
+             WHERE o.parent_id IS NOT NULL)
+         UPDATE {s}.operations SET status = 'pending', error = NULL, result = NULL,
+             updated_at = now(), completed_at = NULL
+         WHERE id IN (SELECT id FROM up)
+         RETURNING id",
+    ))
+    .bind(&batches)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    sqlx::query(sql.text(
+        "UPDATE {s}.operations AS p
+         SET children_total = c.total, children_completed = c.completed,
+             children_failed = c.failed, children_cancelled = c.cancelled
+         FROM (SELECT parent_id, count(*) AS total,
+                      count(*) FILTER (WHERE status = 'completed') AS completed,
+                      count(*) FILTER (WHERE status = 'failed') AS failed,
+                      count(*) FILTER (WHERE status = 'cancelled') AS cancelled
+               FROM {s}.operations WHERE parent_id = ANY($1) GROUP BY parent_id) AS c
+         WHERE p.id = c.parent_id",
+    ))
+    .bind(&reopened)
+    .execute(&mut *conn)
+    .await
+    .db()?;
     if !waiting.is_empty() {
         // A re-queued operation waits again for what has not released it: a dependency
         // it needs completed that is not, or one it waits to end that is open again.
@@ -971,19 +1138,7 @@ pub(crate) async fn retry_batch(
         .await
         .db()?;
     }
-    sqlx::query(sql.text(
-        "UPDATE {s}.operations SET status = 'pending', error = NULL, result = NULL,
-             children_failed = children_failed - $2, children_cancelled = children_cancelled - $3,
-             updated_at = now(), completed_at = NULL
-         WHERE id = $1",
-    ))
-    .bind(parent.as_uuid())
-    .bind(failed)
-    .bind(cancelled)
-    .execute(&mut *conn)
-    .await
-    .db()?;
-    Ok((failed + cancelled) as u64)
+    Ok(retried as u64)
 }
 
 /// One chunk of a prune: whole terminal batches, oldest first, until about `budget` rows
@@ -997,10 +1152,11 @@ pub(crate) async fn prune(
     budget: u64,
 ) -> Result<PruneReport> {
     let row = sqlx::query(sql.text(
-        "WITH candidates AS (
+        "WITH RECURSIVE candidates AS (
              SELECT id, completed_at, coalesce(children_total, 0) + 1 AS size
              FROM {s}.operations
-             WHERE payload IS NULL AND completed_at < now() - ($3::timestamptz - $1)
+             WHERE payload IS NULL AND parent_id IS NULL
+               AND completed_at < now() - ($3::timestamptz - $1)
                AND status IN ('completed', 'failed', 'cancelled')
              ORDER BY completed_at, id LIMIT $2
              FOR UPDATE SKIP LOCKED),
@@ -1008,11 +1164,18 @@ pub(crate) async fn prune(
              SELECT id, size, sum(size) OVER w AS upto, row_number() OVER w AS n
              FROM candidates WINDOW w AS (ORDER BY completed_at, id)),
          chosen AS (SELECT id, size FROM sized WHERE upto <= $2 OR n = 1),
+         -- Whole trees: each chosen batch and every batch nested in it.
+         tree(id) AS (
+             SELECT id FROM chosen
+             UNION ALL
+             SELECT o.id FROM {s}.operations AS o JOIN tree AS t ON o.parent_id = t.id
+             WHERE o.payload IS NULL),
          children AS (
-             DELETE FROM {s}.operations WHERE parent_id IN (SELECT id FROM chosen)
+             DELETE FROM {s}.operations
+             WHERE parent_id IN (SELECT id FROM tree) AND payload IS NOT NULL
              RETURNING 1),
          parents AS (
-             DELETE FROM {s}.operations WHERE id IN (SELECT id FROM chosen)
+             DELETE FROM {s}.operations WHERE id IN (SELECT id FROM tree)
              RETURNING 1),
          standalone AS (
              DELETE FROM {s}.operations WHERE id IN (

@@ -353,8 +353,9 @@ fn insert_parent(conflict: &str) -> String {
          INSERT INTO {{schema}}.operations
                 (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts,
                  run_at, children_total, children_completed, children_failed, children_cancelled,
-                 created_at, updated_at, failure_policy, callbacks)
-         SELECT $1, $2, 'pending', NULL, $3, NULL, 0, 0, 0, at, $5, 0, 0, 0, at, at, $6, $7::jsonb
+                 created_at, updated_at, failure_policy, callbacks, dependents)
+         SELECT $1, $2, 'pending', NULL, $3, $8, 0, 0, 0, at, $5, 0, 0, 0, at, at, $6, $7::jsonb,
+                $9::jsonb
          FROM clock
          {conflict}
          RETURNING statement_timestamp()",

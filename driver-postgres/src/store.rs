@@ -264,8 +264,9 @@ impl PostgresStore {
         batch: NewBatch,
         limits: &Limits,
     ) -> Result<BatchReceipt> {
-        let (parent, children) = limits.prepare_batch(batch)?;
-        let mut clock = insert_parent(&mut *conn, &self.sql, &parent, true).await?;
+        let prepared = limits.prepare_batch(batch)?;
+        let parent = prepared.root();
+        let mut clock = insert_parent(&mut *conn, &self.sql, parent, true).await?;
         if clock.is_none() {
             let child_ids: Vec<Uuid> = sqlx::query_scalar(sql(&self.sql.children_ids))
                 .bind(parent.id.as_uuid())
@@ -279,10 +280,16 @@ impl PostgresStore {
                 notified: true,
             });
         }
-        insert_children(&mut *conn, &self.sql, &children, &mut clock).await?;
+        for (level, (parent, children)) in prepared.batches.iter().enumerate() {
+            if level > 0 {
+                // A nested batch's id taken: an error (the caller's transaction aborts).
+                clock = insert_parent(&mut *conn, &self.sql, parent, false).await?;
+            }
+            insert_children(&mut *conn, &self.sql, children, &mut clock).await?;
+        }
         Ok(BatchReceipt {
-            parent_id: parent.id,
-            child_ids: children.iter().map(|c| c.id).collect(),
+            parent_id: prepared.root().id,
+            child_ids: prepared.child_ids(),
             created: true,
             notified: true,
         })

@@ -100,6 +100,8 @@ pub(crate) async fn insert_parent(
         .bind(parent.children_total as i64)
         .bind(parent.plan.policy_stored())
         .bind(parent.plan.callbacks_json())
+        .bind(parent.parent_id.map(|p| *p.as_uuid()))
+        .bind(fascicle_api::Dependency::list_json(&parent.dependents))
         .fetch_optional(conn)
         .await
         .map_err(error::map)?;
@@ -336,7 +338,15 @@ impl PostgresTransaction {
 
 impl PostgresTransaction {
     async fn insert_parent_unchecked(&mut self, parent: &ParentRecord) -> Result<()> {
+        fascicle_api::check_parent_membership(parent, |p| {
+            self.children_per_parent.contains_key(p.as_uuid())
+        })?;
         self.clock = insert_parent(&mut self.tx, &self.sql, parent, false).await?;
+        if let Some(outer) = parent.parent_id
+            && let Some((_, counted)) = self.children_per_parent.get_mut(outer.as_uuid())
+        {
+            *counted += 1;
+        }
         let claimed = parent.children_total as i64;
         self.children_per_parent
             .insert(*parent.id.as_uuid(), (claimed, 0));

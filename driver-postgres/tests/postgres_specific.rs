@@ -69,8 +69,8 @@ async fn a_backend_killed_before_commit_leaves_zero_rows() {
             .prepare_batch(batch(500))
             .unwrap();
         let mut tx = victim.begin().await.unwrap();
-        tx.insert_parent(&prepared.0).await.unwrap();
-        tx.insert_children(&prepared.1).await.unwrap();
+        tx.insert_parent(&prepared.batches[0].0).await.unwrap();
+        tx.insert_children(&prepared.batches[0].1).await.unwrap();
 
         let killed: Vec<bool> = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -93,7 +93,7 @@ async fn a_backend_killed_before_commit_leaves_zero_rows() {
             0,
             "rows survived a killed backend"
         );
-        assert!(store.get(prepared.0.id).await.unwrap().is_none());
+        assert!(store.get(prepared.root().id).await.unwrap().is_none());
 
         // The pool replaces the dead connection: the next submit works.
         let receipt = Queue::new(Arc::new(victim.clone()))
@@ -434,6 +434,8 @@ fn records_on_a_skewed_clock(
         children_total: children as u64,
         created_at: client_now,
         plan: Default::default(),
+        parent_id: None,
+        dependents: Vec::new(),
     });
     let children = (0..children)
         .map(|i| ChildRecord {

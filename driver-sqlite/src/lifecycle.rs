@@ -274,15 +274,134 @@ fn move_parent(tx: &Transaction<'_>, parent: &[u8], delta: Delta, now: i64) -> R
         )
         .optional()
         .db()?;
-    let Some((mut counters, true, policy)) = moved else {
+    let Some((counters, true, policy)) = moved else {
         return Ok(());
     };
     let policy = FailurePolicy::from_stored(policy.as_deref())?;
     if delta.failed > 0 && policy == FailurePolicy::FailFast {
-        counters.cancelled += fail_fast(tx, parent, now)?;
+        fail_fast(tx, parent, now)?;
+        return finalize_if_done(tx, parent, now);
     }
     if parent_outcome(&counters).is_some() {
         finalize_parent(tx, parent, &counters, policy, now)?;
+    }
+    Ok(())
+}
+
+/// Finalizes `parent` when it is still pending and its counters, as stored now, say no
+/// child is left open.
+fn finalize_if_done(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<()> {
+    let found = tx
+        .prepare_cached(
+            "SELECT children_total, children_completed, children_failed, children_cancelled,
+                    failure_policy
+             FROM fascicle_operations WHERE id = ?1 AND status = 'pending'",
+        )
+        .db()?
+        .query_row(params![parent], |row| {
+            Ok((
+                ChildCounters {
+                    total: row.get::<_, i64>(0)? as u64,
+                    completed: row.get::<_, i64>(1)? as u64,
+                    failed: row.get::<_, i64>(2)? as u64,
+                    cancelled: row.get::<_, i64>(3)? as u64,
+                },
+                row.get::<_, Option<String>>(4)?,
+            ))
+        })
+        .optional()
+        .db()?;
+    if let Some((counters, policy)) = found
+        && parent_outcome(&counters).is_some()
+    {
+        let policy = FailurePolicy::from_stored(policy.as_deref())?;
+        finalize_parent(tx, parent, &counters, policy, now)?;
+    }
+    Ok(())
+}
+
+/// The batch `?1` and every batch nested in it, as the relation `tree(id)`.
+const TREE: &str = "WITH RECURSIVE tree(id) AS (
+         SELECT ?1 UNION ALL
+         SELECT o.id FROM fascicle_operations AS o JOIN tree AS t ON o.parent_id = t.id
+         WHERE o.payload IS NULL)";
+
+/// One step over the tree of the batch `root`: every pending operation is cancelled with
+/// `reason`, the dependents left pending are released, every processing one is asked to
+/// stop (`request_cancel`), then the batches are moved (finalizing those with no child
+/// left open). Returns (cancelled, signalled).
+fn cancel_tree(tx: &Transaction<'_>, root: &[u8], reason: &str, now: i64) -> Result<(u64, u64)> {
+    let ended: Vec<(Vec<u8>, Vec<u8>, Option<String>)> = tx
+        .prepare_cached(&format!(
+            "{TREE}
+             UPDATE fascicle_operations SET status = 'cancelled', error = ?2,
+                 waiting_on = 0, updated_at = ?3, completed_at = ?3
+             WHERE parent_id IN tree AND status = 'pending' AND payload IS NOT NULL
+             RETURNING id, parent_id, dependents"
+        ))
+        .db()?
+        .query_map(params![root, reason, now], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
+        .db()?
+        .collect::<rusqlite::Result<_>>()
+        .db()?;
+    let mut moves = Moves::new();
+    for (_, parent, _) in &ended {
+        moves
+            .entry(parent.clone())
+            .or_default()
+            .add(Delta::of(Status::Cancelled));
+    }
+    for (id, _, dependents) in &ended {
+        if dependents.is_some() {
+            let id = id_of(id.clone())?;
+            release_dependents(
+                tx,
+                &id,
+                Status::Cancelled,
+                dependents.as_deref(),
+                now,
+                &mut moves,
+            )?;
+        }
+    }
+    let signalled = tx
+        .prepare_cached(&format!(
+            "{TREE}
+             UPDATE fascicle_operations SET cancel_requested = 1, updated_at = ?2
+             WHERE parent_id IN tree AND status = 'processing'"
+        ))
+        .db()?
+        .execute(params![root, now])
+        .db()? as u64;
+    for (parent, delta) in moves {
+        move_parent(tx, &parent, delta, now)?;
+    }
+    Ok((ended.len() as u64, signalled))
+}
+
+/// After the batch `id` ended in `status` (`finalize_parent`, `reconcile_*`): what waits
+/// for it is released (`ReleaseDependents`), and a nested batch's outcome is counted into
+/// the batch holding it (`CountIntoOuterBatch`).
+fn batch_ended(
+    tx: &Transaction<'_>,
+    id: &[u8],
+    status: Status,
+    outer: Option<Vec<u8>>,
+    dependents: Option<String>,
+    now: i64,
+) -> Result<()> {
+    let mut moves = Moves::new();
+    if let Some(outer) = outer {
+        moves.entry(outer).or_default().add(Delta::of(status));
+    }
+    if dependents.is_some() {
+        let id = id_of(id.to_vec())?;
+        release_dependents(tx, &id, status, dependents.as_deref(), now, &mut moves)?;
+    }
+    for (parent, delta) in moves {
+        move_parent(tx, &parent, delta, now)?;
     }
     Ok(())
 }
@@ -301,46 +420,15 @@ fn first_failure(tx: &Transaction<'_>, parent: &[u8]) -> Result<Option<(Vec<u8>,
 }
 
 /// `fail_fast_cancel_pending` and `fail_fast_request_cancel`: a child of the `FailFast`
-/// batch `parent` failed for good. Its pending siblings are cancelled naming it (counted
-/// into the parent here) and its running ones asked to stop. Returns how many were
-/// cancelled.
-fn fail_fast(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<u64> {
+/// batch `parent` failed for good. The pending operations of its tree are cancelled
+/// naming it and its running ones asked to stop, in one step.
+fn fail_fast(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<()> {
     let Some((failed, _)) = first_failure(tx, parent)? else {
-        return Ok(0);
+        return Ok(());
     };
     let reason = messages::cancelled_by_fail_fast(id_of(failed)?);
-    let cancelled = tx
-        .prepare_cached(
-            "UPDATE fascicle_operations SET status = 'cancelled', error = ?2,
-                 waiting_on = 0, updated_at = ?3, completed_at = ?3
-             WHERE parent_id = ?1 AND status = 'pending'",
-        )
-        .db()?
-        .execute(params![parent, reason, now])
-        .db()? as i64;
-    if cancelled > 0 {
-        tx.prepare_cached(
-            "UPDATE fascicle_operations SET children_cancelled = children_cancelled + ?2
-             WHERE id = ?1",
-        )
-        .db()?
-        .execute(params![parent, cancelled])
-        .db()?;
-    }
-    request_cancel_children(tx, parent, now)?;
-    Ok(cancelled as u64)
-}
-
-/// `request_cancel` for every processing child of `parent`. Returns how many.
-fn request_cancel_children(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<u64> {
-    Ok(tx
-        .prepare_cached(
-            "UPDATE fascicle_operations SET cancel_requested = 1, updated_at = ?2
-             WHERE parent_id = ?1 AND status = 'processing'",
-        )
-        .db()?
-        .execute(params![parent, now])
-        .db()? as u64)
+    cancel_tree(tx, parent, &reason, now)?;
+    Ok(())
 }
 
 /// [`end_one`] plus the parents' counters, for one operation. Returns whether the
@@ -398,12 +486,13 @@ fn finalize_parent(
             .db()?,
         _ => None,
     };
-    let finalized: Option<(String, Option<String>)> = tx
+    type Finalized = (String, Option<String>, Option<Vec<u8>>, Option<String>);
+    let finalized: Option<Finalized> = tx
         .prepare_cached(
             "UPDATE fascicle_operations SET status = ?2, error = ?3, result = ?4,
                  updated_at = ?5, completed_at = ?5
              WHERE id = ?1 AND status = 'pending'
-             RETURNING kind, callbacks",
+             RETURNING kind, callbacks, parent_id, dependents",
         )
         .db()?
         .query_row(
@@ -414,11 +503,11 @@ fn finalize_parent(
                 parent_summary(counters).to_string(),
                 now
             ],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
         )
         .optional()
         .db()?;
-    let Some((kind, callbacks)) = finalized else {
+    let Some((kind, callbacks, outer, dependents)) = finalized else {
         return Ok(false);
     };
     let finalized = workflow::Finalized {
@@ -429,6 +518,7 @@ fn finalize_parent(
         error: error.as_deref(),
     };
     fire_callbacks(tx, callbacks.as_deref(), finalized, now)?;
+    batch_ended(tx, parent, outcome, outer, dependents, now)?;
     Ok(true)
 }
 
@@ -725,20 +815,21 @@ pub(crate) fn reconcile(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<Reco
             }
         }
         if counters.total == 0 {
-            let failed: Option<(String, Option<String>)> = tx
+            type Failed = (String, Option<String>, Option<Vec<u8>>, Option<String>);
+            let failed: Option<Failed> = tx
                 .prepare_cached(
                     "UPDATE fascicle_operations SET status = 'failed', error = ?2,
                          children_total = 0, updated_at = ?3, completed_at = ?3
                      WHERE id = ?1 AND status = 'pending'
-                     RETURNING kind, callbacks",
+                     RETURNING kind, callbacks, parent_id, dependents",
                 )
                 .db()?
                 .query_row(params![parent, ZERO_CHILDREN_REASON, now], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
                 })
                 .optional()
                 .db()?;
-            if let Some((kind, callbacks)) = failed {
+            if let Some((kind, callbacks, outer, dependents)) = failed {
                 let batch = workflow::Finalized {
                     id: id_of(parent.clone())?,
                     kind: &kind,
@@ -747,6 +838,7 @@ pub(crate) fn reconcile(tx: &Transaction<'_>, now: DateTime<Utc>) -> Result<Reco
                     error: Some(ZERO_CHILDREN_REASON),
                 };
                 fire_callbacks(tx, callbacks.as_deref(), batch, now)?;
+                batch_ended(tx, &parent, Status::Failed, outer, dependents, now)?;
                 report.empty_parents_failed += 1;
             }
             continue;
@@ -829,33 +921,22 @@ pub(crate) fn cancel(
     };
     let mut report = CancelReport::default();
     if is_parent {
-        // `cancel_pending` for every pending child at once, counted into the parent in one
-        // update; then `request_cancel` for the running ones.
-        let cancelled = tx
-            .prepare_cached(
-                "UPDATE fascicle_operations SET status = 'cancelled', error = ?2,
-                     waiting_on = 0, updated_at = ?3, completed_at = ?3
-                 WHERE parent_id = ?1 AND status = 'pending'",
-            )
-            .db()?
-            .execute(params![id.as_bytes(), messages::CANCELLED_BEFORE_RUN, now])
-            .db()? as i64;
-        if cancelled > 0 {
-            let delta = Delta {
-                cancelled,
-                ..Delta::default()
-            };
-            move_parent(tx, id.as_bytes(), delta, now)?;
-        }
-        report.cancelled = cancelled as u64;
-        report.signalled = request_cancel_children(tx, id.as_bytes(), now)?;
-        let total: i64 = tx
-            .prepare_cached("SELECT children_total FROM fascicle_operations WHERE id = ?1")
+        // `cancel_pending` for every pending operation of the tree at once, then
+        // `request_cancel` for the running ones.
+        let operations: i64 = tx
+            .prepare_cached(&format!(
+                "{TREE}
+                 SELECT count(*) FROM fascicle_operations
+                 WHERE parent_id IN tree AND payload IS NOT NULL"
+            ))
             .db()?
             .query_row(params![id.as_bytes()], |row| row.get(0))
             .db()?;
-        report.already_terminal =
-            (total as u64).saturating_sub(report.cancelled + report.signalled);
+        let (cancelled, signalled) =
+            cancel_tree(tx, id.as_bytes(), messages::CANCELLED_BEFORE_RUN, now)?;
+        report.cancelled = cancelled;
+        report.signalled = signalled;
+        report.already_terminal = (operations as u64).saturating_sub(cancelled + signalled);
     } else {
         cancel_one(tx, &id, status_of(status)?, now, &mut report)?;
     }
@@ -883,28 +964,15 @@ pub(crate) fn retry_batch(
         }
         Some(true) => {}
     }
-    let (failed, cancelled): (i64, i64) = tx
-        .prepare_cached(
-            "SELECT coalesce(sum(status = 'failed'), 0), coalesce(sum(status = 'cancelled'), 0)
-             FROM fascicle_operations WHERE parent_id = ?1",
-        )
-        .db()?
-        .query_row(params![parent.as_bytes()], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
-        .db()?;
-    if failed + cancelled == 0 {
-        return Err(Error::Conflict(format!(
-            "batch {parent} has no failed or cancelled children to retry"
-        )));
-    }
-    // The re-queued operations that wait for others: their counts are taken again below.
-    let waiting: Vec<(Vec<u8>, String)> = tx
-        .prepare_cached(
-            "SELECT o.id, d.list FROM fascicle_operations AS o
-             JOIN fascicle_depends_on AS d ON d.operation = o.id
-             WHERE o.parent_id = ?1 AND o.status IN ('failed', 'cancelled')",
-        )
+    // The failed and cancelled operations of the tree, with what they wait for.
+    let retried: Vec<(Vec<u8>, Option<String>)> = tx
+        .prepare_cached(&format!(
+            "{TREE}
+             SELECT o.id, d.list FROM fascicle_operations AS o
+             LEFT JOIN fascicle_depends_on AS d ON d.operation = o.id
+             WHERE o.parent_id IN tree AND o.payload IS NOT NULL
+               AND o.status IN ('failed', 'cancelled')"
+        ))
         .db()?
         .query_map(params![parent.as_bytes()], |row| {
             Ok((row.get(0)?, row.get(1)?))
@@ -912,20 +980,70 @@ pub(crate) fn retry_batch(
         .db()?
         .collect::<rusqlite::Result<_>>()
         .db()?;
-    tx.prepare_cached(
-        "UPDATE fascicle_operations SET status = 'pending', attempts = 0, error = NULL,
-             result = NULL, cancel_requested = 0, run_at = ?2, updated_at = ?2,
-             completed_at = NULL
-         WHERE parent_id = ?1 AND status IN ('failed', 'cancelled')",
-    )
-    .db()?
-    .execute(params![parent.as_bytes(), now])
-    .db()?;
-    for (id, after) in waiting {
+    if retried.is_empty() {
+        return Err(Error::Conflict(format!(
+            "batch {parent} has no failed or cancelled children to retry"
+        )));
+    }
+    let mut requeue = tx
+        .prepare_cached(
+            "UPDATE fascicle_operations SET status = 'pending', attempts = 0, error = NULL,
+                 result = NULL, cancel_requested = 0, run_at = ?2, updated_at = ?2,
+                 completed_at = NULL
+             WHERE id = ?1 RETURNING parent_id",
+        )
+        .db()?;
+    // The batches that reopen: each holding a re-queued operation, up to the tree's root
+    // (the batch retried and the batches holding it).
+    let mut reopen: Vec<Vec<u8>> = Vec::new();
+    for (id, _) in &retried {
+        let mut at: Option<Vec<u8>> = requeue.query_row(params![id, now], |row| row.get(0)).db()?;
+        while let Some(batch) = at {
+            if reopen.contains(&batch) {
+                break;
+            }
+            at = tx
+                .prepare_cached("SELECT parent_id FROM fascicle_operations WHERE id = ?1")
+                .db()?
+                .query_row(params![batch], |row| row.get(0))
+                .db()?;
+            reopen.push(batch);
+        }
+    }
+    for batch in &reopen {
+        tx.prepare_cached(
+            "UPDATE fascicle_operations SET status = 'pending', error = NULL, result = NULL,
+                 updated_at = ?2, completed_at = NULL
+             WHERE id = ?1",
+        )
+        .db()?
+        .execute(params![batch, now])
+        .db()?;
+    }
+    for batch in &reopen {
+        // Recounted from its children, the reopened batches among them now pending.
+        tx.prepare_cached(
+            "UPDATE fascicle_operations SET
+                 children_total = (SELECT count(*) FROM fascicle_operations AS c
+                                   WHERE c.parent_id = ?1),
+                 children_completed = (SELECT count(*) FROM fascicle_operations AS c
+                                       WHERE c.parent_id = ?1 AND c.status = 'completed'),
+                 children_failed = (SELECT count(*) FROM fascicle_operations AS c
+                                    WHERE c.parent_id = ?1 AND c.status = 'failed'),
+                 children_cancelled = (SELECT count(*) FROM fascicle_operations AS c
+                                       WHERE c.parent_id = ?1 AND c.status = 'cancelled')
+             WHERE id = ?1",
+        )
+        .db()?
+        .execute(params![batch])
+        .db()?;
+    }
+    for (id, after) in &retried {
+        let Some(after) = after else { continue };
         // What has not released it: a dependency it needs completed that is not, or one
         // it waits to end that is open again.
         let mut count = 0i64;
-        for dependency in fascicle_api::Dependency::list_from_json(Some(&after))? {
+        for dependency in fascicle_api::Dependency::list_from_json(Some(after))? {
             let status: Option<String> = tx
                 .prepare_cached("SELECT status FROM fascicle_operations WHERE id = ?1")
                 .db()?
@@ -942,16 +1060,7 @@ pub(crate) fn retry_batch(
             .execute(params![id, count])
             .db()?;
     }
-    tx.prepare_cached(
-        "UPDATE fascicle_operations SET status = 'pending', error = NULL, result = NULL,
-             children_failed = children_failed - ?2, children_cancelled = children_cancelled - ?3,
-             updated_at = ?4, completed_at = NULL
-         WHERE id = ?1",
-    )
-    .db()?
-    .execute(params![parent.as_bytes(), failed, cancelled, now])
-    .db()?;
-    Ok((failed + cancelled) as u64)
+    Ok(retried.len() as u64)
 }
 
 /// One chunk of a prune: whole terminal batches, oldest first, until about `budget` rows
@@ -965,7 +1074,7 @@ pub(crate) fn prune(
     let candidates: Vec<(Vec<u8>, i64)> = tx
         .prepare_cached(
             "SELECT id, coalesce(children_total, 0) FROM fascicle_operations
-             WHERE payload IS NULL AND completed_at < ?1
+             WHERE payload IS NULL AND parent_id IS NULL AND completed_at < ?1
                AND status IN ('completed', 'failed', 'cancelled')
              ORDER BY completed_at LIMIT ?2",
         )
@@ -978,28 +1087,43 @@ pub(crate) fn prune(
         .db()?;
     let mut report = PruneReport::default();
     let mut left = budget;
-    for (parent, children) in candidates {
+    for (root, _) in candidates {
         if left == 0 {
             break;
         }
-        tx.prepare_cached(
-            "DELETE FROM fascicle_depends_on WHERE operation IN (
-                 SELECT id FROM fascicle_operations WHERE parent_id = ?1)",
-        )
-        .db()?
-        .execute(params![parent])
-        .db()?;
-        report.operations += tx
-            .prepare_cached("DELETE FROM fascicle_operations WHERE parent_id = ?1")
+        // The whole tree: the batch and every batch nested in it.
+        let batches: Vec<Vec<u8>> = tx
+            .prepare_cached(&format!("{TREE} SELECT id FROM tree"))
             .db()?
-            .execute(params![parent])
-            .db()? as u64;
-        report.batches += tx
-            .prepare_cached("DELETE FROM fascicle_operations WHERE id = ?1")
+            .query_map(params![root], |row| row.get(0))
             .db()?
-            .execute(params![parent])
-            .db()? as u64;
-        left = left.saturating_sub(children as u64 + 1);
+            .collect::<rusqlite::Result<_>>()
+            .db()?;
+        let mut rows = 0u64;
+        for batch in batches.iter().rev() {
+            tx.prepare_cached(
+                "DELETE FROM fascicle_depends_on WHERE operation IN (
+                     SELECT id FROM fascicle_operations WHERE parent_id = ?1)",
+            )
+            .db()?
+            .execute(params![batch])
+            .db()?;
+            let operations = tx
+                .prepare_cached(
+                    "DELETE FROM fascicle_operations WHERE parent_id = ?1 AND payload IS NOT NULL",
+                )
+                .db()?
+                .execute(params![batch])
+                .db()? as u64;
+            report.operations += operations;
+            report.batches += tx
+                .prepare_cached("DELETE FROM fascicle_operations WHERE id = ?1")
+                .db()?
+                .execute(params![batch])
+                .db()? as u64;
+            rows += operations + 1;
+        }
+        left = left.saturating_sub(rows);
     }
     if left > 0 {
         report.operations += tx

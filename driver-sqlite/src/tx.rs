@@ -12,8 +12,8 @@ use crate::store::{Inner, micros};
 const INSERT_PARENT: &str = "INSERT INTO fascicle_operations
     (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts, run_at,
      children_total, children_completed, children_failed, children_cancelled,
-     created_at, updated_at, failure_policy, callbacks)
-    VALUES (?1, ?2, 'pending', NULL, ?3, NULL, 0, 0, 0, ?4, ?5, 0, 0, 0, ?4, ?4, ?6, ?7)";
+     created_at, updated_at, failure_policy, callbacks, dependents)
+    VALUES (?1, ?2, 'pending', NULL, ?3, ?8, 0, 0, 0, ?4, ?5, 0, 0, 0, ?4, ?4, ?6, ?7, ?9)";
 
 const INSERT_CHILD_COLUMNS: &str = "INSERT INTO fascicle_operations
     (id, kind, status, payload, parent_id, priority, serialization_key, attempts, max_attempts,
@@ -213,8 +213,12 @@ impl SqliteTransaction {
 
 impl SqliteTransaction {
     async fn insert_parent_unchecked(&mut self, parent: &ParentRecord) -> Result<()> {
+        fascicle_api::check_parent_membership(parent, |p| {
+            self.children_per_parent.contains_key(p.as_bytes())
+        })?;
         let parent = parent.clone();
         let id = *parent.id.as_bytes();
+        let outer = parent.parent_id;
         self.run(move |conn| {
             conn.prepare_cached(INSERT_PARENT)?.execute(params![
                 parent.id.as_bytes(),
@@ -224,10 +228,18 @@ impl SqliteTransaction {
                 0i64,
                 parent.plan.policy_stored(),
                 parent.plan.callbacks_json(),
+                parent.parent_id.map(|p| p.as_bytes().to_vec()),
+                fascicle_api::Dependency::list_json(&parent.dependents),
             ])?;
             Ok(())
         })
         .await?;
+        if let Some(outer) = outer {
+            *self
+                .children_per_parent
+                .entry(*outer.as_bytes())
+                .or_default() += 1;
+        }
         self.children_per_parent.insert(id, 0);
         Ok(())
     }

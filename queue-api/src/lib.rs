@@ -20,8 +20,12 @@ pub use lifecycle::{
 };
 pub use lifecycle::{messages, table};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
-pub use queue::{Limits, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, Queue};
-pub use store::{InsertHealth, Store, Transaction, check_batch_membership};
+pub use queue::{
+    Limits, MAX_BATCH_DEPTH, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, PreparedBatch, Queue,
+};
+pub use store::{
+    InsertHealth, Store, Transaction, check_batch_membership, check_parent_membership,
+};
 pub use types::{
     BatchReceipt, BatchStats, ChildCounters, ChildRecord, Counted, DEFAULT_MAX_ATTEMPTS,
     Dependency, KindStats, MAX_ATTEMPT_TIMEOUT, NewBatch, NewOperation, Operation, OperationId,

@@ -104,28 +104,31 @@ impl Queue {
         {
             return Ok(existing);
         }
-        let (parent, children) = self.limits.prepare_batch(batch)?;
+        let prepared = self.limits.prepare_batch(batch)?;
+        let root = prepared.root().id;
         let mut tx = self.store.begin().await?;
-        match tx.insert_parent(&parent).await {
-            Ok(()) => {}
-            Err(Error::Conflict(reason)) => {
-                // Lost a race with an identical submit: theirs is the batch.
-                drop(tx);
-                return self
-                    .existing_batch(parent.id)
-                    .await?
-                    .ok_or(Error::Conflict(reason));
+        for (level, (parent, children)) in prepared.batches.iter().enumerate() {
+            match tx.insert_parent(parent).await {
+                Ok(()) => {}
+                Err(Error::Conflict(reason)) if level == 0 => {
+                    // Lost a race with an identical submit: theirs is the batch.
+                    drop(tx);
+                    return self
+                        .existing_batch(root)
+                        .await?
+                        .ok_or(Error::Conflict(reason));
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+            tx.insert_children(children).await?;
         }
-        tx.insert_children(&children).await?;
         match tx.commit().await {
             Ok(()) => {}
             Err(Error::Conflict(reason)) => {
                 // A store that checks ids at commit time: an identical submit got there
                 // first, or a child id is taken (then there is no batch to return).
                 return self
-                    .existing_batch(parent.id)
+                    .existing_batch(root)
                     .await?
                     .ok_or(Error::Conflict(reason));
             }
@@ -133,13 +136,13 @@ impl Queue {
         }
 
         let submitted = Submitted {
-            parent_id: Some(parent.id),
-            operation_ids: children.iter().map(|c| c.id).collect(),
+            parent_id: Some(root),
+            operation_ids: prepared.operation_ids(),
         };
         let notified = self.notify(&submitted).await;
         Ok(BatchReceipt {
-            parent_id: parent.id,
-            child_ids: submitted.operation_ids,
+            parent_id: root,
+            child_ids: prepared.child_ids(),
             created: true,
             notified,
         })
@@ -227,71 +230,26 @@ impl Queue {
 }
 
 impl Limits {
-    /// Validates a batch and resolves ids, defaults and timestamps: what
-    /// [`Queue::submit_batch`] hands to a transaction. Drivers that enqueue inside a
-    /// caller's own transaction use it to apply the same rules.
-    pub fn prepare_batch(&self, batch: NewBatch) -> Result<(ParentRecord, Vec<ChildRecord>)> {
-        validate_name(Subject::Batch, "kind", &batch.kind, self.max_name_bytes)?;
-        if batch.children.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "batch `{}` has no children; a batch needs at least one child operation",
-                batch.kind
-            )));
-        }
-        if batch.children.len() > self.max_children {
-            return Err(Error::InvalidInput(format!(
-                "batch `{}` has {} children; the limit is {}",
-                batch.kind,
-                batch.children.len(),
-                self.max_children
-            )));
-        }
-        serialize_json(
-            Subject::Batch,
-            "metadata",
-            &batch.metadata,
-            self.max_payload_bytes,
-        )?;
+    /// Validates a batch — with the batches nested in it — and resolves ids, defaults and
+    /// timestamps: what [`Queue::submit_batch`] hands to a transaction, in the order to
+    /// insert it. Drivers that enqueue inside a caller's own transaction use it to apply
+    /// the same rules.
+    pub fn prepare_batch(&self, batch: NewBatch) -> Result<PreparedBatch> {
         let now = Utc::now();
-        let parent_id = batch.id.unwrap_or_default();
-        let mut seen = HashSet::with_capacity(batch.children.len() + 1);
-        seen.insert(parent_id);
-        let children_total = batch.children.len() as u64;
-        let mut children = Vec::with_capacity(batch.children.len());
-        for (index, child) in batch.children.into_iter().enumerate() {
-            let what = Subject::Child(index);
-            let record = self.prepare_child(child, Some(parent_id), now, what)?;
-            if !seen.insert(record.id) {
-                return Err(Error::InvalidInput(format!(
-                    "{what} repeats id {} already used in this batch; ids must be unique",
-                    record.id
-                )));
-            }
-            children.push(record);
-        }
-        link_dependencies(&mut children)?;
-        let mut callbacks = Vec::new();
-        for (on, callback) in [
-            (CallbackOn::Success, batch.on_success),
-            (CallbackOn::Failure, batch.on_failure),
-            (CallbackOn::Complete, batch.on_complete),
-        ] {
-            if let Some(callback) = callback {
-                callbacks.push(self.prepare_callback(on, callback, now)?);
-            }
-        }
-        let parent = ParentRecord {
-            id: parent_id,
-            kind: batch.kind,
-            metadata: batch.metadata,
-            children_total,
-            created_at: now,
-            plan: BatchPlan {
-                failure_policy: batch.failure_policy,
-                callbacks,
-            },
+        let mut tree = Tree {
+            limits: self,
+            now,
+            seen: HashSet::new(),
+            batches: Vec::new(),
+            nodes: 0,
         };
-        Ok((parent, children))
+        let root_id = batch.id.unwrap_or_default();
+        tree.add(batch, root_id, None, 0)?;
+        let mut prepared = PreparedBatch {
+            batches: tree.batches,
+        };
+        link_dependencies(&mut prepared)?;
+        Ok(prepared)
     }
 
     /// Validates one operation and resolves its id and defaults.
@@ -387,6 +345,168 @@ impl Limits {
     }
 }
 
+/// A validated batch tree, ready to insert: every batch of it with its operations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreparedBatch {
+    /// The outermost batch first, then the nested ones depth-first in submission order: a
+    /// batch always comes before the batches nested in it, so inserting them in this
+    /// order inserts every parent before its children.
+    pub batches: Vec<(ParentRecord, Vec<ChildRecord>)>,
+}
+
+impl PreparedBatch {
+    /// The outermost batch.
+    pub fn root(&self) -> &ParentRecord {
+        &self.batches[0].0
+    }
+
+    /// The outermost batch's children in insertion order: its operations, then its
+    /// nested batches (what a receipt lists).
+    pub fn child_ids(&self) -> Vec<OperationId> {
+        let root = self.root().id;
+        let mut ids: Vec<OperationId> = self.batches[0].1.iter().map(|c| c.id).collect();
+        ids.extend(
+            self.batches
+                .iter()
+                .filter(|(p, _)| p.parent_id == Some(root))
+                .map(|(p, _)| p.id),
+        );
+        ids
+    }
+
+    /// Every operation of the tree (what a notifier is told about).
+    pub fn operation_ids(&self) -> Vec<OperationId> {
+        self.batches
+            .iter()
+            .flat_map(|(_, children)| children.iter().map(|c| c.id))
+            .collect()
+    }
+
+    /// How many rows the tree is: its batches and its operations.
+    pub fn rows(&self) -> usize {
+        self.batches.iter().map(|(_, c)| c.len() + 1).sum()
+    }
+}
+
+/// The deepest nesting of batches ([`NewBatch::child_batch`]): a tree's outermost batch is
+/// level 1, so a tree holds at most this many levels of batches. Finishing the last
+/// operation of the deepest batch finalizes the levels above it in the same transaction,
+/// one after the other.
+pub const MAX_BATCH_DEPTH: usize = 16;
+
+/// Walks a submitted tree, validating each batch and operation.
+struct Tree<'a> {
+    limits: &'a Limits,
+    now: chrono::DateTime<Utc>,
+    seen: HashSet<OperationId>,
+    batches: Vec<(ParentRecord, Vec<ChildRecord>)>,
+    /// Rows so far, against `max_children`.
+    nodes: usize,
+}
+
+impl Tree<'_> {
+    fn add(
+        &mut self,
+        batch: NewBatch,
+        id: OperationId,
+        parent_id: Option<OperationId>,
+        depth: usize,
+    ) -> Result<()> {
+        let number = self.batches.len();
+        let what = if number == 0 {
+            Subject::Batch
+        } else {
+            Subject::Nested(number)
+        };
+        validate_name(what, "kind", &batch.kind, self.limits.max_name_bytes)?;
+        if depth >= MAX_BATCH_DEPTH {
+            return Err(Error::InvalidInput(format!(
+                "{what} (`{}`) is nested {} levels deep; batches nest at most \
+                 {MAX_BATCH_DEPTH} levels",
+                batch.kind,
+                depth + 1
+            )));
+        }
+        if !self.seen.insert(id) {
+            return Err(Error::InvalidInput(format!(
+                "{what} repeats id {id} already used in this batch; ids must be unique"
+            )));
+        }
+        let direct = batch.children.len() + batch.batches.len();
+        if direct == 0 {
+            return Err(Error::InvalidInput(format!(
+                "{what} `{}` has no children; a batch needs at least one child operation",
+                batch.kind
+            )));
+        }
+        self.nodes += direct;
+        if self.nodes > self.limits.max_children {
+            return Err(Error::InvalidInput(format!(
+                "batch `{}` has more than {} children (counting the operations and batches \
+                 nested in it); the limit is {}",
+                self.batches
+                    .first()
+                    .map_or(batch.kind.as_str(), |(p, _)| p.kind.as_str()),
+                self.limits.max_children,
+                self.limits.max_children
+            )));
+        }
+        serialize_json(
+            what,
+            "metadata",
+            &batch.metadata,
+            self.limits.max_payload_bytes,
+        )?;
+        let mut children = Vec::with_capacity(batch.children.len());
+        for (index, child) in batch.children.into_iter().enumerate() {
+            let what = if number == 0 {
+                Subject::Child(index)
+            } else {
+                Subject::NestedChild(number, index)
+            };
+            let record = self.limits.prepare_child(child, Some(id), self.now, what)?;
+            if !self.seen.insert(record.id) {
+                return Err(Error::InvalidInput(format!(
+                    "{what} repeats id {} already used in this batch; ids must be unique",
+                    record.id
+                )));
+            }
+            children.push(record);
+        }
+        let mut callbacks = Vec::new();
+        for (on, callback) in [
+            (CallbackOn::Success, batch.on_success),
+            (CallbackOn::Failure, batch.on_failure),
+            (CallbackOn::Complete, batch.on_complete),
+        ] {
+            if let Some(callback) = callback {
+                callbacks.push(self.limits.prepare_callback(on, callback, self.now)?);
+            }
+        }
+        self.batches.push((
+            ParentRecord {
+                id,
+                kind: batch.kind,
+                metadata: batch.metadata,
+                children_total: direct as u64,
+                created_at: self.now,
+                plan: BatchPlan {
+                    failure_policy: batch.failure_policy,
+                    callbacks,
+                },
+                parent_id,
+                dependents: Vec::new(),
+            },
+            children,
+        ));
+        for inner in batch.batches {
+            let inner_id = inner.id.unwrap_or_default();
+            self.add(inner, inner_id, Some(id), depth + 1)?;
+        }
+        Ok(())
+    }
+}
+
 /// Dependencies exist only among the children of one batch.
 fn refuse_dependencies(record: &ChildRecord, what: Subject) -> Result<()> {
     match record.after.first() {
@@ -406,21 +526,66 @@ const NAMED_IDS: usize = 10;
 /// before): a failure cancels down a chain one link after another in one transaction.
 pub const MAX_DEPENDENCY_DEPTH: usize = 100;
 
-/// Checks a batch's dependency graph — every dependency another child of the batch,
-/// none twice, no cycle — and fills in each child's `dependents` (the reverse edges). A
-/// batch without dependencies costs one pass over its children.
-fn link_dependencies(children: &mut [ChildRecord]) -> Result<()> {
-    if children.iter().all(|c| c.after.is_empty()) {
+/// Where a node of a tree's dependency graph is: an operation (batch, index) or a nested
+/// batch.
+#[derive(Clone, Copy)]
+enum Node {
+    Operation(usize, usize),
+    Batch(usize),
+}
+
+/// Checks a tree's dependency graph — every dependency another operation or nested batch
+/// of the same tree, none twice, no cycle (a batch ends after its children, so waiting for
+/// a batch one is inside of is a cycle too), no chain longer than
+/// [`MAX_DEPENDENCY_DEPTH`] — and fills in each node's `dependents` (the reverse edges). A
+/// tree without dependencies costs one pass over its operations.
+fn link_dependencies(tree: &mut PreparedBatch) -> Result<()> {
+    if tree
+        .batches
+        .iter()
+        .all(|(_, children)| children.iter().all(|c| c.after.is_empty()))
+    {
         return Ok(());
     }
-    let index: std::collections::HashMap<OperationId, usize> = children
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.id, i))
-        .collect();
-    let mut edges = Vec::new();
-    for (i, child) in children.iter().enumerate() {
-        let what = Subject::Child(i);
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut index: std::collections::HashMap<OperationId, usize> = Default::default();
+    let mut batch_node: std::collections::HashMap<OperationId, usize> = Default::default();
+    for (b, (parent, children)) in tree.batches.iter().enumerate() {
+        if b > 0 {
+            index.insert(parent.id, nodes.len());
+            batch_node.insert(parent.id, nodes.len());
+            nodes.push(Node::Batch(b));
+        }
+        for (j, child) in children.iter().enumerate() {
+            index.insert(child.id, nodes.len());
+            nodes.push(Node::Operation(b, j));
+        }
+    }
+    let root = tree.root().id;
+    let id_of = |node: Node| match node {
+        Node::Operation(b, j) => tree.batches[b].1[j].id,
+        Node::Batch(b) => tree.batches[b].0.id,
+    };
+    let container = |node: Node| match node {
+        Node::Operation(b, _) => Some(tree.batches[b].0.id),
+        Node::Batch(b) => tree.batches[b].0.parent_id,
+    };
+    // (from, to, any): `to` waits for `from`. The implicit edges (a node to the nested
+    // batch holding it) are `None`: they take part in the cycle and depth checks only.
+    let mut edges: Vec<(usize, usize, Option<bool>)> = Vec::new();
+    for (i, &node) in nodes.iter().enumerate() {
+        if let Some(&holder) = container(node).and_then(|c| batch_node.get(&c)) {
+            edges.push((i, holder, None));
+        }
+        let Node::Operation(b, j) = node else {
+            continue;
+        };
+        let child = &tree.batches[b].1[j];
+        let what = if b == 0 {
+            Subject::Child(j)
+        } else {
+            Subject::NestedChild(b, j)
+        };
         let mut seen = HashSet::with_capacity(child.after.len());
         for dependency in &child.after {
             if dependency.id == child.id {
@@ -429,11 +594,18 @@ fn link_dependencies(children: &mut [ChildRecord]) -> Result<()> {
                     child.id
                 )));
             }
+            if dependency.id == root {
+                return Err(Error::InvalidInput(format!(
+                    "{what} ({}) waits for {root}, the batch it belongs to, which cannot \
+                     end before it does",
+                    child.id
+                )));
+            }
             let Some(&from) = index.get(&dependency.id) else {
                 return Err(Error::InvalidInput(format!(
                     "{what} ({}) waits for {}, which is not an operation of this batch \
-                     (a dependency must be another child of the same batch, given its id \
-                     with with_id)",
+                     (a dependency must be another operation or nested batch of the same \
+                     tree, given its id with with_id)",
                     child.id, dependency.id
                 )));
             };
@@ -443,27 +615,28 @@ fn link_dependencies(children: &mut [ChildRecord]) -> Result<()> {
                     child.id, dependency.id
                 )));
             }
-            edges.push((from, i, dependency.any));
+            edges.push((from, i, Some(dependency.any)));
         }
     }
     // Kahn's algorithm: what is never freed lies on, or behind, a cycle.
-    let mut waiting: Vec<usize> = children.iter().map(|c| c.after.len()).collect();
-    let mut out: Vec<Vec<usize>> = vec![Vec::new(); children.len()];
+    let mut waiting = vec![0usize; nodes.len()];
+    let mut out: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     for &(from, to, _) in &edges {
         out[from].push(to);
+        waiting[to] += 1;
     }
-    let mut ready: Vec<usize> = (0..children.len()).filter(|&i| waiting[i] == 0).collect();
-    // The longest chain of dependencies ending at each operation (1 for one without).
-    let mut depth = vec![1usize; children.len()];
+    let mut ready: Vec<usize> = (0..nodes.len()).filter(|&i| waiting[i] == 0).collect();
+    // The longest chain of dependencies ending at each node (1 for one without).
+    let mut depth = vec![1usize; nodes.len()];
     let mut freed = 0;
     while let Some(i) = ready.pop() {
         freed += 1;
         if depth[i] > MAX_DEPENDENCY_DEPTH {
             return Err(Error::InvalidInput(format!(
-                "child {} ends a chain of more than {MAX_DEPENDENCY_DEPTH} operations each \
+                "{} ends a chain of more than {MAX_DEPENDENCY_DEPTH} operations each \
                  waiting for the one before; the longest chain a batch may hold is \
                  {MAX_DEPENDENCY_DEPTH}",
-                children[i].id
+                id_of(nodes[i])
             )));
         }
         for &to in &out[i] {
@@ -474,10 +647,10 @@ fn link_dependencies(children: &mut [ChildRecord]) -> Result<()> {
             }
         }
     }
-    if freed < children.len() {
-        let stuck: Vec<String> = (0..children.len())
+    if freed < nodes.len() {
+        let stuck: Vec<String> = (0..nodes.len())
             .filter(|&i| waiting[i] > 0)
-            .map(|i| children[i].id.to_string())
+            .map(|i| id_of(nodes[i]).to_string())
             .collect();
         let more = stuck.len().saturating_sub(NAMED_IDS);
         return Err(Error::InvalidInput(format!(
@@ -491,11 +664,14 @@ fn link_dependencies(children: &mut [ChildRecord]) -> Result<()> {
             }
         )));
     }
+    let ids: Vec<OperationId> = nodes.iter().map(|&node| id_of(node)).collect();
     for (from, to, any) in edges {
-        let id = children[to].id;
-        children[from]
-            .dependents
-            .push(crate::types::Dependency { id, any });
+        let Some(any) = any else { continue };
+        let edge = crate::types::Dependency { id: ids[to], any };
+        match nodes[from] {
+            Node::Operation(b, j) => tree.batches[b].1[j].dependents.push(edge),
+            Node::Batch(b) => tree.batches[b].0.dependents.push(edge),
+        }
     }
     Ok(())
 }
@@ -525,6 +701,10 @@ fn validate_name(subject: Subject, field: &str, name: &str, max_bytes: usize) ->
 enum Subject {
     Batch,
     Child(usize),
+    /// The n-th nested batch of a tree (depth-first, from 1).
+    Nested(usize),
+    /// Child #i of the n-th nested batch.
+    NestedChild(usize, usize),
     Operation,
     Callback(CallbackOn),
 }
@@ -534,6 +714,8 @@ impl fmt::Display for Subject {
         match self {
             Self::Batch => f.write_str("batch"),
             Self::Child(index) => write!(f, "child #{index}"),
+            Self::Nested(batch) => write!(f, "nested batch #{batch}"),
+            Self::NestedChild(batch, index) => write!(f, "child #{index} of nested batch #{batch}"),
             Self::Operation => f.write_str("operation"),
             Self::Callback(on) => write!(f, "callback {on}"),
         }

@@ -180,6 +180,21 @@ pub fn check_batch_membership(
     Ok(())
 }
 
+/// For driver authors: refuses a nested batch's parent row
+/// ([`ParentRecord::parent_id`](crate::ParentRecord::parent_id)) whose outer batch this
+/// transaction did not insert, like [`check_batch_membership`] for children.
+pub fn check_parent_membership(
+    parent: &crate::ParentRecord,
+    inserted_here: impl Fn(&crate::OperationId) -> bool,
+) -> Result<()> {
+    match parent.parent_id {
+        Some(outer) if !inserted_here(&outer) => Err(crate::Error::InvalidInput(
+            crate::messages::parent_not_in_this_transaction(parent.id, outer),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// For driver authors: implements [`Transaction`] for a type that has an
 /// [`InsertHealth`] field `health` and the inherent methods `insert_parent_unchecked`,
 /// `insert_child_unchecked`, `insert_children_unchecked`, `commit_unchecked` and

@@ -305,6 +305,9 @@ pub struct NewBatch {
     pub on_failure: Option<NewOperation>,
     /// Inserted when the batch ends, whatever its outcome.
     pub on_complete: Option<NewOperation>,
+    /// Batches nested in this one ([`child_batch`](Self::child_batch)): each is one
+    /// child of this batch, which counts its outcome when it ends.
+    pub batches: Vec<NewBatch>,
 }
 
 impl NewBatch {
@@ -319,7 +322,21 @@ impl NewBatch {
             on_success: None,
             on_failure: None,
             on_complete: None,
+            batches: Vec::new(),
         }
+    }
+
+    /// Adds a batch as one child of this one (a nested batch, up to
+    /// [`MAX_BATCH_DEPTH`](crate::MAX_BATCH_DEPTH) levels). The whole tree is submitted in
+    /// one transaction. The inner batch runs its children under its own failure policy
+    /// and callbacks; when it ends, its outcome counts into this batch's counters exactly
+    /// like an operation's, in the same transaction. Operations anywhere in the tree may
+    /// wait for it ([`NewOperation::after`]) given its id ([`with_id`](Self::with_id)).
+    /// It is inserted after this batch's operations: the receipt's `child_ids` lists the
+    /// operations, then the nested batches.
+    pub fn child_batch(mut self, batch: NewBatch) -> Self {
+        self.batches.push(batch);
+        self
     }
 
     /// Uses a caller-supplied parent id (idempotent submit).
@@ -393,6 +410,12 @@ pub struct ParentRecord {
     pub created_at: DateTime<Utc>,
     /// Failure policy and callbacks; [`BatchPlan::default`] for a plain batch.
     pub plan: BatchPlan,
+    /// For a nested batch, the batch it is a child of (inserted before it, in the same
+    /// transaction); `None` for a tree's outermost batch.
+    pub parent_id: Option<OperationId>,
+    /// Operations of the tree that wait for this nested batch to end
+    /// ([`NewOperation::after`]); released when it is finalized, like an operation's.
+    pub dependents: Vec<Dependency>,
 }
 
 /// A child (or stand-alone) operation as handed to
@@ -648,7 +671,8 @@ impl Stats {
 pub struct BatchReceipt {
     /// The parent's id.
     pub parent_id: OperationId,
-    /// The children's ids, in submission order.
+    /// The children's ids, in insertion order: the batch's operations in submission
+    /// order, then its nested batches ([`NewBatch::child_batch`]).
     pub child_ids: Vec<OperationId>,
     /// `false` when the id was already taken and the existing batch was returned.
     pub created: bool,

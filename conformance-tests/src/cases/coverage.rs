@@ -89,11 +89,16 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "cancel_batch_cascades",
             "cancel_races_a_retryable_outcome",
             "two_instances_race_every_transition",
+            "cancel_acts_on_the_tree",
         ],
     ),
     (
         "request_cancel",
-        &["cancel_batch_cascades", "cancel_races_a_completion"],
+        &[
+            "cancel_batch_cascades",
+            "cancel_races_a_completion",
+            "cancel_acts_on_the_tree",
+        ],
     ),
     (
         "fail_fast_cancel_pending",
@@ -103,6 +108,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "fail_fast_on_an_expired_last_attempt",
             "one_complete_call_is_one_fail_fast_step",
             "one_rescue_is_one_fail_fast_step",
+            "fail_fast_reaches_into_nested_batches",
         ],
     ),
     (
@@ -116,7 +122,10 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
     ),
     (
         "fail_fast_request_cancel",
-        &["fail_fast_cancels_pending_siblings_and_stops_running_ones"],
+        &[
+            "fail_fast_cancels_pending_siblings_and_stops_running_ones",
+            "fail_fast_reaches_into_nested_batches",
+        ],
     ),
     (
         "finalize_parent",
@@ -135,6 +144,11 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "ignore_failures_completes_a_batch_with_failed_children",
             "a_callback_handler_sees_its_batch",
             "a_callback_runs_without_waiting_for_the_poll_interval",
+            "a_nested_tree_finalizes_level_by_level",
+            "a_failed_nested_batch_fails_fast_its_outer_batch",
+            "dependencies_cross_the_tree",
+            "last_children_of_two_nested_batches_race",
+            "the_deepest_tree_allowed_ends_in_one_step",
         ],
     ),
     (
@@ -143,6 +157,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "reconcile_zero_child_parent",
             "two_instances_race_every_transition",
             "the_reconciler_fires_the_callbacks_of_the_batches_it_finalizes",
+            "the_reconciler_counts_a_nested_batch_into_its_parent",
         ],
     ),
     (
@@ -159,11 +174,13 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "retry_batch_requeues_failed_children",
             "retry_batch_clears_the_cancel_request",
             "two_instances_race_every_transition",
+            "retry_batch_reopens_the_tree",
         ],
     ),
     (
         "retry_batch_parent",
         &[
+            "retry_batch_reopens_the_tree",
             "retry_batch_requeues_failed_children",
             "retry_batch_races_an_in_flight_completion",
             "two_instances_race_every_transition",
@@ -175,6 +192,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "prune_removes_only_whole_terminal_batches",
             "prune_races_a_live_batch",
             "prune_deletes_a_long_history_in_chunks",
+            "prune_removes_whole_trees",
             "two_instances_race_every_transition",
         ],
     ),

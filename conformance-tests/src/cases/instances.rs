@@ -775,6 +775,8 @@ async fn reconcile_through_all_while_a_last_child_completes(instances: &Instance
                 children_total: 2,
                 created_at: Utc::now(),
                 plan: Default::default(),
+                parent_id: None,
+                dependents: Vec::new(),
             };
             let mut tx = store
                 .begin()

@@ -607,6 +607,8 @@ pub async fn reconcile_zero_child_parent(store: Arc<dyn Store>) {
         children_total: 2,
         created_at: Utc::now(),
         plan: Default::default(),
+        parent_id: None,
+        dependents: Vec::new(),
     };
     let mut tx = store.begin().await.unwrap();
     tx.insert_parent(&parent).await.unwrap();
@@ -647,6 +649,8 @@ pub async fn reconcile_parent_with_all_children_terminal(store: Arc<dyn Store>) 
         children_total: 2,
         created_at: now,
         plan: Default::default(),
+        parent_id: None,
+        dependents: Vec::new(),
     };
     let kids: Vec<ChildRecord> = (0..2)
         .map(|i| ChildRecord {

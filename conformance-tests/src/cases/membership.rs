@@ -66,6 +66,8 @@ pub async fn children_join_only_the_batch_of_their_transaction(store: Arc<dyn St
         children_total: 5,
         created_at: now,
         plan: Default::default(),
+        parent_id: None,
+        dependents: Vec::new(),
     };
     let mut tx = store.begin().await.unwrap();
     tx.insert_parent(&parent).await.unwrap();
@@ -158,6 +160,8 @@ pub async fn a_transaction_whose_insert_failed_cannot_commit(store: Arc<dyn Stor
             children_total: 3,
             created_at: now,
             plan: Default::default(),
+            parent_id: None,
+            dependents: Vec::new(),
         };
         let fine: Vec<OperationId> = (0..2).map(|_| OperationId::new()).collect();
         let mut tx = store.begin().await.unwrap();

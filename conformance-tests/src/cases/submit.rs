@@ -343,6 +343,8 @@ async fn insert_by_hand(
         children_total: n as u64,
         created_at: now,
         plan: Default::default(),
+        parent_id: None,
+        dependents: Vec::new(),
     };
     let children: Vec<fascicle_api::ChildRecord> = (0..n)
         .map(|i| fascicle_api::ChildRecord {

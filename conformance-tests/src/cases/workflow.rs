@@ -292,6 +292,8 @@ pub async fn the_reconciler_fires_the_callbacks_of_the_batches_it_finalizes(stor
                 callback(CallbackOn::Failure, "cb_failure"),
             ],
         },
+        parent_id: None,
+        dependents: Vec::new(),
     };
     let mut tx = store.begin().await.unwrap();
     tx.insert_parent(&empty).await.unwrap();

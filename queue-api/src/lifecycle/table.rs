@@ -148,6 +148,12 @@ pub enum Then {
     /// when a row has both: a dependent of the failed child is cancelled as its
     /// dependent, the other pending siblings by the fail-fast step.
     ReleaseDependents,
+    /// A nested batch ([`NewBatch::child_batch`](crate::NewBatch::child_batch)) that
+    /// ended: its outcome is added to the counters of the batch holding it exactly like an
+    /// operation's ([`ParentEffect::CountTerminal`]) — which finalizes that batch when it
+    /// was its last open child, and under `FailFast` a failed nested batch cancels its
+    /// siblings.
+    CountIntoOuterBatch,
 }
 
 /// Which rows a transition applies to.
@@ -383,9 +389,9 @@ pub const RESCUE_AFTER_CANCEL: Transition = Transition {
     ..NOTHING
 };
 
-/// `cancel` on a pending operation (alone, or as a child of a cancelled batch: a batch's
-/// cancel takes every pending child in one step, so its dependents are cancelled by the
-/// same step).
+/// `cancel` on a pending operation (alone, or in a cancelled batch: a batch's cancel takes
+/// every pending operation of it and of the batches nested in it in one step, then
+/// releases the dependents left pending outside it).
 pub const CANCEL_PENDING: Transition = Transition {
     name: "cancel_pending",
     trigger: "Store::cancel",
@@ -407,18 +413,19 @@ pub const REQUEST_CANCEL: Transition = Transition {
     ..NOTHING
 };
 
-/// A pending sibling of a child that failed for good, in a `FailFast` batch: cancelled
-/// in the failing child's transaction. The error is
+/// A pending operation of a `FailFast` batch one of whose children failed for good: every
+/// pending operation of the batch — and of the batches nested in it — is cancelled in
+/// the failing child's transaction, in one step. The error is
 /// [`cancelled_by_fail_fast`](super::messages::cancelled_by_fail_fast), naming that child.
-/// Every pending sibling is cancelled in this one step, so there is no dependent left to
-/// release.
+/// The dependents left pending after the step (outside the batch) are released then.
 pub const FAIL_FAST_CANCEL_PENDING: Transition = Transition {
     name: "fail_fast_cancel_pending",
-    trigger: "a sibling's fail or rescue_exhausted, FailurePolicy::FailFast",
+    trigger: "a sibling's fail or rescue_exhausted (or a nested batch failing), FailurePolicy::FailFast",
     from: &[Pending],
     to: Some(Cancelled),
     error: E::Given,
     parent: ParentEffect::CountTerminal,
+    then: &[Then::ReleaseDependents],
     ..NOTHING
 };
 
@@ -437,11 +444,11 @@ pub const DEPENDENCY_FAILED: Transition = Transition {
     ..NOTHING
 };
 
-/// A running sibling of a child that failed for good, in a `FailFast` batch: asked to
-/// stop, in the failing child's transaction.
+/// A running operation of a `FailFast` batch (or of a batch nested in it) one of whose
+/// children failed for good: asked to stop, in the failing child's transaction.
 pub const FAIL_FAST_REQUEST_CANCEL: Transition = Transition {
     name: "fail_fast_request_cancel",
-    trigger: "a sibling's fail or rescue_exhausted, FailurePolicy::FailFast",
+    trigger: "a sibling's fail or rescue_exhausted (or a nested batch failing), FailurePolicy::FailFast",
     from: &[Processing],
     to: Some(Processing),
     cancel_requested: CancelFlag::Set,
@@ -450,7 +457,8 @@ pub const FAIL_FAST_REQUEST_CANCEL: Transition = Transition {
 
 /// A child whose outcome made its parent's counters complete: the parent takes the
 /// state its [`FailurePolicy::outcome`](crate::FailurePolicy::outcome) gives, exactly
-/// once, and its callbacks for that outcome are inserted.
+/// once, and its callbacks for that outcome are inserted. A nested batch then releases
+/// what waits for it and counts into the batch holding it.
 pub const FINALIZE_PARENT: Transition = Transition {
     name: "finalize_parent",
     trigger: "the last open child's terminal transition, in its transaction",
@@ -458,9 +466,16 @@ pub const FINALIZE_PARENT: Transition = Transition {
     from: &[Pending],
     to: None,
     error: E::Given,
-    then: &[Then::FireCallbacks],
+    then: PARENT_ENDS,
     ..NOTHING
 };
+
+/// What every way a batch ends sets off.
+const PARENT_ENDS: &[Then] = &[
+    Then::FireCallbacks,
+    Then::ReleaseDependents,
+    Then::CountIntoOuterBatch,
+];
 
 /// A pending parent with no child rows fails with [`ZERO_CHILDREN_REASON`](super::messages::ZERO_CHILDREN_REASON).
 pub const RECONCILE_EMPTY: Transition = Transition {
@@ -471,7 +486,7 @@ pub const RECONCILE_EMPTY: Transition = Transition {
     to: Some(Failed),
     error: E::Message(super::messages::ZERO_CHILDREN_REASON),
     parent: ParentEffect::Recount,
-    then: &[Then::FireCallbacks],
+    then: PARENT_ENDS,
     ..NOTHING
 };
 
@@ -484,11 +499,12 @@ pub const RECONCILE_FINALIZE: Transition = Transition {
     to: None,
     error: E::Given,
     parent: ParentEffect::Recount,
-    then: &[Then::FireCallbacks],
+    then: PARENT_ENDS,
     ..NOTHING
 };
 
-/// `retry_batch`: a failed or cancelled child starts afresh.
+/// `retry_batch`: a failed or cancelled operation of the batch, or of a batch nested in
+/// it, starts afresh.
 pub const RETRY_BATCH_CHILD: Transition = Transition {
     name: "retry_batch_child",
     trigger: "Store::retry_batch",
@@ -502,8 +518,10 @@ pub const RETRY_BATCH_CHILD: Transition = Transition {
     ..NOTHING
 };
 
-/// `retry_batch`: the parent reopens (from any state: a child may be re-queued while
-/// the parent is still pending).
+/// `retry_batch`: the batch reopens — with every batch nested in it that has an operation
+/// to re-queue, and every batch holding it — from any state (a child may be re-queued
+/// while the batch is still pending); each one's counters are recounted from its
+/// children.
 pub const RETRY_BATCH_PARENT: Transition = Transition {
     name: "retry_batch_parent",
     trigger: "Store::retry_batch",
@@ -511,11 +529,12 @@ pub const RETRY_BATCH_PARENT: Transition = Transition {
     from: &[Pending, Completed, Failed, Cancelled],
     to: Some(Pending),
     error: E::Clear,
+    parent: ParentEffect::Recount,
     ..NOTHING
 };
 
-/// `prune`: a terminal stand-alone operation, or a terminal batch with all its
-/// children, is deleted. A child is never deleted alone.
+/// `prune`: a terminal stand-alone operation, or a terminal outermost batch with its
+/// whole tree, is deleted. A child (or a nested batch) is never deleted alone.
 pub const PRUNE: Transition = Transition {
     name: "prune",
     trigger: "Store::prune",
@@ -783,11 +802,11 @@ mod tests {
             assert_eq!(fails, then(Then::FailFastSiblings), "{}", t.name);
             let parent_ends = t.rows == Rows::Parents && t.to.is_none_or(Status::is_terminal);
             assert_eq!(parent_ends, then(Then::FireCallbacks), "{}", t.name);
-            // Every way an operation ends releases what waits for it, except the one step
-            // that cancels every pending sibling at once.
-            let ends = t.rows == Rows::Operations && t.is_terminal();
-            let bulk = t.name == FAIL_FAST_CANCEL_PENDING.name;
-            assert_eq!(ends && !bulk, then(Then::ReleaseDependents), "{}", t.name);
+            // Every way an operation or a batch ends releases what waits for it, and every
+            // way a batch ends counts into the batch holding it.
+            let ends = t.is_terminal() || parent_ends;
+            assert_eq!(ends, then(Then::ReleaseDependents), "{}", t.name);
+            assert_eq!(parent_ends, then(Then::CountIntoOuterBatch), "{}", t.name);
         }
     }
 
