@@ -583,55 +583,139 @@ async fn stats(store: &Arc<dyn Store>, json: bool) -> fascicle::Result<()> {
     Ok(())
 }
 
+/// A batch read with its children, and the batches nested in it read the same way.
+struct Tree {
+    operation: Operation,
+    children: Vec<Operation>,
+    /// The trees of the children that are batches, in the order of `children`.
+    nested: Vec<Tree>,
+}
+
+impl Tree {
+    /// Reads `operation`'s tree (a plain operation has none).
+    fn read<'a>(
+        store: &'a Arc<dyn Store>,
+        operation: Operation,
+        depth: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = fascicle::Result<Tree>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let children = if operation.is_parent() {
+                store.children_of(operation.id).await?
+            } else {
+                Vec::new()
+            };
+            let mut nested = Vec::new();
+            // Batches nest at most MAX_BATCH_DEPTH levels; a deeper store is not followed.
+            if depth < fascicle::MAX_BATCH_DEPTH {
+                for child in children.iter().filter(|c| c.is_parent()) {
+                    nested.push(Tree::read(store, child.clone(), depth + 1).await?);
+                }
+            }
+            Ok(Tree {
+                operation,
+                children,
+                nested,
+            })
+        })
+    }
+
+    /// The structure `--json` prints: the operation, its children, and the nested
+    /// batches' trees in the same shape.
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "operation": self.operation,
+            "children": self.children,
+            "nested": self.nested.iter().map(Tree::to_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Every status in the tree, for what a waiting operation still waits for.
+    fn statuses(&self, into: &mut std::collections::HashMap<OperationId, Status>) {
+        into.insert(self.operation.id, self.operation.status);
+        for child in &self.children {
+            into.insert(child.id, child.status);
+        }
+        for tree in &self.nested {
+            tree.statuses(into);
+        }
+    }
+
+    /// The children as lines of a tree (left column, status, attempts or progress,
+    /// note), each indented by `prefix`.
+    fn lines(
+        &self,
+        prefix: &str,
+        statuses: &std::collections::HashMap<OperationId, Status>,
+        out: &mut Vec<[String; 4]>,
+    ) {
+        for (i, child) in self.children.iter().enumerate() {
+            let last = i + 1 == self.children.len();
+            let branch = if last { "└─" } else { "├─" };
+            let note = match (&child.error, waiting_for(child, statuses)) {
+                (_, Some(waiting)) => waiting,
+                (Some(error), None) => error.clone(),
+                (None, None) => String::new(),
+            };
+            let (label, progress) = match child.children {
+                Some(c) => (
+                    format!("{} (batch {})", child.id, child.kind),
+                    format!("{}/{} done", c.terminal(), c.total),
+                ),
+                None => (
+                    child.id.to_string(),
+                    format!("{}/{}", child.attempts, child.max_attempts),
+                ),
+            };
+            out.push([
+                format!("{prefix}{branch} {label}"),
+                child.status.to_string(),
+                progress,
+                note,
+            ]);
+            if let Some(tree) = self.nested.iter().find(|t| t.operation.id == child.id) {
+                let inner = format!("{prefix}{}  ", if last { " " } else { "│" });
+                tree.lines(&inner, statuses, out);
+            }
+        }
+    }
+}
+
 async fn status(store: &Arc<dyn Store>, id: OperationId, json: bool) -> fascicle::Result<()> {
     let op = store
         .get(id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no operation or batch has id {id}")))?;
-    let children = if op.is_parent() {
-        store.children_of(id).await?
-    } else {
-        Vec::new()
-    };
+    let tree = Tree::read(store, op, 1).await?;
     if json {
-        print(
-            true,
-            &json!({ "operation": op, "children": children }),
-            String::new,
-        );
+        print(true, &tree.to_json(), String::new);
         return Ok(());
     }
-    describe(&op);
-    if let Some(c) = op.children {
+    describe(&tree.operation);
+    if let Some(c) = tree.operation.children {
         let done = c.terminal();
         let percent = (done * 100).checked_div(c.total).unwrap_or(100);
         println!(
             "progress: {done}/{} children finished ({percent}%): {} completed, {} failed, {} cancelled",
             c.total, c.completed, c.failed, c.cancelled
         );
+        let mut statuses = std::collections::HashMap::new();
+        tree.statuses(&mut statuses);
+        let mut lines = Vec::new();
+        tree.lines("", &statuses, &mut lines);
+        let width = lines
+            .iter()
+            .map(|l| l[0].chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(41);
         println!(
-            "{:<41} {:<11} {:>8}  ERROR / WAITING FOR",
+            "{:<width$} {:<11} {:>9}  ERROR / WAITING FOR",
             "CHILD", "STATUS", "ATTEMPTS"
         );
-        let statuses: std::collections::HashMap<OperationId, Status> =
-            children.iter().map(|c| (c.id, c.status)).collect();
-        for (i, child) in children.iter().enumerate() {
-            let branch = if i + 1 == children.len() {
-                "└─"
-            } else {
-                "├─"
-            };
-            let note = match (&child.error, waiting_for(child, &statuses)) {
-                (_, Some(waiting)) => waiting,
-                (Some(error), None) => error.clone(),
-                (None, None) => String::new(),
-            };
-            println!(
-                "{branch} {:<38} {:<11} {:>8}  {note}",
-                child.id.to_string(),
-                child.status,
-                format!("{}/{}", child.attempts, child.max_attempts),
-            );
+        for [left, status, progress, note] in lines {
+            let pad = width - left.chars().count();
+            println!("{left}{:pad$} {status:<11} {progress:>9}  {note}", "");
         }
     }
     Ok(())
@@ -665,6 +749,11 @@ fn waiting_for(
 fn describe(op: &Operation) {
     let what = if op.is_parent() { "batch" } else { "operation" };
     println!("{what} {} ({}): {}", op.id, op.kind, op.status);
+    if op.is_parent()
+        && let Some(outer) = op.parent_id
+    {
+        println!("nested in batch {outer}");
+    }
     if op.status == Status::Processing
         && let Some(worker) = &op.worker_id
     {

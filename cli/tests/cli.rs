@@ -307,3 +307,67 @@ async fn status_shows_what_a_waiting_operation_waits_for() {
     assert_eq!(waiting["after"][0]["id"], a.to_string().as_str());
     assert_eq!(waiting["after"][1]["any"], true);
 }
+
+/// `fascicle status` of a tree draws the nested batches' children under them, each
+/// nested batch with its progress, and names a dependency on a nested batch; `--json`
+/// gives each nested batch's tree under `nested`, in the same shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_draws_nested_batches_as_a_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let store = fascicle::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let [inner, deepest, x, y, z] = [(); 5].map(|_| fascicle::OperationId::new());
+    let receipt = Queue::new(Arc::clone(&store))
+        .submit_batch(
+            NewBatch::new("pipeline")
+                .child(
+                    NewOperation::new("report", json!(1))
+                        .with_id(z)
+                        .after(&[inner]),
+                )
+                .child_batch(
+                    NewBatch::new("fan_out")
+                        .with_id(inner)
+                        .child(NewOperation::new("work", json!(2)).with_id(x))
+                        .child_batch(
+                            NewBatch::new("deeper")
+                                .with_id(deepest)
+                                .child(NewOperation::new("work", json!(3)).with_id(y)),
+                        ),
+                ),
+        )
+        .await
+        .unwrap();
+    let out = fascicle(&db, &["status", &receipt.parent_id.to_string()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for line in [
+        format!("├─ {z}"),
+        format!("└─ {inner} (batch fan_out)"),
+        format!("   ├─ {x}"),
+        format!("   └─ {deepest} (batch deeper)"),
+        format!("      └─ {y}"),
+        format!("waiting for 1: {inner}"),
+    ] {
+        assert!(text.contains(&line), "{line:?} missing from:\n{text}");
+    }
+    assert!(text.contains("0/2"), "the nested batch's progress: {text}");
+    let out = fascicle(&db, &["status", &inner.to_string()]);
+    assert!(
+        stdout(&out).contains(&format!("nested in batch {}", receipt.parent_id)),
+        "{}",
+        stdout(&out)
+    );
+    let out = fascicle(&db, &["--json", "status", &receipt.parent_id.to_string()]);
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["children"].as_array().unwrap().len(), 2);
+    let nested = &status["nested"][0];
+    assert_eq!(nested["operation"]["id"], inner.to_string().as_str());
+    assert_eq!(nested["children"][1]["id"], deepest.to_string().as_str());
+    assert_eq!(
+        nested["nested"][0]["children"][0]["id"],
+        y.to_string().as_str()
+    );
+}

@@ -1,6 +1,6 @@
 //! A workflow on the in-process memory store: a small DAG of steps (fetch, then two
-//! resizes, then assemble, and a clean-up that runs whatever happens) with a failure
-//! policy and a callback, all submitted in one transaction. Each step becomes claimable
+//! resizes in a nested batch, then assemble, and a clean-up that runs whatever happens)
+//! with a failure policy and a callback, all submitted in one transaction. Each step becomes claimable
 //! in the transaction that finishes its last dependency; the callback is inserted in the
 //! one that finishes the batch, and reads the batch's outcome. Prints the order the steps
 //! ran in.
@@ -45,7 +45,7 @@ async fn main() -> fascicle::Result<()> {
             // A callback knows the batch that fired it: id, outcome, counters, error.
             let batch = ctx.batch.expect("a callback reads its batch");
             callbacks.lock().unwrap().push(format!(
-                "publish album {} after batch {} {} ({} of {} steps completed)",
+                "publish album {} after batch {} {} ({} of {} children completed)",
                 input["album"],
                 batch.id,
                 batch.outcome,
@@ -64,16 +64,21 @@ async fn main() -> fascicle::Result<()> {
     }));
 
     // Ids chosen here, so that steps can name what they wait for.
-    let [fetch, small, large, assemble, clean_up] = [(); 5].map(|_| OperationId::new());
+    let [fetch, resizes, small, large, assemble, clean_up] = [(); 6].map(|_| OperationId::new());
     let step = |id, name: &str| NewOperation::new("step", json!({ "name": name })).with_id(id);
     let receipt = queue
         .submit_batch(
             NewBatch::new("album")
                 .child(step(clean_up, "clean up").after_any(&[assemble]))
-                .child(step(assemble, "assemble").after(&[small, large]))
-                .child(step(large, "resize large").after(&[fetch]))
-                .child(step(small, "resize small").after(&[fetch]))
+                // A nested batch ends when its children have: `assemble` waits for it.
+                .child(step(assemble, "assemble").after(&[resizes]))
                 .child(step(fetch, "fetch"))
+                .child_batch(
+                    NewBatch::new("resizes")
+                        .with_id(resizes)
+                        .child(step(large, "resize large").after(&[fetch]))
+                        .child(step(small, "resize small").after(&[fetch])),
+                )
                 // The first step that fails for good cancels the rest.
                 .with_failure_policy(FailurePolicy::FailFast)
                 .on_success(NewOperation::new(
