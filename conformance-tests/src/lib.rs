@@ -335,6 +335,7 @@ macro_rules! __for_each_case {
             prune_removes_whole_trees,
             last_children_of_two_nested_batches_race,
             the_deepest_tree_allowed_ends_in_one_step,
+            retry_batch_never_strands_a_dependent,
         );
     };
 }

@@ -1,5 +1,6 @@
 //! Model-based testing: random histories of submits (batches under every failure policy,
-//! with chains of `after` / `after_any` dependencies), claims, outcomes, cancellations
+//! with chains of `after` / `after_any` dependencies, and trees: a nested batch, and one
+//! nested in it, each under its own policy, the chain crossing their bounds), claims, outcomes, cancellations
 //! (also of running operations), retries, releases, lease expiries, rescues,
 //! reconciliations and prunes, with the store's invariants checked after every step
 //! against a recount and a small reference model. [`check_lockstep`] runs one history
@@ -41,6 +42,12 @@ pub enum Step {
         /// Child `i` (from 1) waits for child `i - 1` when bit `i - 1` is set, with
         /// `after_any` when bit `i + 3` is set too.
         deps: u8,
+        /// Bit 0 set: the children from `split = (nest >> 1) % children` on (bit 7 set:
+        /// the children before `split`, at least one) go into a nested batch under
+        /// policy `(nest >> 3) % 3`; bit 6 set too: its last child goes into a batch
+        /// nested in that one (when it has two or more). The dependency chain crosses
+        /// the bounds either way: outer operations wait for nested ones, or the reverse.
+        nest: u8,
     },
     /// Claim up to `limit`; with `short_lease` the lease expires at once.
     Claim {
@@ -83,8 +90,8 @@ pub enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (0usize..4, 0u8..3, any::<u8>())
-            .prop_map(|(children, policy, deps)| Step::Submit { children, policy, deps }),
+        3 => (0usize..5, 0u8..3, any::<u8>(), any::<u8>())
+            .prop_map(|(children, policy, deps, nest)| Step::Submit { children, policy, deps, nest }),
         3 => (1usize..6, any::<bool>()).prop_map(|(limit, short_lease)| Step::Claim { limit, short_lease }),
         4 => (any::<usize>(), 0u8..4).prop_map(|(pick, outcome)| Step::Finish { pick, outcome }),
         1 => any::<usize>().prop_map(|pick| Step::Cancel { pick }),
@@ -106,6 +113,8 @@ pub fn history(max_steps: usize) -> impl Strategy<Value = Vec<Step>> {
 struct Model {
     ids: BTreeSet<OperationId>,
     parents: BTreeMap<OperationId, Vec<OperationId>>,
+    /// Each nested batch's outer batch.
+    outer: BTreeMap<OperationId, OperationId>,
     held: Vec<ClaimedOperation>,
     /// Operations seen terminal; only a batch retry may reopen them.
     terminal: BTreeSet<OperationId>,
@@ -178,7 +187,9 @@ async fn run_lockstep(stores: Vec<Arc<dyn Store>>, steps: Vec<Step>) {
     for (i, step) in steps.iter().enumerate() {
         // The same new ids for every store.
         let fresh: Vec<OperationId> = match step {
-            Step::Submit { children, .. } => (0..=*children).map(|_| OperationId::new()).collect(),
+            Step::Submit { children, .. } => {
+                (0..children + 3).map(|_| OperationId::new()).collect()
+            }
             _ => Vec::new(),
         };
         let mut observed: Vec<BTreeMap<OperationId, Observed>> = Vec::new();
@@ -250,12 +261,14 @@ async fn apply(
             children,
             policy,
             deps,
+            nest,
         } => {
-            let policy = [
+            let policies = [
                 FailurePolicy::WaitAll,
                 FailurePolicy::FailFast,
                 FailurePolicy::IgnoreFailures,
-            ][policy as usize % 3];
+            ];
+            let policy = policies[policy as usize % 3];
             let child = |i: usize| {
                 let op = NewOperation::new("op", json!({ "i": i })).with_id(fresh[i + 1]);
                 match (i, deps >> (i.max(1) - 1) & 1, deps >> (i + 3) & 1) {
@@ -264,18 +277,53 @@ async fn apply(
                     _ => op.after_any(&[fresh[i]]),
                 }
             };
-            let receipt = queue
-                .submit_batch(
-                    NewBatch::new("batch")
-                        .with_id(fresh[0])
-                        .with_failure_policy(policy)
-                        .children((0..children).map(child)),
-                )
-                .await
-                .unwrap();
+            // Which children go into the nested batch (from `split` on), and into the
+            // one nested in it (the last, when `deeper`).
+            // Which children go into the nested batch (`nested`), and into the one
+            // nested in it (its last, when `deeper`).
+            let split = (nest as usize >> 1) % children;
+            let nested = match (nest & 1, nest & 0x80) {
+                (0, _) => 0..0,
+                (_, 0) => split..children,
+                _ => 0..split.max(1),
+            };
+            let deeper = !nested.is_empty() && nest & 0x40 != 0 && nested.len() >= 2;
+            let (inner_id, deeper_id) = (fresh[children + 1], fresh[children + 2]);
+            let inner_end = if deeper { nested.end - 1 } else { nested.end };
+            let mut batch = NewBatch::new("batch")
+                .with_id(fresh[0])
+                .with_failure_policy(policy)
+                .children((0..children).filter(|i| !nested.contains(i)).map(child));
+            if !nested.is_empty() {
+                let mut inner = NewBatch::new("inner")
+                    .with_id(inner_id)
+                    .with_failure_policy(policies[(nest as usize >> 3) % 3])
+                    .children((nested.start..inner_end).map(child));
+                if deeper {
+                    inner = inner.child_batch(
+                        NewBatch::new("deeper")
+                            .with_id(deeper_id)
+                            .child(child(nested.end - 1)),
+                    );
+                }
+                batch = batch.child_batch(inner);
+            }
+            let receipt = queue.submit_batch(batch).await.unwrap();
             model.ids.insert(receipt.parent_id);
-            model.ids.extend(receipt.child_ids.iter().copied());
+            model.ids.extend(fresh[1..=children].iter().copied());
             model.parents.insert(receipt.parent_id, receipt.child_ids);
+            if !nested.is_empty() {
+                model.ids.insert(inner_id);
+                model.outer.insert(inner_id, receipt.parent_id);
+                let mut inner: Vec<OperationId> = fresh[nested.start + 1..=inner_end].to_vec();
+                if deeper {
+                    inner.push(deeper_id);
+                    model.ids.insert(deeper_id);
+                    model.outer.insert(deeper_id, inner_id);
+                    model.parents.insert(deeper_id, vec![fresh[nested.end]]);
+                }
+                model.parents.insert(inner_id, inner);
+            }
         }
         Step::Claim { limit, short_lease } => {
             let claimed = store
@@ -337,8 +385,7 @@ async fn apply(
             }
             let id = *model.ids.iter().nth(pick % model.ids.len()).unwrap();
             store.cancel(id).await.unwrap();
-            let targets = model.parents.get(&id).cloned().unwrap_or_else(|| vec![id]);
-            for target in targets {
+            for target in model.tree_operations(id) {
                 let op = store
                     .get(target)
                     .await
@@ -373,11 +420,20 @@ async fn apply(
                 .unwrap();
             match store.retry_batch(parent).await {
                 Ok(_) => {
-                    for child in &model.parents[&parent] {
-                        model.terminal.remove(child);
-                        model.cancel_requested.remove(child);
+                    // The tree's operations may be re-queued, its batches and the
+                    // batches holding it reopened.
+                    for op in model.tree_operations(parent) {
+                        model.terminal.remove(&op);
+                        model.cancel_requested.remove(&op);
                     }
-                    model.terminal.remove(&parent);
+                    for batch in model.tree_batches(parent) {
+                        model.terminal.remove(&batch);
+                    }
+                    let mut at = model.outer.get(&parent).copied();
+                    while let Some(outer) = at {
+                        model.terminal.remove(&outer);
+                        at = model.outer.get(&outer).copied();
+                    }
                 }
                 Err(fascicle_api::Error::Conflict(_)) => {}
                 Err(e) => panic!("retry_batch failed: {e}"),
@@ -408,10 +464,15 @@ async fn prune(store: &Arc<dyn Store>, model: &mut Model) {
         }
     }
     let mut expected = BTreeSet::new();
-    for (parent, children) in &model.parents {
-        if terminal_before.contains(parent) {
-            expected.insert(*parent);
-            expected.extend(children.iter().copied());
+    // Whole trees, from a terminal root only.
+    for root in model
+        .parents
+        .keys()
+        .filter(|p| !model.outer.contains_key(p))
+    {
+        if terminal_before.contains(root) {
+            expected.extend(model.tree_batches(*root));
+            expected.extend(model.tree_operations(*root));
         }
     }
     let children: BTreeSet<OperationId> = model.parents.values().flatten().copied().collect();
@@ -444,7 +505,35 @@ async fn prune(store: &Arc<dyn Store>, model: &mut Model) {
     model.ids.retain(|id| !gone.contains(id));
     model.pruned.extend(gone.iter().copied());
     model.parents.retain(|id, _| !gone.contains(id));
+    model.outer.retain(|id, _| !gone.contains(id));
     model.terminal.retain(|id| !gone.contains(id));
+}
+
+impl Model {
+    /// The batch `root` and every batch nested in it (a plain operation: none).
+    fn tree_batches(&self, root: OperationId) -> Vec<OperationId> {
+        let mut batches = Vec::new();
+        let mut next = vec![root];
+        while let Some(batch) = next.pop() {
+            if let Some(children) = self.parents.get(&batch) {
+                batches.push(batch);
+                next.extend(children.iter().copied());
+            }
+        }
+        batches
+    }
+
+    /// The operations of `id`'s tree (a plain operation: itself).
+    fn tree_operations(&self, id: OperationId) -> Vec<OperationId> {
+        if !self.parents.contains_key(&id) {
+            return vec![id];
+        }
+        self.tree_batches(id)
+            .iter()
+            .flat_map(|b| self.parents[b].iter().copied())
+            .filter(|c| !self.parents.contains_key(c))
+            .collect()
+    }
 }
 
 async fn verify(
@@ -486,6 +575,20 @@ async fn verify(
                     return Err(format!(
                         "{} is {} although its dependency {} is not completed",
                         op.id, op.status, dependency.id
+                    ));
+                }
+            }
+        }
+        // A pending operation never needs completed a dependency that ended otherwise:
+        // that ending cancelled it (a retry that would re-queue it so is refused).
+        if op.status == Status::Pending {
+            for dependency in op.after.iter().filter(|d| !d.any) {
+                if let Some(d) = ops.get(&dependency.id)
+                    && matches!(d.status, Status::Failed | Status::Cancelled)
+                {
+                    return Err(format!(
+                        "{} is pending, waiting for {} which ended {}: it can never run",
+                        op.id, dependency.id, d.status
                     ));
                 }
             }

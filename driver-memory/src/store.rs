@@ -7,7 +7,7 @@
 //! payloads sit behind a shared pointer so a claim copies them after releasing the lock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -1194,6 +1194,22 @@ impl Store for MemoryStore {
             return Err(Error::Conflict(format!(
                 "batch {parent_id} has no failed or cancelled children to retry"
             )));
+        }
+        // A re-queued operation must not need completed what ended otherwise outside
+        // the tree (it would wait for ever).
+        let requeued: HashSet<OperationId> = retry.iter().copied().collect();
+        for id in &retry {
+            for d in state.rows.get(id).map_or(&[][..], |r| &r.op.body.after[..]) {
+                let ended = state.rows.get(&d.id).map(|r| r.op.status);
+                if !d.any
+                    && let Some(ended @ (Status::Failed | Status::Cancelled)) = ended
+                    && !requeued.contains(&d.id)
+                {
+                    return Err(Error::Conflict(messages::retry_strands_a_dependent(
+                        parent_id, id, d.id, ended,
+                    )));
+                }
+            }
         }
         for id in &retry {
             state.update(*id, |row| {

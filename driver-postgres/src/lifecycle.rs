@@ -1065,6 +1065,33 @@ pub(crate) async fn retry_batch(
     let parent = *parent.as_uuid();
     // The batch and every batch holding it, root first (the one lock order).
     lock_parents_of(conn, sql, &[parent]).await?;
+    // A re-queued operation must not need completed what ended otherwise outside the
+    // tree (it would wait for ever).
+    let stranded: Option<(Uuid, Uuid, String)> = sqlx::query_as(sql.text(&format!(
+        "{TREE},
+         requeued AS (
+             SELECT id, depends_on FROM {{s}}.operations
+             WHERE parent_id IN (SELECT id FROM tree) AND payload IS NOT NULL
+               AND status IN ('failed', 'cancelled'))
+         SELECT r.id, d.id, d.status
+         FROM requeued AS r, jsonb_array_elements(r.depends_on) AS e, {{s}}.operations AS d
+         WHERE d.id = (e->>'id')::uuid AND NOT coalesce((e->>'any')::boolean, false)
+           AND d.status IN ('failed', 'cancelled')
+           AND d.id NOT IN (SELECT id FROM requeued)
+         LIMIT 1"
+    )))
+    .bind(parent)
+    .fetch_optional(&mut *conn)
+    .await
+    .db()?;
+    if let Some((operation, dependency, ended)) = stranded {
+        return Err(Error::Conflict(messages::retry_strands_a_dependent(
+            parent,
+            operation,
+            dependency,
+            ended.parse()?,
+        )));
+    }
     let (retried, batches, waiting): (i64, Vec<Uuid>, Vec<Uuid>) =
         sqlx::query_as(sql.text(&format!(
             "{TREE},

@@ -985,6 +985,33 @@ pub(crate) fn retry_batch(
             "batch {parent} has no failed or cancelled children to retry"
         )));
     }
+    // A re-queued operation must not need completed what ended otherwise outside the
+    // tree (it would wait for ever).
+    let requeued: std::collections::HashSet<&[u8]> =
+        retried.iter().map(|(id, _)| id.as_slice()).collect();
+    for (id, after) in &retried {
+        for dependency in fascicle_api::Dependency::list_from_json(after.as_deref())? {
+            if dependency.any || requeued.contains(&dependency.id.as_bytes()[..]) {
+                continue;
+            }
+            let status: Option<String> = tx
+                .prepare_cached("SELECT status FROM fascicle_operations WHERE id = ?1")
+                .db()?
+                .query_row(params![dependency.id.as_bytes()], |row| row.get(0))
+                .optional()
+                .db()?;
+            if let Some(ended @ (Status::Failed | Status::Cancelled)) =
+                status.map(status_of).transpose()?
+            {
+                return Err(Error::Conflict(messages::retry_strands_a_dependent(
+                    parent,
+                    id_of(id.clone())?,
+                    dependency.id,
+                    ended,
+                )));
+            }
+        }
+    }
     let mut requeue = tx
         .prepare_cached(
             "UPDATE fascicle_operations SET status = 'pending', attempts = 0, error = NULL,

@@ -39,7 +39,7 @@ fn factories() -> Vec<Factory> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
     #[test]
     fn one_history_gives_the_same_state_on_every_driver(
         steps in fascicle_conformance::model::history(40)

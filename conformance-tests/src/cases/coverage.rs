@@ -181,6 +181,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         "retry_batch_parent",
         &[
             "retry_batch_reopens_the_tree",
+            "retry_batch_never_strands_a_dependent",
             "retry_batch_requeues_failed_children",
             "retry_batch_races_an_in_flight_completion",
             "two_instances_race_every_transition",

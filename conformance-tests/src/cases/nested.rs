@@ -670,3 +670,56 @@ pub async fn the_deepest_tree_allowed_ends_in_one_step(store: Arc<dyn Store>) {
         }
     }
 }
+
+/// `retry_batch` of a nested batch is refused (`Conflict`, naming both, nothing changed)
+/// when it would re-queue an operation that needs completed something outside the
+/// nested batch that ended otherwise — it could never run; retrying the root re-queues
+/// both, in their order.
+pub async fn retry_batch_never_strands_a_dependent(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let [root, inner, prepare, work] = [(); 4].map(|_| OperationId::new());
+    queue
+        .submit_batch(
+            NewBatch::new("pipeline")
+                .with_id(root)
+                .child(op("prepare", prepare))
+                .child_batch(
+                    NewBatch::new("fan_out")
+                        .with_id(inner)
+                        .child(op("work", work).after(&[prepare])),
+                ),
+        )
+        .await
+        .unwrap();
+    let first = claim_kinds(&store, &["prepare"]).await;
+    finish(&store, &first[0], Outcome::Failed("no input".into())).await;
+    assert_eq!(status(&store, work).await, Status::Cancelled);
+    assert_eq!(status(&store, root).await, Status::Failed);
+    match store.retry_batch(inner).await {
+        Err(Error::Conflict(message)) => assert_eq!(
+            message,
+            messages::retry_strands_a_dependent(inner, work, prepare, Status::Failed)
+        ),
+        other => panic!("expected a Conflict, got {other:?}"),
+    }
+    for (id, expected) in [
+        (work, Status::Cancelled),
+        (inner, Status::Cancelled),
+        (root, Status::Failed),
+    ] {
+        assert_eq!(
+            status(&store, id).await,
+            expected,
+            "the refused retry changed {id}"
+        );
+    }
+    assert_eq!(store.retry_batch(root).await.unwrap(), 2);
+    let work_row = store.get(work).await.unwrap().unwrap();
+    assert_eq!((work_row.status, work_row.waiting_on), (Status::Pending, 1));
+    assert_eq!(status(&store, inner).await, Status::Pending);
+    let again = claim_kinds(&store, &["prepare", "work"]).await;
+    assert_eq!(ids(&again), HashSet::from([prepare]));
+    complete(&store, &again).await;
+    complete(&store, &claim_kinds(&store, &["work"]).await).await;
+    assert_eq!(status(&store, root).await, Status::Completed);
+}

@@ -77,3 +77,19 @@ pub fn cancelled_by_fail_fast(failed: impl std::fmt::Display) -> String {
 pub fn cancelled_by_dependency(dependency: impl std::fmt::Display, ended: crate::Status) -> String {
     format!("cancelled: its dependency {dependency} ended {ended}")
 }
+
+/// Why `retry_batch` of `batch` is refused (`Error::Conflict`): it would re-queue
+/// `operation`, which needs completed `dependency` — outside the batch's tree, so not
+/// re-queued with it — that ended `ended`; the operation could never run.
+pub fn retry_strands_a_dependent(
+    batch: impl std::fmt::Display,
+    operation: impl std::fmt::Display,
+    dependency: impl std::fmt::Display,
+    ended: crate::Status,
+) -> String {
+    format!(
+        "batch {batch} cannot be retried: its operation {operation} waits for {dependency}, \
+         which ended {ended} outside the batch and would not be retried with it; retry a \
+         batch that holds both (the outermost batch of the tree does)"
+    )
+}
