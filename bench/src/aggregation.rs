@@ -48,7 +48,13 @@ enum Shape {
     /// `n` children and one more that waits for all of them (`after`): each completion
     /// also releases it by one.
     FanIn,
+    /// A 3-level tree of `n` leaves: the batch holds [`BRANCHES`] nested batches, each
+    /// of those [`BRANCHES`] more, each of those its share of the leaves.
+    Tree,
 }
+
+/// Nested batches per level of a [`Shape::Tree`].
+const BRANCHES: usize = 10;
 
 async fn submit_shaped(
     store: &Arc<dyn Store>,
@@ -73,6 +79,20 @@ async fn submit(
     n: usize,
     shape: Shape,
 ) -> Result<fascicle_api::BatchReceipt, BoxError> {
+    if shape == Shape::Tree {
+        let leaves = n / (BRANCHES * BRANCHES);
+        let mut root = NewBatch::new("aggregate");
+        for b in 0..BRANCHES {
+            let mut middle = NewBatch::new("middle");
+            for c in 0..BRANCHES {
+                middle = middle.child_batch(NewBatch::new("inner").children(
+                    (0..leaves).map(|i| NewOperation::new("child", json!({ "i": [b, c, i] }))),
+                ));
+            }
+            root = root.child_batch(middle);
+        }
+        return Ok(Queue::new(Arc::clone(store)).submit_batch(root).await?);
+    }
     let ids: Vec<fascicle_api::OperationId> =
         (0..n).map(|_| fascicle_api::OperationId::new()).collect();
     let mut batch = NewBatch::new("aggregate").children(
@@ -173,15 +193,33 @@ fn rows(
     .collect()
 }
 
-/// The fan-in rows: the cost of one completion that also releases the dependent of an
-/// `n`-way fan-in, small vs large, beside the flat batch of the same size in the same run.
-fn fan_in_rows(
+/// The rows of a shaped batch: the cost of one completion — which also releases the
+/// dependent of an `n`-way fan-in, or moves the levels above a leaf of a 3-level tree —
+/// small vs large, beside the flat batch of the same size in the same run.
+fn shaped_rows(
     driver: &'static str,
     args: &Args,
-    fan_in: (f64, f64),
+    shape: Shape,
+    costs: (f64, f64),
     flat: (f64, f64),
 ) -> Vec<Measurement> {
-    let (small, big) = fan_in;
+    let (small, big) = costs;
+    let (ratio, per): (String, fn(usize) -> String) = match shape {
+        Shape::Tree => (
+            format!(
+                "3-level tree completion cost {} vs {SMALL} leaves (ratio of µs/completion)",
+                large(args)
+            ),
+            |n: usize| format!("µs per leaf completion, 3-level tree of {n} leaves"),
+        ),
+        _ => (
+            format!(
+                "fan-in release cost {} vs {SMALL} dependencies (ratio of µs/completion)",
+                large(args)
+            ),
+            |n: usize| format!("µs per completion releasing a {n}-way fan-in"),
+        ),
+    };
     let row = |scenario: String, unit, samples, baseline: f64| Measurement {
         scenario,
         driver,
@@ -194,33 +232,15 @@ fn fan_in_rows(
     vec![
         Measurement {
             target: Some(Target::AtMost { value: 1.3 }),
-            ..row(
-                format!(
-                    "fan-in release cost {} vs {SMALL} dependencies (ratio of µs/completion)",
-                    large(args)
-                ),
-                "x",
-                big / small,
-                flat.1 / flat.0,
-            )
+            ..row(ratio, "x", big / small, flat.1 / flat.0)
         },
-        row(
-            format!("µs per completion releasing a {SMALL}-way fan-in"),
-            "µs",
-            small,
-            flat.0,
-        ),
-        row(
-            format!("µs per completion releasing a {}-way fan-in", large(args)),
-            "µs",
-            big,
-            flat.1,
-        ),
+        row(per(SMALL), "µs", small, flat.0),
+        row(per(large(args)), "µs", big, flat.1),
     ]
 }
 
-/// Fan-in costs (small, large) on fresh stores from `open`.
-async fn fan_in_costs<S, F, Fut>(args: &Args, open: F) -> Result<(f64, f64), BoxError>
+/// Costs of a shaped batch (small, large) on fresh stores from `open`.
+async fn shaped_costs<S, F, Fut>(args: &Args, shape: Shape, open: F) -> Result<(f64, f64), BoxError>
 where
     S: Store + 'static,
     F: Fn() -> Fut,
@@ -231,9 +251,9 @@ where
     let mut big = Vec::new();
     for _ in 0..runs(args) {
         let store: Arc<dyn Store> = Arc::new(open().await?);
-        small.push(shaped_cost(store, SMALL, total, Shape::FanIn, async || Ok(())).await?);
+        small.push(shaped_cost(store, SMALL, total, shape, async || Ok(())).await?);
         let store: Arc<dyn Store> = Arc::new(open().await?);
-        big.push(shaped_cost(store, total, total, Shape::FanIn, async || Ok(())).await?);
+        big.push(shaped_cost(store, total, total, shape, async || Ok(())).await?);
     }
     Ok((median(&small), median(&big)))
 }
@@ -248,9 +268,16 @@ pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
         big.push(fascicle_cost(store(), total, total, async || Ok(())).await?);
     }
     let flat = (median(&small), median(&big));
-    let fan_in = fan_in_costs(args, async || Ok(fascicle_memory::MemoryStore::new())).await?;
     let mut rows = rows("memory", args, flat, None);
-    rows.extend(fan_in_rows("memory", args, fan_in, flat));
+    for shape in [Shape::FanIn, Shape::Tree] {
+        let costs = shaped_costs(
+            args,
+            shape,
+            async || Ok(fascicle_memory::MemoryStore::new()),
+        )
+        .await?;
+        rows.extend(shaped_rows("memory", args, shape, costs, flat));
+    }
     Ok(rows)
 }
 
@@ -319,14 +346,19 @@ pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
         }
     }
     let flat = (median(&fascicle[0]), median(&fascicle[1]));
-    let fan_in = fan_in_costs(args, async || Ok(SqliteStore::open_temporary().await?)).await?;
     let mut rows = rows(
         "sqlite",
         args,
         flat,
         Some((median(&baseline[0]), median(&baseline[1]))),
     );
-    rows.extend(fan_in_rows("sqlite", args, fan_in, flat));
+    for shape in [Shape::FanIn, Shape::Tree] {
+        let costs = shaped_costs(args, shape, async || {
+            Ok(SqliteStore::open_temporary().await?)
+        })
+        .await?;
+        rows.extend(shaped_rows("sqlite", args, shape, costs, flat));
+    }
     Ok(rows)
 }
 
@@ -402,20 +434,28 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
             }
         }
     }
-    let mut fan_in = Vec::new();
-    for n in [SMALL, large(args)] {
-        let store = PostgresStore::connect_with(
-            PostgresOptions::new(url)
-                .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple())),
-        )
-        .await?;
-        let shared: Arc<dyn Store> = Arc::new(store.clone());
-        let result = shaped_cost(shared, n, large(args), Shape::FanIn, async || Ok(())).await;
-        crate::drain::drop_schema(&store).await;
-        fan_in.push(result?);
-    }
     let flat = (fascicle[0], fascicle[1]);
     let mut rows = rows("postgres", args, flat, Some((baseline[0], baseline[1])));
-    rows.extend(fan_in_rows("postgres", args, (fan_in[0], fan_in[1]), flat));
+    for shape in [Shape::FanIn, Shape::Tree] {
+        let mut costs = Vec::new();
+        for n in [SMALL, large(args)] {
+            let store = PostgresStore::connect_with(
+                PostgresOptions::new(url)
+                    .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple())),
+            )
+            .await?;
+            let shared: Arc<dyn Store> = Arc::new(store.clone());
+            let result = shaped_cost(shared, n, large(args), shape, async || Ok(())).await;
+            crate::drain::drop_schema(&store).await;
+            costs.push(result?);
+        }
+        rows.extend(shaped_rows(
+            "postgres",
+            args,
+            shape,
+            (costs[0], costs[1]),
+            flat,
+        ));
+    }
     Ok(rows)
 }

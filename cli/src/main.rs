@@ -630,6 +630,18 @@ impl Tree {
         })
     }
 
+    /// Every dependency of a waiting operation of the tree.
+    fn dependencies(&self, into: &mut Vec<OperationId>) {
+        for child in &self.children {
+            if child.status == Status::Pending && child.waiting_on > 0 {
+                into.extend(child.after.iter().map(|d| d.id));
+            }
+        }
+        for tree in &self.nested {
+            tree.dependencies(into);
+        }
+    }
+
     /// Every status in the tree, for what a waiting operation still waits for.
     fn statuses(&self, into: &mut std::collections::HashMap<OperationId, Status>) {
         into.insert(self.operation.id, self.operation.status);
@@ -701,6 +713,16 @@ async fn status(store: &Arc<dyn Store>, id: OperationId, json: bool) -> fascicle
         );
         let mut statuses = std::collections::HashMap::new();
         tree.statuses(&mut statuses);
+        // What waiting operations wait for outside this tree (in an outer batch).
+        let mut outside = Vec::new();
+        tree.dependencies(&mut outside);
+        for dependency in outside {
+            if !statuses.contains_key(&dependency)
+                && let Some(found) = store.get(dependency).await?
+            {
+                statuses.insert(dependency, found.status);
+            }
+        }
         let mut lines = Vec::new();
         tree.lines("", &statuses, &mut lines);
         let width = lines

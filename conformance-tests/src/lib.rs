@@ -336,6 +336,8 @@ macro_rules! __for_each_case {
             last_children_of_two_nested_batches_race,
             the_deepest_tree_allowed_ends_in_one_step,
             retry_batch_never_strands_a_dependent,
+            a_nested_batch_id_is_not_a_batch_to_resubmit,
+            cancelling_a_fail_fast_tree_is_one_step,
         );
     };
 }

@@ -666,6 +666,11 @@ impl State {
 
     /// Ends several operations as one step (`f`), then settles each parent they touched.
     fn in_one_step(&mut self, now: DateTime<Utc>, f: impl FnOnce(&mut Self)) {
+        if self.deferred.is_some() {
+            // Inside a step already: the outer one settles.
+            f(self);
+            return;
+        }
         self.deferred = Some(Vec::new());
         f(self);
         let deferred = self.deferred.take().unwrap_or_default();
@@ -739,6 +744,21 @@ impl State {
         self.finalize_parent(parent_id, now);
     }
 
+    /// The batch `root` and every batch nested in it.
+    fn tree_batches(&self, root: OperationId) -> HashSet<OperationId> {
+        let mut batches = HashSet::from([root]);
+        let mut next = vec![root];
+        while let Some(batch) = next.pop() {
+            for child in self.children.get(&batch).into_iter().flatten() {
+                if self.rows.get(child).is_some_and(|r| r.op.is_parent()) && batches.insert(*child)
+                {
+                    next.push(*child);
+                }
+            }
+        }
+        batches
+    }
+
     /// The operations of the batch `root` and of every batch nested in it, in insertion
     /// order batch by batch.
     fn tree_operations(&self, root: OperationId) -> Vec<OperationId> {
@@ -769,35 +789,34 @@ impl State {
     ) -> CancelReport {
         let operations = self.tree_operations(root);
         let mut report = CancelReport::default();
-        let mut running = Vec::new();
-        // A nested batch ending in this step may start a fail-fast step of its own: the
-        // outermost step releases the dependents of both.
-        let outermost = self.bulk.is_none();
-        if outermost {
-            self.bulk = Some(Vec::new());
-        }
-        for id in operations {
-            match self.rows.get(&id).map(|r| r.op.status) {
-                Some(Status::Pending) => {
-                    self.finish(id, pending, reason.clone(), None, now);
-                    report.cancelled += 1;
+        // One step, as the SQL drivers take it: every pending operation ends, then what
+        // waits for them outside is released, then the running ones are asked to stop;
+        // only then are the batches settled (a nested batch that ends failed may start
+        // a fail-fast step of its own).
+        self.in_one_step(now, |state| {
+            let mut running = Vec::new();
+            state.bulk = Some(Vec::new());
+            for id in operations {
+                match state.rows.get(&id).map(|r| r.op.status) {
+                    Some(Status::Pending) => {
+                        state.finish(id, pending, reason.clone(), None, now);
+                        report.cancelled += 1;
+                    }
+                    Some(Status::Processing) => running.push(id),
+                    Some(_) => report.already_terminal += 1,
+                    None => {}
                 }
-                Some(Status::Processing) => running.push(id),
-                Some(_) => report.already_terminal += 1,
-                None => {}
             }
-        }
-        if outermost {
-            for (id, status) in self.bulk.take().unwrap_or_default() {
-                self.release_dependents(id, status, now);
+            for (id, status) in state.bulk.take().unwrap_or_default() {
+                state.release_dependents(id, status, now);
             }
-        }
-        for id in running {
-            if self.rows.get(&id).map(|r| r.op.status) == Some(Status::Processing) {
-                self.update(id, |row| row.take(processing, None, now));
-                report.signalled += 1;
+            for id in running {
+                if state.rows.get(&id).map(|r| r.op.status) == Some(Status::Processing) {
+                    state.update(id, |row| row.take(processing, None, now));
+                    report.signalled += 1;
+                }
             }
-        }
+        });
         report
     }
 
@@ -1196,14 +1215,18 @@ impl Store for MemoryStore {
             )));
         }
         // A re-queued operation must not need completed what ended otherwise outside
-        // the tree (it would wait for ever).
-        let requeued: HashSet<OperationId> = retry.iter().copied().collect();
+        // the tree (it would wait for ever); what is inside is re-queued or reopens.
+        let tree = state.tree_batches(parent_id);
         for id in &retry {
             for d in state.rows.get(id).map_or(&[][..], |r| &r.op.body.after[..]) {
-                let ended = state.rows.get(&d.id).map(|r| r.op.status);
+                let dependency = state.rows.get(&d.id);
+                let ended = dependency.map(|r| r.op.status);
+                let inside = dependency
+                    .and_then(|r| r.op.parent_id)
+                    .is_some_and(|p| tree.contains(&p));
                 if !d.any
                     && let Some(ended @ (Status::Failed | Status::Cancelled)) = ended
-                    && !requeued.contains(&d.id)
+                    && !inside
                 {
                     return Err(Error::Conflict(messages::retry_strands_a_dependent(
                         parent_id, id, d.id, ended,

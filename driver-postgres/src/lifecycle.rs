@@ -888,8 +888,13 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
         .await
         .db()?;
     let mut report = ReconcileReport::default();
+    // Every tree at once, roots first in id order: locking one after another would
+    // take roots out of order against a step that locks two of them.
+    let ids: Vec<Uuid> = stranded.iter().map(|(id, _)| *id).collect();
+    if !ids.is_empty() {
+        lock_parents_of(conn, sql, &ids).await?;
+    }
     for (parent, policy) in stranded {
-        lock_parents_of(conn, sql, &[parent]).await?;
         let still: Option<i32> = sqlx::query_scalar(
             sql.text(&format!("SELECT 1 FROM ({STRANDED}) AS s WHERE s.id = $1")),
         )
@@ -1077,7 +1082,8 @@ pub(crate) async fn retry_batch(
          FROM requeued AS r, jsonb_array_elements(r.depends_on) AS e, {{s}}.operations AS d
          WHERE d.id = (e->>'id')::uuid AND NOT coalesce((e->>'any')::boolean, false)
            AND d.status IN ('failed', 'cancelled')
-           AND d.id NOT IN (SELECT id FROM requeued)
+           -- Inside the tree it is re-queued or reopens with it.
+           AND (d.parent_id IS NULL OR d.parent_id NOT IN (SELECT id FROM tree))
          LIMIT 1"
     )))
     .bind(parent)

@@ -986,23 +986,34 @@ pub(crate) fn retry_batch(
         )));
     }
     // A re-queued operation must not need completed what ended otherwise outside the
-    // tree (it would wait for ever).
-    let requeued: std::collections::HashSet<&[u8]> =
-        retried.iter().map(|(id, _)| id.as_slice()).collect();
+    // tree (it would wait for ever); what is inside is re-queued or reopens.
+    let tree: std::collections::HashSet<Vec<u8>> = tx
+        .prepare_cached(&format!("{TREE} SELECT id FROM tree"))
+        .db()?
+        .query_map(params![parent.as_bytes()], |row| row.get(0))
+        .db()?
+        .collect::<rusqlite::Result<_>>()
+        .db()?;
     for (id, after) in &retried {
         for dependency in fascicle_api::Dependency::list_from_json(after.as_deref())? {
-            if dependency.any || requeued.contains(&dependency.id.as_bytes()[..]) {
+            if dependency.any {
                 continue;
             }
-            let status: Option<String> = tx
-                .prepare_cached("SELECT status FROM fascicle_operations WHERE id = ?1")
+            let found: Option<(String, Option<Vec<u8>>)> = tx
+                .prepare_cached("SELECT status, parent_id FROM fascicle_operations WHERE id = ?1")
                 .db()?
-                .query_row(params![dependency.id.as_bytes()], |row| row.get(0))
+                .query_row(params![dependency.id.as_bytes()], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
                 .optional()
                 .db()?;
-            if let Some(ended @ (Status::Failed | Status::Cancelled)) =
-                status.map(status_of).transpose()?
-            {
+            let Some((status, holder)) = found else {
+                continue;
+            };
+            if holder.is_some_and(|h| tree.contains(&h)) {
+                continue;
+            }
+            if let ended @ (Status::Failed | Status::Cancelled) = status_of(status)? {
                 return Err(Error::Conflict(messages::retry_strands_a_dependent(
                     parent,
                     id_of(id.clone())?,

@@ -203,6 +203,12 @@ impl Queue {
                 existing.kind
             )));
         }
+        if let Some(outer) = existing.parent_id {
+            return Err(Error::Conflict(format!(
+                "id {parent_id} is already used by a batch nested in batch {outer}, not by a \
+                 batch of its own"
+            )));
+        }
         let child_ids = self.store.child_ids_of(parent_id).await?;
         Ok(Some(BatchReceipt {
             parent_id,

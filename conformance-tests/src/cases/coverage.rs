@@ -90,6 +90,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "cancel_races_a_retryable_outcome",
             "two_instances_race_every_transition",
             "cancel_acts_on_the_tree",
+            "cancelling_a_fail_fast_tree_is_one_step",
         ],
     ),
     (

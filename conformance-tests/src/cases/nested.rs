@@ -722,4 +722,97 @@ pub async fn retry_batch_never_strands_a_dependent(store: Arc<dyn Store>) {
     complete(&store, &again).await;
     complete(&store, &claim_kinds(&store, &["work"]).await).await;
     assert_eq!(status(&store, root).await, Status::Completed);
+
+    // A dependency inside the retried tree — a nested batch that reopens with it — is no
+    // reason to refuse.
+    let [outer, nested, flaky, after] = [(); 4].map(|_| OperationId::new());
+    queue
+        .submit_batch(
+            NewBatch::new("outer")
+                .with_id(outer)
+                .child(op("after", after).after(&[nested]))
+                .child_batch(
+                    NewBatch::new("nested")
+                        .with_id(nested)
+                        .child(op("flaky", flaky)),
+                ),
+        )
+        .await
+        .unwrap();
+    let first = claim_kinds(&store, &["flaky"]).await;
+    finish(&store, &first[0], Outcome::Failed("once".into())).await;
+    assert_eq!(status(&store, after).await, Status::Cancelled);
+    assert_eq!(store.retry_batch(outer).await.unwrap(), 2);
+    assert_eq!(store.get(after).await.unwrap().unwrap().waiting_on, 1);
+    complete(&store, &claim_kinds(&store, &["flaky", "after"]).await).await;
+    complete(&store, &claim_kinds(&store, &["after"]).await).await;
+    assert_eq!(status(&store, outer).await, Status::Completed);
+}
+
+/// Resubmitting with the id of a nested batch of another tree is a `Conflict`, never that
+/// nested batch returned as if it were the batch asked for.
+pub async fn a_nested_batch_id_is_not_a_batch_to_resubmit(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let t = Tree::new();
+    queue
+        .submit_batch(t.batch(FailurePolicy::WaitAll))
+        .await
+        .unwrap();
+    let again = NewBatch::new("middle_batch")
+        .with_id(t.b)
+        .child(NewOperation::new("middle", json!(1)));
+    match queue.submit_batch(again).await {
+        Err(Error::Conflict(message)) => {
+            assert!(message.contains(&t.root.to_string()), "{message}")
+        }
+        other => panic!("expected a Conflict, got {other:?}"),
+    }
+    assert_eq!(counters_of(&store, t.b).await.total, 3);
+}
+
+/// `cancel` of a tree is one step on every driver, also when a nested batch it ends
+/// fails (it had a failed operation) under a `FailFast` root: every pending operation
+/// is cancelled as cancelled before it ran — none by a fail-fast started half-way — and
+/// the report counts them all.
+pub async fn cancelling_a_fail_fast_tree_is_one_step(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let [root, left, right, x, y1, y2] = [(); 6].map(|_| OperationId::new());
+    queue
+        .submit_batch(
+            NewBatch::new("root")
+                .with_id(root)
+                .with_failure_policy(FailurePolicy::FailFast)
+                .child_batch(NewBatch::new("left").with_id(left).child(op("x", x)))
+                .child_batch(
+                    NewBatch::new("right")
+                        .with_id(right)
+                        .child(op("y1", y1))
+                        .child(op("y2", y2)),
+                ),
+        )
+        .await
+        .unwrap();
+    let first = claim_kinds(&store, &["y1"]).await;
+    finish(&store, &first[0], Outcome::Failed("y1 broke".into())).await;
+    assert_eq!(status(&store, right).await, Status::Pending);
+    let report = store.cancel(root).await.unwrap();
+    assert_eq!(
+        (report.cancelled, report.signalled, report.already_terminal),
+        (2, 0, 1)
+    );
+    for id in [x, y2] {
+        let row = store.get(id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.status, row.error.as_deref()),
+            (Status::Cancelled, Some(messages::CANCELLED_BEFORE_RUN)),
+            "{id}"
+        );
+    }
+    assert_eq!(status(&store, left).await, Status::Cancelled);
+    assert_eq!(status(&store, right).await, Status::Failed);
+    let root_row = store.get(root).await.unwrap().unwrap();
+    assert_eq!(
+        (root_row.status, root_row.error.as_deref()),
+        (Status::Failed, Some("y1 broke"))
+    );
 }
