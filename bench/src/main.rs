@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--quick] [--json] [--runs N]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation]... [--quick] [--json] [--runs N]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -31,10 +31,20 @@ struct Args {
     quick: bool,
     json: bool,
     runs: usize,
+    /// Only these scenarios (`--only`); empty: all of them.
+    only: Vec<Scenario>,
 }
 
-const USAGE: &str =
-    "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--quick] [--json] [--runs N]";
+/// The benchmark's scenarios, each with its own baselines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    Submit,
+    Drain,
+    Latency,
+    Aggregation,
+}
+
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation]... [--quick] [--json] [--runs N]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -42,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         quick: false,
         json: false,
         runs: 0,
+        only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -57,6 +68,16 @@ fn parse_args() -> Result<Args, String> {
                     "all" => vec![Driver::Memory, Driver::Sqlite, Driver::Postgres],
                     other => return Err(format!("unknown driver `{other}`\n{USAGE}")),
                 };
+            }
+            "--only" => {
+                let value = it.next().ok_or("--only needs a scenario")?;
+                args.only.push(match value.as_str() {
+                    "submit" => Scenario::Submit,
+                    "drain" => Scenario::Drain,
+                    "latency" => Scenario::Latency,
+                    "aggregation" => Scenario::Aggregation,
+                    other => return Err(format!("unknown scenario `{other}`\n{USAGE}")),
+                });
             }
             "--runs" => {
                 let value = it.next().ok_or("--runs needs a value")?;
@@ -207,27 +228,36 @@ async fn main() {
     };
     let mut rows = Vec::new();
     let mut failed = false;
+    let wanted = |scenario| args.only.is_empty() || args.only.contains(&scenario);
     for driver in &args.drivers {
-        let results = match driver {
-            Driver::Memory => vec![
-                submit::memory(&args).await,
-                drain::memory(&args).await,
-                latency::memory(&args).await,
-                aggregation::memory(&args).await,
-            ],
-            Driver::Sqlite => vec![
-                submit::sqlite(&args).await,
-                drain::sqlite(&args).await,
-                latency::sqlite(&args).await,
-                aggregation::sqlite(&args).await,
-            ],
-            Driver::Postgres => vec![
-                submit::postgres(&args, &database_url()).await,
-                drain::postgres(&args, &database_url()).await,
-                latency::postgres(&args, &database_url()).await,
-                aggregation::postgres(&args, &database_url()).await,
-            ],
-        };
+        let mut results = Vec::new();
+        for scenario in [
+            Scenario::Submit,
+            Scenario::Drain,
+            Scenario::Latency,
+            Scenario::Aggregation,
+        ] {
+            if !wanted(scenario) {
+                continue;
+            }
+            let url = database_url();
+            results.push(match (driver, scenario) {
+                (Driver::Memory, Scenario::Submit) => submit::memory(&args).await,
+                (Driver::Memory, Scenario::Drain) => drain::memory(&args).await,
+                (Driver::Memory, Scenario::Latency) => latency::memory(&args).await,
+                (Driver::Memory, Scenario::Aggregation) => aggregation::memory(&args).await,
+                (Driver::Sqlite, Scenario::Submit) => submit::sqlite(&args).await,
+                (Driver::Sqlite, Scenario::Drain) => drain::sqlite(&args).await,
+                (Driver::Sqlite, Scenario::Latency) => latency::sqlite(&args).await,
+                (Driver::Sqlite, Scenario::Aggregation) => aggregation::sqlite(&args).await,
+                (Driver::Postgres, Scenario::Submit) => submit::postgres(&args, &url).await,
+                (Driver::Postgres, Scenario::Drain) => drain::postgres(&args, &url).await,
+                (Driver::Postgres, Scenario::Latency) => latency::postgres(&args, &url).await,
+                (Driver::Postgres, Scenario::Aggregation) => {
+                    aggregation::postgres(&args, &url).await
+                }
+            });
+        }
         for result in results {
             match result {
                 Ok(mut measured) => rows.append(&mut measured),

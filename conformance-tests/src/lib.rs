@@ -338,6 +338,7 @@ macro_rules! __for_each_case {
             retry_batch_never_strands_a_dependent,
             a_nested_batch_id_is_not_a_batch_to_resubmit,
             cancelling_a_fail_fast_tree_is_one_step,
+            every_cancelled_ending_releases_the_dependents,
         );
     };
 }

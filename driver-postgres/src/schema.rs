@@ -238,6 +238,12 @@ const MIGRATIONS: &[&str] = &[
         WHERE status = 'pending' AND payload IS NOT NULL AND serialization_key IS NOT NULL
           AND waiting_on = 0;
     "#,
+    // 6: nested batches (a batch row with a parent). Walking a tree down reads the nested
+    // batches of each batch here, not every child; it holds only nested batch rows.
+    r#"
+    CREATE INDEX operations_nested ON {schema}.operations (parent_id)
+        WHERE payload IS NULL AND parent_id IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes.

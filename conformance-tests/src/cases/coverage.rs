@@ -46,6 +46,7 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
     (
         "stop_cancelled",
         &[
+            "every_cancelled_ending_releases_the_dependents",
             "cancel_batch_cascades",
             "two_instances_race_every_transition",
         ],
@@ -60,12 +61,19 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
     (
         "retry_after_cancel",
         &[
+            "every_cancelled_ending_releases_the_dependents",
             "cancel_request_survives_a_retryable_outcome",
             "cancel_races_a_retryable_outcome",
         ],
     ),
     ("release", &["graceful_shutdown_releases_in_flight"]),
-    ("release_after_cancel", &["cancel_request_survives_release"]),
+    (
+        "release_after_cancel",
+        &[
+            "every_cancelled_ending_releases_the_dependents",
+            "cancel_request_survives_release",
+        ],
+    ),
     (
         "rescue",
         &[
@@ -82,7 +90,13 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
             "two_instances_race_every_transition",
         ],
     ),
-    ("rescue_after_cancel", &["cancel_request_survives_rescue"]),
+    (
+        "rescue_after_cancel",
+        &[
+            "every_cancelled_ending_releases_the_dependents",
+            "cancel_request_survives_rescue",
+        ],
+    ),
     (
         "cancel_pending",
         &[

@@ -219,13 +219,21 @@ pub async fn a_dependency_finishing_races_its_dependent_being_cancelled(store: A
     };
     completer.await.unwrap();
     canceller.await.unwrap();
-    assert!(
-        claim(&store, 200).await.is_empty(),
-        "a cancelled dependent ran"
+    let work = store.stats().await.unwrap().work();
+    assert_eq!(
+        (work.ready, work.waiting, work.cancelled),
+        (0, 0, 80),
+        "a dependent is left ready or waiting: {work:?}"
     );
     for (parent, a, b) in pairs {
         assert_eq!(status(&store, a).await, Status::Completed);
-        assert_eq!(status(&store, b).await, Status::Cancelled);
+        let b = store.get(b).await.unwrap().unwrap();
+        assert_eq!(
+            (b.status, b.error.as_deref(), b.waiting_on),
+            (Status::Cancelled, Some(messages::CANCELLED_BEFORE_RUN), 0),
+            "{}",
+            b.id
+        );
         let parent = store.get(parent).await.unwrap().unwrap();
         assert_eq!(parent.status, Status::Cancelled, "batch {}", parent.id);
         assert_eq!(
@@ -381,4 +389,86 @@ pub async fn the_longest_chain_allowed_cancels_in_one_step(store: Arc<dyn Store>
         tail.error.as_deref(),
         Some(messages::cancelled_by_dependency(links[links.len() - 2], Status::Cancelled).as_str())
     );
+}
+
+/// Every way a running dependency ends cancelled after a cancel request — its handler
+/// stopping (`stop_cancelled`), a retryable outcome (`retry_after_cancel`), a release at
+/// shutdown (`release_after_cancel`), an expired lease (`rescue_after_cancel`) — cancels
+/// what needed it completed, naming it, and releases its `after_any` dependent.
+pub async fn every_cancelled_ending_releases_the_dependents(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    for path in [
+        "stop_cancelled",
+        "retry_after_cancel",
+        "release_after_cancel",
+        "rescue_after_cancel",
+    ] {
+        let [d, strict, finally] = [(); 3].map(|_| OperationId::new());
+        queue
+            .submit_batch(NewBatch::new("pair").children([
+                step(d),
+                step(strict).after(&[d]),
+                step(finally).after_any(&[d]),
+            ]))
+            .await
+            .unwrap();
+        let lease = if path == "rescue_after_cancel" {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs(30)
+        };
+        let held = store
+            .claim(&fascicle_api::ClaimRequest {
+                worker_id: "conformance".into(),
+                limit: 10,
+                lease,
+                kinds: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids(&held), HashSet::from([d]), "{path}");
+        assert_eq!(store.cancel(d).await.unwrap().signalled, 1, "{path}");
+        match path {
+            "stop_cancelled" => {
+                finish(&store, &held[0], Outcome::Cancelled("stopped".into())).await;
+            }
+            "retry_after_cancel" => {
+                let retry = Outcome::Retry {
+                    error: "again".into(),
+                    run_at: fascicle_api::chrono::Utc::now(),
+                };
+                finish(&store, &held[0], retry).await;
+            }
+            "release_after_cancel" => {
+                let lease = fascicle_api::Lease {
+                    id: d,
+                    token: held[0].lease_token,
+                };
+                assert_eq!(store.release(&[lease]).await.unwrap(), 1);
+            }
+            _ => {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                assert_eq!(store.rescue_expired_leases().await.unwrap().cancelled, 1);
+            }
+        }
+        assert_eq!(status(&store, d).await, Status::Cancelled, "{path}");
+        let strict_row = store.get(strict).await.unwrap().unwrap();
+        assert_eq!(
+            (strict_row.status, strict_row.error.as_deref()),
+            (
+                Status::Cancelled,
+                Some(messages::cancelled_by_dependency(d, Status::Cancelled).as_str())
+            ),
+            "{path}"
+        );
+        let finally_row = store.get(finally).await.unwrap().unwrap();
+        assert_eq!(
+            (finally_row.status, finally_row.waiting_on),
+            (Status::Pending, 0),
+            "{path}: the after_any step was not released"
+        );
+        let ran = claim(&store, 10).await;
+        assert_eq!(ids(&ran), HashSet::from([finally]), "{path}");
+        complete_all(&store, &ran).await;
+    }
 }
