@@ -88,7 +88,7 @@ pub(crate) struct State {
     /// Set while one step cancels every pending operation of a batch's tree (a batch's
     /// cancel, a fail-fast): the rows that ended with dependents, released once the step
     /// is over (what is left pending of them then is outside the tree).
-    bulk: Option<Vec<(OperationId, Status)>>,
+    bulk: Option<Vec<(OperationId, Status, Arc<Body>)>>,
     /// Set while one store call ends several operations at once (`complete`, a rescue):
     /// their parents are settled — fail-fast, finalization — once all of them ended, as
     /// the SQL drivers do in one statement. Each entry: the parent, and whether a child of
@@ -271,6 +271,15 @@ impl Fields {
             .as_ref()
             .map_or(FailurePolicy::WaitAll, |p| p.failure_policy)
     }
+}
+
+/// A row that just ended, for [`State::ended`].
+struct Ended {
+    id: OperationId,
+    status: Status,
+    parent_id: Option<OperationId>,
+    /// Its body, when operations wait for it.
+    dependents: Option<Arc<Body>>,
 }
 
 #[derive(Debug)]
@@ -594,20 +603,38 @@ impl State {
         row.op.result = result;
         // An operation that ended waits for nothing.
         row.op.waiting_on = 0;
-        let status = row.op.status;
-        self.ended(id, status, now);
+        let ended = Ended {
+            id,
+            status: row.op.status,
+            parent_id: row.op.parent_id,
+            dependents: (!row.op.body.dependents.is_empty()).then(|| Arc::clone(&row.op.body)),
+        };
+        self.ended(ended, now);
+    }
+
+    /// What [`ended`](Self::ended) needs of a row that ended, read while it is at hand
+    /// (one look-up of the row fewer per completion).
+    fn ended_row(&self, id: OperationId) -> Option<Ended> {
+        let row = self.rows.get(&id)?;
+        Some(Ended {
+            id,
+            status: row.op.status,
+            parent_id: row.op.parent_id,
+            dependents: (!row.op.body.dependents.is_empty()).then(|| Arc::clone(&row.op.body)),
+        })
     }
 
     /// After the row `id` (an operation, or a nested batch just finalized) ended in
     /// `status`: its outcome is counted into its parent, what waits for it is released
     /// (`ReleaseDependents`, before the fail-fast step), and the parent is settled — at
     /// once, or at the end of the step when one is open.
-    fn ended(&mut self, id: OperationId, status: Status, now: DateTime<Utc>) {
-        let Some(row) = self.rows.get(&id) else {
-            return;
-        };
-        let parent_id = row.op.parent_id;
-        let has_dependents = !row.op.body.dependents.is_empty();
+    fn ended(&mut self, ended: Ended, now: DateTime<Utc>) {
+        let Ended {
+            id,
+            status,
+            parent_id,
+            dependents,
+        } = ended;
         let Some(parent_id) = parent_id else {
             return;
         };
@@ -623,10 +650,10 @@ impl State {
             Status::Failed => counters.failed += 1,
             _ => counters.cancelled += 1,
         }
-        if has_dependents {
+        if let Some(body) = dependents {
             match self.bulk.as_mut() {
-                Some(ended) => ended.push((id, status)),
-                None => self.release_dependents(id, status, now),
+                Some(ended) => ended.push((id, status, body)),
+                None => self.release_dependents(id, status, &body, now),
             }
         }
         let failed = status == Status::Failed;
@@ -705,11 +732,13 @@ impl State {
     /// `ReleaseDependents` of `id`, which just ended `status`: each pending dependent waits
     /// for one dependency fewer, or — when it needs `id` completed and `id` did not
     /// complete — is cancelled (`dependency_failed`), releasing its own in turn.
-    fn release_dependents(&mut self, id: OperationId, status: Status, now: DateTime<Utc>) {
-        let Some(row) = self.rows.get(&id) else {
-            return;
-        };
-        let body = Arc::clone(&row.op.body);
+    fn release_dependents(
+        &mut self,
+        id: OperationId,
+        status: Status,
+        body: &Body,
+        now: DateTime<Utc>,
+    ) {
         for edge in &body.dependents {
             if self.rows.get(&edge.id).map(|r| r.op.status) != Some(Status::Pending) {
                 continue;
@@ -807,8 +836,8 @@ impl State {
                     None => {}
                 }
             }
-            for (id, status) in state.bulk.take().unwrap_or_default() {
-                state.release_dependents(id, status, now);
+            for (id, status, body) in state.bulk.take().unwrap_or_default() {
+                state.release_dependents(id, status, &body, now);
             }
             for id in running {
                 if state.rows.get(&id).map(|r| r.op.status) == Some(Status::Processing) {
@@ -858,7 +887,9 @@ impl State {
         });
         self.fire_callbacks(parent_id, now);
         // A nested batch counts into the batch holding it (`CountIntoOuterBatch`).
-        self.ended(parent_id, outcome, now);
+        if let Some(ended) = self.ended_row(parent_id) {
+            self.ended(ended, now);
+        }
         true
     }
 
@@ -1157,7 +1188,9 @@ impl Store for MemoryStore {
                     row.op.children = Some(ChildCounters::default());
                 });
                 state.fire_callbacks(parent_id, now);
-                state.ended(parent_id, Status::Failed, now);
+                if let Some(ended) = state.ended_row(parent_id) {
+                    state.ended(ended, now);
+                }
                 report.empty_parents_failed += 1;
             } else {
                 state.update(parent_id, |row| row.op.children = Some(counters));

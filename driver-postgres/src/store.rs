@@ -28,9 +28,18 @@ macro_rules! transact {
     ($store:ident, $conn:ident => $body:expr) => {{
         let mut tx = $store.pool.begin().await.map_err(error::map)?;
         let $conn: &mut PgConnection = &mut tx;
-        let out = $body.await?;
-        tx.commit().await.map_err(error::map)?;
-        Ok(out)
+        match $body.await {
+            Ok(out) => {
+                tx.commit().await.map_err(error::map)?;
+                Ok(out)
+            }
+            Err(e) => {
+                // Rolled back now, not when the pooled connection is next used: an aborted
+                // transaction keeps its row locks (a tree's root) until it ends.
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
     }};
 }
 
