@@ -97,6 +97,17 @@ enum Command {
     },
     /// Rescue expired leases and reconcile stranded parents now.
     Reap,
+    /// Stop claiming operations of a kind, on every worker sharing the store, until
+    /// `resume` (running attempts finish).
+    Pause {
+        /// The kind, e.g. `retain`.
+        kind: String,
+    },
+    /// Claim operations of a paused kind again.
+    Resume {
+        /// The kind.
+        kind: String,
+    },
     /// Delete finished work older than a duration (a batch only whole).
     Prune {
         /// How old finished work must be, e.g. 30m, 12h, 7d, 2w.
@@ -208,6 +219,36 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
                     reconciled.parents_finalized
                 )
             });
+            Ok(())
+        }
+        Command::Pause { kind } => {
+            let changed = store.pause(&kind).await?;
+            print(
+                cli.json,
+                &json!({ "kind": kind, "paused": true, "changed": changed }),
+                || {
+                    if changed {
+                        format!("paused {kind}: no worker claims it until `fascicle resume {kind}`")
+                    } else {
+                        format!("{kind} was paused already")
+                    }
+                },
+            );
+            Ok(())
+        }
+        Command::Resume { kind } => {
+            let changed = store.resume(&kind).await?;
+            print(
+                cli.json,
+                &json!({ "kind": kind, "paused": false, "changed": changed }),
+                || {
+                    if changed {
+                        format!("resumed {kind}")
+                    } else {
+                        format!("{kind} was not paused")
+                    }
+                },
+            );
             Ok(())
         }
         Command::Prune { older_than } => {
@@ -571,9 +612,25 @@ async fn stats(store: &Arc<dyn Store>, json: bool) -> fascicle::Result<()> {
     );
     for (kind, k) in &stats.kinds {
         println!(
-            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}",
-            kind, k.ready, k.waiting, k.scheduled, k.processing, k.completed, k.failed, k.cancelled
+            "{:<24} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9}{}",
+            kind,
+            k.ready,
+            k.waiting,
+            k.scheduled,
+            k.processing,
+            k.completed,
+            k.failed,
+            k.cancelled,
+            if stats.paused.contains(kind) {
+                "  paused"
+            } else {
+                ""
+            }
         );
+    }
+    if !stats.paused.is_empty() {
+        let paused: Vec<&str> = stats.paused.iter().map(String::as_str).collect();
+        println!("paused kinds (not claimed): {}", paused.join(", "));
     }
     let b = stats.batches;
     println!(

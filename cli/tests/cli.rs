@@ -371,3 +371,46 @@ async fn status_draws_nested_batches_as_a_tree() {
         y.to_string().as_str()
     );
 }
+
+/// `fascicle pause <kind>` stops claims of that kind (a worker drains the rest), `stats`
+/// shows it paused, `resume` lets it run; `--json` and the exit code of a bad kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_a_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let store = fascicle::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let queue = Queue::new(Arc::clone(&store));
+    queue
+        .submit(NewOperation::new("slow", json!(1)))
+        .await
+        .unwrap();
+    let out = fascicle(&db, &["pause", "slow"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("paused slow"), "{}", stdout(&out));
+    let out = fascicle(&db, &["--json", "pause", "slow"]);
+    let said: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (said["paused"].as_bool(), said["changed"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let request = fascicle::ClaimRequest {
+        worker_id: "cli-test".into(),
+        limit: 10,
+        lease: std::time::Duration::from_secs(30),
+        kinds: None,
+    };
+    assert!(store.claim(&request).await.unwrap().is_empty());
+    let out = fascicle(&db, &["stats"]);
+    let text = stdout(&out);
+    assert!(text.contains("paused kinds (not claimed): slow"), "{text}");
+    let out = fascicle(&db, &["--json", "stats"]);
+    let stats: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(stats["paused"][0], "slow");
+    let out = fascicle(&db, &["resume", "slow"]);
+    assert!(stdout(&out).contains("resumed slow"), "{}", stdout(&out));
+    assert_eq!(store.claim(&request).await.unwrap().len(), 1);
+    let out = fascicle(&db, &["pause", ""]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

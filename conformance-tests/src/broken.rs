@@ -73,6 +73,9 @@ pub enum BrokenPromise {
     /// also removes the terminal children of open batches (they vanish from `get` and
     /// `children_of`).
     PruneTearsOpenBatches,
+    /// A paused kind is not claimed until it is resumed — broken: `pause` answers as if
+    /// it paused the kind and does nothing.
+    PauseIgnored,
 }
 
 impl BrokenPromise {
@@ -88,6 +91,7 @@ impl BrokenPromise {
         Self::ClaimReturnsParents,
         Self::ParentsCountedAsWork,
         Self::PruneTearsOpenBatches,
+        Self::PauseIgnored,
     ];
 
     /// A short snake-case name, also the wrapper's [`Store::driver`].
@@ -103,6 +107,7 @@ impl BrokenPromise {
             Self::ClaimReturnsParents => "claim_returns_parents",
             Self::ParentsCountedAsWork => "parents_counted_as_work",
             Self::PruneTearsOpenBatches => "prune_tears_open_batches",
+            Self::PauseIgnored => "pause_ignored",
         }
     }
 
@@ -125,6 +130,7 @@ impl BrokenPromise {
             Self::ClaimReturnsParents => "a batch parent is never handed to a worker",
             Self::ParentsCountedAsWork => "statistics never count parents as work",
             Self::PruneTearsOpenBatches => "prune deletes a batch only whole, once terminal",
+            Self::PauseIgnored => "a paused kind is not claimed until it is resumed",
         }
     }
 
@@ -166,6 +172,7 @@ impl BrokenPromise {
                 &["stats_do_not_count_parents_as_work", "stats_breakdown"]
             }
             Self::PruneTearsOpenBatches => &["prune_removes_only_whole_terminal_batches"],
+            Self::PauseIgnored => &["a_paused_kind_is_not_claimed_until_resumed"],
         }
     }
 }
@@ -504,6 +511,22 @@ impl Store for BrokenStore {
 
     async fn retry_batch(&self, parent_id: OperationId) -> Result<u64> {
         self.inner.retry_batch(parent_id).await
+    }
+
+    async fn pause(&self, kind: &str) -> Result<bool> {
+        if self.promise == BrokenPromise::PauseIgnored {
+            fascicle_api::validate_kind(kind)?;
+            return Ok(true);
+        }
+        self.inner.pause(kind).await
+    }
+
+    async fn resume(&self, kind: &str) -> Result<bool> {
+        if self.promise == BrokenPromise::PauseIgnored {
+            fascicle_api::validate_kind(kind)?;
+            return Ok(true);
+        }
+        self.inner.resume(kind).await
     }
 
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {

@@ -77,6 +77,14 @@ macro_rules! wrapping_store {
         async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
             self.inner.prune(completed_before).await
         }
+
+        async fn pause(&self, kind: &str) -> Result<bool> {
+            self.inner.pause(kind).await
+        }
+
+        async fn resume(&self, kind: &str) -> Result<bool> {
+            self.inner.resume(kind).await
+        }
         }
     };
 }

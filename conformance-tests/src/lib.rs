@@ -339,6 +339,10 @@ macro_rules! __for_each_case {
             a_nested_batch_id_is_not_a_batch_to_resubmit,
             cancelling_a_fail_fast_tree_is_one_step,
             every_cancelled_ending_releases_the_dependents,
+            a_paused_kind_is_not_claimed_until_resumed,
+            pausing_lets_running_attempts_finish,
+            pause_refuses_kinds_that_are_not_names,
+            a_pause_holds_against_racing_claims,
         );
     };
 }

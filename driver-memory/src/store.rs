@@ -84,6 +84,8 @@ pub(crate) struct State {
     open_parents: IdMap<usize>,
     /// One shared copy of each kind's name.
     kinds: HashMap<Arc<str>, ()>,
+    /// Paused kinds ([`Store::pause`]): never claimed.
+    paused: BTreeSet<String>,
     next_seq: u64,
     /// Set while one step cancels every pending operation of a batch's tree (a batch's
     /// cancel, a fail-fast): the rows that ended with dependents, released once the step
@@ -526,6 +528,7 @@ impl State {
             ready,
             held_keys,
             processing,
+            paused,
             ..
         } = self;
         let mut claimed = Vec::with_capacity(request.limit.min(ready.len()));
@@ -545,6 +548,7 @@ impl State {
                     .kinds
                     .as_ref()
                     .is_none_or(|kinds| kinds.iter().any(|k| **k == *row.op.kind))
+                && (paused.is_empty() || !paused.contains(&*row.op.kind))
                 && row
                     .op
                     .serialization_key
@@ -1043,6 +1047,7 @@ impl Store for MemoryStore {
             };
             stats.count(rows, 1);
         }
+        stats.paused = state.paused.clone();
         Ok(stats)
     }
 
@@ -1330,6 +1335,16 @@ impl Store for MemoryStore {
             state.update(*id, |row| row.op.waiting_on = waiting);
         }
         Ok(retry.len() as u64)
+    }
+
+    async fn pause(&self, kind: &str) -> Result<bool> {
+        fascicle_api::validate_kind(kind)?;
+        Ok(self.lock().paused.insert(kind.to_owned()))
+    }
+
+    async fn resume(&self, kind: &str) -> Result<bool> {
+        fascicle_api::validate_kind(kind)?;
+        Ok(self.lock().paused.remove(kind))
     }
 
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {

@@ -232,6 +232,7 @@ suite_catches! {
     suite_catches_claim_returns_parents => ClaimReturnsParents,
     suite_catches_parents_counted_as_work => ParentsCountedAsWork,
     suite_catches_prune_tears_open_batches => PruneTearsOpenBatches,
+    suite_catches_pause_ignored => PauseIgnored,
 }
 
 #[test]

@@ -52,6 +52,7 @@ pub(crate) async fn claim(
              WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0
                AND run_at <= now()
                AND ($2::text[] IS NULL OR kind = ANY($2))
+               AND NOT EXISTS (SELECT 1 FROM {{s}}.paused_kinds AS pk WHERE pk.kind = o.kind)
                AND (serialization_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM {{s}}.operations AS h
                     WHERE h.serialization_key = o.serialization_key AND h.status = 'processing'))

@@ -244,6 +244,13 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX operations_nested ON {schema}.operations (parent_id)
         WHERE payload IS NULL AND parent_id IS NOT NULL;
     "#,
+    // 7: flow control per kind: the paused kinds (`Store::pause`), never claimed.
+    r#"
+    CREATE TABLE {schema}.paused_kinds (
+        kind        text PRIMARY KEY,
+        paused_at   timestamptz NOT NULL DEFAULT now()
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -473,7 +473,39 @@ impl Store for PostgresStore {
             };
             stats.count(rows, count);
         }
+        let paused: Vec<String> =
+            sqlx::query_scalar(self.sql.text("SELECT kind FROM {s}.paused_kinds"))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(error::map)?;
+        stats.paused = paused.into_iter().collect();
         Ok(stats)
+    }
+
+    async fn pause(&self, kind: &str) -> Result<bool> {
+        fascicle_api::validate_kind(kind)?;
+        let inserted =
+            sqlx::query(self.sql.text(
+                "INSERT INTO {s}.paused_kinds (kind) VALUES ($1) ON CONFLICT (kind) DO NOTHING",
+            ))
+            .bind(kind)
+            .execute(&self.pool)
+            .await
+            .map_err(error::map)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    async fn resume(&self, kind: &str) -> Result<bool> {
+        fascicle_api::validate_kind(kind)?;
+        let deleted = sqlx::query(
+            self.sql
+                .text("DELETE FROM {s}.paused_kinds WHERE kind = $1"),
+        )
+        .bind(kind)
+        .execute(&self.pool)
+        .await
+        .map_err(error::map)?;
+        Ok(deleted.rows_affected() == 1)
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {

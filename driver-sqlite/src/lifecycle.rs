@@ -47,6 +47,8 @@ pub(crate) fn claim(
                  WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0
                    AND run_at <= ?1
                    AND (?2 IS NULL OR kind IN (SELECT value FROM json_each(?2)))
+                   AND NOT EXISTS (SELECT 1 FROM fascicle_paused_kinds AS pk
+                                   WHERE pk.kind = o.kind)
                    AND (serialization_key IS NULL OR NOT EXISTS (
                         SELECT 1 FROM fascicle_operations AS h
                         WHERE h.serialization_key = o.serialization_key

@@ -148,6 +148,13 @@ const MIGRATIONS: &[&str] = &[
         ON fascicle_operations (priority DESC, run_at)
         WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0;
     "#,
+    // 6: flow control per kind: the paused kinds (`Store::pause`), never claimed.
+    r#"
+    CREATE TABLE fascicle_paused_kinds (
+        kind        TEXT PRIMARY KEY,
+        paused_at   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

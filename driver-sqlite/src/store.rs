@@ -511,6 +511,14 @@ impl Store for SqliteStore {
                 };
                 stats.count(rows, count);
             }
+            let mut stmt = conn
+                .prepare_cached("SELECT kind FROM fascicle_paused_kinds")
+                .map_err(error::map)?;
+            stats.paused = stmt
+                .query_map([], |row| row.get(0))
+                .map_err(error::map)?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(error::map)?;
             Ok(stats)
         })
         .await
@@ -560,6 +568,37 @@ impl Store for SqliteStore {
     async fn retry_batch(&self, parent_id: OperationId) -> Result<u64> {
         self.write(move |tx| lifecycle::retry_batch(tx, parent_id, Utc::now()))
             .await
+    }
+
+    async fn pause(&self, kind: &str) -> Result<bool> {
+        fascicle_api::validate_kind(kind)?;
+        let kind = kind.to_owned();
+        self.write(move |tx| {
+            Ok(tx
+                .prepare_cached(
+                    "INSERT INTO fascicle_paused_kinds (kind, paused_at) VALUES (?1, ?2)
+                     ON CONFLICT (kind) DO NOTHING",
+                )
+                .map_err(error::map)?
+                .execute(params![kind, micros(Utc::now())])
+                .map_err(error::map)?
+                == 1)
+        })
+        .await
+    }
+
+    async fn resume(&self, kind: &str) -> Result<bool> {
+        fascicle_api::validate_kind(kind)?;
+        let kind = kind.to_owned();
+        self.write(move |tx| {
+            Ok(tx
+                .prepare_cached("DELETE FROM fascicle_paused_kinds WHERE kind = ?1")
+                .map_err(error::map)?
+                .execute(params![kind])
+                .map_err(error::map)?
+                == 1)
+        })
+        .await
     }
 
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {

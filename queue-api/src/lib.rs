@@ -22,6 +22,7 @@ pub use lifecycle::{messages, table};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
 pub use queue::{
     Limits, MAX_BATCH_DEPTH, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, PreparedBatch, Queue,
+    validate_kind,
 };
 pub use store::{
     InsertHealth, Store, Transaction, check_batch_membership, check_parent_membership,

@@ -682,6 +682,17 @@ fn link_dependencies(tree: &mut PreparedBatch) -> Result<()> {
     Ok(())
 }
 
+/// Checks a kind named outside a submit (a pause, a resume) by the rules a submit applies
+/// with the default [`Limits`]: not blank, at most 255 bytes, no NUL.
+pub fn validate_kind(kind: &str) -> Result<()> {
+    validate_name(
+        Subject::Kind,
+        "name",
+        kind,
+        Limits::default().max_name_bytes,
+    )
+}
+
 fn validate_name(subject: Subject, field: &str, name: &str, max_bytes: usize) -> Result<()> {
     let what = Described(subject, field);
     if name.trim().is_empty() {
@@ -706,6 +717,7 @@ fn validate_name(subject: Subject, field: &str, name: &str, max_bytes: usize) ->
 #[derive(Clone, Copy, Debug)]
 enum Subject {
     Batch,
+    Kind,
     Child(usize),
     /// The n-th nested batch of a tree (depth-first, from 1).
     Nested(usize),
@@ -719,6 +731,7 @@ impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Batch => f.write_str("batch"),
+            Self::Kind => f.write_str("kind"),
             Self::Child(index) => write!(f, "child #{index}"),
             Self::Nested(batch) => write!(f, "nested batch #{batch}"),
             Self::NestedChild(batch, index) => write!(f, "child #{index} of nested batch #{batch}"),

@@ -125,6 +125,18 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// when the batch does not exist. Returns how many children were re-queued.
     async fn retry_batch(&self, parent_id: OperationId) -> Result<u64>;
 
+    /// Pauses `kind` (issue #15, flow control): from the moment this returns no claim hands
+    /// out an operation of that kind, on any worker or process sharing the store, until
+    /// [`resume`](Store::resume); running attempts finish, pending operations stay
+    /// pending (and counted as ready or scheduled). Returns `true` when it was not paused
+    /// before. `Error::InvalidInput` for a kind that is not a valid name
+    /// ([`validate_kind`](crate::validate_kind)).
+    async fn pause(&self, kind: &str) -> Result<bool>;
+
+    /// Resumes a paused `kind`: its ready operations are claimable again. Returns `true`
+    /// when it was paused.
+    async fn resume(&self, kind: &str) -> Result<bool>;
+
     /// Deletes terminal operations that finished before `completed_before`. A batch goes
     /// only as a whole, once its parent is terminal; a child is never deleted alone. It
     /// deletes in transactions of about [`PRUNE_CHUNK_ROWS`](crate::PRUNE_CHUNK_ROWS)

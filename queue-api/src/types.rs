@@ -604,6 +604,10 @@ pub struct Stats {
     pub kinds: BTreeMap<String, KindStats>,
     /// Batch parents, never counted as work.
     pub batches: BatchStats,
+    /// The kinds paused ([`Store::pause`](crate::Store::pause)), whether or not they
+    /// have operations.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub paused: std::collections::BTreeSet<String>,
 }
 
 /// Which statistics bucket a group of rows belongs to; drivers read these facts from

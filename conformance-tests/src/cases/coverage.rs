@@ -7,6 +7,8 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
     (
         "claim",
         &[
+            "a_paused_kind_is_not_claimed_until_resumed",
+            "a_pause_holds_against_racing_claims",
             "claim_never_returns_parents",
             "claim_respects_priority_and_run_at",
             "claim_skips_key_duplicates_before_the_limit",

@@ -4,6 +4,7 @@
 mod cancel;
 mod coverage;
 mod dependencies;
+mod flow;
 mod instances;
 mod lifecycle;
 mod membership;
@@ -16,6 +17,7 @@ mod workflow;
 pub use cancel::*;
 pub use coverage::TRANSITION_CASES;
 pub use dependencies::*;
+pub use flow::*;
 pub use instances::*;
 pub use lifecycle::*;
 pub use membership::*;

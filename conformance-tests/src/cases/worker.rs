@@ -130,6 +130,14 @@ impl Store for Meddling {
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
         self.inner.prune(completed_before).await
     }
+
+    async fn pause(&self, kind: &str) -> Result<bool> {
+        self.inner.pause(kind).await
+    }
+
+    async fn resume(&self, kind: &str) -> Result<bool> {
+        self.inner.resume(kind).await
+    }
 }
 
 fn meddling(store: &Arc<dyn Store>, meddle: Meddle) -> Arc<dyn Store> {

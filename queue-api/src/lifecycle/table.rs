@@ -221,7 +221,8 @@ const NOTHING: Transition = Transition {
     then: &[],
 };
 
-/// A ready operation is handed to a worker.
+/// A ready operation is handed to a worker — never one of a paused kind
+/// ([`Store::pause`](crate::Store::pause)), read in the claim's own statement.
 pub const CLAIM: Transition = Transition {
     name: "claim",
     trigger: "Store::claim",
