@@ -263,12 +263,7 @@ fn move_parent(tx: &Transaction<'_>, parent: &[u8], delta: Delta, now: i64) -> R
             params![parent, delta.completed, delta.failed, delta.cancelled, now],
             |row| {
                 Ok((
-                    ChildCounters {
-                        total: row.get::<_, i64>(0)? as u64,
-                        completed: row.get::<_, i64>(1)? as u64,
-                        failed: row.get::<_, i64>(2)? as u64,
-                        cancelled: row.get::<_, i64>(3)? as u64,
-                    },
+                    counters_at(row, 0)?,
                     row.get::<_, bool>(4)?,
                     row.get::<_, Option<String>>(5)?,
                 ))
@@ -290,6 +285,18 @@ fn move_parent(tx: &Transaction<'_>, parent: &[u8], delta: Delta, now: i64) -> R
     Ok(())
 }
 
+/// A parent's four counters (total, completed, failed, cancelled) from the columns of
+/// `row` starting at `first`.
+fn counters_at(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<ChildCounters> {
+    let get = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(first + i)? as u64) };
+    Ok(ChildCounters {
+        total: get(0)?,
+        completed: get(1)?,
+        failed: get(2)?,
+        cancelled: get(3)?,
+    })
+}
+
 /// Finalizes `parent` when it is still pending and its counters, as stored now, say no
 /// child is left open.
 fn finalize_if_done(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<()> {
@@ -301,15 +308,7 @@ fn finalize_if_done(tx: &Transaction<'_>, parent: &[u8], now: i64) -> Result<()>
         )
         .db()?
         .query_row(params![parent], |row| {
-            Ok((
-                ChildCounters {
-                    total: row.get::<_, i64>(0)? as u64,
-                    completed: row.get::<_, i64>(1)? as u64,
-                    failed: row.get::<_, i64>(2)? as u64,
-                    cancelled: row.get::<_, i64>(3)? as u64,
-                },
-                row.get::<_, Option<String>>(4)?,
-            ))
+            Ok((counters_at(row, 0)?, row.get::<_, Option<String>>(4)?))
         })
         .optional()
         .db()?;
