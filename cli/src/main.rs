@@ -137,6 +137,10 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
     // Read the input before touching the database: a typo creates no database file.
     let documents = match &cli.command {
         Command::Retain { path, .. } => Some(read_documents(path)?),
+        Command::Prune { older_than } => {
+            prune_cutoff(older_than, fascicle::chrono::Utc::now())?;
+            None
+        }
         _ => None,
     };
     let driver = fascicle::open(&cli.database_url).await?;
@@ -252,11 +256,7 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
             Ok(())
         }
         Command::Prune { older_than } => {
-            let age = parse_duration(&older_than)?;
-            let cutoff = fascicle::chrono::Utc::now()
-                - fascicle::chrono::Duration::from_std(age).map_err(|_| {
-                    Error::InvalidInput(format!("--older-than {older_than} is too long"))
-                })?;
+            let cutoff = prune_cutoff(&older_than, fascicle::chrono::Utc::now())?;
             let report = store.prune(cutoff).await?;
             print(cli.json, &report, || {
                 format!(
@@ -592,6 +592,32 @@ fn parse_duration(text: &str) -> fascicle::Result<Duration> {
         .ok_or_else(invalid)
 }
 
+/// The longest `--older-than`: 100 years (36500d).
+const MAX_AGE: Duration = Duration::from_secs(36_500 * 86_400);
+
+/// The instant `--older-than` names, counted back from `now`: refused with
+/// `InvalidInput` (naming the argument and the range) when it is not a duration or
+/// longer than [`MAX_AGE`] — never an overflow.
+fn prune_cutoff(
+    older_than: &str,
+    now: fascicle::chrono::DateTime<fascicle::chrono::Utc>,
+) -> fascicle::Result<fascicle::chrono::DateTime<fascicle::chrono::Utc>> {
+    let age = parse_duration(older_than)?;
+    let too_long = || {
+        Error::InvalidInput(format!(
+            "--older-than {}: at most 100 years (36500d)",
+            older_than.trim()
+        ))
+    };
+    if age > MAX_AGE {
+        return Err(too_long());
+    }
+    fascicle::chrono::Duration::from_std(age)
+        .ok()
+        .and_then(|age| now.checked_sub_signed(age))
+        .ok_or_else(too_long)
+}
+
 fn migrate(store: &Arc<dyn Store>, json: bool) -> fascicle::Result<()> {
     let out = json!({ "driver": store.driver(), "migrated": true });
     print(json, &out, || {
@@ -898,6 +924,55 @@ mod tests {
         );
         for bad in ["", "7", "d", "7y", "-1d", "1.5h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_age_too_long_for_the_calendar_is_refused_not_a_panic() {
+        let now = fascicle::chrono::Utc::now();
+        for long in ["99999999999d", "36501d", "18446744073709551615s", "5300w"] {
+            match prune_cutoff(long, now) {
+                Err(Error::InvalidInput(message)) => {
+                    assert!(message.contains("--older-than") && message.contains("36500d"))
+                }
+                other => panic!("{long}: expected InvalidInput, got {other:?}"),
+            }
+        }
+        assert_eq!(
+            prune_cutoff("36500d", now).unwrap(),
+            now - fascicle::chrono::Duration::days(36_500)
+        );
+    }
+
+    proptest::proptest! {
+        /// Any text at all: a duration or `InvalidInput`, never a panic; a cut-off that
+        /// exists is at most 100 years back.
+        #[test]
+        fn any_older_than_is_a_cutoff_or_a_typed_error(text in ".{0,40}") {
+            let now = fascicle::chrono::Utc::now();
+            match prune_cutoff(&text, now) {
+                Ok(cutoff) => {
+                    proptest::prop_assert!(cutoff <= now);
+                    proptest::prop_assert!(now - cutoff <= fascicle::chrono::Duration::days(36_500));
+                }
+                Err(Error::InvalidInput(_)) => {}
+                Err(other) => proptest::prop_assert!(false, "{other:?}"),
+            }
+        }
+
+        /// Numbers of any size with every unit: the same.
+        #[test]
+        fn any_number_with_a_unit_is_a_cutoff_or_a_typed_error(
+            n in proptest::num::u64::ANY,
+            unit in "[smhdwy]",
+        ) {
+            let now = fascicle::chrono::Utc::now();
+            let text = format!("{n}{unit}");
+            match prune_cutoff(&text, now) {
+                Ok(cutoff) => proptest::prop_assert!(cutoff <= now),
+                Err(Error::InvalidInput(_)) => {}
+                Err(other) => proptest::prop_assert!(false, "{other:?}"),
+            }
         }
     }
 }

@@ -414,3 +414,22 @@ async fn pause_and_resume_a_kind() {
     let out = fascicle(&db, &["pause", ""]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+/// An age no calendar holds is one readable line and exit code 2 — not a panic — and,
+/// checked before the database is opened, it creates no database file.
+#[test]
+fn prune_refuses_an_age_past_the_calendar() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("never.db");
+    for age in ["99999999999d", "18446744073709551615s", "36501d"] {
+        let out = fascicle(&db, &["prune", "--older-than", age]);
+        assert_eq!(out.status.code(), Some(2), "{age}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("--older-than") && err.contains("36500d"),
+            "{err}"
+        );
+    }
+    assert!(!db.exists(), "a refused prune created the database");
+}
