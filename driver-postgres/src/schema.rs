@@ -435,9 +435,13 @@ impl Sql {
             children_of: s(&format!(
                 "SELECT {COLUMNS} FROM {{schema}}.operations WHERE parent_id = $1 ORDER BY seq"
             )),
+            // The paused kinds ride in the same statement (one round trip): rows with
+            // `paused` true and a count of zero.
             stats: s("SELECT kind, status, payload IS NULL, (status = 'pending' AND run_at > now()),
-                    (status = 'pending' AND waiting_on > 0), count(*)
-                FROM {schema}.operations GROUP BY 1, 2, 3, 4, 5"),
+                    (status = 'pending' AND waiting_on > 0), count(*), false
+                FROM {schema}.operations GROUP BY 1, 2, 3, 4, 5
+                UNION ALL
+                SELECT kind, 'pending', false, false, false, 0, true FROM {schema}.paused_kinds"),
             children_ids: s("SELECT id FROM {schema}.operations WHERE parent_id = $1 ORDER BY seq"),
         }
     }

@@ -459,6 +459,10 @@ impl Store for PostgresStore {
         let mut stats = Stats::default();
         for row in rows {
             let kind: String = row.try_get(0).map_err(error::map)?;
+            if row.try_get::<bool, _>(6).map_err(error::map)? {
+                stats.paused.insert(kind);
+                continue;
+            }
             let status: String = row.try_get(1).map_err(error::map)?;
             let is_parent: bool = row.try_get(2).map_err(error::map)?;
             let scheduled: bool = row.try_get(3).map_err(error::map)?;
@@ -473,12 +477,6 @@ impl Store for PostgresStore {
             };
             stats.count(rows, count);
         }
-        let paused: Vec<String> =
-            sqlx::query_scalar(self.sql.text("SELECT kind FROM {s}.paused_kinds"))
-                .fetch_all(&self.pool)
-                .await
-                .map_err(error::map)?;
-        stats.paused = paused.into_iter().collect();
         Ok(stats)
     }
 
@@ -509,6 +507,7 @@ impl Store for PostgresStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
+        fascicle_api::validate_lease(request.lease)?;
         // Two claimers can both see a serialization key as free; the unique index on
         // held keys refuses the second (`Busy`, see `error::map`), which then claims again
         // with a fresh snapshot.
@@ -528,6 +527,7 @@ impl Store for PostgresStore {
     }
 
     async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
+        fascicle_api::validate_lease(lease)?;
         transact!(self, conn => lifecycle::heartbeat(conn, &self.sql, leases, lease))
     }
 

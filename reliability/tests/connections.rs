@@ -90,10 +90,13 @@ async fn a_drain_survives_its_connections_being_terminated() {
     let mut terminated = 0;
     let mut rounds = 0;
     let mut next_round = 0;
+    let mut done_at_round = 0;
     let mut last_round = Instant::now();
     loop {
-        // The stats read itself may meet a terminated connection: retry.
+        // The stats read itself may meet a terminated connection: retry, after a pause
+        // (a tight loop of reconnects would take the pool from the worker).
         let Ok(stats) = store.stats().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         if stats.work().outstanding() == 0 && stats.batches.open == 0 {
@@ -104,15 +107,20 @@ async fn a_drain_survives_its_connections_being_terminated() {
             "not drained: {stats:?}"
         );
         // A round of terminations every 100 ms, and at least one per tenth of the work
-        // done (so a fast host sees as many faults), while a tenth is left.
+        // done (so a fast host sees as many faults), while a tenth is left. The 100 ms
+        // rounds wait for some work done since the last round: on a host whose commits
+        // take longer than that (fsync under load), killing every connection every
+        // 100 ms would leave no transaction the time to commit at all.
         let outstanding = stats.work().outstanding() as usize;
         let done = total - outstanding;
         if outstanding > total / 10
-            && (done >= next_round || last_round.elapsed() >= Duration::from_millis(100))
+            && (done >= next_round
+                || (last_round.elapsed() >= Duration::from_millis(100) && done > done_at_round))
         {
             terminated += db.terminate(false).await;
             rounds += 1;
             next_round = done + total / 10;
+            done_at_round = done;
             last_round = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
