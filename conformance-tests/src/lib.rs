@@ -343,6 +343,7 @@ macro_rules! __for_each_case {
             pausing_lets_running_attempts_finish,
             pause_refuses_kinds_that_are_not_names,
             a_pause_holds_against_racing_claims,
+            extreme_leases_instants_and_priorities,
         );
     };
 }

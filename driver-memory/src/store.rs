@@ -1052,6 +1052,7 @@ impl Store for MemoryStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
+        fascicle_api::validate_lease(request.lease)?;
         let claimed = self.lock().claim(request, Utc::now());
         // The copies are made with the lock released: other workers claim and complete
         // meanwhile.
@@ -1075,6 +1076,7 @@ impl Store for MemoryStore {
     }
 
     async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
+        fascicle_api::validate_lease(lease)?;
         let now = Utc::now();
         let until = now + chrono::Duration::from_std(lease).unwrap_or_default();
         let mut state = self.lock();

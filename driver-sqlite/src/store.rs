@@ -525,6 +525,7 @@ impl Store for SqliteStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
+        fascicle_api::validate_lease(request.lease)?;
         let request = request.clone();
         self.write(move |tx| lifecycle::claim(tx, &request, Utc::now()))
             .await
@@ -537,6 +538,7 @@ impl Store for SqliteStore {
     }
 
     async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
+        fascicle_api::validate_lease(lease)?;
         let leases = leases.to_vec();
         self.write(move |tx| {
             let now = Utc::now();

@@ -18,11 +18,12 @@ pub use lifecycle::{
     LeaseToken, Outcome, PRUNE_CHUNK_ROWS, PruneReport, ReconcileReport, RescueReport, RetryPolicy,
     ZERO_CHILDREN_REASON, most_common_error, parent_outcome, parent_summary, representative_error,
 };
+pub use lifecycle::{MAX_LEASE, validate_lease};
 pub use lifecycle::{messages, table};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
 pub use queue::{
     Limits, MAX_BATCH_DEPTH, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, PreparedBatch, Queue,
-    validate_kind,
+    earliest_run_at, latest_run_at, validate_kind,
 };
 pub use store::{
     InsertHealth, Store, Transaction, check_batch_membership, check_parent_membership,

@@ -322,6 +322,15 @@ impl Limits {
                 i32::MAX
             )));
         }
+        if let Some(run_at) = op.run_at
+            && !(earliest_run_at()..=latest_run_at()).contains(&run_at)
+        {
+            return Err(Error::InvalidInput(format!(
+                "{what}: run_at {run_at} is out of range; it must be between {} and {}",
+                earliest_run_at(),
+                latest_run_at()
+            )));
+        }
         if let Some(timeout) = op.timeout
             && (timeout < std::time::Duration::from_millis(1) || timeout > MAX_ATTEMPT_TIMEOUT)
         {
@@ -511,6 +520,17 @@ impl Tree<'_> {
         }
         Ok(())
     }
+}
+
+/// The earliest `run_at` a submit accepts: 0001-01-01 UTC (any instant in the past means
+/// "ready now"; earlier ones are outside what every backend stores).
+pub fn earliest_run_at() -> chrono::DateTime<Utc> {
+    chrono::DateTime::from_timestamp(-62_135_596_800, 0).expect("0001-01-01 is an instant")
+}
+
+/// The latest `run_at` a submit accepts: 9999-12-31 23:59:59 UTC.
+pub fn latest_run_at() -> chrono::DateTime<Utc> {
+    chrono::DateTime::from_timestamp(253_402_300_799, 0).expect("9999-12-31 is an instant")
 }
 
 /// Dependencies exist only among the children of one batch.

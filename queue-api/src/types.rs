@@ -256,7 +256,9 @@ impl NewOperation {
         self
     }
 
-    /// Schedules the operation for later.
+    /// Schedules the operation for later: not claimable before `run_at`, which must lie
+    /// between [`earliest_run_at`](crate::earliest_run_at) and
+    /// [`latest_run_at`](crate::latest_run_at) (the years 1 to 9999).
     pub fn with_run_at(mut self, run_at: DateTime<Utc>) -> Self {
         self.run_at = Some(run_at);
         self

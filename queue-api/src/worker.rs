@@ -411,9 +411,10 @@ impl Worker {
         self
     }
 
-    /// Lease length; heartbeats extend it every third of it.
+    /// Lease length; heartbeats extend it every third of it. Clamped to between 30 ms and
+    /// [`MAX_LEASE`](crate::MAX_LEASE) (7 days).
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease.max(Duration::from_millis(30));
+        self.lease = lease.clamp(Duration::from_millis(30), crate::MAX_LEASE);
         self
     }
 

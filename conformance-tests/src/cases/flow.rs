@@ -155,3 +155,106 @@ pub async fn a_pause_holds_against_racing_claims(store: Arc<dyn Store>) {
         );
     }
 }
+
+/// The limits of what a claim, a heartbeat and a submit accept, on every driver: a lease
+/// longer than [`MAX_LEASE`](fascicle_api::MAX_LEASE) and a `run_at` outside the years
+/// 1–9999 are `InvalidInput` and change nothing (never an overflow, nor a lease wrapped
+/// into the past); the extremes inside round-trip — a `run_at` in 9999 waits, one in the
+/// year 1 is ready, priorities at the integer limits claim in order.
+pub async fn extreme_leases_instants_and_priorities(store: Arc<dyn Store>) {
+    use fascicle_api::chrono::{DateTime, Utc};
+    use fascicle_api::{ClaimRequest, MAX_LEASE, latest_run_at};
+    let queue = Queue::new(Arc::clone(&store));
+    let request = |lease| ClaimRequest {
+        worker_id: "conformance".into(),
+        limit: 10,
+        lease,
+        kinds: None,
+    };
+    let ids = submit(&queue, "edge", 1).await;
+    for lease in [
+        MAX_LEASE + std::time::Duration::from_secs(1),
+        std::time::Duration::MAX,
+    ] {
+        assert!(
+            matches!(
+                store.claim(&request(lease)).await,
+                Err(Error::InvalidInput(_))
+            ),
+            "{lease:?}"
+        );
+    }
+    assert_eq!(
+        status(&store, ids[0]).await,
+        Status::Pending,
+        "a refused claim claimed"
+    );
+    let held = store.claim(&request(MAX_LEASE)).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let expires = held[0].operation.lease_expires_at.expect("a lease");
+    assert!(expires > Utc::now() + fascicle_api::chrono::Duration::days(6));
+    let lease = fascicle_api::Lease {
+        id: ids[0],
+        token: held[0].lease_token,
+    };
+    assert!(matches!(
+        store.heartbeat(&[lease], std::time::Duration::MAX).await,
+        Err(Error::InvalidInput(_))
+    ));
+    let after = store.get(ids[0]).await.unwrap().unwrap();
+    assert_eq!(
+        after.lease_expires_at,
+        Some(expires),
+        "a refused heartbeat moved the lease"
+    );
+    finish(&store, &held[0], Outcome::Completed(json!(1))).await;
+
+    for run_at in [DateTime::<Utc>::MAX_UTC, DateTime::<Utc>::MIN_UTC] {
+        let op = NewOperation::new("edge", json!(null)).with_run_at(run_at);
+        assert!(
+            matches!(queue.submit(op).await, Err(Error::InvalidInput(_))),
+            "{run_at}"
+        );
+    }
+    let far = latest_run_at();
+    let later = queue
+        .submit(NewOperation::new("far", json!(null)).with_run_at(far))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(store.get(later).await.unwrap().unwrap().run_at, far);
+    let early = fascicle_api::earliest_run_at();
+    let past = queue
+        .submit(NewOperation::new("past", json!(null)).with_run_at(early))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(store.get(past).await.unwrap().unwrap().run_at, early);
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.kinds["far"].scheduled, 1);
+    assert_eq!(
+        stats.kinds["edge"].total(),
+        1,
+        "a refused submit wrote something"
+    );
+    let low = queue
+        .submit(NewOperation::new("rank", json!(0)).with_priority(i32::MIN))
+        .await
+        .unwrap()
+        .id;
+    let high = queue
+        .submit(NewOperation::new("rank", json!(1)).with_priority(i32::MAX))
+        .await
+        .unwrap()
+        .id;
+    let order: Vec<_> = claim(&store, 10)
+        .await
+        .iter()
+        .map(|c| c.operation.id)
+        .collect();
+    assert_eq!(
+        order,
+        [high, past, low],
+        "claim order at the integer limits"
+    );
+}

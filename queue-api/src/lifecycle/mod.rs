@@ -53,6 +53,24 @@ impl fmt::Debug for LeaseToken {
     }
 }
 
+/// The longest lease a claim or a heartbeat may ask for: 7 days, as the longest attempt
+/// timeout ([`MAX_ATTEMPT_TIMEOUT`](crate::MAX_ATTEMPT_TIMEOUT)). A zero lease is allowed
+/// (it expires at once).
+pub const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Refuses a lease longer than [`MAX_LEASE`] with `InvalidInput` naming it: every store
+/// checks the `lease` of a claim and of a heartbeat so, before anything changes (a lease
+/// of years would overflow an instant or wrap around to one in the past).
+pub fn validate_lease(lease: Duration) -> crate::Result<()> {
+    if lease > MAX_LEASE {
+        return Err(crate::Error::InvalidInput(format!(
+            "a lease of {lease:?} is longer than the longest allowed, {} days",
+            MAX_LEASE.as_secs() / 86_400
+        )));
+    }
+    Ok(())
+}
+
 /// What a worker asks for when it claims.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimRequest {
