@@ -225,36 +225,8 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
             });
             Ok(())
         }
-        Command::Pause { kind } => {
-            let changed = store.pause(&kind).await?;
-            print(
-                cli.json,
-                &json!({ "kind": kind, "paused": true, "changed": changed }),
-                || {
-                    if changed {
-                        format!("paused {kind}: no worker claims it until `fascicle resume {kind}`")
-                    } else {
-                        format!("{kind} was paused already")
-                    }
-                },
-            );
-            Ok(())
-        }
-        Command::Resume { kind } => {
-            let changed = store.resume(&kind).await?;
-            print(
-                cli.json,
-                &json!({ "kind": kind, "paused": false, "changed": changed }),
-                || {
-                    if changed {
-                        format!("resumed {kind}")
-                    } else {
-                        format!("{kind} was not paused")
-                    }
-                },
-            );
-            Ok(())
-        }
+        Command::Pause { kind } => pause_or_resume(&store, &kind, true, cli.json).await,
+        Command::Resume { kind } => pause_or_resume(&store, &kind, false, cli.json).await,
         Command::Prune { older_than } => {
             let cutoff = prune_cutoff(&older_than, fascicle::chrono::Utc::now())?;
             let report = store.prune(cutoff).await?;
@@ -590,6 +562,33 @@ fn parse_duration(text: &str) -> fascicle::Result<Duration> {
     n.checked_mul(seconds)
         .map(Duration::from_secs)
         .ok_or_else(invalid)
+}
+
+/// `fascicle pause` (`pause` true) or `resume`: one line, or `{kind, paused, changed}`.
+async fn pause_or_resume(
+    store: &Arc<dyn Store>,
+    kind: &str,
+    pause: bool,
+    json: bool,
+) -> fascicle::Result<()> {
+    let changed = if pause {
+        store.pause(kind).await?
+    } else {
+        store.resume(kind).await?
+    };
+    print(
+        json,
+        &json!({ "kind": kind, "paused": pause, "changed": changed }),
+        || match (pause, changed) {
+            (true, true) => {
+                format!("paused {kind}: no worker claims it until `fascicle resume {kind}`")
+            }
+            (true, false) => format!("{kind} was paused already"),
+            (false, true) => format!("resumed {kind}"),
+            (false, false) => format!("{kind} was not paused"),
+        },
+    );
+    Ok(())
 }
 
 /// The longest `--older-than`: 100 years (36500d).
