@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use fascicle::{CallbackOn, Driver, Error, Operation, OperationId, Status, Store, Worker};
+use fascicle::{
+    CallbackOn, Driver, Error, KindLimit, Operation, OperationId, RateLimit, Status, Store, Worker,
+};
 use fascicle_retain::{BATCH_KIND, ConsolidateReport, MemoryBank, RetainOptions, read_documents};
 use serde_json::json;
 
@@ -108,12 +110,41 @@ enum Command {
         /// The kind.
         kind: String,
     },
+    /// Global concurrency and rate limits per kind, for every worker sharing the store.
+    Limit {
+        #[command(subcommand)]
+        action: LimitAction,
+    },
     /// Delete finished work older than a duration (a batch only whole).
     Prune {
         /// How old finished work must be, e.g. 30m, 12h, 7d, 2w.
         #[arg(long)]
         older_than: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum LimitAction {
+    /// Set a kind's limit (replacing the one it had): at most --running operations
+    /// processing at once, at most --rate starts per period.
+    Set {
+        /// The kind, e.g. `retain`.
+        kind: String,
+        /// At most this many processing at once, across all workers and processes.
+        #[arg(long)]
+        running: Option<u32>,
+        /// At most N starts per period: 100/1m, 5/s, 10/500ms, 1000/1h (units ms, s, m,
+        /// h, d).
+        #[arg(long)]
+        rate: Option<String>,
+    },
+    /// Remove a kind's limit.
+    Clear {
+        /// The kind.
+        kind: String,
+    },
+    /// Every kind's limit.
+    List,
 }
 
 #[tokio::main]
@@ -227,6 +258,7 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
         }
         Command::Pause { kind } => pause_or_resume(&store, &kind, true, cli.json).await,
         Command::Resume { kind } => pause_or_resume(&store, &kind, false, cli.json).await,
+        Command::Limit { action } => limit(&store, action, cli.json).await,
         Command::Prune { older_than } => {
             let cutoff = prune_cutoff(&older_than, fascicle::chrono::Utc::now())?;
             let report = store.prune(cutoff).await?;
@@ -586,6 +618,56 @@ async fn pause_or_resume(
             (true, false) => format!("{kind} was paused already"),
             (false, true) => format!("resumed {kind}"),
             (false, false) => format!("{kind} was not paused"),
+        },
+    );
+    Ok(())
+}
+
+/// `fascicle limit set|clear|list`: one line (a table for `list`), or JSON — `{kind,
+/// limit, previous}` for a change, `{kind: limit}` for `list`.
+async fn limit(store: &Arc<dyn Store>, action: LimitAction, json: bool) -> fascicle::Result<()> {
+    let (kind, limit) = match action {
+        LimitAction::List => {
+            let limits = store.limits().await?;
+            print(json, &limits, || {
+                if limits.is_empty() {
+                    return "no kind is limited".to_string();
+                }
+                let mut out = format!("{:<24} {:>9}  {}", "KIND", "RUNNING", "RATE");
+                for (kind, limit) in &limits {
+                    let running = limit.running.map_or("-".to_string(), |n| n.to_string());
+                    let rate = limit.rate.map_or("-".to_string(), |r| r.to_string());
+                    out.push_str(&format!("\n{kind:<24} {running:>9}  {rate}"));
+                }
+                out
+            });
+            return Ok(());
+        }
+        LimitAction::Clear { kind } => (kind, KindLimit::default()),
+        LimitAction::Set {
+            kind,
+            running,
+            rate,
+        } => {
+            let rate = rate.map(|r| r.parse::<RateLimit>()).transpose()?;
+            if running.is_none() && rate.is_none() {
+                return Err(Error::InvalidInput(format!(
+                    "`fascicle limit set {kind}` needs --running N, --rate N/PERIOD or both \
+                     (`fascicle limit clear {kind}` removes a limit)"
+                )));
+            }
+            (kind, KindLimit { running, rate })
+        }
+    };
+    let previous = store.set_limit(&kind, limit).await?;
+    print(
+        json,
+        &json!({ "kind": kind, "limit": limit, "previous": previous }),
+        || match (limit.is_none(), previous.is_none()) {
+            (true, true) => format!("{kind} had no limit"),
+            (true, false) => format!("cleared the limit of {kind} (was {previous})"),
+            (false, true) => format!("limited {kind}: {limit}"),
+            (false, false) => format!("limited {kind}: {limit} (was {previous})"),
         },
     );
     Ok(())

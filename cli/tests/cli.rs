@@ -415,6 +415,98 @@ async fn pause_and_resume_a_kind() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 
+/// `fascicle limit set <kind> --running N --rate N/PERIOD` limits claims of that kind for
+/// every worker sharing the store, `limit list` shows it (a table, or JSON by kind),
+/// `limit clear` removes it; a limit that is not one is exit code 2 with the field named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_set_list_and_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let store = fascicle::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let queue = Queue::new(Arc::clone(&store));
+    for i in 0..3 {
+        queue
+            .submit(NewOperation::new("render", json!(i)))
+            .await
+            .unwrap();
+    }
+    let out = fascicle(&db, &["limit", "set", "render", "--running", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("limited render: running ≤ 1"),
+        "{}",
+        stdout(&out)
+    );
+    let request = fascicle::ClaimRequest {
+        worker_id: "cli-test".into(),
+        limit: 10,
+        lease: std::time::Duration::from_secs(30),
+        kinds: None,
+    };
+    assert_eq!(store.claim(&request).await.unwrap().len(), 1);
+    assert!(store.claim(&request).await.unwrap().is_empty());
+    let out = fascicle(
+        &db,
+        &[
+            "--json",
+            "limit",
+            "set",
+            "render",
+            "--running",
+            "2",
+            "--rate",
+            "100/1m",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(said["previous"]["running"], 1);
+    assert_eq!(said["limit"]["running"], 2);
+    assert_eq!(said["limit"]["rate"]["starts"], 100);
+    assert_eq!(said["limit"]["rate"]["per"], 60_000_000, "microseconds");
+    let out = fascicle(&db, &["limit", "list"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("render") && text.contains("100 starts per 60s"),
+        "{text}"
+    );
+    let out = fascicle(&db, &["--json", "limit", "list"]);
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed["render"]["running"], 2);
+    assert_eq!(store.claim(&request).await.unwrap().len(), 1);
+    for bad in [
+        &["limit", "set", "render", "--running", "0"][..],
+        &["limit", "set", "render", "--rate", "5/1y"],
+        &["limit", "set", "render"],
+        &["limit", "set", "", "--running", "1"],
+    ] {
+        let out = fascicle(&db, bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    }
+    assert_eq!(
+        store.limits().await.unwrap()["render"],
+        fascicle::KindLimit::running(2).with_rate(fascicle::RateLimit::new(
+            100,
+            std::time::Duration::from_secs(60)
+        )),
+        "a refused change changed the limit"
+    );
+    let out = fascicle(&db, &["limit", "clear", "render"]);
+    assert!(
+        stdout(&out).contains("cleared the limit of render"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        stdout(&fascicle(&db, &["limit", "list"])).trim(),
+        "no kind is limited"
+    );
+    assert_eq!(store.claim(&request).await.unwrap().len(), 1);
+}
+
 /// An age no calendar holds is one readable line and exit code 2 — not a panic — and,
 /// checked before the database is opened, it creates no database file.
 #[test]

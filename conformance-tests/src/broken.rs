@@ -76,6 +76,13 @@ pub enum BrokenPromise {
     /// A paused kind is not claimed until it is resumed — broken: `pause` answers as if
     /// it paused the kind and does nothing.
     PauseIgnored,
+    /// A running limit holds against racing claimers — broken: the limit is checked by
+    /// reading the kind's `processing` count before the claim, outside its transaction
+    /// (check, then act), as a wrapper around a store without limits would.
+    RunningLimitCheckedBeforeTheClaim,
+    /// A rate limit spaces a kind's starts — broken: `set_limit` stores the running limit
+    /// and drops the rate.
+    RateLimitIgnored,
 }
 
 impl BrokenPromise {
@@ -92,6 +99,8 @@ impl BrokenPromise {
         Self::ParentsCountedAsWork,
         Self::PruneTearsOpenBatches,
         Self::PauseIgnored,
+        Self::RunningLimitCheckedBeforeTheClaim,
+        Self::RateLimitIgnored,
     ];
 
     /// A short snake-case name, also the wrapper's [`Store::driver`].
@@ -108,6 +117,8 @@ impl BrokenPromise {
             Self::ParentsCountedAsWork => "parents_counted_as_work",
             Self::PruneTearsOpenBatches => "prune_tears_open_batches",
             Self::PauseIgnored => "pause_ignored",
+            Self::RunningLimitCheckedBeforeTheClaim => "running_limit_checked_before_the_claim",
+            Self::RateLimitIgnored => "rate_limit_ignored",
         }
     }
 
@@ -131,6 +142,10 @@ impl BrokenPromise {
             Self::ParentsCountedAsWork => "statistics never count parents as work",
             Self::PruneTearsOpenBatches => "prune deletes a batch only whole, once terminal",
             Self::PauseIgnored => "a paused kind is not claimed until it is resumed",
+            Self::RunningLimitCheckedBeforeTheClaim => {
+                "a running limit holds against racing claimers"
+            }
+            Self::RateLimitIgnored => "a rate limit spaces a kind's starts",
         }
     }
 
@@ -173,6 +188,13 @@ impl BrokenPromise {
             }
             Self::PruneTearsOpenBatches => &["prune_removes_only_whole_terminal_batches"],
             Self::PauseIgnored => &["a_paused_kind_is_not_claimed_until_resumed"],
+            Self::RunningLimitCheckedBeforeTheClaim => {
+                &["a_running_limit_holds_against_racing_claimers"]
+            }
+            Self::RateLimitIgnored => &[
+                "a_rate_limit_spaces_the_starts_of_its_kind",
+                "a_rate_limit_holds_against_racing_claimers",
+            ],
         }
     }
 }
@@ -196,6 +218,9 @@ struct Memo {
     parents_claimed: HashSet<OperationId>,
     /// Rows hidden as if pruned ([`BrokenPromise::PruneTearsOpenBatches`]).
     pruned: HashSet<OperationId>,
+    /// The limits as set, where the inner store keeps less of them
+    /// ([`BrokenPromise::RunningLimitCheckedBeforeTheClaim`], [`BrokenPromise::RateLimitIgnored`]).
+    limits: std::collections::BTreeMap<String, fascicle_api::KindLimit>,
     /// Parents shown before (or without) their commit ([`BrokenPromise::AutocommitParent`]).
     phantoms: HashMap<OperationId, Operation>,
 }
@@ -379,6 +404,32 @@ impl Store for BrokenStore {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
+        let mut request = std::borrow::Cow::Borrowed(request);
+        let limited = match request.kinds.as_deref() {
+            Some([kind]) if self.promise == BrokenPromise::RunningLimitCheckedBeforeTheClaim => {
+                let max = self.memo().limits.get(kind).and_then(|l| l.running);
+                max.map(|max| (kind.clone(), max))
+            }
+            _ => None,
+        };
+        if let Some((kind, max)) = limited {
+            // Check: the kind's processing count now…
+            let running = self
+                .inner
+                .stats()
+                .await?
+                .kinds
+                .get(&kind)
+                .map_or(0, |k| k.processing);
+            // …then act, a round trip later.
+            tokio::task::yield_now().await;
+            let room = (u64::from(max).saturating_sub(running)) as usize;
+            if room == 0 {
+                return Ok(Vec::new());
+            }
+            request.to_mut().limit = request.limit.min(room);
+        }
+        let request = &*request;
         let mut claimed = self.inner.claim(request).await?;
         match self.promise {
             BrokenPromise::UnfencedCompletion => {
@@ -527,6 +578,42 @@ impl Store for BrokenStore {
             return Ok(true);
         }
         self.inner.resume(kind).await
+    }
+
+    async fn set_limit(
+        &self,
+        kind: &str,
+        limit: fascicle_api::KindLimit,
+    ) -> Result<fascicle_api::KindLimit> {
+        let kept = match self.promise {
+            BrokenPromise::RunningLimitCheckedBeforeTheClaim => fascicle_api::KindLimit {
+                running: None,
+                ..limit
+            },
+            BrokenPromise::RateLimitIgnored => fascicle_api::KindLimit {
+                rate: None,
+                ..limit
+            },
+            _ => return self.inner.set_limit(kind, limit).await,
+        };
+        fascicle_api::validate_limit(kind, &limit)?;
+        self.inner.set_limit(kind, kept).await?;
+        let mut memo = self.memo();
+        let previous = if limit.is_none() {
+            memo.limits.remove(kind)
+        } else {
+            memo.limits.insert(kind.to_owned(), limit)
+        };
+        Ok(previous.unwrap_or_default())
+    }
+
+    async fn limits(&self) -> Result<std::collections::BTreeMap<String, fascicle_api::KindLimit>> {
+        match self.promise {
+            BrokenPromise::RunningLimitCheckedBeforeTheClaim | BrokenPromise::RateLimitIgnored => {
+                Ok(self.memo().limits.clone())
+            }
+            _ => self.inner.limits().await,
+        }
     }
 
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {

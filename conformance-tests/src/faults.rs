@@ -85,6 +85,14 @@ macro_rules! wrapping_store {
         async fn resume(&self, kind: &str) -> Result<bool> {
             self.inner.resume(kind).await
         }
+
+        async fn set_limit(&self, kind: &str, limit: fascicle_api::KindLimit) -> Result<fascicle_api::KindLimit> {
+            self.inner.set_limit(kind, limit).await
+        }
+
+        async fn limits(&self) -> Result<std::collections::BTreeMap<String, fascicle_api::KindLimit>> {
+            self.inner.limits().await
+        }
         }
     };
 }

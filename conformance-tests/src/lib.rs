@@ -343,6 +343,12 @@ macro_rules! __for_each_case {
             pausing_lets_running_attempts_finish,
             pause_refuses_kinds_that_are_not_names,
             a_pause_holds_against_racing_claims,
+            a_running_limit_caps_claims_of_its_kind,
+            a_limited_kind_does_not_hold_back_other_kinds,
+            a_running_limit_holds_against_racing_claimers,
+            a_rate_limit_spaces_the_starts_of_its_kind,
+            a_rate_limit_holds_against_racing_claimers,
+            limits_refuse_what_is_not_a_limit,
             extreme_leases_instants_and_priorities,
         );
     };

@@ -7,7 +7,7 @@
 //! payloads sit behind a shared pointer so a claim copies them after releasing the lock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -17,10 +17,10 @@ use chrono::{DateTime, Utc};
 use fascicle_api::table::{self, LifecycleRow, Transition};
 use fascicle_api::{
     Applied, BatchInfo, BatchPlan, CancelReport, Capabilities, ChildCounters, ChildRecord,
-    ClaimRequest, ClaimedOperation, Completion, Counted, Dependency, Error, FailurePolicy, Lease,
-    LeaseStatus, LeaseToken, Operation, OperationId, Outcome, ParentRecord, PruneReport,
-    ReconcileReport, RescueReport, Result, Stats, Status, Store, Transaction, most_common_error,
-    parent_outcome, parent_summary,
+    ClaimRequest, ClaimedOperation, Completion, Counted, Dependency, Error, FailurePolicy,
+    KindLimit, Lease, LeaseStatus, LeaseToken, Operation, OperationId, Outcome, ParentRecord,
+    PruneReport, ReconcileReport, RescueReport, Result, Stats, Status, Store, Transaction,
+    most_common_error, parent_outcome, parent_summary,
 };
 use fascicle_api::{messages, workflow};
 use serde_json::Value;
@@ -86,6 +86,8 @@ pub(crate) struct State {
     kinds: HashMap<Arc<str>, ()>,
     /// Paused kinds ([`Store::pause`]): never claimed.
     paused: BTreeSet<String>,
+    /// Limited kinds ([`Store::set_limit`]), with the instants of their last starts.
+    limits: BTreeMap<String, Limited>,
     next_seq: u64,
     /// Set while one step cancels every pending operation of a batch's tree (a batch's
     /// cancel, a fail-fast): the rows that ended with dependents, released once the step
@@ -96,6 +98,13 @@ pub(crate) struct State {
     /// the SQL drivers do in one statement. Each entry: the parent, and whether a child of
     /// it failed for good in this call.
     deferred: Option<Vec<(OperationId, bool)>>,
+}
+
+/// A kind's limit and the instants of its last starts (for its rate limit).
+#[derive(Debug, Default)]
+struct Limited {
+    limit: KindLimit,
+    starts: Vec<DateTime<Utc>>,
 }
 
 /// The rows in slots, in submission order (a pruned row's slot is reused), with an
@@ -529,8 +538,26 @@ impl State {
             held_keys,
             processing,
             paused,
+            limits,
             ..
         } = self;
+        // The room of each limited kind (`fascicle_api::flow`): what the limit allows
+        // with the kind's operations processing now.
+        let mut room: HashMap<&str, usize> = HashMap::new();
+        if !limits.is_empty() {
+            let mut running: HashMap<&str, u64> = HashMap::new();
+            for &slot in processing.values() {
+                let kind = &*rows.at(slot).op.kind;
+                if limits.contains_key(kind) {
+                    *running.entry(kind).or_default() += 1;
+                }
+            }
+            for (kind, limited) in limits.iter() {
+                let busy = running.get(kind.as_str()).copied().unwrap_or(0);
+                room.insert(kind, limited.limit.room(busy, &limited.starts, now));
+            }
+        }
+        let mut started: HashMap<String, usize> = HashMap::new();
         let mut claimed = Vec::with_capacity(request.limit.min(ready.len()));
         let mut picked = Vec::with_capacity(claimed.capacity());
         let mut prefix = true;
@@ -554,9 +581,14 @@ impl State {
                     .serialization_key
                     .as_ref()
                     .is_none_or(|k| !held_keys.contains_key(k));
-            if !claimable {
+            let limited = !room.is_empty() && room.contains_key(&*row.op.kind);
+            if !claimable || (limited && room[&*row.op.kind] == 0) {
                 prefix = false;
                 continue;
+            }
+            if limited {
+                *room.get_mut(&*row.op.kind).expect("limited") -= 1;
+                *started.entry(row.op.kind.to_string()).or_default() += 1;
             }
             if let Some(k) = &row.op.serialization_key {
                 held_keys.insert(k.clone(), row.op.id);
@@ -581,6 +613,12 @@ impl State {
         } else {
             for key in &picked {
                 ready.remove(key);
+            }
+        }
+        drop(room);
+        for (kind, count) in started {
+            if let Some(limited) = limits.get_mut(&kind) {
+                limited.starts = limited.limit.record_starts(&limited.starts, count, now);
             }
         }
         claimed
@@ -1347,6 +1385,28 @@ impl Store for MemoryStore {
     async fn resume(&self, kind: &str) -> Result<bool> {
         fascicle_api::validate_kind(kind)?;
         Ok(self.lock().paused.remove(kind))
+    }
+
+    async fn set_limit(&self, kind: &str, limit: KindLimit) -> Result<KindLimit> {
+        fascicle_api::validate_limit(kind, &limit)?;
+        let mut state = self.lock();
+        let previous = if limit.is_none() {
+            state.limits.remove(kind).map(|l| l.limit)
+        } else {
+            let limited = state.limits.entry(kind.to_owned()).or_default();
+            // The starts already made count against a new rate too.
+            Some(std::mem::replace(&mut limited.limit, limit))
+        };
+        Ok(previous.unwrap_or_default())
+    }
+
+    async fn limits(&self) -> Result<BTreeMap<String, KindLimit>> {
+        let state = self.lock();
+        Ok(state
+            .limits
+            .iter()
+            .map(|(kind, limited)| (kind.clone(), limited.limit))
+            .collect())
     }
 
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {

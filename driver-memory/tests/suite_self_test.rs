@@ -233,6 +233,8 @@ suite_catches! {
     suite_catches_parents_counted_as_work => ParentsCountedAsWork,
     suite_catches_prune_tears_open_batches => PruneTearsOpenBatches,
     suite_catches_pause_ignored => PauseIgnored,
+    suite_catches_running_limit_checked_before_the_claim => RunningLimitCheckedBeforeTheClaim,
+    suite_catches_rate_limit_ignored => RateLimitIgnored,
 }
 
 #[test]

@@ -30,11 +30,209 @@ impl<T> Db<T> for sqlx::Result<T> {
     }
 }
 
+/// Claims for `request`. With `check_limits`, the kinds' limits are read first
+/// (`fascicle_api::flow`); returns the claimed operations and whether any limit is stored
+/// (the caller skips the read for a while when none is).
 pub(crate) async fn claim(
     conn: &mut PgConnection,
     sql: &Sql,
     request: &ClaimRequest,
-) -> Result<Vec<ClaimedOperation>> {
+    check_limits: bool,
+) -> Result<(Vec<ClaimedOperation>, bool)> {
+    let mut claimed = Vec::with_capacity(request.limit);
+    let mut limits_stored = false;
+    if check_limits {
+        let limited = limited_rooms(conn, sql, request.kinds.as_deref()).await?;
+        limits_stored = limited.stored;
+        if !limited.open.is_empty() {
+            claim_limited(conn, sql, request, limited.open, &mut claimed).await?;
+        }
+    }
+    let room = request.limit - claimed.len();
+    if room > 0 {
+        // Every kind without a limit; a limited kind only through `claim_limited`, so a
+        // limit set by another process holds even before this one reads it.
+        let filter = "($2::text[] IS NULL OR kind = ANY($2))
+               AND NOT EXISTS (SELECT 1 FROM {s}.kind_limits AS kl WHERE kl.kind = o.kind)";
+        claim_matching(
+            conn,
+            sql,
+            request,
+            filter,
+            request.kinds.as_deref(),
+            room,
+            &mut claimed,
+        )
+        .await?;
+    }
+    claimed.sort_by(|(sa, a), (sb, b)| {
+        b.operation
+            .priority
+            .cmp(&a.operation.priority)
+            .then(a.operation.run_at.cmp(&b.operation.run_at))
+            .then(sa.cmp(sb))
+    });
+    Ok((claimed.into_iter().map(|(_, c)| c).collect(), limits_stored))
+}
+
+/// The limited kinds a claim may start operations of now, read without a lock: a kind
+/// whose count shows no room has none (its count can only fall before this claim locks
+/// it), so a kind at its limit costs a claim one read, not a wait on its lock.
+struct LimitedRooms {
+    /// Whether any limit is stored, of any kind.
+    stored: bool,
+    /// The requested kinds that may have room, in lock (name) order.
+    open: Vec<String>,
+}
+
+/// One stored limit as read in a claim.
+struct StoredLimit {
+    kind: String,
+    limit: fascicle_api::KindLimit,
+    recent_starts: Vec<chrono::DateTime<chrono::Utc>>,
+    running: i64,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+const READ_LIMITS: &str = "SELECT l.kind, l.max_running, l.rate_starts, l.rate_period_us,
+        l.recent_starts,
+        (SELECT count(*) FROM {s}.operations AS o
+         WHERE o.status = 'processing' AND o.kind = l.kind),
+        clock_timestamp()
+    FROM {s}.kind_limits AS l";
+
+fn stored_limit(row: &sqlx::postgres::PgRow) -> Result<StoredLimit> {
+    let running: Option<i32> = row.try_get(1).db()?;
+    let starts: Option<i32> = row.try_get(2).db()?;
+    let period_us: Option<i64> = row.try_get(3).db()?;
+    Ok(StoredLimit {
+        kind: row.try_get(0).db()?,
+        limit: limit_from_columns(running, starts, period_us),
+        recent_starts: row.try_get(4).db()?,
+        running: row.try_get(5).db()?,
+        now: row.try_get(6).db()?,
+    })
+}
+
+/// A stored limit from its columns (`max_running`, `rate_starts`, `rate_period_us`).
+pub(crate) fn limit_from_columns(
+    running: Option<i32>,
+    starts: Option<i32>,
+    period_us: Option<i64>,
+) -> fascicle_api::KindLimit {
+    fascicle_api::KindLimit {
+        running: running.map(|n| n as u32),
+        rate: starts.zip(period_us).map(|(starts, us)| {
+            fascicle_api::RateLimit::new(starts as u32, Duration::from_micros(us as u64))
+        }),
+    }
+}
+
+async fn limited_rooms(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    kinds: Option<&[String]>,
+) -> Result<LimitedRooms> {
+    let rows = sqlx::query(sql.text(&format!("{READ_LIMITS} ORDER BY l.kind")))
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
+    let mut open = Vec::new();
+    for row in &rows {
+        let stored = stored_limit(row)?;
+        let requested = kinds.is_none_or(|kinds| kinds.contains(&stored.kind));
+        if requested
+            && stored
+                .limit
+                .room(stored.running as u64, &stored.recent_starts, stored.now)
+                > 0
+        {
+            open.push(stored.kind);
+        }
+    }
+    Ok(LimitedRooms {
+        stored: !rows.is_empty(),
+        open,
+    })
+}
+
+/// Claims operations of the limited kinds `open` (in name order): each kind's limit row is
+/// locked first — every claim of a limited kind waits for the one before it to commit —
+/// then its `processing` operations are counted afresh (a statement after the lock sees
+/// what the claim before committed), at most its room is claimed and its rate window
+/// recorded.
+async fn claim_limited(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    request: &ClaimRequest,
+    open: Vec<String>,
+    claimed: &mut Vec<(i64, ClaimedOperation)>,
+) -> Result<()> {
+    sqlx::query(
+        sql.text("SELECT 1 FROM {s}.kind_limits WHERE kind = ANY($1) ORDER BY kind FOR UPDATE"),
+    )
+    .bind(&open)
+    .execute(&mut *conn)
+    .await
+    .db()?;
+    let rows = sqlx::query(sql.text(&format!(
+        "{READ_LIMITS} WHERE l.kind = ANY($1) ORDER BY l.kind"
+    )))
+    .bind(&open)
+    .fetch_all(&mut *conn)
+    .await
+    .db()?;
+    for row in &rows {
+        let stored = stored_limit(row)?;
+        let room = stored
+            .limit
+            .room(stored.running as u64, &stored.recent_starts, stored.now)
+            .min(request.limit - claimed.len());
+        if room == 0 {
+            continue;
+        }
+        let before = claimed.len();
+        let kind = std::slice::from_ref(&stored.kind);
+        claim_matching(
+            conn,
+            sql,
+            request,
+            "kind = ANY($2)",
+            Some(kind),
+            room,
+            claimed,
+        )
+        .await?;
+        let started = claimed.len() - before;
+        if started > 0 && stored.limit.rate.is_some() {
+            let kept = stored
+                .limit
+                .record_starts(&stored.recent_starts, started, stored.now);
+            sqlx::query(sql.text("UPDATE {s}.kind_limits SET recent_starts = $2 WHERE kind = $1"))
+                .bind(&stored.kind)
+                .bind(&kept)
+                .execute(&mut *conn)
+                .await
+                .db()?;
+        }
+        if claimed.len() >= request.limit {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Claims at most `limit` ready operations that `filter` (SQL over `o`, with `$2` the
+/// kinds) admits into `claimed`, each with its `seq`.
+async fn claim_matching(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    request: &ClaimRequest,
+    filter: &str,
+    kinds: Option<&[String]>,
+    limit: usize,
+    claimed: &mut Vec<(i64, ClaimedOperation)>,
+) -> Result<()> {
     let columns: Vec<String> = COLUMNS
         .split(',')
         .map(|c| format!("o.{}", c.trim()))
@@ -51,7 +249,7 @@ pub(crate) async fn claim(
              SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
              WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0
                AND run_at <= now()
-               AND ($2::text[] IS NULL OR kind = ANY($2))
+               AND {filter}
                AND NOT EXISTS (SELECT 1 FROM {{s}}.paused_kinds AS pk WHERE pk.kind = o.kind)
                AND (serialization_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM {{s}}.operations AS h
@@ -73,13 +271,13 @@ pub(crate) async fn claim(
          FROM picked WHERE o.id = picked.id
          RETURNING {columns}, o.lease_token, o.seq, (SELECT count(*) FROM candidates)"
     );
-    let mut claimed = Vec::with_capacity(request.limit);
+    let goal = claimed.len() + limit;
     // Bounded: each extra round needs a key with several ready operations.
     for _ in 0..8 {
-        let room = request.limit - claimed.len();
+        let room = goal - claimed.len();
         let rows = sqlx::query(sql.text(&statement))
             .bind(room as i64)
-            .bind(request.kinds.as_deref())
+            .bind(kinds)
             .bind(&request.worker_id)
             .bind(request.lease.as_secs_f64())
             .fetch_all(&mut *conn)
@@ -102,18 +300,11 @@ pub(crate) async fn claim(
         }
         // Done when the room is filled, or the scan did not fill the limit (nothing more
         // is ready), or nothing was claimed.
-        if rows.is_empty() || claimed.len() >= request.limit || candidates < room {
+        if rows.is_empty() || claimed.len() >= goal || candidates < room {
             break;
         }
     }
-    claimed.sort_by(|(sa, a), (sb, b)| {
-        b.operation
-            .priority
-            .cmp(&a.operation.priority)
-            .then(a.operation.run_at.cmp(&b.operation.run_at))
-            .then(sa.cmp(sb))
-    });
-    Ok(claimed.into_iter().map(|(_, c)| c).collect())
+    Ok(())
 }
 
 /// Locks the rows `ids` and every batch above them: the trees' outermost batches first,

@@ -251,6 +251,18 @@ const MIGRATIONS: &[&str] = &[
         paused_at   timestamptz NOT NULL DEFAULT now()
     );
     "#,
+    // 8: flow control per kind: concurrency and rate limits (`Store::set_limit`). A NULL
+    // limit is none; `recent_starts` holds the last starts the rate limit counts, at most
+    // `rate_starts` of them. A claim of a limited kind locks its row.
+    r#"
+    CREATE TABLE {schema}.kind_limits (
+        kind            text PRIMARY KEY,
+        max_running     integer,
+        rate_starts     integer,
+        rate_period_us  bigint,
+        recent_starts   timestamptz[] NOT NULL DEFAULT '{}'
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1,5 +1,6 @@
 //! `PostgresStore`: a sqlx pool over one schema.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -9,9 +10,9 @@ use async_trait::async_trait;
 use fascicle_api::InProcessWaker;
 use fascicle_api::{
     Applied, BatchInfo, BatchPlan, BatchReceipt, CancelReport, Capabilities, ChildCounters,
-    ClaimRequest, ClaimedOperation, Completion, Counted, Error, Lease, LeaseStatus, Limits,
-    NewBatch, Operation, OperationId, PruneReport, ReconcileReport, RescueReport, Result, Stats,
-    Store, Transaction,
+    ClaimRequest, ClaimedOperation, Completion, Counted, Error, KindLimit, Lease, LeaseStatus,
+    Limits, NewBatch, Operation, OperationId, PruneReport, ReconcileReport, RescueReport, Result,
+    Stats, Store, Transaction,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
@@ -136,7 +137,16 @@ pub struct PostgresStore {
     pool: PgPool,
     schema: Arc<str>,
     sql: Arc<Sql>,
+    /// When a claim last found no kind limit stored: claims skip reading the limits for
+    /// [`NO_LIMITS_RECHECK`] after that. Never needed for a limit to hold — a limited kind
+    /// is claimed only after its limit is read — only for a new one to start being
+    /// claimed.
+    no_limits_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
+
+/// How long a claim trusts that no kind limit is stored: a kind limited by another process
+/// is not claimed at all until this store reads its limit, at most this long later.
+const NO_LIMITS_RECHECK: Duration = Duration::from_secs(1);
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -193,6 +203,7 @@ impl PostgresStore {
             pool,
             schema: schema.into(),
             sql: Arc::new(Sql::new(schema)),
+            no_limits_since: Arc::default(),
         }
     }
 
@@ -506,6 +517,76 @@ impl Store for PostgresStore {
         Ok(deleted.rows_affected() == 1)
     }
 
+    async fn set_limit(&self, kind: &str, limit: KindLimit) -> Result<KindLimit> {
+        fascicle_api::validate_limit(kind, &limit)?;
+        let previous = transact!(self, conn => async {
+            let previous = sqlx::query(self.sql.text(
+                "SELECT max_running, rate_starts, rate_period_us FROM {s}.kind_limits
+                 WHERE kind = $1 FOR UPDATE",
+            ))
+            .bind(kind)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(error::map)?;
+            let previous = match previous {
+                Some(row) => lifecycle::limit_from_columns(
+                    row.try_get(0).map_err(error::map)?,
+                    row.try_get(1).map_err(error::map)?,
+                    row.try_get(2).map_err(error::map)?,
+                ),
+                None => KindLimit::default(),
+            };
+            if limit.is_none() {
+                sqlx::query(self.sql.text("DELETE FROM {s}.kind_limits WHERE kind = $1"))
+                    .bind(kind)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(error::map)?;
+            } else {
+                // The starts already made count against a changed rate too.
+                sqlx::query(self.sql.text(
+                    "INSERT INTO {s}.kind_limits (kind, max_running, rate_starts, rate_period_us)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (kind) DO UPDATE SET max_running = $2, rate_starts = $3,
+                         rate_period_us = $4",
+                ))
+                .bind(kind)
+                .bind(limit.running.map(|n| n as i32))
+                .bind(limit.rate.map(|r| r.starts as i32))
+                .bind(limit.rate.map(|r| r.per.as_micros() as i64))
+                .execute(&mut *conn)
+                .await
+                .map_err(error::map)?;
+            }
+            Ok::<_, Error>(previous)
+        })?;
+        // This process claims the kind under its new limit from now on.
+        *self.no_limits_since.lock().expect("limits cache") = None;
+        Ok(previous)
+    }
+
+    async fn limits(&self) -> Result<BTreeMap<String, KindLimit>> {
+        let rows = sqlx::query(
+            self.sql
+                .text("SELECT kind, max_running, rate_starts, rate_period_us FROM {s}.kind_limits"),
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(error::map)?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get(0).map_err(error::map)?,
+                    lifecycle::limit_from_columns(
+                        row.try_get(1).map_err(error::map)?,
+                        row.try_get(2).map_err(error::map)?,
+                        row.try_get(3).map_err(error::map)?,
+                    ),
+                ))
+            })
+            .collect()
+    }
+
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
         fascicle_api::validate_lease(request.lease)?;
         // Two claimers can both see a serialization key as free; the unique index on
@@ -571,6 +652,17 @@ impl Store for PostgresStore {
 
 impl PostgresStore {
     async fn claim_once(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
-        transact!(self, conn => lifecycle::claim(conn, &self.sql, request))
+        let check_limits = self
+            .no_limits_since
+            .lock()
+            .expect("limits cache")
+            .is_none_or(|since| since.elapsed() >= NO_LIMITS_RECHECK);
+        let (claimed, limits_stored) =
+            transact!(self, conn => lifecycle::claim(conn, &self.sql, request, check_limits))?;
+        if check_limits {
+            *self.no_limits_since.lock().expect("limits cache") =
+                (!limits_stored).then(std::time::Instant::now);
+        }
+        Ok(claimed)
     }
 }

@@ -3,10 +3,10 @@
 
 use chrono::{DateTime, Utc};
 use fascicle_api::{
-    Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error, Lease,
-    LeaseStatus, LeaseToken, Operation, OperationId, Outcome, PruneReport, ReconcileReport,
-    RescueReport, Result, Status, ZERO_CHILDREN_REASON, parent_outcome, parent_summary,
-    representative_error,
+    Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error,
+    KindLimit, Lease, LeaseStatus, LeaseToken, Operation, OperationId, Outcome, PruneReport,
+    RateLimit, ReconcileReport, RescueReport, Result, Status, ZERO_CHILDREN_REASON, parent_outcome,
+    parent_summary, representative_error,
 };
 use fascicle_api::{BatchPlan, FailurePolicy, messages, table, workflow};
 use rusqlite::{OptionalExtension, Transaction, params};
@@ -40,6 +40,9 @@ pub(crate) fn claim(
     // `RETURNING` builds a temporary table per execution, which cost a quarter of each
     // claimed row's time.
     let mut picked: Vec<(i64, Operation)> = Vec::with_capacity(request.limit);
+    // Limited kinds (`fascicle_api::flow`): their room, counted in this write transaction
+    // (SQLite has one writer at a time, so no other claim moves the counts meanwhile).
+    let mut limited = limited_kinds(tx, now)?;
     {
         let mut stmt = tx
             .prepare_cached(&format!(
@@ -62,14 +65,35 @@ pub(crate) fn claim(
             let Some(row) = rows.next().db()? else { break };
             // Column 7 of COLUMNS is serialization_key; `seq` follows the last of them.
             let key: Option<String> = row.get(7).db()?;
-            if let Some(key) = key
-                && !keys.insert(key)
+            if let Some(key) = &key
+                && keys.contains(key)
             {
                 continue;
             }
-            picked.push((row.get(COLUMN_COUNT).db()?, operation_from_row(row).db()?));
+            if !limited.is_empty() {
+                // Column 1 of COLUMNS is the kind.
+                let kind = row
+                    .get_ref(1)
+                    .db()?
+                    .as_str()
+                    .map_err(rusqlite::Error::from)
+                    .db()?;
+                if let Some(kind) = limited.get_mut(kind) {
+                    if kind.room == 0 {
+                        continue;
+                    }
+                    kind.room -= 1;
+                    kind.started += 1;
+                }
+            }
+            let operation = operation_from_row(row).db()?;
+            if let Some(key) = key {
+                keys.insert(key);
+            }
+            picked.push((row.get(COLUMN_COUNT).db()?, operation));
         }
     }
+    record_starts(tx, &limited, now)?;
     let mut stmt = tx
         .prepare_cached(
             "UPDATE fascicle_operations SET status = 'processing', attempts = attempts + 1,
@@ -106,6 +130,100 @@ pub(crate) fn claim(
         });
     }
     Ok(claimed)
+}
+
+/// A limited kind as a claim sees it.
+struct LimitedKind {
+    limit: KindLimit,
+    recent_starts: Vec<DateTime<Utc>>,
+    /// How many more of the kind this claim may start.
+    room: usize,
+    /// How many it started.
+    started: usize,
+}
+
+/// The limited kinds with their room at `now`: each one's limit, less its `processing`
+/// operations and its starts inside the rate window.
+fn limited_kinds(
+    tx: &Transaction<'_>,
+    now: DateTime<Utc>,
+) -> Result<std::collections::HashMap<String, LimitedKind>> {
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT kind, max_running, rate_starts, rate_period_us, recent_starts,
+                    (SELECT count(*) FROM fascicle_operations AS o
+                     WHERE o.status = 'processing' AND o.kind = l.kind)
+             FROM fascicle_kind_limits AS l",
+        )
+        .db()?;
+    let mut rows = stmt.query([]).db()?;
+    let mut limited = std::collections::HashMap::new();
+    while let Some(row) = rows.next().db()? {
+        let kind: String = row.get(0).db()?;
+        let limit = limit_from_columns(row.get(1).db()?, row.get(2).db()?, row.get(3).db()?);
+        let recent: String = row.get(4).db()?;
+        let recent_starts = parse_starts(&recent)?;
+        let running: i64 = row.get(5).db()?;
+        let room = limit.room(running as u64, &recent_starts, now);
+        limited.insert(
+            kind,
+            LimitedKind {
+                limit,
+                recent_starts,
+                room,
+                started: 0,
+            },
+        );
+    }
+    Ok(limited)
+}
+
+/// Writes the rate windows of the kinds a claim started operations of.
+fn record_starts(
+    tx: &Transaction<'_>,
+    limited: &std::collections::HashMap<String, LimitedKind>,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    for (kind, limited) in limited {
+        if limited.started == 0 || limited.limit.rate.is_none() {
+            continue;
+        }
+        let kept = limited
+            .limit
+            .record_starts(&limited.recent_starts, limited.started, now);
+        let kept: Vec<i64> = kept.into_iter().map(micros).collect();
+        tx.prepare_cached("UPDATE fascicle_kind_limits SET recent_starts = ?2 WHERE kind = ?1")
+            .db()?
+            .execute(params![
+                kind,
+                serde_json::to_string(&kept).expect("integers serialize")
+            ])
+            .db()?;
+    }
+    Ok(())
+}
+
+/// A stored limit from its columns (`max_running`, `rate_starts`, `rate_period_us`).
+pub(crate) fn limit_from_columns(
+    running: Option<i64>,
+    starts: Option<i64>,
+    period_us: Option<i64>,
+) -> KindLimit {
+    KindLimit {
+        running: running.map(|n| n as u32),
+        rate: starts.zip(period_us).map(|(starts, us)| {
+            RateLimit::new(starts as u32, std::time::Duration::from_micros(us as u64))
+        }),
+    }
+}
+
+fn parse_starts(text: &str) -> Result<Vec<DateTime<Utc>>> {
+    let micros: Vec<i64> =
+        serde_json::from_str(text).map_err(|e| fascicle_api::Error::Storage {
+            location: "fascicle_kind_limits".into(),
+            reason: format!("a kind's recent starts are not a JSON array of integers: {e}"),
+        })?;
+    micros.into_iter().map(|us| instant(us).db()).collect()
 }
 
 /// Children's terminal outcomes to add to one parent's counters.

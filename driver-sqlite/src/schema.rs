@@ -155,6 +155,18 @@ const MIGRATIONS: &[&str] = &[
         paused_at   INTEGER NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 7: flow control per kind: concurrency and rate limits (`Store::set_limit`). A NULL
+    // limit is none; `recent_starts` is the JSON array of the last starts' instants (in
+    // microseconds) that the rate limit counts, at most `rate_starts` of them.
+    r#"
+    CREATE TABLE fascicle_kind_limits (
+        kind            TEXT PRIMARY KEY,
+        max_running     INTEGER,
+        rate_starts     INTEGER,
+        rate_period_us  INTEGER,
+        recent_starts   TEXT NOT NULL DEFAULT '[]'
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1,6 +1,7 @@
 //! `SqliteStore`: a small connection pool over one database file, every call on the
 //! blocking thread pool.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -10,8 +11,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use fascicle_api::{
     Applied, BatchInfo, BatchPlan, CancelReport, Capabilities, ChildCounters, ClaimRequest,
-    ClaimedOperation, Completion, Counted, Dependency, Lease, LeaseStatus, Operation, OperationId,
-    PruneReport, ReconcileReport, RescueReport, Result, Stats, Store, Transaction,
+    ClaimedOperation, Completion, Counted, Dependency, KindLimit, Lease, LeaseStatus, Operation,
+    OperationId, PruneReport, ReconcileReport, RescueReport, Result, Stats, Store, Transaction,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 
@@ -599,6 +600,69 @@ impl Store for SqliteStore {
                 .execute(params![kind])
                 .map_err(error::map)?
                 == 1)
+        })
+        .await
+    }
+
+    async fn set_limit(&self, kind: &str, limit: KindLimit) -> Result<KindLimit> {
+        fascicle_api::validate_limit(kind, &limit)?;
+        let kind = kind.to_owned();
+        self.write(move |tx| {
+            let previous = tx
+                .prepare_cached(
+                    "SELECT max_running, rate_starts, rate_period_us FROM fascicle_kind_limits
+                     WHERE kind = ?1",
+                )
+                .map_err(error::map)?
+                .query_row(params![kind], |row| {
+                    Ok(lifecycle::limit_from_columns(row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()
+                .map_err(error::map)?
+                .unwrap_or_default();
+            if limit.is_none() {
+                tx.prepare_cached("DELETE FROM fascicle_kind_limits WHERE kind = ?1")
+                    .map_err(error::map)?
+                    .execute(params![kind])
+                    .map_err(error::map)?;
+            } else {
+                // The starts already made count against a changed rate too.
+                tx.prepare_cached(
+                    "INSERT INTO fascicle_kind_limits (kind, max_running, rate_starts, rate_period_us)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (kind) DO UPDATE SET max_running = ?2, rate_starts = ?3,
+                         rate_period_us = ?4",
+                )
+                .map_err(error::map)?
+                .execute(params![
+                    kind,
+                    limit.running,
+                    limit.rate.map(|r| r.starts),
+                    limit.rate.map(|r| r.per.as_micros() as i64)
+                ])
+                .map_err(error::map)?;
+            }
+            Ok(previous)
+        })
+        .await
+    }
+
+    async fn limits(&self) -> Result<BTreeMap<String, KindLimit>> {
+        self.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT kind, max_running, rate_starts, rate_period_us FROM fascicle_kind_limits",
+                )
+                .map_err(error::map)?;
+            stmt.query_map([], |row| {
+                Ok((
+                    row.get(0)?,
+                    lifecycle::limit_from_columns(row.get(1)?, row.get(2)?, row.get(3)?),
+                ))
+            })
+            .map_err(error::map)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(error::map)
         })
         .await
     }

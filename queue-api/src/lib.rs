@@ -3,6 +3,7 @@
 
 mod capabilities;
 mod error;
+pub mod flow;
 mod lifecycle;
 mod notify;
 mod queue;
@@ -13,6 +14,7 @@ pub mod workflow;
 
 pub use capabilities::Capabilities;
 pub use error::{BackendErrorKind, BoxError, Error, Result};
+pub use flow::{KindLimit, RateLimit, validate_limit};
 pub use lifecycle::{
     Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
     LeaseToken, Outcome, PRUNE_CHUNK_ROWS, PruneReport, ReconcileReport, RescueReport, RetryPolicy,

@@ -1,5 +1,6 @@
 //! The `Store` and `Transaction` traits every driver implements.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use async_trait::async_trait;
@@ -10,6 +11,7 @@ use chrono::{DateTime, Utc};
 
 use crate::capabilities::Capabilities;
 use crate::error::Result;
+use crate::flow::KindLimit;
 use crate::lifecycle::{
     Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
     PruneReport, ReconcileReport, RescueReport,
@@ -136,6 +138,17 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Resumes a paused `kind`: its ready operations are claimable again. Returns `true`
     /// when it was paused.
     async fn resume(&self, kind: &str) -> Result<bool>;
+
+    /// Sets the flow control of `kind` ([`KindLimit`]; see [`flow`](crate::flow)): from
+    /// the moment this returns, no claim on any worker or process sharing the store starts
+    /// more operations of the kind than the limit allows, counted inside the claim's
+    /// transaction. [`KindLimit::default()`] clears it. Returns the limit it replaced
+    /// (the default when there was none). `Error::InvalidInput` for a limit
+    /// [`validate_limit`](crate::validate_limit) refuses; nothing is stored then.
+    async fn set_limit(&self, kind: &str, limit: KindLimit) -> Result<KindLimit>;
+
+    /// Every kind's limit, by kind.
+    async fn limits(&self) -> Result<BTreeMap<String, KindLimit>>;
 
     /// Deletes terminal operations that finished before `completed_before`. A batch goes
     /// only as a whole, once its parent is terminal; a child is never deleted alone. It

@@ -9,6 +9,11 @@ pub const TRANSITION_CASES: &[(&str, &[&str])] = &[
         &[
             "a_paused_kind_is_not_claimed_until_resumed",
             "a_pause_holds_against_racing_claims",
+            "a_running_limit_caps_claims_of_its_kind",
+            "a_limited_kind_does_not_hold_back_other_kinds",
+            "a_running_limit_holds_against_racing_claimers",
+            "a_rate_limit_spaces_the_starts_of_its_kind",
+            "a_rate_limit_holds_against_racing_claimers",
             "claim_never_returns_parents",
             "claim_respects_priority_and_run_at",
             "claim_skips_key_duplicates_before_the_limit",

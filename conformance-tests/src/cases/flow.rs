@@ -258,3 +258,341 @@ pub async fn extreme_leases_instants_and_priorities(store: Arc<dyn Store>) {
         "claim order at the integer limits"
     );
 }
+
+fn kinds_of(claimed: &[fascicle_api::ClaimedOperation], kind: &str) -> usize {
+    claimed.iter().filter(|c| c.operation.kind == kind).count()
+}
+
+async fn claim_kind(
+    store: &Arc<dyn Store>,
+    kind: &str,
+    limit: usize,
+) -> Vec<fascicle_api::ClaimedOperation> {
+    let mut request = super::lifecycle::request(limit);
+    request.kinds = Some(vec![kind.to_owned()]);
+    store.claim(&request).await.unwrap()
+}
+
+/// A running limit (`Store::set_limit`, issue #15): a claim hands out at most the limit's
+/// room of the kind — the limit less the kind's `processing` operations — whatever room
+/// it has, and other kinds fill the rest. An attempt that ends (completed, or retried back
+/// to `pending`) frees its place. `limits` lists the limit, `set_limit` answers the one it
+/// replaced, and the default clears it.
+pub async fn a_running_limit_caps_claims_of_its_kind(store: Arc<dyn Store>) {
+    use fascicle_api::KindLimit;
+    let queue = Queue::new(Arc::clone(&store));
+    submit(&queue, "capped", 5).await;
+    submit(&queue, "free", 3).await;
+    assert_eq!(
+        store
+            .set_limit("capped", KindLimit::running(2))
+            .await
+            .unwrap(),
+        KindLimit::default(),
+        "there was no limit before"
+    );
+    assert_eq!(
+        store.limits().await.unwrap(),
+        [("capped".to_string(), KindLimit::running(2))].into()
+    );
+    let first = claim(&store, 10).await;
+    assert_eq!(kinds_of(&first, "capped"), 2, "the limit is 2: {first:?}");
+    assert_eq!(kinds_of(&first, "free"), 3, "other kinds fill the room");
+    assert!(
+        claim(&store, 10).await.is_empty(),
+        "two are processing: a third was claimed"
+    );
+    let capped: Vec<_> = first
+        .iter()
+        .filter(|c| c.operation.kind == "capped")
+        .collect();
+    assert_eq!(
+        finish(&store, capped[0], Outcome::Completed(json!(1))).await,
+        Applied::Applied
+    );
+    let second = claim(&store, 10).await;
+    assert_eq!(kinds_of(&second, "capped"), 1, "one place was freed");
+    let retry = Outcome::Retry {
+        error: "later".into(),
+        run_at: fascicle_api::chrono::Utc::now(),
+    };
+    assert_eq!(finish(&store, capped[1], retry).await, Applied::Applied);
+    let third = claim(&store, 10).await;
+    assert_eq!(
+        kinds_of(&third, "capped"),
+        1,
+        "a retried attempt frees its place"
+    );
+    // Raising the limit gives room at once; the old limit is answered.
+    assert_eq!(
+        store
+            .set_limit("capped", KindLimit::running(3))
+            .await
+            .unwrap(),
+        KindLimit::running(2)
+    );
+    assert_eq!(kinds_of(&claim(&store, 10).await, "capped"), 1);
+    assert!(claim(&store, 10).await.is_empty());
+    assert_eq!(
+        store
+            .set_limit("capped", KindLimit::default())
+            .await
+            .unwrap(),
+        KindLimit::running(3)
+    );
+    assert!(store.limits().await.unwrap().is_empty());
+    assert_eq!(
+        kinds_of(&claim(&store, 10).await, "capped"),
+        1,
+        "the last one, once the limit is cleared"
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.kinds["capped"].processing, 4);
+}
+
+/// Ready work of other kinds is not held back by a limited kind, even when the limited
+/// kind's backlog comes first in claim order (higher priority).
+pub async fn a_limited_kind_does_not_hold_back_other_kinds(store: Arc<dyn Store>) {
+    use fascicle_api::KindLimit;
+    let queue = Queue::new(Arc::clone(&store));
+    for i in 0..40 {
+        queue
+            .submit(NewOperation::new("urgent", json!({ "i": i })).with_priority(10))
+            .await
+            .unwrap();
+    }
+    submit(&queue, "routine", 5).await;
+    store
+        .set_limit("urgent", KindLimit::running(1))
+        .await
+        .unwrap();
+    let claimed = claim(&store, 6).await;
+    assert_eq!(kinds_of(&claimed, "urgent"), 1);
+    assert_eq!(
+        kinds_of(&claimed, "routine"),
+        5,
+        "the limited kind's backlog held back other kinds"
+    );
+    // A claim of the other kind alone is not held back either.
+    submit(&queue, "routine", 2).await;
+    assert_eq!(claim_kind(&store, "routine", 5).await.len(), 2);
+    assert!(claim_kind(&store, "urgent", 5).await.is_empty());
+}
+
+/// Eight claimers on two store instances (two pools, two connections to one file, two
+/// handles) race for a kind limited to 2 running: no moment sees a third `processing` —
+/// checked continuously, by every claimer holding what it claimed for a while and by a
+/// monitor reading the store's counts, not only at the end — and every operation is
+/// claimed exactly once.
+pub async fn a_running_limit_holds_against_racing_claimers(store: Arc<dyn Store>) {
+    use fascicle_api::KindLimit;
+    use std::sync::atomic::AtomicUsize;
+    let twin = crate::twin().await;
+    let queue = Queue::new(Arc::clone(&store));
+    let ids = submit(&queue, "narrow", 48).await;
+    store
+        .set_limit("narrow", KindLimit::running(2))
+        .await
+        .unwrap();
+    let held = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let monitor = {
+        let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut most = 0;
+            while !done.load(Ordering::SeqCst) {
+                let stats = store.stats().await.unwrap();
+                let running = stats.kinds.get("narrow").map_or(0, |k| k.processing);
+                most = most.max(running);
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            most
+        })
+    };
+    let mut claimers = Vec::new();
+    for i in 0..8 {
+        let instance = if i % 2 == 0 { &store } else { &twin };
+        let (store, held, peak) = (Arc::clone(instance), Arc::clone(&held), Arc::clone(&peak));
+        claimers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            let mut idle = 0;
+            while idle < 40 {
+                let claimed = claim_kind(&store, "narrow", 2).await;
+                if claimed.is_empty() {
+                    idle += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    continue;
+                }
+                idle = 0;
+                let now = held.fetch_add(claimed.len(), Ordering::SeqCst) + claimed.len();
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+                held.fetch_sub(claimed.len(), Ordering::SeqCst);
+                for c in &claimed {
+                    assert_eq!(
+                        finish(&store, c, Outcome::Completed(json!(null))).await,
+                        Applied::Applied
+                    );
+                    mine.push(c.operation.id);
+                }
+            }
+            mine
+        }));
+    }
+    let mut seen = Vec::new();
+    for claimer in claimers {
+        seen.extend(claimer.await.unwrap());
+    }
+    done.store(true, Ordering::SeqCst);
+    let monitored = monitor.await.unwrap();
+    assert!(
+        monitored <= 2,
+        "the store counted {monitored} processing under a limit of 2"
+    );
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 2, "claimers held {peak} at once under a limit of 2");
+    assert_eq!(
+        peak, 2,
+        "the race never reached the limit: it checked nothing"
+    );
+    let unique: HashSet<_> = seen.iter().collect();
+    assert_eq!(seen.len(), unique.len(), "an operation was claimed twice");
+    assert_eq!(unique.len(), ids.len(), "an operation was never claimed");
+}
+
+/// A rate limit: at most `starts` attempts of the kind begin in any window of `per`;
+/// the rest stay `pending` (counted as ready) and are claimed once the window has room
+/// again — ending an attempt gives no room, time does.
+pub async fn a_rate_limit_spaces_the_starts_of_its_kind(store: Arc<dyn Store>) {
+    use fascicle_api::{KindLimit, RateLimit};
+    use std::time::{Duration, Instant};
+    let queue = Queue::new(Arc::clone(&store));
+    submit(&queue, "metered", 8).await;
+    submit(&queue, "free", 2).await;
+    let per = Duration::from_millis(800);
+    store
+        .set_limit("metered", KindLimit::rate(RateLimit::new(3, per)))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let first = claim(&store, 10).await;
+    assert_eq!(kinds_of(&first, "metered"), 3, "{first:?}");
+    assert_eq!(kinds_of(&first, "free"), 2);
+    for c in &first {
+        finish(&store, c, Outcome::Completed(json!(null))).await;
+    }
+    let again = claim(&store, 10).await;
+    if started.elapsed() < per {
+        assert!(
+            again.is_empty(),
+            "ended attempts gave room inside the window"
+        );
+        assert_eq!(store.stats().await.unwrap().kinds["metered"].ready, 5);
+    }
+    tokio::time::sleep(per.saturating_sub(started.elapsed()) + Duration::from_millis(50)).await;
+    let mut second = again;
+    second.extend(claim(&store, 10).await);
+    assert_eq!(
+        kinds_of(&second, "metered"),
+        3,
+        "the next window allows 3 more: {second:?}"
+    );
+    // The limit also reads as stored.
+    assert_eq!(
+        store.limits().await.unwrap()["metered"],
+        KindLimit::rate(RateLimit::new(3, per))
+    );
+}
+
+/// Claimers racing a rate limit never start more than `starts` in a window: every set of
+/// `starts + 1` claims whose calls all fall inside one window's length is a breach (each
+/// start happened between its call and its answer).
+pub async fn a_rate_limit_holds_against_racing_claimers(store: Arc<dyn Store>) {
+    use fascicle_api::{KindLimit, RateLimit};
+    use std::time::{Duration, Instant};
+    let queue = Queue::new(Arc::clone(&store));
+    submit(&queue, "metered", 40).await;
+    let (starts, per) = (4usize, Duration::from_millis(400));
+    store
+        .set_limit(
+            "metered",
+            KindLimit::rate(RateLimit::new(starts as u32, per)),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_millis(1300);
+    let mut claimers = Vec::new();
+    for _ in 0..6 {
+        let store = Arc::clone(&store);
+        claimers.push(tokio::spawn(async move {
+            let mut spans = Vec::new();
+            while Instant::now() < deadline {
+                let asked = Instant::now();
+                let claimed = claim_kind(&store, "metered", 2).await;
+                let answered = Instant::now();
+                for c in &claimed {
+                    spans.push((asked, answered));
+                    finish(&store, c, Outcome::Completed(json!(null))).await;
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            spans
+        }));
+    }
+    let mut spans = Vec::new();
+    for claimer in claimers {
+        spans.extend(claimer.await.unwrap());
+    }
+    spans.sort();
+    assert!(
+        spans.len() >= 2 * starts,
+        "only {} starts in three windows: the rate let too few through",
+        spans.len()
+    );
+    for group in spans.windows(starts + 1) {
+        let earliest = group.iter().map(|s| s.0).min().unwrap();
+        let latest = group.iter().map(|s| s.1).max().unwrap();
+        assert!(
+            latest - earliest >= per,
+            "{} starts within {:?} under a limit of {starts} per {per:?}",
+            starts + 1,
+            latest - earliest
+        );
+    }
+}
+
+/// A limit that is not one is refused with `InvalidInput` naming the field, and nothing
+/// is stored: a running limit of 0 (a kind never claimed is a paused one), a rate of no
+/// starts or of an empty window, a kind that is not a name.
+pub async fn limits_refuse_what_is_not_a_limit(store: Arc<dyn Store>) {
+    use fascicle_api::{KindLimit, RateLimit};
+    use std::time::Duration;
+    let cases = [
+        ("job", KindLimit::running(0), "running"),
+        (
+            "job",
+            KindLimit::rate(RateLimit::new(0, Duration::from_secs(1))),
+            "starts",
+        ),
+        (
+            "job",
+            KindLimit::rate(RateLimit::new(5, Duration::ZERO)),
+            "period",
+        ),
+        ("", KindLimit::running(1), "kind"),
+        ("nul\0byte", KindLimit::running(1), "kind"),
+    ];
+    for (kind, limit, field) in cases {
+        match store.set_limit(kind, limit).await {
+            Err(Error::InvalidInput(message)) => {
+                assert!(message.contains(field), "{message:?} should name {field}")
+            }
+            other => panic!("{kind:?} {limit:?}: expected InvalidInput, got {other:?}"),
+        }
+    }
+    assert!(
+        store.limits().await.unwrap().is_empty(),
+        "a refused limit was stored"
+    );
+}

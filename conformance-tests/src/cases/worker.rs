@@ -138,6 +138,18 @@ impl Store for Meddling {
     async fn resume(&self, kind: &str) -> Result<bool> {
         self.inner.resume(kind).await
     }
+
+    async fn set_limit(
+        &self,
+        kind: &str,
+        limit: fascicle_api::KindLimit,
+    ) -> Result<fascicle_api::KindLimit> {
+        self.inner.set_limit(kind, limit).await
+    }
+
+    async fn limits(&self) -> Result<std::collections::BTreeMap<String, fascicle_api::KindLimit>> {
+        self.inner.limits().await
+    }
 }
 
 fn meddling(store: &Arc<dyn Store>, meddle: Meddle) -> Arc<dyn Store> {
