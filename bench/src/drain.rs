@@ -17,7 +17,7 @@ use crate::{Args, Measurement, Target, per_second};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A fresh store for one run, and what to do with it afterwards.
-type Fresh = Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError>;
+pub(crate) type Fresh = Result<(Arc<dyn Store>, Box<dyn FnOnce() + Send>), BoxError>;
 
 fn size(args: &Args) -> usize {
     if args.quick { 20_000 } else { 100_000 }
@@ -91,12 +91,7 @@ async fn drain(
     let mut completed = 0u64;
     // Wait cheaply until every handler ran, then on the store's statistics (the
     // independent check) until every completion is recorded.
-    while ran.load(std::sync::atomic::Ordering::Relaxed) < n {
-        if start.elapsed() > Duration::from_secs(600) {
-            return Err("drain stalled".into());
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    handlers_ran(&ran, n, start).await?;
     loop {
         let stats = store.stats().await?;
         let k = stats.kinds.get("noop").copied().unwrap_or_default();
@@ -117,6 +112,22 @@ async fn drain(
         return Err(format!("workers completed {completed} of {n}").into());
     }
     Ok(per_second(n, elapsed))
+}
+
+/// Waits cheaply (a counter read each millisecond) until `n` handlers ran; an error after
+/// ten minutes from `start`.
+pub(crate) async fn handlers_ran(
+    ran: &std::sync::atomic::AtomicUsize,
+    n: usize,
+    start: Instant,
+) -> Result<(), BoxError> {
+    while ran.load(std::sync::atomic::Ordering::Relaxed) < n {
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err("drain stalled".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
 }
 
 async fn fascicle_runs(
@@ -331,20 +342,7 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
     let url = url.to_string();
     let make = {
         let url = url.clone();
-        async move || -> Fresh {
-            let store = PostgresStore::connect_with(
-                PostgresOptions::new(&url)
-                    .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple()))
-                    .max_connections(8),
-            )
-            .await?;
-            let cleanup_store = store.clone();
-            let cleanup: Box<dyn FnOnce() + Send> = Box::new(move || {
-                tokio::spawn(async move { drop_schema(&cleanup_store).await });
-            });
-            let store: Arc<dyn Store> = Arc::new(store);
-            Ok((store, cleanup))
-        }
+        async move || -> Fresh { fresh_postgres(&url).await }
     };
     for _ in 0..runs(args) {
         let store = PostgresStore::connect_with(
@@ -381,6 +379,22 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
             Some(Target::RatioAtLeast { value: 0.75 }),
         ),
     ])
+}
+
+/// A PostgreSQL store in a schema of its own (8 connections), dropped by the clean-up.
+pub(crate) async fn fresh_postgres(url: &str) -> Fresh {
+    let store = PostgresStore::connect_with(
+        PostgresOptions::new(url)
+            .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple()))
+            .max_connections(8),
+    )
+    .await?;
+    let cleanup_store = store.clone();
+    let cleanup: Box<dyn FnOnce() + Send> = Box::new(move || {
+        tokio::spawn(async move { drop_schema(&cleanup_store).await });
+    });
+    let store: Arc<dyn Store> = Arc::new(store);
+    Ok((store, cleanup))
 }
 
 pub(crate) async fn drop_schema(store: &PostgresStore) {

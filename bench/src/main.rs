@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation]... [--quick] [--json] [--runs N]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits]... [--quick] [--json] [--runs N]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -12,6 +12,7 @@
 mod aggregation;
 mod drain;
 mod latency;
+mod limits;
 mod submit;
 
 use std::time::Duration;
@@ -42,9 +43,10 @@ enum Scenario {
     Drain,
     Latency,
     Aggregation,
+    Limits,
 }
 
-const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation]... [--quick] [--json] [--runs N]";
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits]... [--quick] [--json] [--runs N]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -76,6 +78,7 @@ fn parse_args() -> Result<Args, String> {
                     "drain" => Scenario::Drain,
                     "latency" => Scenario::Latency,
                     "aggregation" => Scenario::Aggregation,
+                    "limits" => Scenario::Limits,
                     other => return Err(format!("unknown scenario `{other}`\n{USAGE}")),
                 });
             }
@@ -236,6 +239,7 @@ async fn main() {
             Scenario::Drain,
             Scenario::Latency,
             Scenario::Aggregation,
+            Scenario::Limits,
         ] {
             if !wanted(scenario) {
                 continue;
@@ -246,6 +250,9 @@ async fn main() {
                 (Driver::Memory, Scenario::Drain) => drain::memory(&args).await,
                 (Driver::Memory, Scenario::Latency) => latency::memory(&args).await,
                 (Driver::Memory, Scenario::Aggregation) => aggregation::memory(&args).await,
+                (Driver::Memory, Scenario::Limits) => limits::memory(&args).await,
+                (Driver::Sqlite, Scenario::Limits) => limits::sqlite(&args).await,
+                (Driver::Postgres, Scenario::Limits) => limits::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Submit) => submit::sqlite(&args).await,
                 (Driver::Sqlite, Scenario::Drain) => drain::sqlite(&args).await,
                 (Driver::Sqlite, Scenario::Latency) => latency::sqlite(&args).await,

@@ -73,7 +73,9 @@ type ReadyKey = (Reverse<i32>, DateTime<Utc>, u64, usize);
 pub(crate) struct State {
     rows: Rows,
     children: IdMap<Vec<OperationId>>,
-    ready: BTreeSet<ReadyKey>,
+    /// The ready rows of each kind, in claim order: a claim walks only the kinds it may
+    /// hand out, so a paused or limited kind's backlog costs it nothing.
+    ready: HashMap<Arc<str>, BTreeSet<ReadyKey>>,
     /// Serialization keys held by a `processing` operation.
     held_keys: HashMap<String, OperationId>,
     /// The slots of the `processing` rows by id: a small, hot map where completions,
@@ -481,7 +483,9 @@ impl State {
                 self.open_parents.remove(&id);
             }
             Status::Pending => {
-                self.ready.remove(&row.ready_key());
+                if let Some(ready) = self.ready.get_mut(&*row.op.kind) {
+                    ready.remove(&row.ready_key());
+                }
             }
             Status::Processing => {
                 self.processing.remove(&id);
@@ -506,7 +510,16 @@ impl State {
             }
             Status::Pending if row.op.waiting_on > 0 => {}
             Status::Pending => {
-                self.ready.insert(row.ready_key());
+                let key = row.ready_key();
+                match self.ready.get_mut(&*row.op.kind) {
+                    Some(ready) => {
+                        ready.insert(key);
+                    }
+                    None => {
+                        self.ready
+                            .insert(Arc::clone(&row.op.kind), BTreeSet::from([key]));
+                    }
+                }
             }
             Status::Processing => {
                 self.processing.insert(id, row.slot);
@@ -558,37 +571,58 @@ impl State {
             }
         }
         let mut started: HashMap<String, usize> = HashMap::new();
-        let mut claimed = Vec::with_capacity(request.limit.min(ready.len()));
-        let mut picked = Vec::with_capacity(claimed.capacity());
-        let mut prefix = true;
+        // The kinds this claim may hand out, each with its ready rows in claim order.
+        let mut lanes: Vec<(
+            &Arc<str>,
+            std::iter::Peekable<std::collections::btree_set::Iter<'_, ReadyKey>>,
+        )> = ready
+            .iter()
+            .filter(|(kind, keys)| {
+                !keys.is_empty()
+                    && request
+                        .kinds
+                        .as_ref()
+                        .is_none_or(|kinds| kinds.iter().any(|k| **k == ***kind))
+                    && (paused.is_empty() || !paused.contains(&***kind))
+                    && room.get(&***kind).is_none_or(|room| *room > 0)
+            })
+            .map(|(kind, keys)| (kind, keys.iter().peekable()))
+            .collect();
+        let mut claimed = Vec::with_capacity(request.limit.min(1024));
+        let mut picked: Vec<(Arc<str>, ReadyKey)> = Vec::with_capacity(claimed.capacity());
         let worker: Arc<str> = Arc::from(request.worker_id.as_str());
-        // One pass in claim order, each row looked up once; a claimed serialization key
-        // is held at once, so a second operation with it is skipped.
-        for key in ready.iter() {
-            if claimed.len() >= request.limit {
+        // One pass in claim order over the kinds' lanes merged, each row looked up once; a
+        // claimed serialization key is held at once, so a second operation with it is
+        // skipped; a limited kind's lane closes when its room is used.
+        while claimed.len() < request.limit {
+            let Some(lane) = lanes
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, (_, keys))| keys.peek().map(|key| (i, **key)))
+                .min_by_key(|(_, key)| *key)
+                .map(|(i, _)| i)
+            else {
                 break;
-            }
-            let &(_, run_at, _, slot) = key;
+            };
+            let (kind, keys) = &mut lanes[lane];
+            let key = *keys.next().expect("peeked");
+            let &(_, run_at, _, slot) = &key;
             let row = rows.at_mut(slot);
             let claimable = run_at <= now
-                && request
-                    .kinds
-                    .as_ref()
-                    .is_none_or(|kinds| kinds.iter().any(|k| **k == *row.op.kind))
-                && (paused.is_empty() || !paused.contains(&*row.op.kind))
                 && row
                     .op
                     .serialization_key
                     .as_ref()
                     .is_none_or(|k| !held_keys.contains_key(k));
-            let limited = !room.is_empty() && room.contains_key(&*row.op.kind);
-            if !claimable || (limited && room[&*row.op.kind] == 0) {
-                prefix = false;
+            if !claimable {
                 continue;
             }
-            if limited {
-                *room.get_mut(&*row.op.kind).expect("limited") -= 1;
-                *started.entry(row.op.kind.to_string()).or_default() += 1;
+            if let Some(room) = room.get_mut(&***kind) {
+                *room -= 1;
+                *started.entry(kind.to_string()).or_default() += 1;
+                if *room == 0 {
+                    drop(lanes.swap_remove(lane));
+                }
             }
             if let Some(k) = &row.op.serialization_key {
                 held_keys.insert(k.clone(), row.op.id);
@@ -602,16 +636,11 @@ impl State {
             row.op.updated_at = now;
             row.lease_token = Some(token);
             claimed.push((row.op.clone(), token));
-            picked.push(*key);
+            picked.push((Arc::clone(&row.op.kind), key));
         }
-        // Usually the claimed entries are the front of the index: take them off it
-        // without a search each.
-        if prefix {
-            for _ in 0..picked.len() {
-                ready.pop_first();
-            }
-        } else {
-            for key in &picked {
+        drop(lanes);
+        for (kind, key) in &picked {
+            if let Some(ready) = ready.get_mut(&**kind) {
                 ready.remove(key);
             }
         }

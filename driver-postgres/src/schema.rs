@@ -262,6 +262,10 @@ const MIGRATIONS: &[&str] = &[
         rate_period_us  bigint,
         recent_starts   timestamptz[] NOT NULL DEFAULT '{}'
     );
+    -- Each kind's ready rows in claim order: a claim of named kinds walks each one here,
+    -- never past a paused or limited kind's backlog.
+    CREATE INDEX operations_ready_by_kind ON {schema}.operations (kind, priority DESC, run_at, seq)
+        WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0;
     "#,
 ];
 

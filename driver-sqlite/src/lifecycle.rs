@@ -43,7 +43,29 @@ pub(crate) fn claim(
     // Limited kinds (`fascicle_api::flow`): their room, counted in this write transaction
     // (SQLite has one writer at a time, so no other claim moves the counts meanwhile).
     let mut limited = limited_kinds(tx, now)?;
-    {
+    // A claim of named kinds among which one is limited or paused walks each claimable
+    // kind's own index instead of the shared one, where the held-back kind's backlog
+    // would be read past on every claim.
+    let by_kind = match &request.kinds {
+        Some(kinds) => {
+            let paused = paused_kinds(tx)?;
+            kinds
+                .iter()
+                .any(|k| limited.contains_key(k) || paused.contains(k))
+                .then(|| {
+                    kinds
+                        .iter()
+                        .filter(|k| !paused.contains(*k))
+                        .filter(|k| limited.get(*k).is_none_or(|l| l.room > 0))
+                        .cloned()
+                        .collect::<std::collections::BTreeSet<String>>()
+                })
+        }
+        None => None,
+    };
+    if let Some(kinds) = by_kind {
+        pick_by_kind(tx, &kinds, now_us, request.limit, &mut limited, &mut picked)?;
+    } else {
         let mut stmt = tx
             .prepare_cached(&format!(
                 "SELECT {COLUMNS}, seq FROM fascicle_operations AS o
@@ -130,6 +152,108 @@ pub(crate) fn claim(
         });
     }
     Ok(claimed)
+}
+
+/// The paused kinds.
+fn paused_kinds(tx: &Transaction<'_>) -> Result<std::collections::HashSet<String>> {
+    let mut stmt = tx
+        .prepare_cached("SELECT kind FROM fascicle_paused_kinds")
+        .db()?;
+    let kinds = stmt
+        .query_map([], |row| row.get(0))
+        .db()?
+        .collect::<rusqlite::Result<_>>()
+        .db()?;
+    Ok(kinds)
+}
+
+/// A kind's next ready row in a claim by kind: its claim order, key and row.
+struct Head {
+    order: (std::cmp::Reverse<i64>, i64, i64),
+    key: Option<String>,
+    operation: Operation,
+}
+
+/// Picks up to `limit` ready operations of `kinds` (none paused, none without room) in
+/// claim order, merging each kind's own ordered scan: one per serialization key, at most
+/// a limited kind's room of it.
+fn pick_by_kind(
+    tx: &Transaction<'_>,
+    kinds: &std::collections::BTreeSet<String>,
+    now_us: i64,
+    limit: usize,
+    limited: &mut std::collections::HashMap<String, LimitedKind>,
+    picked: &mut Vec<(i64, Operation)>,
+) -> Result<()> {
+    let sql = format!(
+        "SELECT {COLUMNS}, seq FROM fascicle_operations AS o INDEXED BY fascicle_operations_ready_by_kind
+         WHERE kind = ?2 AND status = 'pending' AND payload IS NOT NULL AND waiting_on = 0
+           AND run_at <= ?1
+           AND (serialization_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM fascicle_operations AS h
+                WHERE h.serialization_key = o.serialization_key
+                  AND h.status = 'processing'))
+         ORDER BY priority DESC, run_at, seq"
+    );
+    let mut statements = Vec::with_capacity(kinds.len());
+    for _ in kinds {
+        statements.push(tx.prepare(&sql).db()?);
+    }
+    let mut cursors = Vec::with_capacity(kinds.len());
+    for (stmt, kind) in statements.iter_mut().zip(kinds) {
+        cursors.push((kind.as_str(), stmt.query(params![now_us, kind]).db()?));
+    }
+    fn head(row: Option<&rusqlite::Row<'_>>) -> Result<Option<Head>> {
+        let Some(row) = row else { return Ok(None) };
+        // Columns 6, 7 and 10 of COLUMNS: priority, serialization_key, run_at.
+        Ok(Some(Head {
+            order: (
+                std::cmp::Reverse(row.get(6).db()?),
+                row.get(10).db()?,
+                row.get(COLUMN_COUNT).db()?,
+            ),
+            key: row.get(7).db()?,
+            operation: operation_from_row(row).db()?,
+        }))
+    }
+    let mut heads = Vec::with_capacity(cursors.len());
+    for (_, rows) in &mut cursors {
+        heads.push(head(rows.next().db()?)?);
+    }
+    let mut keys = std::collections::HashSet::new();
+    while picked.len() < limit {
+        let Some(lane) = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.as_ref().map(|h| (i, h.order)))
+            .min_by_key(|(_, order)| *order)
+            .map(|(i, _)| i)
+        else {
+            break;
+        };
+        let head_row = heads[lane].take().expect("a head");
+        let (kind, rows) = &mut cursors[lane];
+        if limited.get(*kind).is_none_or(|l| l.room > 0) {
+            heads[lane] = head(rows.next().db()?)?;
+        }
+        if let Some(key) = &head_row.key
+            && !keys.insert(key.clone())
+        {
+            continue;
+        }
+        if let Some(l) = limited.get_mut(*kind) {
+            if l.room == 0 {
+                continue;
+            }
+            l.room -= 1;
+            l.started += 1;
+            if l.room == 0 {
+                heads[lane] = None;
+            }
+        }
+        picked.push((head_row.order.2, head_row.operation));
+    }
+    Ok(())
 }
 
 /// A limited kind as a claim sees it.

@@ -166,6 +166,11 @@ const MIGRATIONS: &[&str] = &[
         rate_period_us  INTEGER,
         recent_starts   TEXT NOT NULL DEFAULT '[]'
     ) WITHOUT ROWID;
+    -- Each kind's ready rows in claim order: a claim among whose kinds one is limited or
+    -- paused walks the others here, never past the held-back kind's backlog.
+    CREATE INDEX fascicle_operations_ready_by_kind
+        ON fascicle_operations (kind, priority DESC, run_at)
+        WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0;
     "#,
 ];
 
@@ -273,7 +278,8 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(indexes, 6, "every index is recreated");
+        // The six of version 3, then the ready-by-kind index of version 7.
+        assert_eq!(indexes, 7, "every index is recreated");
         let refused = conn.execute(
             "UPDATE fascicle_operations SET status = 'lost' WHERE seq = 8",
             [],

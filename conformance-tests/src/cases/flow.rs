@@ -377,6 +377,18 @@ pub async fn a_limited_kind_does_not_hold_back_other_kinds(store: Arc<dyn Store>
     submit(&queue, "routine", 2).await;
     assert_eq!(claim_kind(&store, "routine", 5).await.len(), 2);
     assert!(claim_kind(&store, "urgent", 5).await.is_empty());
+    // A claim of named kinds, one of them limited, keeps claim order across the others.
+    for (kind, priority) in [("routine", 5), ("other", 4), ("routine", 3)] {
+        queue
+            .submit(NewOperation::new(kind, json!(priority)).with_priority(priority))
+            .await
+            .unwrap();
+    }
+    let mut request = super::lifecycle::request(10);
+    request.kinds = Some(vec!["routine".into(), "other".into(), "urgent".into()]);
+    let claimed = store.claim(&request).await.unwrap();
+    let priorities: Vec<i32> = claimed.iter().map(|c| c.operation.priority).collect();
+    assert_eq!(priorities, [5, 4, 3], "claim order across kinds");
 }
 
 /// Eight claimers on two store instances (two pools, two connections to one file, two

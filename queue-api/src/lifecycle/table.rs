@@ -222,7 +222,9 @@ const NOTHING: Transition = Transition {
 };
 
 /// A ready operation is handed to a worker — never one of a paused kind
-/// ([`Store::pause`](crate::Store::pause)), read in the claim's own statement.
+/// ([`Store::pause`](crate::Store::pause)), read in the claim's own statement, and never
+/// more of a limited kind than its room ([`KindLimit::room`](crate::KindLimit::room),
+/// counted inside the claim's transaction).
 pub const CLAIM: Transition = Transition {
     name: "claim",
     trigger: "Store::claim",
