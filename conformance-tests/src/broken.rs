@@ -83,6 +83,10 @@ pub enum BrokenPromise {
     /// A rate limit spaces a kind's starts — broken: `set_limit` stores the running limit
     /// and drops the rate.
     RateLimitIgnored,
+    /// Racing submitters of one unique key insert one operation — broken: the key is
+    /// checked (is an operation holding it still open?), then the operation inserted, a
+    /// round trip apart, as a store without a unique index would.
+    UniqueCheckedBeforeInsert,
 }
 
 impl BrokenPromise {
@@ -101,6 +105,7 @@ impl BrokenPromise {
         Self::PauseIgnored,
         Self::RunningLimitCheckedBeforeTheClaim,
         Self::RateLimitIgnored,
+        Self::UniqueCheckedBeforeInsert,
     ];
 
     /// A short snake-case name, also the wrapper's [`Store::driver`].
@@ -119,6 +124,7 @@ impl BrokenPromise {
             Self::PauseIgnored => "pause_ignored",
             Self::RunningLimitCheckedBeforeTheClaim => "running_limit_checked_before_the_claim",
             Self::RateLimitIgnored => "rate_limit_ignored",
+            Self::UniqueCheckedBeforeInsert => "unique_checked_before_insert",
         }
     }
 
@@ -146,6 +152,9 @@ impl BrokenPromise {
                 "a running limit holds against racing claimers"
             }
             Self::RateLimitIgnored => "a rate limit spaces a kind's starts",
+            Self::UniqueCheckedBeforeInsert => {
+                "racing submitters of one unique key insert one operation"
+            }
         }
     }
 
@@ -195,6 +204,7 @@ impl BrokenPromise {
                 "a_rate_limit_spaces_the_starts_of_its_kind",
                 "a_rate_limit_holds_against_racing_claimers",
             ],
+            Self::UniqueCheckedBeforeInsert => &["racing_unique_submits_insert_one"],
         }
     }
 }
@@ -221,6 +231,9 @@ struct Memo {
     /// The limits as set, where the inner store keeps less of them
     /// ([`BrokenPromise::RunningLimitCheckedBeforeTheClaim`], [`BrokenPromise::RateLimitIgnored`]).
     limits: std::collections::BTreeMap<String, fascicle_api::KindLimit>,
+    /// The operation that last took each unique key
+    /// ([`BrokenPromise::UniqueCheckedBeforeInsert`]).
+    unique: HashMap<String, OperationId>,
     /// Parents shown before (or without) their commit ([`BrokenPromise::AutocommitParent`]).
     phantoms: HashMap<OperationId, Operation>,
 }
@@ -248,6 +261,17 @@ impl BrokenStore {
             inner,
             promise,
             memo: Arc::default(),
+        }
+    }
+
+    /// Another instance of this broken store over `inner` (a second instance of the same
+    /// backend): it breaks the same promise with the same memory, as a second process of
+    /// one broken driver would — a limit set through one is checked (wrongly) by both.
+    pub fn sharing(&self, inner: Arc<dyn Store>) -> Self {
+        Self {
+            inner,
+            promise: self.promise,
+            memo: Arc::clone(&self.memo),
         }
     }
 
@@ -697,6 +721,34 @@ impl Transaction for BrokenTransaction {
         self.open().insert_child(child).await?;
         self.children.push(child.clone());
         Ok(())
+    }
+
+    async fn insert_unique(
+        &mut self,
+        child: &ChildRecord,
+        unique: &fascicle_api::Unique,
+    ) -> Result<Option<OperationId>> {
+        if self.promise == BrokenPromise::UniqueCheckedBeforeInsert {
+            // Check…
+            let holder = lock(&self.memo).unique.get(&unique.key).copied();
+            if let Some(holder) = holder
+                && let Some(op) = self.store.get(holder).await?
+                && unique.scope.blocks(op.status, op.completed_at, Utc::now())
+            {
+                return Ok(Some(holder));
+            }
+            // …then insert, a round trip later.
+            tokio::task::yield_now().await;
+            self.open().insert_child(child).await?;
+            self.children.push(child.clone());
+            lock(&self.memo).unique.insert(unique.key.clone(), child.id);
+            return Ok(None);
+        }
+        let existing = self.open().insert_unique(child, unique).await?;
+        if existing.is_none() {
+            self.children.push(child.clone());
+        }
+        Ok(existing)
     }
 
     async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {

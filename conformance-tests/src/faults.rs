@@ -185,6 +185,21 @@ impl Transaction for FaultyTransaction {
         }
     }
 
+    async fn insert_unique(
+        &mut self,
+        child: &ChildRecord,
+        unique: &fascicle_api::Unique,
+    ) -> Result<Option<fascicle_api::OperationId>> {
+        self.children_seen += 1;
+        if self.plan.fail_child == Some(self.children_seen) {
+            return Err(injected(&format!(
+                "insert of child #{}",
+                self.children_seen
+            )));
+        }
+        self.inner.insert_unique(child, unique).await
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
         if self.plan.fail_commit {
             drop(self.inner);

@@ -349,6 +349,11 @@ macro_rules! __for_each_case {
             a_rate_limit_spaces_the_starts_of_its_kind,
             a_rate_limit_holds_against_racing_claimers,
             limits_refuse_what_is_not_a_limit,
+            a_unique_submit_answers_the_open_operation,
+            unique_within_blocks_a_recently_completed_operation,
+            racing_unique_submits_insert_one,
+            a_unique_submit_with_its_own_id,
+            unique_keys_that_cannot_be_are_refused,
             extreme_leases_instants_and_priorities,
         );
     };

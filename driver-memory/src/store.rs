@@ -88,6 +88,9 @@ pub(crate) struct State {
     kinds: HashMap<Arc<str>, ()>,
     /// Paused kinds ([`Store::pause`]): never claimed.
     paused: BTreeSet<String>,
+    /// The operation that last took each unique key ([`NewOperation::unique`]): it holds
+    /// the key while [`UniqueScope::blocks`] says so.
+    pub(crate) unique: HashMap<String, OperationId>,
     /// Limited kinds ([`Store::set_limit`]), with the instants of their last starts.
     limits: BTreeMap<String, Limited>,
     next_seq: u64,
@@ -387,6 +390,21 @@ impl MemoryStore {
 }
 
 impl State {
+    /// The operation holding `unique.key` that blocks a submit with `unique.scope` at
+    /// `now`, if any.
+    pub(crate) fn unique_holder(
+        &self,
+        unique: &fascicle_api::Unique,
+        now: DateTime<Utc>,
+    ) -> Option<OperationId> {
+        let holder = *self.unique.get(&unique.key)?;
+        let row = self.rows.get(&holder)?;
+        unique
+            .scope
+            .blocks(row.op.status, row.op.completed_at, now)
+            .then_some(holder)
+    }
+
     pub(crate) fn contains(&self, id: &OperationId) -> bool {
         self.rows.contains_key(id)
     }
@@ -1423,7 +1441,8 @@ impl Store for MemoryStore {
             state.limits.remove(kind).map(|l| l.limit)
         } else {
             let limited = state.limits.entry(kind.to_owned()).or_default();
-            // The starts already made count against a new rate too.
+            // The starts kept for the old rate (at most its `starts`, none without one) count
+            // against the new one.
             Some(std::mem::replace(&mut limited.limit, limit))
         };
         Ok(previous.unwrap_or_default())
@@ -1503,6 +1522,12 @@ impl Store for MemoryStore {
                 }
             }
             tokio::task::yield_now().await;
+        }
+        if report.operations > 0 {
+            // A pruned holder holds its unique key no more.
+            let mut state = self.lock();
+            let State { unique, rows, .. } = &mut *state;
+            unique.retain(|_, holder| rows.contains_key(holder));
         }
         Ok(report)
     }

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use fascicle_api::{ChildRecord, Error, InsertHealth, OperationId, ParentRecord, Result};
+use fascicle_api::{ChildRecord, Error, InsertHealth, OperationId, ParentRecord, Result, Unique};
 
 use crate::store::MemoryStore;
 
@@ -17,6 +17,8 @@ pub(crate) struct MemoryTransaction {
     staged_ids: HashSet<OperationId>,
     /// Children inserted per parent of this transaction: the parents' `children_total`.
     children_per_parent: HashMap<OperationId, u64>,
+    /// Unique keys this transaction takes, checked again on commit under the lock.
+    unique: Vec<(OperationId, Unique)>,
     health: InsertHealth,
 }
 
@@ -27,6 +29,7 @@ impl MemoryTransaction {
             staged: Vec::new(),
             staged_ids: HashSet::new(),
             children_per_parent: HashMap::new(),
+            unique: Vec::new(),
             health: InsertHealth::default(),
         }
     }
@@ -97,9 +100,39 @@ impl MemoryTransaction {
         Ok(())
     }
 
+    async fn insert_unique_unchecked(
+        &mut self,
+        child: &ChildRecord,
+        unique: &Unique,
+    ) -> Result<Option<OperationId>> {
+        fascicle_api::check_standalone(child)?;
+        let now = chrono::Utc::now();
+        if let Some(holder) = self.store.lock().unique_holder(unique, now) {
+            return Ok(Some(holder));
+        }
+        if let Some((other, _)) = self.unique.iter().find(|(_, u)| u.key == unique.key) {
+            return Ok(Some(*other));
+        }
+        self.insert_child_unchecked(child).await?;
+        self.unique.push((child.id, unique.clone()));
+        Ok(None)
+    }
+
     async fn commit_unchecked(self: Box<Self>) -> Result<()> {
         let store = self.store.clone();
         let mut state = store.lock();
+        // The memory store's unique index: a key another transaction took since it was
+        // checked refuses the commit, writing nothing.
+        let now = chrono::Utc::now();
+        for (id, unique) in &self.unique {
+            if let Some(holder) = state.unique_holder(unique, now) {
+                return Err(Error::Conflict(format!(
+                    "unique key {:?} of operation {id} was taken by operation {holder}, \
+                     committed first",
+                    unique.key
+                )));
+            }
+        }
         // Check every id before writing any row, so a conflict with a transaction that
         // committed after we staged leaves the store untouched.
         if let Some(taken) = self.staged_ids.iter().find(|id| state.contains(id)) {
@@ -116,6 +149,9 @@ impl MemoryTransaction {
                 }
                 Staged::Child(child) => state.apply_child(child),
             }
+        }
+        for (id, unique) in this.unique {
+            state.unique.insert(unique.key, id);
         }
         Ok(())
     }

@@ -89,12 +89,15 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// A fresh memory store, and the fixture the suite needs around it (the reconcile case
 /// writes a stranded batch through the fixture's tamper).
-fn fixture(wrap: impl Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync + 'static) -> Fixture {
+/// `wrap` makes the store under test from the memory store; `wrap_twin` makes its twin
+/// from a second handle on the same memory.
+fn fixture(
+    wrap: impl Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync + 'static,
+    wrap_twin: impl Fn(Arc<dyn Store>) -> Arc<dyn Store> + Send + Sync + 'static,
+) -> Fixture {
     let memory = MemoryStore::new();
     let tamper = memory.clone();
     let twin = memory.clone();
-    let wrap = Arc::new(wrap);
-    let wrap_twin = Arc::clone(&wrap);
     Fixture::from_arc(wrap(Arc::new(memory)))
         .with_tamper(move |parent, total| {
             tamper.overwrite_children_total_for_conformance(parent, total);
@@ -165,7 +168,21 @@ fn run_suite(make: impl Fn() -> Fixture + Sync) -> Vec<(&'static str, Verdict)> 
 fn suite_catches(promise: BrokenPromise) {
     let started = Instant::now();
     let verdicts = run_suite(|| {
-        fixture(move |memory| Arc::new(BrokenStore::new(memory, promise)) as Arc<dyn Store>)
+        // The twin is the same broken store over a second handle: one memory, as two
+        // processes of one broken driver share a database.
+        let broken = Arc::new(std::sync::Mutex::new(None::<Arc<BrokenStore>>));
+        let made = Arc::clone(&broken);
+        fixture(
+            move |memory| {
+                let store = Arc::new(BrokenStore::new(memory, promise));
+                *made.lock().unwrap() = Some(Arc::clone(&store));
+                store as Arc<dyn Store>
+            },
+            move |memory| {
+                let first = broken.lock().unwrap().clone().expect("made first");
+                Arc::new(first.sharing(memory)) as Arc<dyn Store>
+            },
+        )
     });
     let caught: Vec<&str> = verdicts
         .iter()
@@ -235,6 +252,7 @@ suite_catches! {
     suite_catches_pause_ignored => PauseIgnored,
     suite_catches_running_limit_checked_before_the_claim => RunningLimitCheckedBeforeTheClaim,
     suite_catches_rate_limit_ignored => RateLimitIgnored,
+    suite_catches_unique_checked_before_insert => UniqueCheckedBeforeInsert,
 }
 
 #[test]
@@ -245,7 +263,7 @@ fn every_broken_store_is_tested() {
 #[test]
 fn the_same_cases_pass_on_the_real_store() {
     let started = Instant::now();
-    let verdicts = run_suite(|| fixture(|memory| memory));
+    let verdicts = run_suite(|| fixture(|memory| memory, |memory| memory));
     let failed: Vec<String> = verdicts
         .iter()
         .filter_map(|(name, v)| match v {

@@ -33,36 +33,80 @@ impl<T> Db<T> for sqlx::Result<T> {
 /// Claims for `request`. With `check_limits`, the kinds' limits are read first
 /// (`fascicle_api::flow`); returns the claimed operations and whether any limit is stored
 /// (the caller skips the read for a while when none is).
+///
+/// One statement claims from every kind at once, in claim order across them (priority,
+/// then `run_at`, then submission) with one operation per serialization key: a named kind
+/// is a lane of its own (`operations_ready_by_kind`, so a paused or limited kind's backlog
+/// is never read past), capped by the room of a limited kind; a claim of any kind also
+/// scans the shared index for the kinds without a limit.
 pub(crate) async fn claim(
     conn: &mut PgConnection,
     sql: &Sql,
     request: &ClaimRequest,
     check_limits: bool,
 ) -> Result<(Vec<ClaimedOperation>, bool)> {
-    let mut claimed = Vec::with_capacity(request.limit);
     let mut limits_stored = false;
+    // Limited kinds this claim locked, with their room and what it needs to record starts.
+    let mut locked: Vec<(StoredLimit, usize)> = Vec::new();
+    // Limited kinds with no room (not claimed at all).
+    let mut full: HashSet<String> = HashSet::new();
     if check_limits {
+        // The recount after the lock needs a snapshot per statement.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *conn)
+            .await
+            .db()?;
         let limited = limited_rooms(conn, sql, request.kinds.as_deref()).await?;
         limits_stored = limited.stored;
+        full = limited.full;
         if !limited.open.is_empty() {
-            claim_limited(conn, sql, request, limited.open, &mut claimed).await?;
+            locked = lock_limited(conn, sql, &limited.open).await?;
         }
     }
-    let room = request.limit - claimed.len();
-    if room > 0 {
-        // Every kind without a limit; a limited kind only through `claim_limited`, so a
-        // limit set by another process holds even before this one reads it.
-        let filter = "NOT EXISTS (SELECT 1 FROM {s}.kind_limits AS kl WHERE kl.kind = k.kind)";
-        claim_matching(
-            conn,
-            sql,
-            request,
-            filter,
-            request.kinds.as_deref(),
-            room,
-            &mut claimed,
-        )
-        .await?;
+    let mut lanes: Vec<Lane> = Vec::new();
+    match &request.kinds {
+        Some(kinds) => {
+            let mut seen = HashSet::new();
+            for kind in kinds {
+                if !seen.insert(kind.as_str()) || full.contains(kind) {
+                    continue;
+                }
+                match locked.iter().find(|(l, _)| l.kind == *kind) {
+                    Some((_, room)) if *room == 0 => {}
+                    Some((_, room)) => lanes.push(Lane::new(kind, *room, true)),
+                    None => lanes.push(Lane::new(kind, usize::MAX, false)),
+                }
+            }
+        }
+        None => {
+            for (limit, room) in &locked {
+                if *room > 0 {
+                    lanes.push(Lane::new(&limit.kind, *room, true));
+                }
+            }
+        }
+    }
+    let any_kind = request.kinds.is_none();
+    let mut claimed = Vec::with_capacity(request.limit);
+    if any_kind || !lanes.is_empty() {
+        claim_lanes(conn, sql, request, any_kind, &mut lanes, &mut claimed).await?;
+    }
+    for (limit, _) in &locked {
+        let started = lanes
+            .iter()
+            .find(|lane| lane.kind == limit.kind)
+            .map_or(0, |lane| lane.claimed);
+        if started > 0 && limit.limit.rate.is_some() {
+            let kept = limit
+                .limit
+                .record_starts(&limit.recent_starts, started, limit.now);
+            sqlx::query(sql.text("UPDATE {s}.kind_limits SET recent_starts = $2 WHERE kind = $1"))
+                .bind(&limit.kind)
+                .bind(&kept)
+                .execute(&mut *conn)
+                .await
+                .db()?;
+        }
     }
     claimed.sort_by(|(sa, a), (sb, b)| {
         b.operation
@@ -74,14 +118,37 @@ pub(crate) async fn claim(
     Ok((claimed.into_iter().map(|(_, c)| c).collect(), limits_stored))
 }
 
-/// The limited kinds a claim may start operations of now, read without a lock: a kind
-/// whose count shows no room has none (its count can only fall before this claim locks
-/// it), so a kind at its limit costs a claim one read, not a wait on its lock.
+/// One kind a claim scans on its own: at most `cap` of it (a limited kind's room), and
+/// whether this claim holds its limit's lock (a kind it does not hold is claimed only
+/// while no limit is stored for it).
+struct Lane {
+    kind: String,
+    cap: usize,
+    locked: bool,
+    claimed: usize,
+}
+
+impl Lane {
+    fn new(kind: &str, cap: usize, locked: bool) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            cap,
+            locked,
+            claimed: 0,
+        }
+    }
+}
+
+/// The limited kinds as a claim first reads them, without a lock: a kind whose count shows
+/// no room has none (its count can only fall before this claim could lock it), so a kind
+/// at its limit costs a claim one read, not a wait on its lock.
 struct LimitedRooms {
     /// Whether any limit is stored, of any kind.
     stored: bool,
     /// The requested kinds that may have room, in lock (name) order.
     open: Vec<String>,
+    /// The requested kinds that have none.
+    full: HashSet<String>,
 }
 
 /// One stored limit as read in a claim.
@@ -91,6 +158,13 @@ struct StoredLimit {
     recent_starts: Vec<chrono::DateTime<chrono::Utc>>,
     running: i64,
     now: chrono::DateTime<chrono::Utc>,
+}
+
+impl StoredLimit {
+    fn room(&self) -> usize {
+        self.limit
+            .room(self.running as u64, &self.recent_starts, self.now)
+    }
 }
 
 const READ_LIMITS: &str = "SELECT l.kind, l.max_running, l.rate_starts, l.rate_period_us,
@@ -136,91 +210,72 @@ async fn limited_rooms(
         .fetch_all(&mut *conn)
         .await
         .db()?;
-    let mut open = Vec::new();
+    let (mut open, mut full) = (Vec::new(), HashSet::new());
     for row in &rows {
         let stored = stored_limit(row)?;
-        let requested = kinds.is_none_or(|kinds| kinds.contains(&stored.kind));
-        if requested
-            && stored
-                .limit
-                .room(stored.running as u64, &stored.recent_starts, stored.now)
-                > 0
-        {
+        if !kinds.is_none_or(|kinds| kinds.contains(&stored.kind)) {
+            continue;
+        }
+        if stored.room() > 0 {
             open.push(stored.kind);
+        } else {
+            full.insert(stored.kind);
         }
     }
     Ok(LimitedRooms {
         stored: !rows.is_empty(),
         open,
+        full,
     })
 }
 
-/// Claims operations of the limited kinds `open` (in name order): each kind's limit row is
-/// locked first — every claim of a limited kind waits for the one before it to commit —
-/// then its `processing` operations are counted afresh (a statement after the lock sees
-/// what the claim before committed), at most its room is claimed and its rate window
-/// recorded.
-async fn claim_limited(
+/// Locks the limit rows of `open` (in name order) — every claim that may start a limited
+/// kind waits for the one before it to commit — then counts each kind's `processing`
+/// operations afresh (a statement after the lock sees what the claim before committed).
+/// Returns each locked kind's limit with its room; a kind whose limit was removed
+/// meanwhile is not among them (it is claimed as a kind without a limit).
+async fn lock_limited(
     conn: &mut PgConnection,
     sql: &Sql,
-    request: &ClaimRequest,
-    open: Vec<String>,
-    claimed: &mut Vec<(i64, ClaimedOperation)>,
-) -> Result<()> {
-    sqlx::query(
-        sql.text("SELECT 1 FROM {s}.kind_limits WHERE kind = ANY($1) ORDER BY kind FOR UPDATE"),
+    open: &[String],
+) -> Result<Vec<(StoredLimit, usize)>> {
+    let locked: Vec<String> = sqlx::query_scalar(
+        sql.text("SELECT kind FROM {s}.kind_limits WHERE kind = ANY($1) ORDER BY kind FOR UPDATE"),
     )
-    .bind(&open)
-    .execute(&mut *conn)
+    .bind(open)
+    .fetch_all(&mut *conn)
     .await
     .db()?;
     let rows = sqlx::query(sql.text(&format!(
         "{READ_LIMITS} WHERE l.kind = ANY($1) ORDER BY l.kind"
     )))
-    .bind(&open)
+    .bind(&locked)
     .fetch_all(&mut *conn)
     .await
     .db()?;
-    for row in &rows {
-        let stored = stored_limit(row)?;
-        let room = stored
-            .limit
-            .room(stored.running as u64, &stored.recent_starts, stored.now)
-            .min(request.limit - claimed.len());
-        if room == 0 {
-            continue;
-        }
-        let before = claimed.len();
-        let kind = std::slice::from_ref(&stored.kind);
-        claim_matching(conn, sql, request, "true", Some(kind), room, claimed).await?;
-        let started = claimed.len() - before;
-        if started > 0 && stored.limit.rate.is_some() {
-            let kept = stored
-                .limit
-                .record_starts(&stored.recent_starts, started, stored.now);
-            sqlx::query(sql.text("UPDATE {s}.kind_limits SET recent_starts = $2 WHERE kind = $1"))
-                .bind(&stored.kind)
-                .bind(&kept)
-                .execute(&mut *conn)
-                .await
-                .db()?;
-        }
-        if claimed.len() >= request.limit {
-            break;
-        }
-    }
-    Ok(())
+    rows.iter()
+        .map(|row| {
+            let stored = stored_limit(row)?;
+            let room = stored.room();
+            Ok((stored, room))
+        })
+        .collect()
 }
 
-/// Claims at most `limit` ready operations of `kinds` (any kind when `None`) whose kind
-/// `filter` (SQL over `k.kind`) admits into `claimed`, each with its `seq`.
-async fn claim_matching(
+/// The advisory lock every claim statement takes shared (`{s}` spliced as text): a
+/// `set_limit` takes it exclusively after its commit, waiting out the claims in flight
+/// that read the kinds' limits before the new one existed.
+pub(crate) const LIMITS_GATE: &str = "hashtext('fascicle kind limits {s}')";
+
+/// Claims at most `request.limit` ready operations into `claimed`, each with its `seq`:
+/// from each of `lanes` (at most its cap) and, with `any_kind`, from every kind without
+/// a limit.
+async fn claim_lanes(
     conn: &mut PgConnection,
     sql: &Sql,
     request: &ClaimRequest,
-    filter: &str,
-    kinds: Option<&[String]>,
-    limit: usize,
+    any_kind: bool,
+    lanes: &mut [Lane],
     claimed: &mut Vec<(i64, ClaimedOperation)>,
 ) -> Result<()> {
     let columns: Vec<String> = COLUMNS
@@ -233,37 +288,11 @@ async fn claim_matching(
                AND (serialization_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM {s}.operations AS h
                     WHERE h.serialization_key = o.serialization_key AND h.status = 'processing'))";
-    // Named kinds: each kind's own ordered scan (`operations_ready_by_kind`), merged — a
-    // paused or limited kind's backlog is never read past (one shared scan read past all
-    // of it on every claim: the other kind drained at 0.5x its rate). Any kind: the one
-    // shared scan, the kinds filtered row by row.
-    let candidates = if kinds.is_some() {
-        format!(
-            "SELECT c.* FROM unnest($2::text[]) AS k(kind)
-             CROSS JOIN LATERAL (
-                 SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
-                 WHERE o.kind = k.kind AND {ready}
-                 ORDER BY priority DESC, run_at, seq
-                 LIMIT $1
-                 FOR UPDATE SKIP LOCKED) AS c
-             WHERE NOT EXISTS (SELECT 1 FROM {{s}}.paused_kinds AS pk WHERE pk.kind = k.kind)
-               AND {filter}
-             ORDER BY c.priority DESC, c.run_at, c.seq
-             LIMIT $1"
-        )
-    } else {
-        format!(
-            "SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
-             WHERE {ready}
-               AND $2::text[] IS NULL
-               AND NOT EXISTS (SELECT 1 FROM {{s}}.paused_kinds AS pk WHERE pk.kind = o.kind)
-               AND {}
-             ORDER BY priority DESC, run_at, seq
-             LIMIT $1
-             FOR UPDATE SKIP LOCKED",
-            filter.replace("k.kind", "o.kind")
-        )
-    };
+    let order = "priority DESC, run_at, seq";
+    // The shared scan and the lanes each lock what they read (FOR UPDATE SKIP LOCKED, so
+    // concurrent claimers take disjoint rows); the rows read past the limit stay locked
+    // until this transaction commits, a moment later.
+    //
     // One ordered scan with the limit, like the raw bound, then one per key among the
     // candidates. When several candidates shared a key, the limit was reached with fewer
     // claimed: claim again in the same transaction for the room left — the keys just
@@ -271,30 +300,68 @@ async fn claim_matching(
     // drop out and the work behind them is reached (one-per-key before the limit). A
     // form that applied the rule inside the scan drained 2.5x slower.
     let statement = format!(
-        "WITH candidates AS ({candidates}
+        "WITH shared AS (
+             SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
+             WHERE $5 AND {ready}
+               AND NOT EXISTS (SELECT 1 FROM {{s}}.paused_kinds AS pk WHERE pk.kind = o.kind)
+               AND NOT EXISTS (SELECT 1 FROM {{s}}.kind_limits AS kl WHERE kl.kind = o.kind)
+             ORDER BY {order}
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED
+         ), lanes AS (
+             SELECT c.* FROM unnest($2::text[], $6::int8[], $7::bool[]) AS k(kind, cap, locked)
+             CROSS JOIN LATERAL (
+                 SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
+                 WHERE o.kind = k.kind AND {ready}
+                 ORDER BY {order}
+                 LIMIT least(k.cap, $1)
+                 FOR UPDATE SKIP LOCKED) AS c
+             WHERE NOT EXISTS (SELECT 1 FROM {{s}}.paused_kinds AS pk WHERE pk.kind = k.kind)
+               AND (k.locked OR NOT EXISTS (
+                    SELECT 1 FROM {{s}}.kind_limits AS kl WHERE kl.kind = k.kind))
+         ), candidates AS (
+             SELECT * FROM (SELECT * FROM shared UNION ALL SELECT * FROM lanes) AS u
+             ORDER BY {order}
+             LIMIT $1
          ), picked AS (
              SELECT id FROM (
                  SELECT id, serialization_key, row_number() OVER (
-                     PARTITION BY serialization_key ORDER BY priority DESC, run_at, seq) AS rank
+                     PARTITION BY serialization_key ORDER BY {order}) AS rank
                  FROM candidates) AS ranked
              WHERE serialization_key IS NULL OR rank = 1
+         ), gate AS (
+             SELECT pg_advisory_xact_lock_shared({LIMITS_GATE})
          )
          UPDATE {{s}}.operations AS o
          SET status = 'processing', attempts = attempts + 1, worker_id = $3,
              lease_token = gen_random_uuid(),
-             lease_expires_at = now() + make_interval(secs => $4), updated_at = now()
-         FROM picked WHERE o.id = picked.id
+             lease_expires_at = clock_timestamp() + make_interval(secs => $4),
+             updated_at = now()
+         FROM picked, gate WHERE o.id = picked.id
          RETURNING {columns}, o.lease_token, o.seq, (SELECT count(*) FROM candidates)"
     );
-    let goal = claimed.len() + limit;
+    let goal = claimed.len() + request.limit;
     // Bounded: each extra round needs a key with several ready operations.
     for _ in 0..8 {
         let room = goal - claimed.len();
+        let open: Vec<&Lane> = lanes.iter().filter(|l| l.claimed < l.cap).collect();
+        if open.is_empty() && !any_kind {
+            break;
+        }
+        let kinds: Vec<&str> = open.iter().map(|l| l.kind.as_str()).collect();
+        let caps: Vec<i64> = open
+            .iter()
+            .map(|l| (l.cap - l.claimed).min(i64::MAX as usize) as i64)
+            .collect();
+        let held: Vec<bool> = open.iter().map(|l| l.locked).collect();
         let rows = sqlx::query(sql.text(&statement))
             .bind(room as i64)
-            .bind(kinds)
+            .bind(&kinds)
             .bind(&request.worker_id)
             .bind(request.lease.as_secs_f64())
+            .bind(any_kind)
+            .bind(&caps)
+            .bind(&held)
             .fetch_all(&mut *conn)
             .await
             .db()?;
@@ -305,6 +372,9 @@ async fn claim_matching(
             let token: Uuid = row.try_get(COLUMN_COUNT).db()?;
             let seq: i64 = row.try_get(COLUMN_COUNT + 1).db()?;
             candidates = row.try_get::<i64, _>(COLUMN_COUNT + 2).db()? as usize;
+            if let Some(lane) = lanes.iter_mut().find(|l| l.kind == operation.kind) {
+                lane.claimed += 1;
+            }
             claimed.push((
                 seq,
                 ClaimedOperation {

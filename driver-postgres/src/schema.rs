@@ -267,6 +267,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX operations_ready_by_kind ON {schema}.operations (kind, priority DESC, run_at, seq)
         WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0;
     "#,
+    // 9: unique operations (`NewOperation::unique`): each key's row names the operation
+    // that last took it; a submit takes the key only while that one blocks nothing.
+    r#"
+    CREATE TABLE {schema}.unique_keys (
+        key         text PRIMARY KEY,
+        operation   uuid NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

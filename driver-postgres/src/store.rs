@@ -141,7 +141,16 @@ pub struct PostgresStore {
     /// [`NO_LIMITS_RECHECK`] after that. Never needed for a limit to hold — a limited kind
     /// is claimed only after its limit is read — only for a new one to start being
     /// claimed.
-    no_limits_since: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    no_limits_since: Arc<std::sync::Mutex<LimitsCache>>,
+}
+
+/// What claims know of the stored limits: when one last found none, and how many times
+/// this store set a limit (a claim that read the limits before a `set_limit` of this
+/// store does not tell the ones after it that there are none).
+#[derive(Debug, Default)]
+struct LimitsCache {
+    none_since: Option<std::time::Instant>,
+    generation: u64,
 }
 
 /// How long a claim trusts that no kind limit is stored: a kind limited by another process
@@ -543,7 +552,8 @@ impl Store for PostgresStore {
                     .await
                     .map_err(error::map)?;
             } else {
-                // The starts already made count against a changed rate too.
+                // The starts kept for the old rate (at most its `starts`, none without one)
+                // count against the new one.
                 sqlx::query(self.sql.text(
                     "INSERT INTO {s}.kind_limits (kind, max_running, rate_starts, rate_period_us)
                      VALUES ($1, $2, $3, $4)
@@ -561,7 +571,26 @@ impl Store for PostgresStore {
             Ok::<_, Error>(previous)
         })?;
         // This process claims the kind under its new limit from now on.
-        *self.no_limits_since.lock().expect("limits cache") = None;
+        {
+            let mut cache = self.no_limits_since.lock().expect("limits cache");
+            cache.none_since = None;
+            cache.generation += 1;
+        }
+        // Claims in flight may have read the limits before this one was committed: every
+        // claim statement holds the gate shared until it commits, so taking it exclusively
+        // waits them out — twice, for a claim that read the limits just before the commit
+        // and reached the gate just after the first wait began.
+        for _ in 0..2 {
+            transact!(self, conn => async {
+                sqlx::query(self.sql.text(&format!(
+                    "SELECT pg_advisory_xact_lock({})",
+                    lifecycle::LIMITS_GATE
+                )))
+                .execute(&mut *conn)
+                .await
+                .map_err(error::map)
+            })?;
+        }
         Ok(previous)
     }
 
@@ -652,16 +681,20 @@ impl Store for PostgresStore {
 
 impl PostgresStore {
     async fn claim_once(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
-        let check_limits = self
-            .no_limits_since
-            .lock()
-            .expect("limits cache")
-            .is_none_or(|since| since.elapsed() >= NO_LIMITS_RECHECK);
+        let (check_limits, generation) = {
+            let cache = self.no_limits_since.lock().expect("limits cache");
+            let check = cache
+                .none_since
+                .is_none_or(|since| since.elapsed() >= NO_LIMITS_RECHECK);
+            (check, cache.generation)
+        };
         let (claimed, limits_stored) =
             transact!(self, conn => lifecycle::claim(conn, &self.sql, request, check_limits))?;
         if check_limits {
-            *self.no_limits_since.lock().expect("limits cache") =
-                (!limits_stored).then(std::time::Instant::now);
+            let mut cache = self.no_limits_since.lock().expect("limits cache");
+            if cache.generation == generation {
+                cache.none_since = (!limits_stored).then(std::time::Instant::now);
+            }
         }
         Ok(claimed)
     }

@@ -371,6 +371,66 @@ impl PostgresTransaction {
         Ok(())
     }
 
+    async fn insert_unique_unchecked(
+        &mut self,
+        child: &ChildRecord,
+        unique: &fascicle_api::Unique,
+    ) -> Result<Option<fascicle_api::OperationId>> {
+        fascicle_api::check_standalone(child)?;
+        // The key's row is the unique index: a racing submitter of the same key waits here
+        // for this transaction to end, then finds the key taken.
+        let taken = sqlx::query(self.sql.text(
+            "INSERT INTO {s}.unique_keys (key, operation) VALUES ($1, $2)
+             ON CONFLICT (key) DO NOTHING",
+        ))
+        .bind(&unique.key)
+        .bind(child.id.as_uuid())
+        .execute(&mut *self.tx)
+        .await
+        .map_err(error::map)?
+        .rows_affected()
+            == 1;
+        if !taken {
+            // Held by an earlier operation: lock the key, then read its holder in a
+            // statement after the lock (which sees what the submitter before committed).
+            let holder: Uuid = sqlx::query_scalar(
+                self.sql
+                    .text("SELECT operation FROM {s}.unique_keys WHERE key = $1 FOR UPDATE"),
+            )
+            .bind(&unique.key)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(error::map)?;
+            let state = sqlx::query(self.sql.text(
+                "SELECT status, completed_at, clock_timestamp() FROM {s}.operations WHERE id = $1",
+            ))
+            .bind(holder)
+            .fetch_optional(&mut *self.tx)
+            .await
+            .map_err(error::map)?;
+            if let Some(row) = state {
+                let status: String = row.try_get(0).map_err(error::map)?;
+                let completed_at: Option<DateTime<Utc>> = row.try_get(1).map_err(error::map)?;
+                let now: DateTime<Utc> = row.try_get(2).map_err(error::map)?;
+                if unique.scope.blocks(status.parse()?, completed_at, now) {
+                    return Ok(Some(fascicle_api::OperationId::from_uuid(holder)));
+                }
+            }
+            sqlx::query(
+                self.sql
+                    .text("UPDATE {s}.unique_keys SET operation = $2 WHERE key = $1"),
+            )
+            .bind(&unique.key)
+            .bind(child.id.as_uuid())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(error::map)?;
+        }
+        self.insert_children_unchecked(std::slice::from_ref(child))
+            .await?;
+        Ok(None)
+    }
+
     async fn commit_unchecked(mut self: Box<Self>) -> Result<()> {
         // A parent's `children_total` is the number of rows inserted for it here, never a
         // number the caller claims.

@@ -172,6 +172,14 @@ const MIGRATIONS: &[&str] = &[
         ON fascicle_operations (kind, priority DESC, run_at)
         WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0;
     "#,
+    // 8: unique operations (`NewOperation::unique`): each key's row names the operation
+    // that last took it; a submit takes the key only while that one blocks nothing.
+    r#"
+    CREATE TABLE fascicle_unique_keys (
+        key         TEXT PRIMARY KEY,
+        operation   BLOB NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

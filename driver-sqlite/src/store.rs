@@ -333,7 +333,7 @@ pub(crate) fn instant(micros: i64) -> rusqlite::Result<DateTime<Utc>> {
     })
 }
 
-fn id_from(bytes: Vec<u8>) -> rusqlite::Result<OperationId> {
+pub(crate) fn id_from(bytes: Vec<u8>) -> rusqlite::Result<OperationId> {
     uuid::Uuid::from_slice(&bytes)
         .map(OperationId::from_uuid)
         .map_err(|e| {
@@ -626,7 +626,8 @@ impl Store for SqliteStore {
                     .execute(params![kind])
                     .map_err(error::map)?;
             } else {
-                // The starts already made count against a changed rate too.
+                // The starts kept for the old rate (at most its `starts`, none without one)
+                // count against the new one.
                 tx.prepare_cached(
                     "INSERT INTO fascicle_kind_limits (kind, max_running, rate_starts, rate_period_us)
                      VALUES (?1, ?2, ?3, ?4)

@@ -264,6 +264,64 @@ impl SqliteTransaction {
         Ok(())
     }
 
+    async fn insert_unique_unchecked(
+        &mut self,
+        child: &ChildRecord,
+        unique: &fascicle_api::Unique,
+    ) -> Result<Option<fascicle_api::OperationId>> {
+        fascicle_api::check_standalone(child)?;
+        let row = ChildRow::from(child);
+        let unique = unique.clone();
+        self.run(move |conn| {
+            // The key's row is the unique index: taken here, or found with its holder
+            // (this transaction is the one writer until it ends).
+            let taken = conn
+                .prepare_cached(
+                    "INSERT INTO fascicle_unique_keys (key, operation) VALUES (?1, ?2)
+                         ON CONFLICT (key) DO NOTHING",
+                )?
+                .execute(params![unique.key, &row.id[..]])?;
+            if taken == 0 {
+                let (holder, status, completed_at): (Vec<u8>, Option<String>, Option<i64>) = conn
+                    .prepare_cached(
+                        "SELECT k.operation, o.status, o.completed_at
+                             FROM fascicle_unique_keys AS k
+                             LEFT JOIN fascicle_operations AS o ON o.id = k.operation
+                             WHERE k.key = ?1",
+                    )?
+                    .query_row(params![unique.key], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?;
+                let status = status
+                    .map(|s| s.parse::<fascicle_api::Status>())
+                    .transpose()
+                    .map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            1,
+                            rusqlite::types::Type::Text,
+                            e.to_string().into(),
+                        )
+                    })?;
+                let completed_at = completed_at.map(crate::store::instant).transpose()?;
+                let blocks = status.is_some_and(|status| {
+                    unique
+                        .scope
+                        .blocks(status, completed_at, chrono::Utc::now())
+                });
+                if blocks {
+                    return crate::store::id_from(holder).map(Some);
+                }
+                conn.prepare_cached(
+                    "UPDATE fascicle_unique_keys SET operation = ?2 WHERE key = ?1",
+                )?
+                .execute(params![unique.key, &row.id[..]])?;
+            }
+            insert_rows(conn, std::slice::from_ref(&row))?;
+            Ok(None)
+        })
+        .await
+    }
+
     async fn commit_unchecked(mut self: Box<Self>) -> Result<()> {
         // A parent's `children_total` is the number of rows inserted for it here, never a
         // number the caller claims.

@@ -29,11 +29,12 @@ pub use queue::{
 };
 pub use store::{
     InsertHealth, Store, Transaction, check_batch_membership, check_parent_membership,
+    check_standalone,
 };
 pub use types::{
     BatchReceipt, BatchStats, ChildCounters, ChildRecord, Counted, DEFAULT_MAX_ATTEMPTS,
-    Dependency, KindStats, MAX_ATTEMPT_TIMEOUT, NewBatch, NewOperation, Operation, OperationId,
-    ParentRecord, Receipt, Stats, Status,
+    Dependency, KindStats, MAX_ATTEMPT_TIMEOUT, MAX_UNIQUE_PERIOD, NewBatch, NewOperation,
+    Operation, OperationId, ParentRecord, Receipt, Stats, Status, Unique, UniqueScope,
 };
 pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};
 pub use workflow::{BatchInfo, BatchPlan, Callback, CallbackOn, FailurePolicy};

@@ -152,9 +152,13 @@ impl Queue {
     pub async fn submit(&self, operation: NewOperation) -> Result<Receipt> {
         let now = Utc::now();
         let caller_id = operation.id.is_some();
+        let unique = operation.unique.clone();
         let record = self.limits.prepare_operation(operation, None, now)?;
         if caller_id && self.store.get(record.id).await?.is_some() {
             return self.existing_operation(record.id).await;
+        }
+        if let Some(unique) = unique {
+            return self.submit_unique(record, &unique).await;
         }
         let mut tx = self.store.begin().await?;
         match tx.insert_child(&record).await {
@@ -166,16 +170,54 @@ impl Queue {
             Err(e) => return Err(e),
         }
         tx.commit().await?;
+        Ok(self.created(record.id).await)
+    }
+
+    /// A stand-alone submit with a unique key: the store inserts it or answers the
+    /// operation holding the key. A commit refused for a collision found only then (a
+    /// store that checks keys at commit, like the memory store) is tried again: the second
+    /// try finds the holder.
+    async fn submit_unique(&self, record: ChildRecord, unique: &crate::Unique) -> Result<Receipt> {
+        let mut tries = 0;
+        loop {
+            let mut tx = self.store.begin().await?;
+            match tx.insert_unique(&record, unique).await {
+                Ok(None) => {}
+                Ok(Some(existing)) => {
+                    drop(tx);
+                    return Ok(Receipt {
+                        id: existing,
+                        created: false,
+                        notified: true,
+                    });
+                }
+                Err(Error::Conflict(_)) => {
+                    drop(tx);
+                    return self.existing_operation(record.id).await;
+                }
+                Err(e) => return Err(e),
+            }
+            match tx.commit().await {
+                Ok(()) => break,
+                Err(Error::Conflict(_)) if tries < 3 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(self.created(record.id).await)
+    }
+
+    /// The receipt of a stand-alone operation just committed, its workers notified.
+    async fn created(&self, id: OperationId) -> Receipt {
         let submitted = Submitted {
             parent_id: None,
-            operation_ids: vec![record.id],
+            operation_ids: vec![id],
         };
         let notified = self.notify(&submitted).await;
-        Ok(Receipt {
-            id: record.id,
+        Receipt {
+            id,
             created: true,
             notified,
-        })
+        }
     }
 
     async fn notify(&self, submitted: &Submitted) -> bool {
@@ -311,6 +353,25 @@ impl Limits {
         what: Subject,
     ) -> Result<ChildRecord> {
         validate_name(what, "kind", &op.kind, self.max_name_bytes)?;
+        if let Some(unique) = &op.unique {
+            if !matches!(what, Subject::Operation) {
+                return Err(Error::InvalidInput(format!(
+                    "{what} has a unique key: unique keys apply to stand-alone operations \
+                     (a batch is wholly inserted or not at all); remove unique"
+                )));
+            }
+            validate_name(what, "unique key", &unique.key, self.max_name_bytes)?;
+            if let crate::UniqueScope::CompletedWithin(period) = unique.scope
+                && (period < std::time::Duration::from_millis(1)
+                    || period > crate::types::MAX_UNIQUE_PERIOD)
+            {
+                return Err(Error::InvalidInput(format!(
+                    "{what}: the unique key's period must be between 1 ms and {} days, got \
+                     {period:?}",
+                    crate::types::MAX_UNIQUE_PERIOD.as_secs() / 86_400
+                )));
+            }
+        }
         if let Some(key) = &op.serialization_key {
             validate_name(what, "serialization key", key, self.max_name_bytes)?;
         }

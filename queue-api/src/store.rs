@@ -205,6 +205,18 @@ pub fn check_batch_membership(
     Ok(())
 }
 
+/// For driver authors: refuses a unique insert
+/// ([`Transaction::insert_unique`]) of an operation that names a parent — unique keys
+/// apply to stand-alone operations only.
+pub fn check_standalone(child: &crate::ChildRecord) -> Result<()> {
+    match child.parent_id {
+        Some(_) => Err(crate::Error::InvalidInput(
+            crate::messages::unique_in_a_batch(child.id),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// For driver authors: refuses a nested batch's parent row
 /// ([`ParentRecord::parent_id`](crate::ParentRecord::parent_id)) whose outer batch this
 /// transaction did not insert, like [`check_batch_membership`] for children.
@@ -222,7 +234,8 @@ pub fn check_parent_membership(
 
 /// For driver authors: implements [`Transaction`] for a type that has an
 /// [`InsertHealth`] field `health` and the inherent methods `insert_parent_unchecked`,
-/// `insert_child_unchecked`, `insert_children_unchecked`, `commit_unchecked` and
+/// `insert_child_unchecked`, `insert_children_unchecked`, `insert_unique_unchecked`,
+/// `commit_unchecked` and
 /// `rollback_unchecked` (the driver's own steps): every insert's error is remembered, and
 /// a commit after one rolls back and returns `Error::InvalidInput` — one rule for every
 /// driver.
@@ -246,6 +259,15 @@ macro_rules! checked_transaction {
                 children: &[$crate::ChildRecord],
             ) -> $crate::Result<()> {
                 let result = self.insert_children_unchecked(children).await;
+                self.health.track(result)
+            }
+
+            async fn insert_unique(
+                &mut self,
+                child: &$crate::ChildRecord,
+                unique: &$crate::Unique,
+            ) -> $crate::Result<::core::option::Option<$crate::OperationId>> {
+                let result = self.insert_unique_unchecked(child, unique).await;
                 self.health.track(result)
             }
 
@@ -292,6 +314,24 @@ pub trait Transaction: Send {
             self.insert_child(child).await?;
         }
         Ok(())
+    }
+
+    /// Inserts a stand-alone operation (no parent) with a unique key
+    /// ([`NewOperation::unique`](crate::NewOperation::unique)), unless an operation
+    /// holding the key blocks it by `unique.scope`
+    /// ([`UniqueScope::blocks`](crate::UniqueScope::blocks)): then nothing is inserted and
+    /// that operation's id is returned. Racing submitters of one key insert one operation:
+    /// the store's own uniqueness decides (a unique index, or a check at commit that
+    /// refuses the commit with `Error::Conflict`). An operation whose key blocks nothing
+    /// any more (ended, pruned) hands the key over. The provided version answers
+    /// `Error::Unsupported`.
+    async fn insert_unique(
+        &mut self,
+        child: &ChildRecord,
+        unique: &crate::Unique,
+    ) -> Result<Option<crate::OperationId>> {
+        let _ = (child, unique);
+        Err(crate::Error::unsupported("insert_unique", "this"))
     }
 
     /// Makes every row inserted visible at once.

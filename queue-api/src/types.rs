@@ -171,6 +171,64 @@ pub struct NewOperation {
     /// Operations of the same batch this one waits for ([`after`](Self::after),
     /// [`after_any`](Self::after_any)).
     pub after: Vec<Dependency>,
+    /// A unique key ([`unique`](Self::unique)): a submit that collides with an operation
+    /// holding the key returns that operation instead of inserting.
+    pub unique: Option<Unique>,
+}
+
+/// A stand-alone operation's unique key and how long an operation holding it blocks
+/// another submit with the same key ([`NewOperation::unique`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unique {
+    /// The key: any name (not blank, at most the queue's name limit, no NUL), shared by
+    /// every kind — include the kind in it to scope it to one.
+    pub key: String,
+    /// Which operations holding the key block a new submit.
+    pub scope: UniqueScope,
+}
+
+/// Which operation holding a unique key blocks a new submit with the key: the scope of
+/// the submit that asks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UniqueScope {
+    /// One that is `pending` or `processing` (the default): once it ended, the key is
+    /// free again.
+    #[default]
+    Open,
+    /// One that is `pending` or `processing`, or `completed` less than this long ago
+    /// (failed and cancelled ones block nothing): "at most once per period".
+    CompletedWithin(#[serde(with = "crate::flow::duration_micros")] std::time::Duration),
+}
+
+/// The longest [`UniqueScope::CompletedWithin`] period: ten years.
+pub const MAX_UNIQUE_PERIOD: std::time::Duration =
+    std::time::Duration::from_secs(3650 * 24 * 60 * 60);
+
+impl UniqueScope {
+    /// Whether an operation holding the key in `status`, completed at `completed_at`,
+    /// blocks a submit at `now` with this scope. The one rule every driver applies.
+    pub fn blocks(
+        &self,
+        status: Status,
+        completed_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> bool {
+        match (self, status) {
+            (_, Status::Pending | Status::Processing) => true,
+            (Self::CompletedWithin(period), Status::Completed) => completed_at.is_some_and(|at| {
+                at > now - chrono::Duration::from_std(*period).unwrap_or(chrono::Duration::MAX)
+            }),
+            _ => false,
+        }
+    }
+
+    /// The period in microseconds (`None` for [`Open`](Self::Open)), for SQL drivers.
+    pub fn period_micros(&self) -> Option<i64> {
+        match self {
+            Self::Open => None,
+            Self::CompletedWithin(period) => Some(period.as_micros() as i64),
+        }
+    }
 }
 
 /// One edge of a batch's dependency graph: the operation `id`, and whether the waiting
@@ -223,7 +281,31 @@ impl NewOperation {
             max_attempts: None,
             timeout: None,
             after: Vec::new(),
+            unique: None,
         }
+    }
+
+    /// Makes the operation unique by `key` while an operation holding the key is
+    /// `pending` or `processing`: a submit that collides inserts nothing and returns the
+    /// existing operation's id with `created: false` — under any number of racing
+    /// submitters, on every driver, by the store's own uniqueness (a unique key table).
+    /// Stand-alone operations only; a batch child with a key is refused.
+    pub fn unique(mut self, key: impl Into<String>) -> Self {
+        self.unique = Some(Unique {
+            key: key.into(),
+            scope: UniqueScope::Open,
+        });
+        self
+    }
+
+    /// Like [`unique`](Self::unique), and an operation that completed with the key less
+    /// than `period` ago blocks too (at most [`MAX_UNIQUE_PERIOD`]).
+    pub fn unique_within(mut self, key: impl Into<String>, period: std::time::Duration) -> Self {
+        self.unique = Some(Unique {
+            key: key.into(),
+            scope: UniqueScope::CompletedWithin(period),
+        });
+        self
     }
 
     /// Not claimable until every operation in `ids` — children of the same batch, given

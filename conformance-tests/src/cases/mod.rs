@@ -11,6 +11,7 @@ mod membership;
 mod nested;
 mod races;
 mod submit;
+mod unique;
 mod worker;
 mod workflow;
 
@@ -24,6 +25,7 @@ pub use membership::*;
 pub use nested::*;
 pub use races::*;
 pub use submit::*;
+pub use unique::*;
 pub use worker::*;
 pub use workflow::*;
 

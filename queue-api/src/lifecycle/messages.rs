@@ -93,3 +93,12 @@ pub fn retry_strands_a_dependent(
          batch that holds both (the outermost batch of the tree does)"
     )
 }
+
+/// A unique insert ([`Transaction::insert_unique`](crate::Transaction::insert_unique)) of an
+/// operation that names a parent.
+pub fn unique_in_a_batch(id: impl std::fmt::Display) -> String {
+    format!(
+        "operation {id} has a unique key and a parent: unique keys apply to stand-alone \
+         operations only"
+    )
+}
