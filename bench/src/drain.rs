@@ -381,6 +381,20 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
     ])
 }
 
+/// A fresh memory store.
+pub(crate) async fn fresh_memory() -> Fresh {
+    let store: Arc<dyn Store> = Arc::new(fascicle_memory::MemoryStore::new());
+    let cleanup: Box<dyn FnOnce() + Send> = Box::new(|| ());
+    Ok((store, cleanup))
+}
+
+/// A SQLite store on a temporary file (deleted with the store).
+pub(crate) async fn fresh_sqlite() -> Fresh {
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_temporary().await?);
+    let cleanup: Box<dyn FnOnce() + Send> = Box::new(|| ());
+    Ok((store, cleanup))
+}
+
 /// A PostgreSQL store in a schema of its own (8 connections), dropped by the clean-up.
 pub(crate) async fn fresh_postgres(url: &str) -> Fresh {
     let store = PostgresStore::connect_with(

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use fascicle_api::{
     HandlerError, KindLimit, NewBatch, NewOperation, Queue, Registry, Store, Worker,
 };
-use fascicle_sqlite::SqliteStore;
 use serde_json::{Value, json};
 
 use crate::{Args, Measurement, Target, per_second};
@@ -163,21 +162,11 @@ async fn measure(
 }
 
 pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
-    measure(args, "memory", async || -> Fresh {
-        let store: Arc<dyn Store> = Arc::new(fascicle_memory::MemoryStore::new());
-        let cleanup: Box<dyn FnOnce() + Send> = Box::new(|| ());
-        Ok((store, cleanup))
-    })
-    .await
+    measure(args, "memory", crate::drain::fresh_memory).await
 }
 
 pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
-    measure(args, "sqlite", async || -> Fresh {
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_temporary().await?);
-        let cleanup: Box<dyn FnOnce() + Send> = Box::new(|| ());
-        Ok((store, cleanup))
-    })
-    .await
+    measure(args, "sqlite", crate::drain::fresh_sqlite).await
 }
 
 pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>, BoxError> {

@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits]... [--quick] [--json] [--runs N]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules]... [--quick] [--json] [--runs N]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -13,6 +13,7 @@ mod aggregation;
 mod drain;
 mod latency;
 mod limits;
+mod schedules;
 mod submit;
 
 use std::time::Duration;
@@ -44,9 +45,10 @@ enum Scenario {
     Latency,
     Aggregation,
     Limits,
+    Schedules,
 }
 
-const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits]... [--quick] [--json] [--runs N]";
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules]... [--quick] [--json] [--runs N]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -79,6 +81,7 @@ fn parse_args() -> Result<Args, String> {
                     "latency" => Scenario::Latency,
                     "aggregation" => Scenario::Aggregation,
                     "limits" => Scenario::Limits,
+                    "schedules" => Scenario::Schedules,
                     other => return Err(format!("unknown scenario `{other}`\n{USAGE}")),
                 });
             }
@@ -240,6 +243,7 @@ async fn main() {
             Scenario::Latency,
             Scenario::Aggregation,
             Scenario::Limits,
+            Scenario::Schedules,
         ] {
             if !wanted(scenario) {
                 continue;
@@ -253,6 +257,9 @@ async fn main() {
                 (Driver::Memory, Scenario::Limits) => limits::memory(&args).await,
                 (Driver::Sqlite, Scenario::Limits) => limits::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Limits) => limits::postgres(&args, &url).await,
+                (Driver::Memory, Scenario::Schedules) => schedules::memory(&args).await,
+                (Driver::Sqlite, Scenario::Schedules) => schedules::sqlite(&args).await,
+                (Driver::Postgres, Scenario::Schedules) => schedules::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Submit) => submit::sqlite(&args).await,
                 (Driver::Sqlite, Scenario::Drain) => drain::sqlite(&args).await,
                 (Driver::Sqlite, Scenario::Latency) => latency::sqlite(&args).await,

@@ -110,6 +110,11 @@ enum Command {
         /// The kind.
         kind: String,
     },
+    /// Periodic operations: schedules stored in the database, run by every worker.
+    Schedule {
+        #[command(subcommand)]
+        action: ScheduleAction,
+    },
     /// Global concurrency and rate limits per kind, for every worker sharing the store.
     Limit {
         #[command(subcommand)]
@@ -120,6 +125,58 @@ enum Command {
         /// How old finished work must be, e.g. 30m, 12h, 7d, 2w.
         #[arg(long)]
         older_than: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScheduleAction {
+    /// Every schedule: its timing, operation, last and next tick, paused or not.
+    List,
+    /// Add a schedule, or replace the one with that name (keeping its pause and last
+    /// tick): --cron EXPR [--zone ZONE] or --every DURATION, and the operation's --kind.
+    Add {
+        /// The schedule's name.
+        name: String,
+        /// A cron expression, 5 fields (minute hour day month weekday) or 6 with seconds
+        /// first, e.g. "*/5 * * * *".
+        #[arg(long, conflicts_with = "every")]
+        cron: Option<String>,
+        /// The IANA time zone of --cron, e.g. Europe/Paris (default UTC).
+        #[arg(long, requires = "cron")]
+        zone: Option<String>,
+        /// An interval: 90s, 30m, 12h, 7d, 2w (ticks at its multiples since the epoch).
+        #[arg(long)]
+        every: Option<String>,
+        /// The kind of the operation each tick submits.
+        #[arg(long)]
+        kind: String,
+        /// Its payload, JSON (default null).
+        #[arg(long)]
+        payload: Option<String>,
+        /// Its priority.
+        #[arg(long, default_value_t = 0)]
+        priority: i32,
+        /// Missed ticks: skip (default), run-once, or run-all=N.
+        #[arg(long, default_value = "skip")]
+        catch_up: String,
+        /// How late a tick may be seen and still run as on time (default 60s).
+        #[arg(long)]
+        grace: Option<String>,
+    },
+    /// Remove a schedule (what it submitted stays).
+    Remove {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Stop running a schedule, on every worker, until `schedule resume`.
+    Pause {
+        /// The schedule's name.
+        name: String,
+    },
+    /// Run a paused schedule again (missed ticks follow its catch-up).
+    Resume {
+        /// The schedule's name.
+        name: String,
     },
 }
 
@@ -259,6 +316,7 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
         Command::Pause { kind } => pause_or_resume(&store, &kind, true, cli.json).await,
         Command::Resume { kind } => pause_or_resume(&store, &kind, false, cli.json).await,
         Command::Limit { action } => limit(&store, action, cli.json).await,
+        Command::Schedule { action } => schedule(&store, action, cli.json).await,
         Command::Prune { older_than } => {
             let cutoff = prune_cutoff(&older_than, fascicle::chrono::Utc::now())?;
             let report = store.prune(cutoff).await?;
@@ -621,6 +679,147 @@ async fn pause_or_resume(
         },
     );
     Ok(())
+}
+
+/// `fascicle schedule list|add|remove|pause|resume`: a table for `list`, one line for the
+/// others; JSON: the stored schedules, or `{name, created}`, `{name, removed}`,
+/// `{name, paused, changed}`.
+async fn schedule(
+    store: &Arc<dyn Store>,
+    action: ScheduleAction,
+    json: bool,
+) -> fascicle::Result<()> {
+    match action {
+        ScheduleAction::List => {
+            let schedules = store.schedules().await?;
+            print(json, &schedules, || {
+                if schedules.is_empty() {
+                    return "no schedule".to_string();
+                }
+                let mut out = format!(
+                    "{:<24} {:<28} {:<16} {:<25} {:<25}",
+                    "NAME", "TIMING", "KIND", "LAST TICK", "NEXT TICK"
+                );
+                for s in &schedules {
+                    let timing = match &s.schedule.timing {
+                        fascicle::Timing::Cron { expression, zone } => {
+                            format!("cron {expression} {zone}")
+                        }
+                        fascicle::Timing::Every { interval } => format!("every {interval:?}"),
+                    };
+                    out.push_str(&format!(
+                        "\n{:<24} {:<28} {:<16} {:<25} {:<25}{}",
+                        s.schedule.name,
+                        timing,
+                        s.schedule.operation.kind,
+                        s.last_tick.format("%Y-%m-%d %H:%M:%S UTC"),
+                        s.next_tick.format("%Y-%m-%d %H:%M:%S UTC"),
+                        if s.paused { "  paused" } else { "" }
+                    ));
+                }
+                out
+            });
+        }
+        ScheduleAction::Add {
+            name,
+            cron,
+            zone,
+            every,
+            kind,
+            payload,
+            priority,
+            catch_up,
+            grace,
+        } => {
+            let payload = match payload {
+                None => serde_json::Value::Null,
+                Some(text) => serde_json::from_str(&text)
+                    .map_err(|e| Error::InvalidInput(format!("--payload is not JSON: {e}")))?,
+            };
+            let op = fascicle::NewOperation::new(kind, payload).with_priority(priority);
+            let mut schedule = match (cron, every) {
+                (Some(expression), None) => {
+                    let s = fascicle::Schedule::cron(&name, expression, op);
+                    match zone {
+                        Some(zone) => s.in_zone(zone),
+                        None => s,
+                    }
+                }
+                (None, Some(every)) => {
+                    fascicle::Schedule::every(&name, parse_duration(&every)?, op)
+                }
+                _ => {
+                    return Err(Error::InvalidInput(format!(
+                        "`fascicle schedule add {name}` needs --cron EXPR or --every DURATION"
+                    )));
+                }
+            };
+            schedule = schedule.catch_up(parse_catch_up(&catch_up)?);
+            if let Some(grace) = grace {
+                schedule = schedule.grace(parse_duration(&grace)?);
+            }
+            let created =
+                fascicle::schedule::put(&fascicle::Queue::new(Arc::clone(store)), &schedule)
+                    .await?;
+            print(json, &json!({ "name": name, "created": created }), || {
+                if created {
+                    format!("added schedule {name}; workers run it from their next pass")
+                } else {
+                    format!("replaced schedule {name} (its pause and last tick are kept)")
+                }
+            });
+        }
+        ScheduleAction::Remove { name } => {
+            let removed = store.remove_schedule(&name).await?;
+            if !removed {
+                return Err(Error::NotFound(format!("no schedule is named {name:?}")));
+            }
+            print(json, &json!({ "name": name, "removed": true }), || {
+                format!("removed schedule {name}")
+            });
+        }
+        ScheduleAction::Pause { name } => pause_schedule(store, &name, true, json).await?,
+        ScheduleAction::Resume { name } => pause_schedule(store, &name, false, json).await?,
+    }
+    Ok(())
+}
+
+/// `fascicle schedule pause` (`pause` true) or `resume`.
+async fn pause_schedule(
+    store: &Arc<dyn Store>,
+    name: &str,
+    pause: bool,
+    json: bool,
+) -> fascicle::Result<()> {
+    let changed = store.pause_schedule(name, pause).await?;
+    print(
+        json,
+        &json!({ "name": name, "paused": pause, "changed": changed }),
+        || match (pause, changed) {
+            (true, true) => format!("paused schedule {name}: no worker runs it until resumed"),
+            (true, false) => format!("schedule {name} was paused already"),
+            (false, true) => format!("resumed schedule {name}"),
+            (false, false) => format!("schedule {name} was not paused"),
+        },
+    );
+    Ok(())
+}
+
+/// `skip`, `run-once`, `run-all=N`.
+fn parse_catch_up(text: &str) -> fascicle::Result<fascicle::CatchUp> {
+    match text {
+        "skip" => Ok(fascicle::CatchUp::Skip),
+        "run-once" => Ok(fascicle::CatchUp::RunOnce),
+        _ => text
+            .strip_prefix("run-all=")
+            .and_then(|n| n.parse().ok())
+            .map(|max| fascicle::CatchUp::RunAll { max })
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "--catch-up {text:?} is not one of skip, run-once, run-all=N"
+                ))
+            }),
+    }
 }
 
 /// `fascicle limit set|clear|list`: one line (a table for `list`), or JSON — `{kind,

@@ -507,6 +507,146 @@ async fn limit_set_list_and_clear() {
     assert_eq!(store.claim(&request).await.unwrap().len(), 1);
 }
 
+/// `fascicle schedule add|list|pause|resume|remove`: a schedule stored in the database
+/// (seen by every worker), listed as a table or JSON; a bad expression or zone is exit
+/// code 2 naming the field, an unknown name exit code 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_are_added_listed_paused_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("queue.db");
+    let out = fascicle(
+        &db,
+        &[
+            "schedule",
+            "add",
+            "nightly",
+            "--cron",
+            "0 2 * * *",
+            "--zone",
+            "Europe/Paris",
+            "--kind",
+            "report",
+            "--payload",
+            r#"{"full":true}"#,
+            "--catch-up",
+            "run-once",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("added schedule nightly"),
+        "{}",
+        stdout(&out)
+    );
+    let out = fascicle(
+        &db,
+        &[
+            "--json", "schedule", "add", "pulse", "--every", "30s", "--kind", "ping",
+        ],
+    );
+    let said: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(said["created"], true);
+    let out = fascicle(&db, &["schedule", "list"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("cron 0 2 * * * Europe/Paris") && text.contains("every 30s"),
+        "{text}"
+    );
+    let out = fascicle(&db, &["--json", "schedule", "list"]);
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_eq!(listed[0]["schedule"]["name"], "nightly");
+    assert_eq!(listed[0]["schedule"]["operation"]["payload"]["full"], true);
+    assert_eq!(listed[0]["schedule"]["catch_up"], "run_once");
+    let out = fascicle(&db, &["schedule", "pause", "nightly"]);
+    assert!(
+        stdout(&out).contains("paused schedule nightly"),
+        "{}",
+        stdout(&out)
+    );
+    let out = fascicle(&db, &["--json", "schedule", "list"]);
+    let listed: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed[0]["paused"], true);
+    let out = fascicle(&db, &["--json", "schedule", "resume", "nightly"]);
+    let said: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (said["paused"].as_bool(), said["changed"].as_bool()),
+        (Some(false), Some(true))
+    );
+    for (bad, field) in [
+        (
+            &[
+                "schedule",
+                "add",
+                "x",
+                "--cron",
+                "99 * * * *",
+                "--kind",
+                "k",
+            ][..],
+            "cron expression",
+        ),
+        (
+            &[
+                "schedule",
+                "add",
+                "x",
+                "--cron",
+                "* * * * *",
+                "--zone",
+                "Nowhere",
+                "--kind",
+                "k",
+            ],
+            "zone",
+        ),
+        (
+            &["schedule", "add", "x", "--every", "0s", "--kind", "k"],
+            "interval",
+        ),
+        (&["schedule", "add", "x", "--kind", "k"], "--cron"),
+        (
+            &[
+                "schedule",
+                "add",
+                "x",
+                "--every",
+                "5m",
+                "--kind",
+                "k",
+                "--catch-up",
+                "all",
+            ],
+            "catch-up",
+        ),
+    ] {
+        let out = fascicle(&db, bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(field), "{bad:?}: {}", stderr(&out));
+    }
+    let out = fascicle(&db, &["schedule", "remove", "pulse"]);
+    assert!(
+        stdout(&out).contains("removed schedule pulse"),
+        "{}",
+        stdout(&out)
+    );
+    let out = fascicle(&db, &["schedule", "remove", "pulse"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = fascicle(&db, &["schedule", "pause", "pulse"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let store = fascicle::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    let names: Vec<String> = store
+        .schedules()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.schedule.name)
+        .collect();
+    assert_eq!(names, ["nightly"]);
+}
+
 /// An age no calendar holds is one readable line and exit code 2 — not a panic — and,
 /// checked before the database is opened, it creates no database file.
 #[test]

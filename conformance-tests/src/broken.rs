@@ -87,6 +87,9 @@ pub enum BrokenPromise {
     /// checked (is an operation holding it still open?), then the operation inserted, a
     /// round trip apart, as a store without a unique index would.
     UniqueCheckedBeforeInsert,
+    /// A pass advances a schedule only at the version it read — broken: any version
+    /// advances it (a stale pass moves it back).
+    ScheduleAdvancedAtAnyVersion,
 }
 
 impl BrokenPromise {
@@ -106,6 +109,7 @@ impl BrokenPromise {
         Self::RunningLimitCheckedBeforeTheClaim,
         Self::RateLimitIgnored,
         Self::UniqueCheckedBeforeInsert,
+        Self::ScheduleAdvancedAtAnyVersion,
     ];
 
     /// A short snake-case name, also the wrapper's [`Store::driver`].
@@ -125,6 +129,7 @@ impl BrokenPromise {
             Self::RunningLimitCheckedBeforeTheClaim => "running_limit_checked_before_the_claim",
             Self::RateLimitIgnored => "rate_limit_ignored",
             Self::UniqueCheckedBeforeInsert => "unique_checked_before_insert",
+            Self::ScheduleAdvancedAtAnyVersion => "schedule_advanced_at_any_version",
         }
     }
 
@@ -154,6 +159,9 @@ impl BrokenPromise {
             Self::RateLimitIgnored => "a rate limit spaces a kind's starts",
             Self::UniqueCheckedBeforeInsert => {
                 "racing submitters of one unique key insert one operation"
+            }
+            Self::ScheduleAdvancedAtAnyVersion => {
+                "a schedule advances only at the version its pass read"
             }
         }
     }
@@ -205,6 +213,7 @@ impl BrokenPromise {
                 "a_rate_limit_holds_against_racing_claimers",
             ],
             Self::UniqueCheckedBeforeInsert => &["racing_unique_submits_insert_one"],
+            Self::ScheduleAdvancedAtAnyVersion => &["a_schedule_submits_one_operation_per_tick"],
         }
     }
 }
@@ -602,6 +611,56 @@ impl Store for BrokenStore {
             return Ok(true);
         }
         self.inner.resume(kind).await
+    }
+
+    async fn put_schedule(
+        &self,
+        schedule: &fascicle_api::Schedule,
+        now: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
+    ) -> Result<bool> {
+        self.inner.put_schedule(schedule, now).await
+    }
+
+    async fn remove_schedule(&self, name: &str) -> Result<bool> {
+        self.inner.remove_schedule(name).await
+    }
+
+    async fn pause_schedule(&self, name: &str, paused: bool) -> Result<bool> {
+        self.inner.pause_schedule(name, paused).await
+    }
+
+    async fn schedules(&self) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        self.inner.schedules().await
+    }
+
+    async fn due_schedules(
+        &self,
+        now: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
+    ) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        self.inner.due_schedules(now).await
+    }
+
+    async fn advance_schedule(
+        &self,
+        name: &str,
+        version: i64,
+        last_tick: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
+        next_tick: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
+    ) -> Result<bool> {
+        let version = if self.promise == BrokenPromise::ScheduleAdvancedAtAnyVersion {
+            // Whatever version the pass read: the one stored now.
+            self.inner
+                .schedules()
+                .await?
+                .into_iter()
+                .find(|s| s.schedule.name == name)
+                .map_or(version, |s| s.version)
+        } else {
+            version
+        };
+        self.inner
+            .advance_schedule(name, version, last_tick, next_tick)
+            .await
     }
 
     async fn set_limit(

@@ -91,6 +91,8 @@ pub(crate) struct State {
     /// The operation that last took each unique key ([`NewOperation::unique`]): it holds
     /// the key while [`UniqueScope::blocks`] says so.
     pub(crate) unique: HashMap<String, OperationId>,
+    /// The schedules ([`Store::put_schedule`]), by name.
+    schedules: BTreeMap<String, fascicle_api::StoredSchedule>,
     /// Limited kinds ([`Store::set_limit`]), with the instants of their last starts.
     limits: BTreeMap<String, Limited>,
     next_seq: u64,
@@ -1446,6 +1448,84 @@ impl Store for MemoryStore {
             Some(std::mem::replace(&mut limited.limit, limit))
         };
         Ok(previous.unwrap_or_default())
+    }
+
+    async fn put_schedule(
+        &self,
+        schedule: &fascicle_api::Schedule,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let mut state = self.lock();
+        match state.schedules.get_mut(&schedule.name) {
+            Some(stored) => {
+                stored.schedule = schedule.clone();
+                stored.next_tick = now;
+                stored.version += 1;
+                Ok(false)
+            }
+            None => {
+                state.schedules.insert(
+                    schedule.name.clone(),
+                    fascicle_api::StoredSchedule {
+                        schedule: schedule.clone(),
+                        paused: false,
+                        last_tick: now,
+                        next_tick: now,
+                        version: 1,
+                    },
+                );
+                Ok(true)
+            }
+        }
+    }
+
+    async fn remove_schedule(&self, name: &str) -> Result<bool> {
+        Ok(self.lock().schedules.remove(name).is_some())
+    }
+
+    async fn pause_schedule(&self, name: &str, paused: bool) -> Result<bool> {
+        let mut state = self.lock();
+        let stored = state
+            .schedules
+            .get_mut(name)
+            .ok_or_else(|| Error::NotFound(messages::no_such_schedule(name)))?;
+        let changed = stored.paused != paused;
+        stored.paused = paused;
+        stored.version += 1;
+        Ok(changed)
+    }
+
+    async fn schedules(&self) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        Ok(self.lock().schedules.values().cloned().collect())
+    }
+
+    async fn due_schedules(&self, now: DateTime<Utc>) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        Ok(self
+            .lock()
+            .schedules
+            .values()
+            .filter(|s| !s.paused && s.next_tick <= now)
+            .cloned()
+            .collect())
+    }
+
+    async fn advance_schedule(
+        &self,
+        name: &str,
+        version: i64,
+        last_tick: DateTime<Utc>,
+        next_tick: DateTime<Utc>,
+    ) -> Result<bool> {
+        let mut state = self.lock();
+        match state.schedules.get_mut(name) {
+            Some(stored) if stored.version == version => {
+                stored.last_tick = last_tick;
+                stored.next_tick = next_tick;
+                stored.version += 1;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn limits(&self) -> Result<BTreeMap<String, KindLimit>> {

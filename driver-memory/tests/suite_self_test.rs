@@ -253,6 +253,7 @@ suite_catches! {
     suite_catches_running_limit_checked_before_the_claim => RunningLimitCheckedBeforeTheClaim,
     suite_catches_rate_limit_ignored => RateLimitIgnored,
     suite_catches_unique_checked_before_insert => UniqueCheckedBeforeInsert,
+    suite_catches_schedule_advanced_at_any_version => ScheduleAdvancedAtAnyVersion,
 }
 
 #[test]

@@ -275,6 +275,20 @@ const MIGRATIONS: &[&str] = &[
         operation   uuid NOT NULL
     );
     "#,
+    // 10: periodic operations (`Store::put_schedule`): each schedule's definition (JSON
+    // text), its last handled and next tick and a version a pass advances it at. A pass
+    // reads only the due ones, through the index.
+    r#"
+    CREATE TABLE {schema}.schedules (
+        name        text PRIMARY KEY,
+        spec        text NOT NULL,
+        paused      boolean NOT NULL DEFAULT false,
+        last_tick   timestamptz NOT NULL,
+        next_tick   timestamptz NOT NULL,
+        version     bigint NOT NULL
+    );
+    CREATE INDEX schedules_due ON {schema}.schedules (next_tick) WHERE NOT paused;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -594,6 +594,105 @@ impl Store for PostgresStore {
         Ok(previous)
     }
 
+    async fn put_schedule(
+        &self,
+        schedule: &fascicle_api::Schedule,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        let spec = serde_json::to_string(schedule).expect("a schedule serializes");
+        // `xmax = 0`: the row was inserted, not updated.
+        let created: bool = sqlx::query_scalar(self.sql.text(
+            "INSERT INTO {s}.schedules (name, spec, paused, last_tick, next_tick, version)
+             VALUES ($1, $2, false, $3, $3, 1)
+             ON CONFLICT (name) DO UPDATE SET spec = $2, next_tick = $3,
+                 version = {s}.schedules.version + 1
+             RETURNING xmax = 0",
+        ))
+        .bind(&schedule.name)
+        .bind(spec)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(error::map)?;
+        Ok(created)
+    }
+
+    async fn remove_schedule(&self, name: &str) -> Result<bool> {
+        let deleted = sqlx::query(self.sql.text("DELETE FROM {s}.schedules WHERE name = $1"))
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(error::map)?;
+        Ok(deleted.rows_affected() == 1)
+    }
+
+    async fn pause_schedule(&self, name: &str, paused: bool) -> Result<bool> {
+        // The old value, from the row as locked by the update.
+        let was: Option<bool> = sqlx::query_scalar(self.sql.text(
+            "UPDATE {s}.schedules AS n SET paused = $2, version = n.version + 1
+             FROM (SELECT name, paused FROM {s}.schedules WHERE name = $1 FOR UPDATE) AS o
+             WHERE n.name = o.name
+             RETURNING o.paused",
+        ))
+        .bind(name)
+        .bind(paused)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(error::map)?;
+        match was {
+            Some(was) => Ok(was != paused),
+            None => Err(Error::NotFound(fascicle_api::messages::no_such_schedule(
+                name,
+            ))),
+        }
+    }
+
+    async fn schedules(&self) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        let rows = sqlx::query(self.sql.text(
+            "SELECT spec, paused, last_tick, next_tick, version FROM {s}.schedules ORDER BY name",
+        ))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(error::map)?;
+        rows.iter().map(stored_schedule).collect()
+    }
+
+    async fn due_schedules(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        let rows = sqlx::query(self.sql.text(
+            "SELECT spec, paused, last_tick, next_tick, version FROM {s}.schedules
+             WHERE NOT paused AND next_tick <= $1 ORDER BY name",
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(error::map)?;
+        rows.iter().map(stored_schedule).collect()
+    }
+
+    async fn advance_schedule(
+        &self,
+        name: &str,
+        version: i64,
+        last_tick: chrono::DateTime<chrono::Utc>,
+        next_tick: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool> {
+        let updated = sqlx::query(self.sql.text(
+            "UPDATE {s}.schedules SET last_tick = $3, next_tick = $4, version = version + 1
+             WHERE name = $1 AND version = $2",
+        ))
+        .bind(name)
+        .bind(version)
+        .bind(last_tick)
+        .bind(next_tick)
+        .execute(&self.pool)
+        .await
+        .map_err(error::map)?;
+        Ok(updated.rows_affected() == 1)
+    }
+
     async fn limits(&self) -> Result<BTreeMap<String, KindLimit>> {
         let rows = sqlx::query(
             self.sql
@@ -698,4 +797,20 @@ impl PostgresStore {
         }
         Ok(claimed)
     }
+}
+
+/// A schedule row (`spec, paused, last_tick, next_tick, version`).
+fn stored_schedule(row: &PgRow) -> Result<fascicle_api::StoredSchedule> {
+    let spec: String = row.try_get(0).map_err(error::map)?;
+    let schedule = serde_json::from_str(&spec).map_err(|e| Error::Storage {
+        location: "schedules".into(),
+        reason: format!("a stored schedule cannot be read: {e}"),
+    })?;
+    Ok(fascicle_api::StoredSchedule {
+        schedule,
+        paused: row.try_get(1).map_err(error::map)?,
+        last_tick: row.try_get(2).map_err(error::map)?,
+        next_tick: row.try_get(3).map_err(error::map)?,
+        version: row.try_get(4).map_err(error::map)?,
+    })
 }

@@ -180,6 +180,20 @@ const MIGRATIONS: &[&str] = &[
         operation   BLOB NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 9: periodic operations (`Store::put_schedule`): each schedule's definition (JSON),
+    // its last handled and next tick (microseconds) and a version a pass advances it at.
+    // A pass reads only the due ones, through the index.
+    r#"
+    CREATE TABLE fascicle_schedules (
+        name        TEXT PRIMARY KEY,
+        spec        TEXT NOT NULL,
+        paused      INTEGER NOT NULL DEFAULT 0,
+        last_tick   INTEGER NOT NULL,
+        next_tick   INTEGER NOT NULL,
+        version     INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX fascicle_schedules_due ON fascicle_schedules (next_tick) WHERE paused = 0;
+    "#,
 ];
 
 /// The schema version this build writes.

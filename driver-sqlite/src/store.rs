@@ -333,6 +333,53 @@ pub(crate) fn instant(micros: i64) -> rusqlite::Result<DateTime<Utc>> {
     })
 }
 
+/// The schedules, by name: all of them, or (`due` = now, in microseconds) the unpaused
+/// ones whose next tick has come.
+fn read_schedules(
+    conn: &Connection,
+    due: Option<i64>,
+) -> Result<Vec<fascicle_api::StoredSchedule>> {
+    let sql = match due {
+        None => {
+            "SELECT spec, paused, last_tick, next_tick, version FROM fascicle_schedules
+             WHERE ?1 IS NULL ORDER BY name"
+        }
+        Some(_) => {
+            "SELECT spec, paused, last_tick, next_tick, version FROM fascicle_schedules
+             INDEXED BY fascicle_schedules_due
+             WHERE paused = 0 AND next_tick <= ?1 ORDER BY name"
+        }
+    };
+    let mut stmt = conn.prepare_cached(sql).map_err(error::map)?;
+    let rows = stmt
+        .query_map(params![due], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, bool>(1)?,
+                instant(row.get(2)?)?,
+                instant(row.get(3)?)?,
+                row.get::<_, i64>(4)?,
+            ))
+        })
+        .map_err(error::map)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (spec, paused, last_tick, next_tick, version) = row.map_err(error::map)?;
+        let schedule = serde_json::from_str(&spec).map_err(|e| fascicle_api::Error::Storage {
+            location: "fascicle_schedules".into(),
+            reason: format!("a stored schedule cannot be read: {e}"),
+        })?;
+        out.push(fascicle_api::StoredSchedule {
+            schedule,
+            paused,
+            last_tick,
+            next_tick,
+            version,
+        });
+    }
+    Ok(out)
+}
+
 pub(crate) fn id_from(bytes: Vec<u8>) -> rusqlite::Result<OperationId> {
     uuid::Uuid::from_slice(&bytes)
         .map(OperationId::from_uuid)
@@ -644,6 +691,104 @@ impl Store for SqliteStore {
                 .map_err(error::map)?;
             }
             Ok(previous)
+        })
+        .await
+    }
+
+    async fn put_schedule(
+        &self,
+        schedule: &fascicle_api::Schedule,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let name = schedule.name.clone();
+        let spec = serde_json::to_string(schedule).expect("a schedule serializes");
+        self.write(move |tx| {
+            let existed = tx
+                .prepare_cached("SELECT 1 FROM fascicle_schedules WHERE name = ?1")
+                .map_err(error::map)?
+                .exists(params![name])
+                .map_err(error::map)?;
+            tx.prepare_cached(
+                "INSERT INTO fascicle_schedules (name, spec, paused, last_tick, next_tick, version)
+                 VALUES (?1, ?2, 0, ?3, ?3, 1)
+                 ON CONFLICT (name) DO UPDATE SET spec = ?2, next_tick = ?3,
+                     version = version + 1",
+            )
+            .map_err(error::map)?
+            .execute(params![name, spec, micros(now)])
+            .map_err(error::map)?;
+            Ok(!existed)
+        })
+        .await
+    }
+
+    async fn remove_schedule(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |tx| {
+            Ok(tx
+                .prepare_cached("DELETE FROM fascicle_schedules WHERE name = ?1")
+                .map_err(error::map)?
+                .execute(params![name])
+                .map_err(error::map)?
+                == 1)
+        })
+        .await
+    }
+
+    async fn pause_schedule(&self, name: &str, paused: bool) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |tx| {
+            let was: Option<bool> = tx
+                .prepare_cached("SELECT paused FROM fascicle_schedules WHERE name = ?1")
+                .map_err(error::map)?
+                .query_row(params![name], |row| row.get(0))
+                .optional()
+                .map_err(error::map)?;
+            let Some(was) = was else {
+                return Err(fascicle_api::Error::NotFound(
+                    fascicle_api::messages::no_such_schedule(&name),
+                ));
+            };
+            tx.prepare_cached(
+                "UPDATE fascicle_schedules SET paused = ?2, version = version + 1 WHERE name = ?1",
+            )
+            .map_err(error::map)?
+            .execute(params![name, paused])
+            .map_err(error::map)?;
+            Ok(was != paused)
+        })
+        .await
+    }
+
+    async fn schedules(&self) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        self.with_conn(|conn| read_schedules(conn, None)).await
+    }
+
+    async fn due_schedules(&self, now: DateTime<Utc>) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        let now = micros(now);
+        self.with_conn(move |conn| read_schedules(conn, Some(now)))
+            .await
+    }
+
+    async fn advance_schedule(
+        &self,
+        name: &str,
+        version: i64,
+        last_tick: DateTime<Utc>,
+        next_tick: DateTime<Utc>,
+    ) -> Result<bool> {
+        let name = name.to_owned();
+        self.write(move |tx| {
+            Ok(tx
+                .prepare_cached(
+                    "UPDATE fascicle_schedules SET last_tick = ?3, next_tick = ?4,
+                         version = version + 1
+                     WHERE name = ?1 AND version = ?2",
+                )
+                .map_err(error::map)?
+                .execute(params![name, version, micros(last_tick), micros(next_tick)])
+                .map_err(error::map)?
+                == 1)
         })
         .await
     }

@@ -7,6 +7,7 @@ pub mod flow;
 mod lifecycle;
 mod notify;
 mod queue;
+pub mod schedule;
 mod store;
 mod types;
 mod worker;
@@ -27,6 +28,7 @@ pub use queue::{
     Limits, MAX_BATCH_DEPTH, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, PreparedBatch, Queue,
     earliest_run_at, latest_run_at, validate_kind,
 };
+pub use schedule::{CatchUp, Schedule, StoredSchedule, Timing};
 pub use store::{
     InsertHealth, Store, Transaction, check_batch_membership, check_parent_membership,
     check_standalone,

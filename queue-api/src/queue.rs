@@ -169,7 +169,15 @@ impl Queue {
             }
             Err(e) => return Err(e),
         }
-        tx.commit().await?;
+        match tx.commit().await {
+            Ok(()) => {}
+            // An idempotent submit racing its twin, in a store that checks ids at commit
+            // (the memory store): the twin committed first.
+            Err(Error::Conflict(_)) if caller_id => {
+                return self.existing_operation(record.id).await;
+            }
+            Err(e) => return Err(e),
+        }
         Ok(self.created(record.id).await)
     }
 
@@ -774,6 +782,16 @@ pub fn validate_kind(kind: &str) -> Result<()> {
     )
 }
 
+/// Checks a schedule's name like a kind's.
+pub(crate) fn validate_schedule_name(name: &str) -> Result<()> {
+    validate_name(
+        Subject::Schedule,
+        "name",
+        name,
+        Limits::default().max_name_bytes,
+    )
+}
+
 fn validate_name(subject: Subject, field: &str, name: &str, max_bytes: usize) -> Result<()> {
     let what = Described(subject, field);
     if name.trim().is_empty() {
@@ -806,6 +824,7 @@ enum Subject {
     NestedChild(usize, usize),
     Operation,
     Callback(CallbackOn),
+    Schedule,
 }
 
 impl fmt::Display for Subject {
@@ -818,6 +837,7 @@ impl fmt::Display for Subject {
             Self::NestedChild(batch, index) => write!(f, "child #{index} of nested batch #{batch}"),
             Self::Operation => f.write_str("operation"),
             Self::Callback(on) => write!(f, "callback {on}"),
+            Self::Schedule => f.write_str("schedule"),
         }
     }
 }

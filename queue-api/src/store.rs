@@ -150,6 +150,40 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Every kind's limit, by kind.
     async fn limits(&self) -> Result<BTreeMap<String, KindLimit>>;
 
+    /// Stores `schedule` ([`schedule`](crate::schedule), validated by the caller): a new
+    /// one unpaused, anchored at `now` (its first tick is the first after `now`) and due at
+    /// once; one stored already gets the new definition, keeps its pause and its last
+    /// tick, and is due at once (the next pass plans it anew). Bumps the version. Returns
+    /// `true` when it is new.
+    async fn put_schedule(&self, schedule: &crate::Schedule, now: DateTime<Utc>) -> Result<bool>;
+
+    /// Deletes a schedule (the operations it submitted stay). Returns whether it existed.
+    async fn remove_schedule(&self, name: &str) -> Result<bool>;
+
+    /// Pauses (`true`) or resumes a schedule: a paused one is not run by any pass; resumed,
+    /// the ticks it missed follow its catch-up. Bumps the version. Returns whether it
+    /// changed; `Error::NotFound` when there is no such schedule.
+    async fn pause_schedule(&self, name: &str, paused: bool) -> Result<bool>;
+
+    /// Every schedule, by name.
+    async fn schedules(&self) -> Result<Vec<crate::StoredSchedule>>;
+
+    /// The unpaused schedules whose next tick is at or before `now`. Every worker calls it
+    /// each second: its cost should not grow with the schedules not due (the SQL drivers
+    /// read an index of next ticks; memory filters its map).
+    async fn due_schedules(&self, now: DateTime<Utc>) -> Result<Vec<crate::StoredSchedule>>;
+
+    /// Advances a schedule a pass planned: sets its last and next tick and bumps its
+    /// version, only if its version is still `version` (returns `false`, changing
+    /// nothing, otherwise: another pass or a change came first).
+    async fn advance_schedule(
+        &self,
+        name: &str,
+        version: i64,
+        last_tick: DateTime<Utc>,
+        next_tick: DateTime<Utc>,
+    ) -> Result<bool>;
+
     /// Deletes terminal operations that finished before `completed_before`. A batch goes
     /// only as a whole, once its parent is terminal; a child is never deleted alone. It
     /// deletes in transactions of about [`PRUNE_CHUNK_ROWS`](crate::PRUNE_CHUNK_ROWS)

@@ -352,6 +352,10 @@ pub struct Worker {
     completion_linger: Duration,
     attempt_timeout: Option<Duration>,
     queue_depth_interval: Option<Duration>,
+    /// Schedules declared in code, stored (upserted) when the worker starts.
+    schedules: Vec<crate::Schedule>,
+    /// How often this worker runs a scheduler pass; `None`: never.
+    scheduler_interval: Option<Duration>,
     wake: Option<WakeSubscription>,
     /// Notified when a recorded completion ended a batch child: the claiming loop looks
     /// again at once, so a callback its batch fired does not wait for the poll interval.
@@ -388,6 +392,8 @@ impl Worker {
             completion_linger: Duration::from_millis(2),
             attempt_timeout: None,
             queue_depth_interval: None,
+            schedules: Vec::new(),
+            scheduler_interval: Some(Duration::from_secs(1)),
             wake: None,
             batch_moved: Arc::default(),
         }
@@ -465,6 +471,29 @@ impl Worker {
         self
     }
 
+    /// Declares a schedule ([`schedule`](crate::schedule)): stored when the worker starts —
+    /// a new one created, one stored already updated, keeping its pause and its last tick
+    /// — so every process that declares it runs the same one. An invalid schedule makes
+    /// [`run`](Self::run) return `InvalidInput` before anything is claimed.
+    pub fn schedule(mut self, schedule: crate::Schedule) -> Self {
+        self.schedules.push(schedule);
+        self
+    }
+
+    /// How often this worker runs a scheduler pass over the store's due schedules (every
+    /// second by default). Every worker may run it — a tick is one operation however many
+    /// do — so a deployment needs no scheduler process of its own.
+    pub fn scheduler_interval(mut self, interval: Duration) -> Self {
+        self.scheduler_interval = Some(interval.max(Duration::from_millis(10)));
+        self
+    }
+
+    /// Runs no scheduler pass in this worker (others sharing the store may).
+    pub fn without_scheduler(mut self) -> Self {
+        self.scheduler_interval = None;
+        self
+    }
+
     /// Wakes the worker as soon as something is submitted (in-process notifications).
     pub fn wake_on(mut self, subscription: WakeSubscription) -> Self {
         self.wake = Some(subscription);
@@ -481,6 +510,10 @@ impl Worker {
     /// bounded by the shutdown timeout (at least 1 s); outcomes that cannot be recorded by
     /// then are released or left to expire, and counted in [`WorkerReport::unrecorded`].
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerReport> {
+        let queue = crate::Queue::new(Arc::clone(&self.store));
+        for schedule in &self.schedules {
+            crate::schedule::put(&queue, schedule).await?;
+        }
         let report = Arc::new(Mutex::new(WorkerReport::default()));
         let running: Arc<Mutex<HashMap<OperationId, Running>>> = Arc::default();
         let freed = Arc::new(Notify::new());
@@ -524,6 +557,10 @@ impl Worker {
                 stop_rx.clone(),
             ))
         });
+
+        let scheduler = self
+            .scheduler_interval
+            .map(|every| tokio::spawn(run_schedules(queue, every, stop_rx.clone())));
 
         let kinds = self.registry.kinds();
         let mut shutdown = std::pin::pin!(shutdown);
@@ -678,6 +715,10 @@ impl Worker {
         maintenance.abort();
         let _ = heartbeat.await;
         let _ = maintenance.await;
+        if let Some(scheduler) = scheduler {
+            scheduler.abort();
+            let _ = scheduler.await;
+        }
         if let Some(queue_depth) = queue_depth {
             queue_depth.abort();
             let _ = queue_depth.await;
@@ -1218,6 +1259,24 @@ async fn maintain(
                     reconciled.empty_parents_failed + reconciled.parents_finalized;
             }
             Err(error) => tracing::warn!(%error, "reconciling parents failed"),
+        }
+    }
+}
+
+/// The scheduler pass of a worker, every `every` until stopped
+/// ([`schedule::run_due`](crate::schedule::run_due)).
+async fn run_schedules(queue: crate::Queue, every: Duration, mut stop: watch::Receiver<bool>) {
+    loop {
+        match crate::schedule::run_due(&queue, chrono::Utc::now()).await {
+            Ok(pass) if pass.submitted > 0 => {
+                metrics::counter!("fascicle_scheduled_total").increment(pass.submitted);
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "a scheduler pass failed; trying again"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(every) => {}
         }
     }
 }

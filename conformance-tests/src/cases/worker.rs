@@ -139,6 +139,45 @@ impl Store for Meddling {
         self.inner.resume(kind).await
     }
 
+    async fn put_schedule(
+        &self,
+        schedule: &fascicle_api::Schedule,
+        now: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
+    ) -> Result<bool> {
+        self.inner.put_schedule(schedule, now).await
+    }
+
+    async fn remove_schedule(&self, name: &str) -> Result<bool> {
+        self.inner.remove_schedule(name).await
+    }
+
+    async fn pause_schedule(&self, name: &str, paused: bool) -> Result<bool> {
+        self.inner.pause_schedule(name, paused).await
+    }
+
+    async fn schedules(&self) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        self.inner.schedules().await
+    }
+
+    async fn due_schedules(
+        &self,
+        now: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
+    ) -> Result<Vec<fascicle_api::StoredSchedule>> {
+        self.inner.due_schedules(now).await
+    }
+
+    async fn advance_schedule(
+        &self,
+        name: &str,
+        version: i64,
+        last_tick: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
+        next_tick: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
+    ) -> Result<bool> {
+        self.inner
+            .advance_schedule(name, version, last_tick, next_tick)
+            .await
+    }
+
     async fn set_limit(
         &self,
         kind: &str,

@@ -102,3 +102,8 @@ pub fn unique_in_a_batch(id: impl std::fmt::Display) -> String {
          operations only"
     )
 }
+
+/// A schedule named in a pause or resume that is not stored.
+pub fn no_such_schedule(name: &str) -> String {
+    format!("no schedule is named {name:?} (`fascicle schedule list` shows them)")
+}
