@@ -628,6 +628,14 @@ fn parse_id(text: &str) -> fascicle::Result<OperationId> {
     text.parse()
 }
 
+/// [`parse_duration`] of the value of `flag`, its error naming the flag.
+fn flag_duration(flag: &str, text: &str) -> fascicle::Result<Duration> {
+    parse_duration(text).map_err(|e| match e {
+        Error::InvalidInput(why) => Error::InvalidInput(format!("{flag}: {why}")),
+        other => other,
+    })
+}
+
 /// `90s`, `30m`, `12h`, `7d`, `2w`.
 fn parse_duration(text: &str) -> fascicle::Result<Duration> {
     let text = text.trim();
@@ -746,7 +754,7 @@ async fn schedule(
                     }
                 }
                 (None, Some(every)) => {
-                    fascicle::Schedule::every(&name, parse_duration(&every)?, op)
+                    fascicle::Schedule::every(&name, flag_duration("--every", &every)?, op)
                 }
                 _ => {
                     return Err(Error::InvalidInput(format!(
@@ -756,7 +764,7 @@ async fn schedule(
             };
             schedule = schedule.catch_up(parse_catch_up(&catch_up)?);
             if let Some(grace) = grace {
-                schedule = schedule.grace(parse_duration(&grace)?);
+                schedule = schedule.grace(flag_duration("--grace", &grace)?);
             }
             let created =
                 fascicle::schedule::put(&fascicle::Queue::new(Arc::clone(store)), &schedule)
@@ -796,7 +804,9 @@ async fn pause_schedule(
         json,
         &json!({ "name": name, "paused": pause, "changed": changed }),
         || match (pause, changed) {
-            (true, true) => format!("paused schedule {name}: no worker runs it until resumed"),
+            (true, true) => format!(
+                "paused schedule {name}: passes that start from now on skip it until resumed"
+            ),
             (true, false) => format!("schedule {name} was paused already"),
             (false, true) => format!("resumed schedule {name}"),
             (false, false) => format!("schedule {name} was not paused"),

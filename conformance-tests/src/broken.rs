@@ -213,7 +213,10 @@ impl BrokenPromise {
                 "a_rate_limit_holds_against_racing_claimers",
             ],
             Self::UniqueCheckedBeforeInsert => &["racing_unique_submits_insert_one"],
-            Self::ScheduleAdvancedAtAnyVersion => &["a_schedule_submits_one_operation_per_tick"],
+            Self::ScheduleAdvancedAtAnyVersion => &[
+                "a_schedule_submits_one_operation_per_tick",
+                "a_pass_that_read_before_a_change_does_not_undo_it",
+            ],
         }
     }
 }

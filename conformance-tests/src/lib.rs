@@ -355,11 +355,13 @@ macro_rules! __for_each_case {
             a_unique_submit_with_its_own_id,
             unique_keys_that_cannot_be_are_refused,
             a_schedule_submits_one_operation_per_tick,
+            a_pass_that_read_before_a_change_does_not_undo_it,
             missed_ticks_follow_the_catch_up,
             a_cron_schedule_ticks_in_its_zone,
             paused_and_removed_schedules_submit_nothing,
             racing_scheduler_passes_submit_each_tick_once,
             invalid_schedules_are_refused,
+            a_schedule_that_cannot_submit_does_not_stop_the_others,
             extreme_leases_instants_and_priorities,
         );
     };

@@ -1508,7 +1508,10 @@ pub(crate) async fn prune(
                  ORDER BY completed_at
                  LIMIT greatest($2 - (SELECT coalesce(sum(size), 0) FROM chosen), 0)
                  FOR UPDATE SKIP LOCKED)
-             RETURNING 1)
+             RETURNING id),
+         -- A pruned operation holds its unique key no more: its row goes with it.
+         keys AS (
+             DELETE FROM {s}.unique_keys WHERE operation IN (SELECT id FROM standalone))
          SELECT (SELECT count(*) FROM parents), (SELECT count(*) FROM children),
                 (SELECT count(*) FROM standalone)",
     ))

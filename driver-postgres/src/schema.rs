@@ -274,6 +274,8 @@ const MIGRATIONS: &[&str] = &[
         key         text PRIMARY KEY,
         operation   uuid NOT NULL
     );
+    -- Pruning an operation deletes its key's row.
+    CREATE INDEX unique_keys_by_operation ON {schema}.unique_keys (operation);
     "#,
     // 10: periodic operations (`Store::put_schedule`): each schedule's definition (JSON
     // text), its last handled and next tick and a version a pass advances it at. A pass

@@ -1407,17 +1407,28 @@ pub(crate) fn prune(
         left = left.saturating_sub(rows);
     }
     if left > 0 {
-        report.operations += tx
+        let pruned: Vec<Vec<u8>> = tx
             .prepare_cached(
                 "DELETE FROM fascicle_operations WHERE rowid IN (
                      SELECT rowid FROM fascicle_operations
                      WHERE payload IS NOT NULL AND parent_id IS NULL AND completed_at < ?1
                        AND status IN ('completed', 'failed', 'cancelled')
-                     LIMIT ?2)",
+                     LIMIT ?2)
+                 RETURNING id",
             )
             .db()?
-            .execute(params![before, left as i64])
-            .db()? as u64;
+            .query_map(params![before, left as i64], |row| row.get(0))
+            .db()?
+            .collect::<rusqlite::Result<_>>()
+            .db()?;
+        report.operations += pruned.len() as u64;
+        // A pruned operation holds its unique key no more: its row goes with it.
+        let mut forget = tx
+            .prepare_cached("DELETE FROM fascicle_unique_keys WHERE operation = ?1")
+            .db()?;
+        for id in &pruned {
+            forget.execute(params![id]).db()?;
+        }
     }
     Ok(report)
 }

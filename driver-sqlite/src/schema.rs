@@ -179,6 +179,8 @@ const MIGRATIONS: &[&str] = &[
         key         TEXT PRIMARY KEY,
         operation   BLOB NOT NULL
     ) WITHOUT ROWID;
+    -- Pruning an operation deletes its key's row.
+    CREATE INDEX fascicle_unique_keys_by_operation ON fascicle_unique_keys (operation);
     "#,
     // 9: periodic operations (`Store::put_schedule`): each schedule's definition (JSON),
     // its last handled and next tick (microseconds) and a version a pass advances it at.

@@ -334,18 +334,19 @@ pub(crate) fn instant(micros: i64) -> rusqlite::Result<DateTime<Utc>> {
 }
 
 /// The schedules, by name: all of them, or (`due` = now, in microseconds) the unpaused
-/// ones whose next tick has come.
+/// ones whose next tick has come — those whose definition cannot be read skipped with a
+/// warning (one bad row never stops the passes), listed as an error naming it.
 fn read_schedules(
     conn: &Connection,
     due: Option<i64>,
 ) -> Result<Vec<fascicle_api::StoredSchedule>> {
     let sql = match due {
         None => {
-            "SELECT spec, paused, last_tick, next_tick, version FROM fascicle_schedules
+            "SELECT name, spec, paused, last_tick, next_tick, version FROM fascicle_schedules
              WHERE ?1 IS NULL ORDER BY name"
         }
         Some(_) => {
-            "SELECT spec, paused, last_tick, next_tick, version FROM fascicle_schedules
+            "SELECT name, spec, paused, last_tick, next_tick, version FROM fascicle_schedules
              INDEXED BY fascicle_schedules_due
              WHERE paused = 0 AND next_tick <= ?1 ORDER BY name"
         }
@@ -355,20 +356,25 @@ fn read_schedules(
         .query_map(params![due], |row| {
             Ok((
                 row.get::<_, String>(0)?,
-                row.get::<_, bool>(1)?,
-                instant(row.get(2)?)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, bool>(2)?,
                 instant(row.get(3)?)?,
-                row.get::<_, i64>(4)?,
+                instant(row.get(4)?)?,
+                row.get::<_, i64>(5)?,
             ))
         })
         .map_err(error::map)?;
     let mut out = Vec::new();
     for row in rows {
-        let (spec, paused, last_tick, next_tick, version) = row.map_err(error::map)?;
-        let schedule = serde_json::from_str(&spec).map_err(|e| fascicle_api::Error::Storage {
-            location: "fascicle_schedules".into(),
-            reason: format!("a stored schedule cannot be read: {e}"),
-        })?;
+        let (name, spec, paused, last_tick, next_tick, version) = row.map_err(error::map)?;
+        let schedule = match fascicle_api::schedule::decode_stored(&name, &spec) {
+            Ok(schedule) => schedule,
+            Err(error) if due.is_some() => {
+                tracing::warn!(%error, "a stored schedule is skipped");
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
         out.push(fascicle_api::StoredSchedule {
             schedule,
             paused,

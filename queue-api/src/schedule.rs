@@ -47,8 +47,9 @@ pub const MAX_CATCH_UP: u32 = 10_000;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Timing {
-    /// A cron expression — five fields (minute hour day-of-month month day-of-week) or six
-    /// with seconds first — read in the IANA time zone `zone` (`UTC` by default).
+    /// A cron expression — five fields (minute hour day-of-month month day-of-week), six
+    /// with seconds first, or seven with a year last ([`croner`]'s syntax) — read in the
+    /// IANA time zone `zone` (`UTC` by default).
     Cron {
         /// The expression, e.g. `*/5 * * * *`.
         expression: String,
@@ -299,6 +300,13 @@ impl Schedule {
         if let Some(what) = self.operation.refused {
             return Err(bad("operation", format!("has {what}; remove it")));
         }
+        if self.compiled()?.after(Utc::now())?.is_none() {
+            return Err(bad(
+                "cron expression",
+                "never matches an instant from now on (a day a month does not have, a year past)"
+                    .into(),
+            ));
+        }
         // The operation as its ticks will submit it.
         limits
             .prepare_operation(self.operation.at_tick(name, Utc::now()), None, Utc::now())
@@ -311,20 +319,30 @@ impl Schedule {
 
     fn compiled(&self) -> Result<Ticks> {
         Ok(match &self.timing {
-            Timing::Cron { expression, zone } => {
-                Ticks::Cron(
-                    Box::new(croner::Cron::from_str(expression).map_err(|e| {
-                        Error::InvalidInput(format!("schedule {:?}: {e}", self.name))
-                    })?),
-                    zone.parse().map_err(|_| {
-                        Error::InvalidInput(format!("schedule {:?}: bad zone {zone:?}", self.name))
-                    })?,
-                )
-            }
+            Timing::Cron { expression, zone } => Ticks::Cron(
+                Box::new(croner::Cron::from_str(expression).map_err(|e| {
+                    Error::InvalidInput(format!(
+                        "schedule {:?}: the cron expression {expression:?} is not valid: {e}",
+                        self.name
+                    ))
+                })?),
+                zone.parse().map_err(|_| {
+                    Error::InvalidInput(format!(
+                        "schedule {:?}: the zone {zone:?} is not an IANA time zone name",
+                        self.name
+                    ))
+                })?,
+            ),
             Timing::Every { interval } => {
-                Ticks::Every(TimeDelta::from_std(*interval).map_err(|_| {
-                    Error::InvalidInput(format!("schedule {:?}: interval too long", self.name))
-                })?)
+                if *interval < MIN_INTERVAL || *interval > MAX_INTERVAL {
+                    return Err(Error::InvalidInput(format!(
+                        "schedule {:?}: the interval is {interval:?}; it must be {MIN_INTERVAL:?} \
+                         to {} days",
+                        self.name,
+                        MAX_INTERVAL.as_secs() / 86_400
+                    )));
+                }
+                Ticks::Every(TimeDelta::from_std(*interval).expect("at most ten years"))
             }
         })
     }
@@ -346,32 +364,34 @@ impl Schedule {
     pub fn plan(&self, last: DateTime<Utc>, now: DateTime<Utc>) -> Result<TickPlan> {
         let ticks = self.compiled()?;
         let grace = TimeDelta::from_std(self.grace).unwrap_or(TimeDelta::MAX);
-        let boundary = now - grace;
-        // On time: (max(last, boundary - 1 s), now], those at or after the boundary.
-        let mut on_time = Vec::new();
-        let mut cursor = last.max(boundary - TimeDelta::seconds(1));
-        while let Some(tick) = ticks.after(cursor)? {
-            if tick > now {
-                break;
-            }
-            if tick >= boundary {
-                on_time.push(tick);
-            }
-            cursor = tick;
-            if on_time.len() > MAX_CATCH_UP as usize {
-                return Err(Error::InvalidInput(format!(
-                    "schedule {:?} has more than {MAX_CATCH_UP} ticks within its grace",
-                    self.name
-                )));
-            }
-        }
-        // Missed: (last, boundary), newest first, as many as the catch-up may run.
+        let boundary = now
+            .checked_sub_signed(grace)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let just_before = |at: DateTime<Utc>| {
+            at.checked_sub_signed(TimeDelta::microseconds(1))
+                .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        };
+        // On time: the ticks in (last, now] at or after the boundary, the newest
+        // MAX_CATCH_UP of them (older ones, when there are more, count as missed: the
+        // schedule always moves on).
+        let cap = MAX_CATCH_UP as usize;
+        let mut on_time = ticks.before(
+            now + TimeDelta::microseconds(1),
+            last.max(just_before(boundary)),
+            cap,
+        )?;
+        let missed_before = match on_time.last() {
+            Some(oldest) if on_time.len() == cap => *oldest,
+            _ => boundary,
+        };
+        on_time.reverse();
+        // Missed: (last, missed_before), newest first, as many as the catch-up may run.
         let wanted = match self.catch_up {
             CatchUp::Skip => 0,
             CatchUp::RunOnce => 1,
             CatchUp::RunAll { max } => max as usize,
         };
-        let mut missed = ticks.before(boundary, last, wanted.max(1))?;
+        let mut missed = ticks.before(missed_before, last, wanted.max(1))?;
         let newest_missed = missed.first().copied();
         missed.truncate(wanted);
         missed.reverse();
@@ -503,6 +523,19 @@ pub struct StoredSchedule {
     pub version: i64,
 }
 
+/// For driver authors: a stored schedule's definition read back from its JSON text.
+/// `Error::Storage` naming the schedule (and how to replace it) when it cannot be read —
+/// a definition written by a newer fascicle, or edited by hand.
+pub fn decode_stored(name: &str, spec: &str) -> Result<Schedule> {
+    serde_json::from_str(spec).map_err(|e| Error::Storage {
+        location: format!("the schedule {name:?}"),
+        reason: format!(
+            "its stored definition cannot be read ({e}); add it again (`fascicle schedule add \
+             {name} …`) or remove it (`fascicle schedule remove {name}`)"
+        ),
+    })
+}
+
 /// What one scheduler pass did ([`run_due`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PassReport {
@@ -514,6 +547,8 @@ pub struct PassReport {
     pub existing: u64,
     /// Schedules another pass advanced first.
     pub lost_races: u64,
+    /// Schedules left where they were: their plan or a tick's submit failed (logged).
+    pub failed: u64,
 }
 
 /// Truncates `at` to the microsecond every store keeps.
@@ -543,19 +578,34 @@ pub async fn run_due(queue: &Queue, now: DateTime<Utc>) -> Result<PassReport> {
         let plan = match schedule.plan(stored.last_tick, now) {
             Ok(plan) => plan,
             Err(error) => {
+                report.failed += 1;
                 tracing::warn!(%error, schedule = %schedule.name, "a stored schedule cannot be planned; skipped");
                 continue;
             }
         };
+        // A schedule whose tick cannot be submitted is left where it is (the next pass
+        // tries again) and the others run: one bad schedule never stops the rest.
+        let mut failed = None;
         for tick in &plan.run {
-            let receipt = queue
+            match queue
                 .submit(schedule.operation.at_tick(&schedule.name, *tick))
-                .await?;
-            if receipt.created {
-                report.submitted += 1;
-            } else {
-                report.existing += 1;
+                .await
+            {
+                Ok(receipt) if receipt.created => report.submitted += 1,
+                Ok(_) => report.existing += 1,
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
             }
+        }
+        if let Some(error) = failed {
+            report.failed += 1;
+            if error.is_transient() {
+                return Err(error);
+            }
+            tracing::warn!(%error, schedule = %schedule.name, "a tick of this schedule cannot be submitted; the schedule waits");
+            continue;
         }
         let advanced = store
             .advance_schedule(
@@ -707,6 +757,46 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_never_takes_more_than_the_cap_and_always_moves_on() {
+        // A day of one-second ticks within the grace: the newest MAX_CATCH_UP run, the
+        // older ones count as missed, and the schedule moves to the newest tick.
+        let s = Schedule::every("s", Duration::from_secs(1), op()).grace(MAX_GRACE);
+        let now = at("2026-12-02T00:00:00.5Z");
+        let plan = s.plan(at("2026-12-01T00:00:00Z"), now).unwrap();
+        assert_eq!(plan.run.len(), MAX_CATCH_UP as usize);
+        assert_eq!(*plan.run.last().unwrap(), at("2026-12-02T00:00:00Z"));
+        assert_eq!(plan.last_tick, at("2026-12-02T00:00:00Z"));
+        assert!(plan.run.windows(2).all(|w| w[0] < w[1]), "oldest first");
+        let again = s.plan(plan.last_tick, now).unwrap();
+        assert!(again.run.is_empty());
+    }
+
+    #[test]
+    fn daylight_saving_changes_tick_once() {
+        // Europe/Paris: 2026-03-29 02:00 → 03:00 (02:30 does not exist), 2026-10-25
+        // 03:00 → 02:00 (02:30 happens twice).
+        let s = Schedule::cron("s", "30 2 * * *", op())
+            .in_zone("Europe/Paris")
+            .catch_up(CatchUp::RunAll { max: 10 });
+        let spring = s
+            .plan(at("2026-03-28T12:00:00Z"), at("2026-03-30T12:00:00Z"))
+            .unwrap();
+        // The 28th's tick is before `last`; the 29th's falls in the gap and runs at the
+        // first instant after it; the 30th's at 02:30 CEST.
+        assert_eq!(spring.run.len(), 2, "{:?}", spring.run);
+        assert_eq!(spring.run[1], at("2026-03-30T00:30:00Z"));
+        let autumn = s
+            .plan(at("2026-10-24T12:00:00Z"), at("2026-10-25T12:00:00Z"))
+            .unwrap();
+        assert_eq!(
+            autumn.run.len(),
+            1,
+            "02:30 twice is one tick: {:?}",
+            autumn.run
+        );
+    }
+
+    #[test]
     fn tick_ids_are_the_same_everywhere_and_differ_per_tick() {
         let t = at("2026-12-01T10:00:00Z");
         assert_eq!(tick_id("a", t), tick_id("a", t));
@@ -759,6 +849,7 @@ mod tests {
             ),
             "operation",
         );
+        refused(Schedule::cron("s", "0 0 30 2 *", op()), "never matches");
         assert!(Schedule::cron("s", "0 0 * * SUN", op()).validate().is_ok());
     }
 

@@ -113,6 +113,55 @@ pub async fn a_schedule_submits_one_operation_per_tick(store: Arc<dyn Store>) {
     assert!(stored.version > version);
 }
 
+/// A pass that read a schedule before it was changed cannot undo the change: its advance
+/// is refused (the version moved), and the next pass ticks by the new timing.
+pub async fn a_pass_that_read_before_a_change_does_not_undo_it(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let t0 = origin();
+    let hourly = Schedule::every(
+        "moving",
+        Duration::from_secs(3600),
+        NewOperation::new("moving", json!(1)),
+    );
+    store.put_schedule(&hourly, t0).await.unwrap();
+    // A pass reads it…
+    let read = store.due_schedules(t0 + secs(0.1)).await.unwrap();
+    assert_eq!(read.len(), 1);
+    let stale = &read[0];
+    let plan = stale
+        .schedule
+        .plan(stale.last_tick, t0 + secs(0.1))
+        .unwrap();
+    // …an operator changes it to every second…
+    let every_second = Schedule::every(
+        "moving",
+        Duration::from_secs(1),
+        NewOperation::new("moving", json!(2)),
+    );
+    assert!(
+        !store
+            .put_schedule(&every_second, t0 + secs(0.2))
+            .await
+            .unwrap()
+    );
+    // …and the stale pass's advance (next tick in an hour) is refused.
+    assert!(
+        !store
+            .advance_schedule("moving", stale.version, plan.last_tick, plan.next_tick)
+            .await
+            .unwrap(),
+        "a stale pass advanced a schedule changed since it read it"
+    );
+    let next = pass(&queue, t0 + secs(1.5)).await;
+    assert_eq!(next.submitted, 1, "the new timing ticks: {next:?}");
+    let op = store
+        .get(tick_id("moving", t0 + secs(1.0)))
+        .await
+        .unwrap()
+        .expect("the tick of the new timing");
+    assert_eq!(op.payload, Some(json!(2)));
+}
+
 /// Ticks seen later than the grace are missed: `Skip` runs only those within it,
 /// `RunOnce` one more for the missed ones (the latest), `RunAll { max }` the latest `max`
 /// missed ones too, oldest first.
@@ -251,6 +300,21 @@ pub async fn racing_scheduler_passes_submit_each_tick_once(store: Arc<dyn Store>
     store.put_schedule(&s, t0).await.unwrap();
     let clock = Arc::new(AtomicI64::new(t0.timestamp_micros()));
     let done = Arc::new(AtomicBool::new(false));
+    // The schedule's last tick, read all along: it never moves back (a stale pass that
+    // advanced it would make it).
+    let monitor = {
+        let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                if let Some(s) = store.schedules().await.unwrap().first() {
+                    seen.push(s.last_tick);
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            seen
+        })
+    };
     let mut loops = Vec::new();
     for i in 0..LOOPS {
         let queue = Queue::new(Arc::clone(if i % 2 == 0 { &store } else { &twin }));
@@ -281,6 +345,20 @@ pub async fn racing_scheduler_passes_submit_each_tick_once(store: Arc<dyn Store>
     for l in loops {
         submitted += l.await.unwrap().submitted;
     }
+    let seen = monitor.await.unwrap();
+    assert!(
+        seen.len() > 10,
+        "the monitor read the schedule {} times",
+        seen.len()
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "the last tick moved back"
+    );
+    assert_eq!(
+        store.schedules().await.unwrap()[0].last_tick,
+        t0 + TimeDelta::seconds(SECONDS)
+    );
     let mut missing = Vec::new();
     for k in 1..=SECONDS {
         if store
@@ -306,6 +384,48 @@ pub async fn racing_scheduler_passes_submit_each_tick_once(store: Arc<dyn Store>
         .map(|k| tick_id("race", t0 + TimeDelta::seconds(k)))
         .collect();
     assert_eq!(ids.len(), SECONDS as usize);
+}
+
+/// A schedule whose tick cannot be submitted (here: stored by a queue allowing larger
+/// payloads than the one running the pass) is left where it is, counted as failed, and
+/// every other due schedule still runs.
+pub async fn a_schedule_that_cannot_submit_does_not_stop_the_others(store: Arc<dyn Store>) {
+    let t0 = origin();
+    let roomy = Queue::new(Arc::clone(&store)).with_limits(fascicle_api::Limits {
+        max_payload_bytes: 4 << 20,
+        ..fascicle_api::Limits::default()
+    });
+    let big = json!({ "blob": "x".repeat(2 << 20) });
+    // "a-big" sorts first: the pass meets it before the other.
+    let bad = Schedule::every(
+        "a-big",
+        Duration::from_secs(1),
+        NewOperation::new("big", big),
+    );
+    bad.validate_with(&roomy.limits()).unwrap();
+    store.put_schedule(&bad, t0).await.unwrap();
+    let fine = Schedule::every(
+        "b-fine",
+        Duration::from_secs(1),
+        NewOperation::new("fine", json!(1)),
+    );
+    store.put_schedule(&fine, t0).await.unwrap();
+    let queue = Queue::new(Arc::clone(&store));
+    let report = pass(&queue, t0 + secs(1.5)).await;
+    assert_eq!((report.failed, report.submitted), (1, 1), "{report:?}");
+    assert!(
+        store
+            .get(tick_id("b-fine", t0 + secs(1.0)))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let stored = store.schedules().await.unwrap();
+    assert_eq!(
+        stored[0].last_tick, t0,
+        "the failing schedule waits where it was"
+    );
+    assert_eq!(stored[1].last_tick, t0 + secs(1.0));
 }
 
 /// A schedule that cannot be is refused by `schedule::put` with `InvalidInput` naming the
