@@ -356,6 +356,8 @@ pub struct Worker {
     schedules: Vec<crate::Schedule>,
     /// How often this worker runs a scheduler pass; `None`: never.
     scheduler_interval: Option<Duration>,
+    /// The limits its schedules' ticks are submitted under.
+    limits: crate::Limits,
     wake: Option<WakeSubscription>,
     /// Notified when a recorded completion ended a batch child: the claiming loop looks
     /// again at once, so a callback its batch fired does not wait for the poll interval.
@@ -394,6 +396,7 @@ impl Worker {
             queue_depth_interval: None,
             schedules: Vec::new(),
             scheduler_interval: Some(Duration::from_secs(1)),
+            limits: crate::Limits::default(),
             wake: None,
             batch_moved: Arc::default(),
         }
@@ -488,6 +491,13 @@ impl Worker {
         self
     }
 
+    /// The [`Limits`](crate::Limits) the schedules are checked and their ticks submitted
+    /// under (the defaults unless set): give the ones the application's `Queue` uses.
+    pub fn limits(mut self, limits: crate::Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Runs no scheduler pass in this worker (others sharing the store may).
     pub fn without_scheduler(mut self) -> Self {
         self.scheduler_interval = None;
@@ -510,7 +520,7 @@ impl Worker {
     /// bounded by the shutdown timeout (at least 1 s); outcomes that cannot be recorded by
     /// then are released or left to expire, and counted in [`WorkerReport::unrecorded`].
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerReport> {
-        let queue = crate::Queue::new(Arc::clone(&self.store));
+        let queue = crate::Queue::new(Arc::clone(&self.store)).with_limits(self.limits);
         for schedule in &self.schedules {
             crate::schedule::put(&queue, schedule).await?;
         }
