@@ -791,6 +791,17 @@ impl Store for PostgresStore {
 }
 
 impl PostgresStore {
+    /// For plan tests: `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` of the claim statement
+    /// `request` would run (no kind limited), in a transaction rolled back — nothing is
+    /// claimed.
+    #[doc(hidden)]
+    pub async fn explain_claim(&self, request: &ClaimRequest) -> Result<serde_json::Value> {
+        let mut tx = self.pool.begin().await.map_err(error::map)?;
+        let plan = lifecycle::explain_claim(&mut tx, &self.sql, request).await;
+        let _ = tx.rollback().await;
+        plan
+    }
+
     async fn claim_once(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
         let (check_limits, generation) = {
             let cache = self.no_limits_since.lock().expect("limits cache");
