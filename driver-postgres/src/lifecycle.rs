@@ -352,7 +352,11 @@ async fn claim_lanes(
              CROSS JOIN LATERAL (
                  SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
                  WHERE o.kind = k.kind AND {ready}
-                 ORDER BY {order}
+                 -- The kind first, as `operations_ready_by_kind` orders it (the same order
+                 -- for one kind): the scan walks that index from the kind's first ready
+                 -- row. Ordered by priority alone, an analysed table planned a lane of a
+                 -- kind with nothing ready as a walk of the whole shared index.
+                 ORDER BY o.kind, {order}
                  LIMIT least(k.cap, $1)
                  FOR UPDATE SKIP LOCKED) AS c
              WHERE NOT EXISTS (SELECT 1 FROM {{s}}.paused_kinds AS pk WHERE pk.kind = k.kind)
