@@ -608,16 +608,29 @@ async fn a_delay_from_a_fast_client_clock_counts_from_the_servers_clock() {
         assert_on_the_servers_clock(&store, ids, from, to, delay).await;
 
         // Claimable once the two seconds have passed on the server, not a minute later.
+        // The two statements placed their rows a moment apart (each on the server's clock
+        // when it ran), so a claim may land between the two groups' instants: claim until
+        // all are in.
         let mut claimed = Vec::new();
-        while claimed.is_empty() && submitted.elapsed() < std::time::Duration::from_secs(10) {
+        let mut first = None;
+        while claimed.len() < 66 && submitted.elapsed() < std::time::Duration::from_secs(10) {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            claimed = claim_up_to(&store, 100).await;
+            let now = claim_up_to(&store, 100).await;
+            if !now.is_empty() && first.is_none() {
+                first = Some(submitted.elapsed());
+            }
+            claimed.extend(now);
         }
         let waited = submitted.elapsed();
         assert_eq!(claimed.len(), 66, "not claimable after {waited:?}");
+        let first = first.expect("claimed");
         assert!(
-            waited >= std::time::Duration::from_millis(1500),
-            "claimed after {waited:?}, before the 2 s delay"
+            first >= std::time::Duration::from_millis(1500),
+            "claimed after {first:?}, before the 2 s delay"
+        );
+        assert!(
+            waited < std::time::Duration::from_secs(5),
+            "the last ones were claimable only after {waited:?}"
         );
     });
 }
