@@ -223,12 +223,7 @@ pub(crate) fn limit_from_columns(
     starts: Option<i32>,
     period_us: Option<i64>,
 ) -> fascicle_api::KindLimit {
-    fascicle_api::KindLimit {
-        running: running.map(|n| n as u32),
-        rate: starts.zip(period_us).map(|(starts, us)| {
-            fascicle_api::RateLimit::new(starts as u32, Duration::from_micros(us as u64))
-        }),
-    }
+    fascicle_api::KindLimit::from_stored(running.map(i64::from), starts.map(i64::from), period_us)
 }
 
 async fn limited_rooms(
@@ -397,24 +392,12 @@ async fn claim_lanes(
             .map(|l| (l.cap - l.claimed).min(i64::MAX as usize) as i64)
             .collect();
         let held: Vec<bool> = open.iter().map(|l| l.locked).collect();
-        if let Some(plans) = explain.as_deref_mut() {
-            let plan: Value = sqlx::query_scalar(sql.text(&format!(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}"
-            )))
-            .bind(room as i64)
-            .bind(&kinds)
-            .bind(&request.worker_id)
-            .bind(request.lease.as_secs_f64())
-            .bind(any_kind)
-            .bind(&caps)
-            .bind(&held)
-            .fetch_one(&mut *conn)
-            .await
-            .db()?;
-            plans.push(plan);
-            return Ok(());
-        }
-        let rows = sqlx::query(sql.text(&statement))
+        // The same statement, with the same arguments, under EXPLAIN for the plan tests.
+        let text = match explain {
+            Some(_) => format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}"),
+            None => statement.clone(),
+        };
+        let rows = sqlx::query(sql.text(&text))
             .bind(room as i64)
             .bind(&kinds)
             .bind(&request.worker_id)
@@ -425,6 +408,12 @@ async fn claim_lanes(
             .fetch_all(&mut *conn)
             .await
             .db()?;
+        if let Some(plans) = explain.as_deref_mut() {
+            if let Some(row) = rows.first() {
+                plans.push(row.try_get::<Value, _>(0).db()?);
+            }
+            return Ok(());
+        }
         let mut candidates = 0;
         for row in &rows {
             let operation = operation_from_row(row).db()?;

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use fascicle_api::{
     Applied, CancelReport, ChildCounters, ClaimRequest, ClaimedOperation, Completion, Error,
     KindLimit, Lease, LeaseStatus, LeaseToken, Operation, OperationId, Outcome, PruneReport,
-    RateLimit, ReconcileReport, RescueReport, Result, Status, ZERO_CHILDREN_REASON, parent_outcome,
+    ReconcileReport, RescueReport, Result, Status, ZERO_CHILDREN_REASON, parent_outcome,
     parent_summary, representative_error,
 };
 use fascicle_api::{BatchPlan, FailurePolicy, messages, table, workflow};
@@ -284,7 +284,7 @@ fn limited_kinds(
     let mut limited = std::collections::HashMap::new();
     while let Some(row) = rows.next().db()? {
         let kind: String = row.get(0).db()?;
-        let limit = limit_from_columns(row.get(1).db()?, row.get(2).db()?, row.get(3).db()?);
+        let limit = KindLimit::from_stored(row.get(1).db()?, row.get(2).db()?, row.get(3).db()?);
         let recent: String = row.get(4).db()?;
         let recent_starts = parse_starts(&recent)?;
         let running: i64 = row.get(5).db()?;
@@ -325,20 +325,6 @@ fn record_starts(
             .db()?;
     }
     Ok(())
-}
-
-/// A stored limit from its columns (`max_running`, `rate_starts`, `rate_period_us`).
-pub(crate) fn limit_from_columns(
-    running: Option<i64>,
-    starts: Option<i64>,
-    period_us: Option<i64>,
-) -> KindLimit {
-    KindLimit {
-        running: running.map(|n| n as u32),
-        rate: starts.zip(period_us).map(|(starts, us)| {
-            RateLimit::new(starts as u32, std::time::Duration::from_micros(us as u64))
-        }),
-    }
 }
 
 fn parse_starts(text: &str) -> Result<Vec<DateTime<Utc>>> {

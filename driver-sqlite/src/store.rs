@@ -668,7 +668,7 @@ impl Store for SqliteStore {
                 )
                 .map_err(error::map)?
                 .query_row(params![kind], |row| {
-                    Ok(lifecycle::limit_from_columns(row.get(0)?, row.get(1)?, row.get(2)?))
+                    Ok(KindLimit::from_stored(row.get(0)?, row.get(1)?, row.get(2)?))
                 })
                 .optional()
                 .map_err(error::map)?
@@ -809,7 +809,7 @@ impl Store for SqliteStore {
             stmt.query_map([], |row| {
                 Ok((
                     row.get(0)?,
-                    lifecycle::limit_from_columns(row.get(1)?, row.get(2)?, row.get(3)?),
+                    KindLimit::from_stored(row.get(1)?, row.get(2)?, row.get(3)?),
                 ))
             })
             .map_err(error::map)?

@@ -143,6 +143,17 @@ impl KindLimit {
         self
     }
 
+    /// For SQL drivers: a limit from its stored columns — the running limit, the rate's
+    /// starts and its window in microseconds (a rate needs both).
+    pub fn from_stored(running: Option<i64>, starts: Option<i64>, period_us: Option<i64>) -> Self {
+        Self {
+            running: running.map(|n| n as u32),
+            rate: starts.zip(period_us).map(|(starts, us)| {
+                RateLimit::new(starts as u32, Duration::from_micros(us as u64))
+            }),
+        }
+    }
+
     /// Whether this limits nothing (setting it clears a kind's limit).
     pub fn is_none(&self) -> bool {
         self.running.is_none() && self.rate.is_none()
