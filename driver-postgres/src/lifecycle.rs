@@ -337,6 +337,8 @@ async fn claim_lanes(
         "WITH shared AS (
              SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
              WHERE $5 AND {ready}
+               -- Names the predicate of operations_claimable, the index only this scan uses.
+               AND run_at > '-infinity'
                AND (SELECT true FROM {{s}}.paused_kinds AS pk WHERE pk.kind = o.kind) IS NULL
                AND (SELECT true FROM {{s}}.kind_limits AS kl WHERE kl.kind = o.kind) IS NULL
              ORDER BY {order}
@@ -347,11 +349,9 @@ async fn claim_lanes(
              CROSS JOIN LATERAL (
                  SELECT id, serialization_key, priority, run_at, seq FROM {{s}}.operations AS o
                  WHERE o.kind = k.kind AND {ready}
-                 -- The kind first, as `operations_ready_by_kind` orders it (the same order
-                 -- for one kind): the scan walks that index from the kind's first ready
-                 -- row. Ordered by priority alone, an analysed table planned a lane of a
-                 -- kind with nothing ready as a walk of the whole shared index.
-                 ORDER BY o.kind, {order}
+                 -- Only `operations_ready_by_kind` serves it (the shared index's predicate
+                 -- is not stated here): the scan starts at the kind's first ready row.
+                 ORDER BY {order}
                  LIMIT least(k.cap, $1)
                  FOR UPDATE SKIP LOCKED) AS c
              WHERE NOT EXISTS (SELECT 1 FROM {{s}}.paused_kinds AS pk WHERE pk.kind = k.kind)

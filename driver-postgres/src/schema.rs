@@ -266,6 +266,13 @@ const MIGRATIONS: &[&str] = &[
     -- never past a paused or limited kind's backlog.
     CREATE INDEX operations_ready_by_kind ON {schema}.operations (kind, priority DESC, run_at, seq)
         WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0;
+    -- The shared index only for the claim of any kind, which names its extra predicate:
+    -- a lane (one kind) cannot use it, so it never walks every kind's rows for one kind's
+    -- (an analysed table planned an empty kind's lane that way).
+    DROP INDEX {schema}.operations_claimable;
+    CREATE INDEX operations_claimable ON {schema}.operations (priority DESC, run_at, seq)
+        WHERE status = 'pending' AND payload IS NOT NULL AND waiting_on = 0
+          AND run_at > '-infinity';
     "#,
     // 9: unique operations (`NewOperation::unique`): each key's row names the operation
     // that last took it; a submit takes the key only while that one blocks nothing.
