@@ -51,11 +51,8 @@ pub(crate) async fn claim(
     // Limited kinds with no room (not claimed at all).
     let mut full: HashSet<String> = HashSet::new();
     if check_limits {
-        // The recount after the lock needs a snapshot per statement.
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            .execute(&mut *conn)
-            .await
-            .db()?;
+        // The recount after the lock needs a snapshot per statement: the claim's
+        // transaction is READ COMMITTED (`HOT_PATH_BEGIN`).
         let limited = limited_rooms(conn, sql, request.kinds.as_deref()).await?;
         limits_stored = limited.stored;
         full = limited.full;
@@ -89,7 +86,7 @@ pub(crate) async fn claim(
     let any_kind = request.kinds.is_none();
     let mut claimed = Vec::with_capacity(request.limit);
     if any_kind || !lanes.is_empty() {
-        claim_lanes(conn, sql, request, any_kind, &mut lanes, &mut claimed, None).await?;
+        claim_lanes(conn, sql, request, any_kind, &mut lanes, &mut claimed).await?;
     }
     for (limit, _) in &locked {
         let started = lanes
@@ -116,36 +113,6 @@ pub(crate) async fn claim(
             .then(sa.cmp(sb))
     });
     Ok((claimed.into_iter().map(|(_, c)| c).collect(), limits_stored))
-}
-
-/// The plan of the claim statement for `request` (no kind limited), as `EXPLAIN (ANALYZE,
-/// BUFFERS, FORMAT JSON)` reports it: what the plan tests check. The caller rolls back.
-pub(crate) async fn explain_claim(
-    conn: &mut PgConnection,
-    sql: &Sql,
-    request: &ClaimRequest,
-) -> Result<Value> {
-    let mut lanes: Vec<Lane> = Vec::new();
-    if let Some(kinds) = &request.kinds {
-        for kind in kinds {
-            if !lanes.iter().any(|l| l.kind == *kind) {
-                lanes.push(Lane::new(kind, usize::MAX, false));
-            }
-        }
-    }
-    let mut plans = Vec::new();
-    let mut claimed = Vec::new();
-    claim_lanes(
-        conn,
-        sql,
-        request,
-        request.kinds.is_none(),
-        &mut lanes,
-        &mut claimed,
-        Some(&mut plans),
-    )
-    .await?;
-    Ok(plans.pop().unwrap_or(Value::Null))
 }
 
 /// One kind a claim scans on its own: at most `cap` of it (a limited kind's room), and
@@ -302,7 +269,6 @@ async fn claim_lanes(
     any_kind: bool,
     lanes: &mut [Lane],
     claimed: &mut Vec<(i64, ClaimedOperation)>,
-    mut explain: Option<&mut Vec<Value>>,
 ) -> Result<()> {
     let columns: Vec<String> = COLUMNS
         .split(',')
@@ -392,12 +358,7 @@ async fn claim_lanes(
             .map(|l| (l.cap - l.claimed).min(i64::MAX as usize) as i64)
             .collect();
         let held: Vec<bool> = open.iter().map(|l| l.locked).collect();
-        // The same statement, with the same arguments, under EXPLAIN for the plan tests.
-        let text = match explain {
-            Some(_) => format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {statement}"),
-            None => statement.clone(),
-        };
-        let rows = sqlx::query(sql.text(&text))
+        let rows = sqlx::query(sql.text(&statement))
             .bind(room as i64)
             .bind(&kinds)
             .bind(&request.worker_id)
@@ -408,12 +369,6 @@ async fn claim_lanes(
             .fetch_all(&mut *conn)
             .await
             .db()?;
-        if let Some(plans) = explain.as_deref_mut() {
-            if let Some(row) = rows.first() {
-                plans.push(row.try_get::<Value, _>(0).db()?);
-            }
-            return Ok(());
-        }
         let mut candidates = 0;
         for row in &rows {
             let operation = operation_from_row(row).db()?;

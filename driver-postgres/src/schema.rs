@@ -298,6 +298,23 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX schedules_due ON {schema}.schedules (next_tick) WHERE NOT paused;
     "#,
+    // 11: the rescuer's index of leases, partial on a predicate only the rescuer states
+    // (a lease is set exactly while an operation is processing). Partial on
+    // `status = 'processing'`, it was a path for every statement that updates held rows
+    // by id (heartbeat, complete, release — they state that status too): a planner that
+    // underestimated the processing rows read them all to update 128, where the primary
+    // key finds each one.
+    r#"
+    DROP INDEX {schema}.operations_leases;
+    CREATE INDEX operations_leases ON {schema}.operations (lease_expires_at)
+        WHERE lease_expires_at IS NOT NULL;
+    -- A claim's index scan passes the dead entries of the operations claimed before (in
+    -- claim order they lie ahead of the backlog) until a vacuum removes them: vacuum this
+    -- table at 1% dead rows, not autovacuum's default 20% (where autovacuum runs).
+    ALTER TABLE {schema}.operations SET (autovacuum_vacuum_scale_factor = 0.01,
+        autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_insert_scale_factor = 0.01,
+        autovacuum_analyze_scale_factor = 0.02);
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -15,7 +15,7 @@ use fascicle_api::{
     Stats, Store, Transaction,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{AssertSqlSafe, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::{self, DRIVER, redact_url};
@@ -23,11 +23,43 @@ use crate::lifecycle;
 use crate::schema::{self, Sql, sql};
 use crate::tx::{PostgresTransaction, insert_children, insert_parent};
 
+/// How a hot path's transaction begins, in the one round trip of its `BEGIN`: the join
+/// and scan methods whose cost grows with the table, not with the rows a statement
+/// touches, are off for the transaction. Every hot statement joins a short input (an
+/// `unnest` of the ids at hand, or a claim's few rows) with `operations` by its primary
+/// key, or walks an index in claim order with a limit; left to costs, a planner without
+/// statistics (or with stale ones) has chosen to hash the processing rows of the whole
+/// table, or to bitmap-scan every pending row and sort them, to update 128. With these
+/// off, a nested loop over the input with an index lookup per row is the only cheap plan
+/// left (a disabled method stays possible, at a penalty, where nothing else exists).
+///
+/// READ COMMITTED whatever the server's default: the hot paths are written for it (a
+/// claim's `SKIP LOCKED` and its recount of a limited kind after locking it need a
+/// snapshot per statement).
+const HOT_PATH_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
+    SET LOCAL enable_hashjoin = off; \
+    SET LOCAL enable_mergejoin = off; SET LOCAL enable_bitmapscan = off; \
+    SET LOCAL enable_seqscan = off";
+
 /// Runs `$body` (which uses `$conn: &mut PgConnection`) in a transaction of `$store`'s
 /// pool, committing when it returns `Ok`.
 macro_rules! transact {
     ($store:ident, $conn:ident => $body:expr) => {{
-        let mut tx = $store.pool.begin().await.map_err(error::map)?;
+        let tx = $store.pool.begin().await.map_err(error::map)?;
+        transact!(@run tx, $conn => $body)
+    }};
+    // A hot path (claim, complete, heartbeat, release, rescue): planned so that its cost is
+    // the rows it touches whatever the table's statistics say (`HOT_PATH_BEGIN`).
+    ($store:ident, hot $conn:ident => $body:expr) => {{
+        let tx = $store
+            .pool
+            .begin_with(AssertSqlSafe(HOT_PATH_BEGIN))
+            .await
+            .map_err(error::map)?;
+        transact!(@run tx, $conn => $body)
+    }};
+    (@run $tx:ident, $conn:ident => $body:expr) => {{
+        let mut tx = $tx;
         let $conn: &mut PgConnection = &mut tx;
         match $body.await {
             Ok(out) => {
@@ -744,20 +776,20 @@ impl Store for PostgresStore {
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
-        transact!(self, conn => lifecycle::complete(conn, &self.sql, completions))
+        transact!(self, hot conn => lifecycle::complete(conn, &self.sql, completions))
     }
 
     async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
         fascicle_api::validate_lease(lease)?;
-        transact!(self, conn => lifecycle::heartbeat(conn, &self.sql, leases, lease))
+        transact!(self, hot conn => lifecycle::heartbeat(conn, &self.sql, leases, lease))
     }
 
     async fn release(&self, leases: &[Lease]) -> Result<u64> {
-        transact!(self, conn => lifecycle::release(conn, &self.sql, leases))
+        transact!(self, hot conn => lifecycle::release(conn, &self.sql, leases))
     }
 
     async fn rescue_expired_leases(&self) -> Result<RescueReport> {
-        transact!(self, conn => lifecycle::rescue(conn, &self.sql))
+        transact!(self, hot conn => lifecycle::rescue(conn, &self.sql))
     }
 
     async fn reconcile_orphan_parents(&self) -> Result<ReconcileReport> {
@@ -791,17 +823,6 @@ impl Store for PostgresStore {
 }
 
 impl PostgresStore {
-    /// For plan tests: `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` of the claim statement
-    /// `request` would run (no kind limited), in a transaction rolled back — nothing is
-    /// claimed.
-    #[doc(hidden)]
-    pub async fn explain_claim(&self, request: &ClaimRequest) -> Result<serde_json::Value> {
-        let mut tx = self.pool.begin().await.map_err(error::map)?;
-        let plan = lifecycle::explain_claim(&mut tx, &self.sql, request).await;
-        let _ = tx.rollback().await;
-        plan
-    }
-
     async fn claim_once(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
         let (check_limits, generation) = {
             let cache = self.no_limits_since.lock().expect("limits cache");
@@ -811,7 +832,7 @@ impl PostgresStore {
             (check, cache.generation)
         };
         let (claimed, limits_stored) =
-            transact!(self, conn => lifecycle::claim(conn, &self.sql, request, check_limits))?;
+            transact!(self, hot conn => lifecycle::claim(conn, &self.sql, request, check_limits))?;
         if check_limits {
             let mut cache = self.no_limits_since.lock().expect("limits cache");
             if cache.generation == generation {
