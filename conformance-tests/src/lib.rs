@@ -10,6 +10,7 @@ use fascicle_api::{OperationId, Store};
 pub mod broken;
 pub mod cases;
 pub mod faults;
+pub mod hot_paths;
 pub mod model;
 
 /// A boxed, sendable future with no output, as every case returns.

@@ -18,18 +18,13 @@
 mod common;
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
-use fascicle_api::{
-    ClaimRequest, ClaimedOperation, Completion, Lease, NewBatch, NewOperation, Outcome, Queue,
-    Store,
-};
+use fascicle_api::Store;
+use fascicle_conformance::hot_paths;
 use fascicle_postgres::sqlx::{self, AssertSqlSafe};
 use fascicle_postgres::{PostgresOptions, PostgresStore};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-/// Rows handled by each measured call.
-const ROWS: u64 = 128;
 /// Shared buffers one call may touch per row it handles, plus a constant: for each row its
 /// index entries, its heap page, its lock, its new version and the index entries of that,
 /// its parent's row — never the backlog. What was measured is printed beside.
@@ -168,6 +163,18 @@ fn nodes(node: &Value, out: &mut Vec<(String, u64)>) {
     }
 }
 
+/// The workload's measure: checks each call's statements (a call of no rows is not a hot
+/// call: what it ran is discarded).
+fn measure(state: &str) -> impl FnMut(&str, u64) + '_ {
+    move |call, rows| {
+        if rows == 0 {
+            take_statements();
+        } else {
+            check(state, call, rows);
+        }
+    }
+}
+
 /// Checks the statements of one call that handled `rows` rows.
 fn check(state: &str, call: &str, rows: u64) {
     let statements = take_statements();
@@ -213,131 +220,6 @@ fn check(state: &str, call: &str, rows: u64) {
     );
 }
 
-fn request(kinds: Option<&[&str]>, limit: u64, lease: Duration) -> ClaimRequest {
-    ClaimRequest {
-        worker_id: "plans".into(),
-        limit: limit as usize,
-        lease,
-        kinds: kinds.map(|kinds| kinds.iter().map(|k| k.to_string()).collect()),
-    }
-}
-
-fn leases(claimed: &[ClaimedOperation]) -> Vec<Lease> {
-    claimed
-        .iter()
-        .map(|c| Lease {
-            id: c.operation.id,
-            token: c.lease_token,
-        })
-        .collect()
-}
-
-fn completions(claimed: &[ClaimedOperation], outcome: impl Fn() -> Outcome) -> Vec<Completion> {
-    claimed
-        .iter()
-        .map(|c| Completion {
-            id: c.operation.id,
-            lease_token: c.lease_token,
-            outcome: outcome(),
-        })
-        .collect()
-}
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-/// Claims `ROWS` of `kind` (named) and checks the claim.
-async fn claim(
-    store: &dyn Store,
-    state: &str,
-    kind: &str,
-    lease: Duration,
-) -> Vec<ClaimedOperation> {
-    take_statements();
-    let claimed = store
-        .claim(&request(Some(&[kind]), ROWS, lease))
-        .await
-        .unwrap();
-    assert_eq!(claimed.len() as u64, ROWS, "{state}: claim of {kind}");
-    check(state, &format!("claim of {kind}"), ROWS);
-    claimed
-}
-
-/// Every hot call once, each checked.
-async fn every_hot_path(queue: &Queue, store: &dyn Store, state: &str) {
-    // The claim of named kinds, of two kinds, and of any kind.
-    let named = claim(store, state, "solo", HOUR).await;
-    take_statements();
-    let two = store
-        .claim(&request(Some(&["work", "solo"]), ROWS, HOUR))
-        .await
-        .unwrap();
-    assert_eq!(two.len() as u64, ROWS);
-    check(state, "claim of two kinds", ROWS);
-    let any = store.claim(&request(None, ROWS, HOUR)).await.unwrap();
-    assert_eq!(any.len() as u64, ROWS);
-    check(state, "claim of any kind", ROWS);
-
-    // Heartbeat, then release.
-    let held = leases(&named);
-    let status = store.heartbeat(&held, HOUR).await.unwrap();
-    assert!(status.iter().all(|s| s.held));
-    check(state, "heartbeat", ROWS);
-    assert_eq!(store.release(&held).await.unwrap(), ROWS);
-    check(state, "release", ROWS);
-    for claimed in [two, any] {
-        store.release(&leases(&claimed)).await.unwrap();
-    }
-
-    // Completions of every outcome, stand-alone and batch children.
-    for (kind, outcome) in [
-        ("solo", "completed"),
-        ("work", "completed"),
-        ("solo", "retried"),
-        ("solo", "failed"),
-        ("work", "failed"),
-        ("work", "cancelled"),
-    ] {
-        let claimed = claim(store, state, kind, HOUR).await;
-        let applied = store
-            .complete(&completions(&claimed, || match outcome {
-                "completed" => Outcome::Completed(json!({ "ok": true })),
-                "retried" => Outcome::Retry {
-                    error: "try again".into(),
-                    run_at: chrono::Utc::now() + chrono::Duration::hours(1),
-                },
-                "failed" => Outcome::Failed("broken".into()),
-                _ => Outcome::Cancelled("stopped".into()),
-            }))
-            .await
-            .unwrap();
-        assert!(applied.iter().all(|a| *a == fascicle_api::Applied::Applied));
-        check(state, &format!("complete {kind} ({outcome})"), ROWS);
-    }
-
-    // The last children of a batch: its parent finishes in the same call.
-    queue
-        .submit_batch(
-            NewBatch::new("closing")
-                .children((0..ROWS).map(|i| NewOperation::new("closing", json!({ "i": i })))),
-        )
-        .await
-        .unwrap();
-    let claimed = claim(store, state, "closing", HOUR).await;
-    store
-        .complete(&completions(&claimed, || Outcome::Completed(Value::Null)))
-        .await
-        .unwrap();
-    check(state, "complete the last children of a batch", ROWS);
-
-    // Rescue: ROWS expired leases among the 10,000 held.
-    let expiring = claim(store, state, "solo", Duration::from_millis(1)).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    take_statements();
-    let rescued = store.rescue_expired_leases().await.unwrap();
-    assert_eq!(rescued.requeued, expiring.len() as u64, "{state}: rescue");
-    check(state, "rescue", ROWS);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_hot_path_touches_the_rows_it_handles_not_the_backlog() {
     let database = match common::database().await {
@@ -362,41 +244,13 @@ async fn every_hot_path_touches_the_rows_it_handles_not_the_backlog() {
     .await
     .unwrap();
     let shared: Arc<dyn Store> = Arc::new(store.clone());
-    let queue = Queue::new(Arc::clone(&shared));
-
-    // 50,000 stand-alone operations (one transaction) and 50,000 batch children.
-    let now = chrono::Utc::now();
-    let solos: Vec<_> = (0..50_000)
-        .map(|i| {
-            queue
-                .limits()
-                .prepare_operation(NewOperation::new("solo", json!({ "i": i })), None, now)
-                .unwrap()
-        })
-        .collect();
-    let mut tx = shared.begin().await.unwrap();
-    tx.insert_children(&solos).await.unwrap();
-    tx.commit().await.unwrap();
-    for chunk in 0..5 {
-        queue
-            .submit_batch(NewBatch::new("fill").children(
-                (0..10_000).map(|i| NewOperation::new("work", json!({ "i": i, "chunk": chunk }))),
-            ))
-            .await
-            .unwrap();
-    }
-    // 10,000 held by a worker: the rescue's expired leases are found among them.
-    let held = shared
-        .claim(&request(Some(&["work"]), 10_000, HOUR))
-        .await
-        .unwrap();
-    assert_eq!(held.len(), 10_000);
+    // 50,000 stand-alone operations and 50,000 batch children, 10,000 of them held.
+    hot_paths::fill(&shared, 50_000, 50_000).await;
     take_statements();
-
-    every_hot_path(&queue, shared.as_ref(), "never analysed").await;
+    hot_paths::every_hot_path(&shared, measure("never analysed")).await;
     for round in 1..=3 {
         analyse(&store).await;
-        every_hot_path(&queue, shared.as_ref(), &format!("analysed ({round})")).await;
+        hot_paths::every_hot_path(&shared, measure(&format!("analysed ({round})"))).await;
     }
 
     // 1,000,000 operations completed, their dead versions kept (no vacuum). They ran
@@ -421,27 +275,20 @@ async fn every_hot_path_touches_the_rows_it_handles_not_the_backlog() {
     );
     sql(&store, &statement).await;
     for kinds in [Some(&["solo"][..]), Some(&["work"][..]), None] {
-        let passed = shared.claim(&request(kinds, 1, HOUR)).await.unwrap();
-        shared.release(&leases(&passed)).await.unwrap();
+        let passed = shared
+            .claim(&hot_paths::request(kinds, 1, hot_paths::HOUR))
+            .await
+            .unwrap();
+        shared.release(&hot_paths::leases(&passed)).await.unwrap();
     }
     take_statements();
     DEAD_AHEAD.store(true, std::sync::atomic::Ordering::Relaxed);
-    every_hot_path(&queue, shared.as_ref(), "after 1,000,000 completed").await;
+    hot_paths::every_hot_path(&shared, measure("after 1,000,000 completed")).await;
     analyse(&store).await;
-    every_hot_path(
-        &queue,
-        shared.as_ref(),
-        "after 1,000,000 completed, analysed",
-    )
-    .await;
+    hot_paths::every_hot_path(&shared, measure("after 1,000,000 completed, analysed")).await;
     DEAD_AHEAD.store(false, std::sync::atomic::Ordering::Relaxed);
     sql(&store, &format!("VACUUM {}.operations", store.schema())).await;
-    every_hot_path(
-        &queue,
-        shared.as_ref(),
-        "after 1,000,000 completed, vacuumed",
-    )
-    .await;
+    hot_paths::every_hot_path(&shared, measure("after 1,000,000 completed, vacuumed")).await;
     common::drop_schema(&store).await;
 }
 

@@ -50,6 +50,7 @@ pub struct SqliteOptions {
     busy_timeout: Duration,
     max_idle_connections: usize,
     cache_size_kib: u32,
+    on_statement: Option<fn(rusqlite::trace::TraceEvent<'_>)>,
 }
 
 impl SqliteOptions {
@@ -61,7 +62,17 @@ impl SqliteOptions {
             busy_timeout: Duration::from_secs(5),
             max_idle_connections: 8,
             cache_size_kib: 32 * 1024,
+            on_statement: None,
         }
+    }
+
+    /// For the plan tests: `f` is called as each statement of this store's connections
+    /// starts and ends (SQLite's `SQLITE_TRACE_STMT` and `SQLITE_TRACE_PROFILE`), with
+    /// the statement and its counters.
+    #[doc(hidden)]
+    pub fn on_statement(mut self, f: fn(rusqlite::trace::TraceEvent<'_>)) -> Self {
+        self.on_statement = Some(f);
+        self
     }
 
     /// Sync mode; default [`Synchronous::Full`].
@@ -136,6 +147,13 @@ impl Inner {
         ))
         .map_err(|e| error::storage(&self.location, e))?;
         conn.set_prepared_statement_cache_capacity(32);
+        if let Some(f) = self.options.on_statement {
+            conn.trace_v2(
+                rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT
+                    | rusqlite::trace::TraceEventCodes::SQLITE_TRACE_PROFILE,
+                Some(f),
+            );
+        }
         Ok(conn)
     }
 
