@@ -28,7 +28,7 @@ fn runs(args: &Args) -> usize {
 }
 
 /// Fills the store with `n` no-op operations, in batches of 10,000.
-async fn fill(store: &Arc<dyn Store>, n: usize) -> Result<(), BoxError> {
+pub(crate) async fn fill(store: &Arc<dyn Store>, n: usize) -> Result<(), BoxError> {
     let queue = Queue::new(Arc::clone(store));
     let mut left = n;
     while left > 0 {

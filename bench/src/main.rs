@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules]... [--quick] [--json] [--runs N]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog]... [--quick] [--json] [--runs N]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -10,6 +10,7 @@
 //! `fascicle_bench_<random>` and drops it at the end. SQLite runs on temporary files.
 
 mod aggregation;
+mod backlog;
 mod drain;
 mod latency;
 mod limits;
@@ -46,9 +47,10 @@ enum Scenario {
     Aggregation,
     Limits,
     Schedules,
+    Backlog,
 }
 
-const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules]... [--quick] [--json] [--runs N]";
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog]... [--quick] [--json] [--runs N]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -82,6 +84,7 @@ fn parse_args() -> Result<Args, String> {
                     "aggregation" => Scenario::Aggregation,
                     "limits" => Scenario::Limits,
                     "schedules" => Scenario::Schedules,
+                    "backlog" => Scenario::Backlog,
                     other => return Err(format!("unknown scenario `{other}`\n{USAGE}")),
                 });
             }
@@ -244,6 +247,7 @@ async fn main() {
             Scenario::Aggregation,
             Scenario::Limits,
             Scenario::Schedules,
+            Scenario::Backlog,
         ] {
             if !wanted(scenario) {
                 continue;
@@ -258,6 +262,9 @@ async fn main() {
                 (Driver::Sqlite, Scenario::Limits) => limits::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Limits) => limits::postgres(&args, &url).await,
                 (Driver::Memory, Scenario::Schedules) => schedules::memory(&args).await,
+                (Driver::Memory, Scenario::Backlog) => backlog::memory(&args).await,
+                (Driver::Sqlite, Scenario::Backlog) => backlog::sqlite(&args).await,
+                (Driver::Postgres, Scenario::Backlog) => backlog::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Schedules) => schedules::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Schedules) => schedules::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Submit) => submit::sqlite(&args).await,
