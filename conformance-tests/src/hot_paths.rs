@@ -1,5 +1,6 @@
 //! The workload of the plan tests (issue #20): every hot call of a store once — claims of
-//! one kind, of two and of any kind, heartbeat, release, completions of every outcome
+//! one kind, of two, of any kind and of a limited kind (every claim counts its running
+//! operations), heartbeat, release, completions of every outcome
 //! (stand-alone operations and batch children, and the last children of a batch), the
 //! rescue of expired leases — each handling [`ROWS`] rows, over a backlog from [`fill`].
 //!
@@ -12,8 +13,8 @@ use std::time::Duration;
 
 use fascicle_api::chrono::{self, Utc};
 use fascicle_api::{
-    Applied, ClaimRequest, ClaimedOperation, Completion, Lease, NewBatch, NewOperation, Outcome,
-    Queue, Store,
+    Applied, ClaimRequest, ClaimedOperation, Completion, KindLimit, Lease, NewBatch, NewOperation,
+    Outcome, Queue, Store,
 };
 use serde_json::{Value, json};
 
@@ -57,20 +58,32 @@ fn completions(claimed: &[ClaimedOperation], outcome: impl Fn() -> Outcome) -> V
         .collect()
 }
 
-/// The backlog: `solos` stand-alone operations of kind `solo` (one transaction) and
-/// `children` batch children of kind `work` in batches of 10,000; then [`HELD`] of the
-/// `work` claimed and held.
+/// Operations of the kind limited to [`CAPPED_RUNNING`] running, stand-alone.
+pub const CAPPED: usize = 10_000;
+/// The running limit of kind `capped`: every claim counts that kind's running operations.
+pub const CAPPED_RUNNING: u32 = 1_000;
+
+/// The backlog: `solos` stand-alone operations of kind `solo` and [`CAPPED`] of kind
+/// `capped` (limited to [`CAPPED_RUNNING`] running), in one transaction, and `children`
+/// batch children of kind `work` in batches of 10,000; then [`HELD`] of the `work`
+/// claimed and held.
 pub async fn fill(store: &Arc<dyn Store>, solos: usize, children: usize) {
     let queue = Queue::new(Arc::clone(store));
     let now = Utc::now();
     let records: Vec<_> = (0..solos)
-        .map(|i| {
+        .map(|i| ("solo", i))
+        .chain((0..CAPPED).map(|i| ("capped", i)))
+        .map(|(kind, i)| {
             queue
                 .limits()
-                .prepare_operation(NewOperation::new("solo", json!({ "i": i })), None, now)
+                .prepare_operation(NewOperation::new(kind, json!({ "i": i })), None, now)
                 .expect("a valid operation")
         })
         .collect();
+    store
+        .set_limit("capped", KindLimit::running(CAPPED_RUNNING))
+        .await
+        .expect("set the limit");
     let mut tx = store.begin().await.expect("begin");
     tx.insert_children(&records).await.expect("insert");
     tx.commit().await.expect("commit");
@@ -128,6 +141,13 @@ pub async fn every_hot_path(store: &Arc<dyn Store>, mut measure: impl FnMut(&str
         .expect("claim");
     assert_eq!(any.len() as u64, ROWS);
     measure("claim of any kind", ROWS);
+    // A limited kind: its running operations counted under its limit's lock.
+    let capped = claim(store, "capped", HOUR, measure).await;
+    store
+        .complete(&completions(&capped, || Outcome::Completed(Value::Null)))
+        .await
+        .expect("complete");
+    measure("(complete capped, not measured)", 0);
 
     // Heartbeat, then release.
     let held = leases(&named);

@@ -52,7 +52,7 @@ pub(crate) async fn claim(
     let mut full: HashSet<String> = HashSet::new();
     if check_limits {
         // The recount after the lock needs a snapshot per statement: the claim's
-        // transaction is READ COMMITTED (`HOT_PATH_BEGIN`).
+        // transaction is READ COMMITTED (`STORE_BEGIN`).
         let limited = limited_rooms(conn, sql, request.kinds.as_deref()).await?;
         limits_stored = limited.stored;
         full = limited.full;
@@ -166,8 +166,10 @@ impl StoredLimit {
 
 const READ_LIMITS: &str = "SELECT l.kind, l.max_running, l.rate_starts, l.rate_period_us,
         l.recent_starts,
+        -- A worker's id is set exactly while processing: the predicate of the index of
+        -- each kind's running rows, which no other statement states.
         (SELECT count(*) FROM {s}.operations AS o
-         WHERE o.status = 'processing' AND o.kind = l.kind),
+         WHERE o.kind = l.kind AND o.worker_id IS NOT NULL AND o.status = 'processing'),
         clock_timestamp()
     FROM {s}.kind_limits AS l";
 
@@ -533,6 +535,8 @@ async fn finalize_moved(
                 cancel_requested: None,
             })
             .collect();
+        let ids: Vec<Uuid> = cancelled.iter().map(|(id, _)| *id).collect();
+        lock_parents_of(conn, sql, &ids).await?;
         let rows = end_statement(conn, sql, &endings).await?;
         read_moved(&rows, &mut cascade_changed, &mut ended, &mut moved)?;
     }
@@ -754,9 +758,10 @@ struct Ending<'a> {
 
 /// Makes operations terminal in one set-based statement — `cancel_pending`,
 /// `release_after_cancel`, `rescue_exhausted`, `rescue_after_cancel` — each guarded by
-/// the state, token, expiry and cancel flag its row of the table names, parents locked
-/// first and their counters moved in the same statement, then takes the step to its end
-/// ([`finalize_moved`]). Returns the ids that changed.
+/// the state, token, expiry and cancel flag its row of the table names, their counters
+/// moved in the same statement, then takes the step to its end ([`finalize_moved`]).
+/// Every caller has locked the rows with their trees first (`lock_parents_of`, the one
+/// lock order) and read their state under that lock. Returns the ids that changed.
 async fn end_operations(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -769,14 +774,14 @@ async fn end_operations(
     finalize_moved(conn, sql, &rows).await
 }
 
-/// The statement of [`end_operations`], with [`MOVE_PARENTS`]'s rows.
+/// The statement of [`end_operations`], with [`MOVE_PARENTS`]'s rows. The caller has
+/// locked the rows and their trees (`lock_parents_of`).
 async fn end_statement(
     conn: &mut PgConnection,
     sql: &Sql,
     endings: &[Ending<'_>],
 ) -> Result<Vec<sqlx::postgres::PgRow>> {
     let ids: Vec<Uuid> = endings.iter().map(|e| e.id).collect();
-    lock_parents_of(conn, sql, &ids).await?;
     let tokens: Vec<Option<Uuid>> = endings.iter().map(|e| e.token).collect();
     let from: Vec<&str> = endings.iter().map(|e| e.from.as_str()).collect();
     let to: Vec<&str> = endings.iter().map(|e| e.to.as_str()).collect();

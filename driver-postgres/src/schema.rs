@@ -308,6 +308,13 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX {schema}.operations_leases;
     CREATE INDEX operations_leases ON {schema}.operations (lease_expires_at)
         WHERE lease_expires_at IS NOT NULL;
+    -- Each kind's running rows, for a claim that counts a limited kind's (`kind_limits`).
+    -- Partial on another column set exactly while processing (the worker's id), which
+    -- only that count states: neither the rescuer's range nor the updates by id can take
+    -- it, and the count cannot take the lease index (it read every running row of every
+    -- kind through it once analysed).
+    CREATE INDEX operations_running_by_kind ON {schema}.operations (kind)
+        WHERE worker_id IS NOT NULL;
     -- A claim's index scan passes the dead entries of the operations claimed before (in
     -- claim order they lie ahead of the backlog) until a vacuum removes them: vacuum this
     -- table at 1% dead rows, not autovacuum's default 20% (where autovacuum runs).

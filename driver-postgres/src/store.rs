@@ -23,43 +23,51 @@ use crate::lifecycle;
 use crate::schema::{self, Sql, sql};
 use crate::tx::{PostgresTransaction, insert_children, insert_parent};
 
-/// How a hot path's transaction begins, in the one round trip of its `BEGIN`: the join
-/// and scan methods whose cost grows with the table, not with the rows a statement
-/// touches, are off for the transaction. Every hot statement joins a short input (an
-/// `unnest` of the ids at hand, or a claim's few rows) with `operations` by its primary
-/// key, or walks an index in claim order with a limit; left to costs, a planner without
-/// statistics (or with stale ones) has chosen to hash the processing rows of the whole
-/// table, or to bitmap-scan every pending row and sort them, to update 128. With these
-/// off, a nested loop over the input with an index lookup per row is the only cheap plan
-/// left (a disabled method stays possible, at a penalty, where nothing else exists).
+/// How every transaction of the store begins, in the one round trip of its `BEGIN`: the
+/// join and scan methods whose cost grows with the table, not with the rows a statement
+/// touches, are off for the transaction. Every statement of the lifecycle joins a short
+/// input (an `unnest` of the ids at hand, or a claim's few rows) with `operations` by its
+/// primary key, walks an index in claim order with a limit, or follows a batch's rows by
+/// parent; left to costs, a planner without statistics (or with stale ones) has chosen to
+/// hash the processing rows of the whole table, or to bitmap-scan every pending row and
+/// sort them, to update 128. With these off, a nested loop over the input with an index
+/// lookup per row is the only cheap plan left (a disabled method stays possible, at a
+/// penalty, where nothing else exists).
 ///
-/// READ COMMITTED whatever the server's default: the hot paths are written for it (a
+/// The same settings for every transaction of the store, not only the hot paths': a
+/// prepared statement's generic plan is cached per connection and kept whatever the
+/// settings of a later transaction, so a statement the hot paths share with others (the
+/// tree lock, the terminal update) must be planned under the same settings everywhere.
+///
+/// READ COMMITTED whatever the server's default: the lifecycle is written for it (a
 /// claim's `SKIP LOCKED` and its recount of a limited kind after locking it need a
 /// snapshot per statement).
-const HOT_PATH_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
-    SET LOCAL enable_hashjoin = off; \
-    SET LOCAL enable_mergejoin = off; SET LOCAL enable_bitmapscan = off; \
-    SET LOCAL enable_seqscan = off";
+///
+/// JIT compilation is off too: a statement the planner overestimates (an empty table never
+/// analysed is estimated at hundreds of rows) was JIT-compiled on every claim, 5.6 ms
+/// each, to read one row.
+const STORE_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
+    SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
+    SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
+
+/// The planner settings `STORE_BEGIN` turns off (and `complete_in` for its call).
+const PLANNER_SETTINGS: &[&str] = &[
+    "enable_hashjoin",
+    "enable_mergejoin",
+    "enable_bitmapscan",
+    "enable_seqscan",
+    "jit",
+];
 
 /// Runs `$body` (which uses `$conn: &mut PgConnection`) in a transaction of `$store`'s
 /// pool, committing when it returns `Ok`.
 macro_rules! transact {
     ($store:ident, $conn:ident => $body:expr) => {{
-        let tx = $store.pool.begin().await.map_err(error::map)?;
-        transact!(@run tx, $conn => $body)
-    }};
-    // A hot path (claim, complete, heartbeat, release, rescue): planned so that its cost is
-    // the rows it touches whatever the table's statistics say (`HOT_PATH_BEGIN`).
-    ($store:ident, hot $conn:ident => $body:expr) => {{
-        let tx = $store
+        let mut tx = $store
             .pool
-            .begin_with(AssertSqlSafe(HOT_PATH_BEGIN))
+            .begin_with(AssertSqlSafe(STORE_BEGIN))
             .await
             .map_err(error::map)?;
-        transact!(@run tx, $conn => $body)
-    }};
-    (@run $tx:ident, $conn:ident => $body:expr) => {{
-        let mut tx = $tx;
         let $conn: &mut PgConnection = &mut tx;
         match $body.await {
             Ok(out) => {
@@ -372,12 +380,37 @@ impl PostgresStore {
     /// }
     /// # Ok(()) }
     /// ```
+    ///
+    /// Its statements run under the store's planner settings (see `STORE_BEGIN` in the
+    /// crate's README: hash and merge joins, bitmap and sequential scans off), set for
+    /// the call only: your transaction's own settings are restored before it returns, so
+    /// your statements plan as before and the store's prepared statements are never
+    /// planned under other settings than its own. Its isolation is yours: under
+    /// REPEATABLE READ or SERIALIZABLE a completion racing another change of the same row
+    /// fails with a transient serialization error (retry the transaction).
     pub async fn complete_in(
         &self,
         conn: &mut PgConnection,
         completions: &[Completion],
     ) -> Result<Vec<Applied>> {
-        lifecycle::complete(conn, &self.sql, completions).await
+        let yours: Vec<String> = sqlx::query_scalar(
+            "SELECT old FROM unnest($1::text[]) AS s(name),
+                 LATERAL (SELECT current_setting(s.name) AS old,
+                                 set_config(s.name, 'off', true)) AS c",
+        )
+        .bind(PLANNER_SETTINGS)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(error::map)?;
+        let applied = lifecycle::complete(conn, &self.sql, completions).await?;
+        // (After an error the transaction is aborted: it rolls back, settings included.)
+        sqlx::query("SELECT set_config(name, old, true) FROM unnest($1::text[], $2::text[]) AS s(name, old)")
+            .bind(PLANNER_SETTINGS)
+            .bind(&yours)
+            .execute(&mut *conn)
+            .await
+            .map_err(error::map)?;
+        Ok(applied)
     }
 }
 
@@ -460,7 +493,11 @@ impl Store for PostgresStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>> {
-        let tx = self.pool.begin().await.map_err(error::map)?;
+        let tx = self
+            .pool
+            .begin_with(AssertSqlSafe(STORE_BEGIN))
+            .await
+            .map_err(error::map)?;
         Ok(Box::new(PostgresTransaction::new(
             tx,
             Arc::clone(&self.sql),
@@ -776,20 +813,20 @@ impl Store for PostgresStore {
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
-        transact!(self, hot conn => lifecycle::complete(conn, &self.sql, completions))
+        transact!(self, conn => lifecycle::complete(conn, &self.sql, completions))
     }
 
     async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
         fascicle_api::validate_lease(lease)?;
-        transact!(self, hot conn => lifecycle::heartbeat(conn, &self.sql, leases, lease))
+        transact!(self, conn => lifecycle::heartbeat(conn, &self.sql, leases, lease))
     }
 
     async fn release(&self, leases: &[Lease]) -> Result<u64> {
-        transact!(self, hot conn => lifecycle::release(conn, &self.sql, leases))
+        transact!(self, conn => lifecycle::release(conn, &self.sql, leases))
     }
 
     async fn rescue_expired_leases(&self) -> Result<RescueReport> {
-        transact!(self, hot conn => lifecycle::rescue(conn, &self.sql))
+        transact!(self, conn => lifecycle::rescue(conn, &self.sql))
     }
 
     async fn reconcile_orphan_parents(&self) -> Result<ReconcileReport> {
@@ -832,7 +869,7 @@ impl PostgresStore {
             (check, cache.generation)
         };
         let (claimed, limits_stored) =
-            transact!(self, hot conn => lifecycle::claim(conn, &self.sql, request, check_limits))?;
+            transact!(self, conn => lifecycle::claim(conn, &self.sql, request, check_limits))?;
         if check_limits {
             let mut cache = self.no_limits_since.lock().expect("limits cache");
             if cache.generation == generation {

@@ -269,6 +269,7 @@ fn limited_kinds(
         .prepare_cached(
             "SELECT kind, max_running, rate_starts, rate_period_us, recent_starts,
                     (SELECT count(*) FROM fascicle_operations AS o
+                         INDEXED BY fascicle_operations_running_by_kind
                      WHERE o.status = 'processing' AND o.kind = l.kind)
              FROM fascicle_kind_limits AS l",
         )
