@@ -63,7 +63,13 @@ const MASK: &str = "***";
 /// (`host=db password='s3cret'`), which is no URL but still ends up in error messages.
 /// When the text is ambiguous, more is hidden rather than less.
 pub fn redact_url(url: &str) -> String {
-    match url.find("://") {
+    // A scheme is a letter then letters, digits, `+`, `-` or `.`; text before `://`
+    // that is no scheme (`://user:pass@…`, or a password holding `://`) is no URL.
+    let is_scheme = |s: &str| {
+        s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    };
+    match url.find("://").filter(|&end| is_scheme(&url[..end])) {
         Some(scheme_end) => {
             let (scheme, rest) = url.split_at(scheme_end + 3);
             format!("{scheme}{}", redact_query_passwords(&redact_userinfo(rest)))

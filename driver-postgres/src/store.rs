@@ -215,9 +215,7 @@ impl PostgresStore {
     pub async fn connect_with(options: PostgresOptions) -> Result<Self> {
         schema::validate_schema(&options.schema)?;
         let location = redact_url(&options.url);
-        let mut connect = PgConnectOptions::from_str(&options.url).map_err(|e| {
-            Error::InvalidInput(format!("{location} is not a usable PostgreSQL URL: {e}"))
-        })?;
+        let mut connect = connect_options(&options.url)?;
         if let Some(name) = &options.application_name {
             connect = connect.application_name(name);
         }
@@ -412,6 +410,18 @@ impl PostgresStore {
             .map_err(error::map)?;
         Ok(applied)
     }
+}
+
+/// The connection options `url` names, or `InvalidInput` naming the URL with its password
+/// hidden — whatever the URL, and whatever the parser's message quotes of it.
+fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    PgConnectOptions::from_str(url).map_err(|e| {
+        Error::InvalidInput(format!(
+            "{} is not a usable PostgreSQL URL: {}",
+            redact_url(url),
+            redact_url(&e.to_string())
+        ))
+    })
 }
 
 pub(crate) fn operation_from_row(row: &PgRow) -> sqlx::Result<Operation> {
@@ -891,4 +901,40 @@ fn stored_schedule(row: &PgRow) -> Result<fascicle_api::StoredSchedule> {
         next_tick: row.try_get(4).map_err(error::map)?,
         version: row.try_get(5).map_err(error::map)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Any URL with a password — any characters in it, any text around it — is
+        /// options or `InvalidInput`, and the password appears in neither the error nor
+        /// the options' `Debug` (issue #19). Never a panic.
+        #[test]
+        fn no_url_echoes_its_password(
+            scheme in prop_oneof![Just("postgres://"), Just("postgresql://"), Just("")],
+            user in "[a-z%:]{0,6}",
+            password in "[^\u{0}]{8,16}",
+            host in "[a-z0-9.:\\[\\]%-]{0,12}",
+            rest in "[^\u{0}]{0,16}",
+        ) {
+            let url = format!("{scheme}{user}:{password}@{host}{rest}");
+            // The password must not stand elsewhere in the URL, or the check would be moot.
+            prop_assume!(!format!("{scheme}{user}{host}{rest}").contains(password.as_str()));
+            match connect_options(&url) {
+                Ok(_) => {}
+                Err(Error::InvalidInput(message)) => prop_assert!(
+                    !message.contains(password.as_str()),
+                    "{message}"
+                ),
+                Err(other) => prop_assert!(false, "{other:?}"),
+            }
+            let debug = format!("{:?}", PostgresOptions::new(url));
+            prop_assert!(!debug.contains(password.as_str()), "{debug}");
+        }
+    }
 }

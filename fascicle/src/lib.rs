@@ -41,15 +41,15 @@ fn parse(url: &str) -> Result<(Scheme, &str)> {
     if url == "sqlite::memory:" || url == "sqlite://:memory:" {
         return Ok((Scheme::SqliteTemporary, ""));
     }
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        if path.is_empty() {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        if path.trim().is_empty() {
             return Err(Error::InvalidInput(
                 "sqlite:// needs a file path, e.g. sqlite://fascicle.db".into(),
             ));
         }
-        return Ok((Scheme::Sqlite, path));
-    }
-    if let Some(path) = url.strip_prefix("sqlite:") {
         return Ok((Scheme::Sqlite, path));
     }
     if url == "memory://" || url == "memory:" {
@@ -184,6 +184,46 @@ mod tests {
         assert_eq!(parse("memory://").unwrap().0, Scheme::Memory);
         for bad in ["", "sqlite://", "mysql://root@h/db", "redis://h"] {
             assert!(matches!(parse(bad), Err(Error::InvalidInput(_))), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2000,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Any text as a database URL: a driver and its part, or `InvalidInput` that
+        /// names the accepted schemes, and never quotes what follows `://` (a password
+        /// may be there) (issue #19). Never a panic.
+        #[test]
+        fn any_url_is_a_driver_or_a_typed_error_that_echoes_no_secret(
+            scheme in "[a-z+.-]{0,10}",
+            separator in proptest::prop_oneof![
+                proptest::prelude::Just("://"),
+                proptest::prelude::Just(":"),
+                proptest::prelude::Just(""),
+            ],
+            rest in "[^\u{0}]{0,30}",
+        ) {
+            let url = format!("{scheme}{separator}{rest}");
+            match parse(&url) {
+                Ok((Scheme::Sqlite, path)) => proptest::prop_assert!(!path.is_empty()),
+                Ok(_) => {}
+                Err(Error::InvalidInput(message)) => {
+                    proptest::prop_assert!(
+                        message.contains("sqlite://"),
+                        "the refusal names no accepted scheme: {}", message
+                    );
+                    if rest.trim().len() >= 6 && separator == "://" {
+                        proptest::prop_assert!(
+                            !message.contains(rest.trim()),
+                            "the refusal quotes the URL: {}", message
+                        );
+                    }
+                }
+                Err(other) => proptest::prop_assert!(false, "{:?}", other),
+            }
         }
     }
 

@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+pub mod generated;
+
 /// The operation kind the chaos worker handles.
 pub const KIND: &str = "chaos";
 

@@ -23,7 +23,9 @@ pub struct Document {
 /// folders are skipped), or a `.jsonl` file of `{"document_id", "text", "tags"}` lines.
 ///
 /// Errors are `Error::InvalidInput` naming the file (and line) at fault: a missing path,
-/// a file that is not UTF-8, a malformed line, a duplicate document id, no documents.
+/// a file or line that is not UTF-8, a malformed line, a NUL character (no store keeps
+/// it), a duplicate document id, no documents. A `.jsonl` file may start with a UTF-8
+/// byte order mark and end its lines with CRLF.
 pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
     let meta = std::fs::metadata(path)
         .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", path.display())))?;
@@ -43,6 +45,13 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
                         file.display()
                     ))
                 })?;
+                if text.contains('\0') {
+                    return Err(Error::InvalidInput(format!(
+                        "{} holds a NUL character, which no store keeps; only text files \
+                         can be retained",
+                        file.display()
+                    )));
+                }
                 let relative = file.strip_prefix(path).unwrap_or(&file);
                 let document_id = relative
                     .components()
@@ -57,31 +66,7 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
             })
             .collect::<Result<Vec<_>>>()?
     } else if path.extension().is_some_and(|e| e == "jsonl") {
-        let content = std::fs::read_to_string(path).map_err(|e| {
-            Error::InvalidInput(format!("cannot read {} as UTF-8: {e}", path.display()))
-        })?;
-        content
-            .lines()
-            .enumerate()
-            .filter(|(_, line)| !line.trim().is_empty())
-            .map(|(n, line)| {
-                let doc: Document = serde_json::from_str(line).map_err(|e| {
-                    Error::InvalidInput(format!(
-                        "{} line {}: expected {{\"document_id\", \"text\", \"tags\"}}: {e}",
-                        path.display(),
-                        n + 1
-                    ))
-                })?;
-                if doc.document_id.trim().is_empty() {
-                    return Err(Error::InvalidInput(format!(
-                        "{} line {}: document_id is empty",
-                        path.display(),
-                        n + 1
-                    )));
-                }
-                Ok(doc)
-            })
-            .collect::<Result<Vec<_>>>()?
+        return read_jsonl(path);
     } else {
         return Err(Error::InvalidInput(format!(
             "{} is neither a folder nor a .jsonl file",
@@ -98,6 +83,10 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
             )));
         }
     }
+    nonempty(path, documents)
+}
+
+fn nonempty(path: &Path, documents: Vec<Document>) -> Result<Vec<Document>> {
     if documents.is_empty() {
         return Err(Error::InvalidInput(format!(
             "{} holds no documents",
@@ -105,6 +94,53 @@ pub fn read_documents(path: &Path) -> Result<Vec<Document>> {
         )));
     }
     Ok(documents)
+}
+
+/// The documents of a `.jsonl` file, one per non-blank line (a UTF-8 byte order mark at
+/// its start and CRLF line ends are accepted). Every refusal names the file and the line.
+fn read_jsonl(path: &Path) -> Result<Vec<Document>> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
+    let mut documents = Vec::new();
+    // Each document id with the line it came from.
+    let mut lines_of: std::collections::BTreeMap<String, usize> = Default::default();
+    for (n, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let at = || format!("{} line {}", path.display(), n + 1);
+        let line = std::str::from_utf8(line)
+            .map_err(|e| Error::InvalidInput(format!("{}: not UTF-8 text ({e})", at())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let doc: Document = serde_json::from_str(line).map_err(|e| {
+            Error::InvalidInput(format!(
+                "{}: expected {{\"document_id\", \"text\", \"tags\"}}: {e}",
+                at()
+            ))
+        })?;
+        if doc.document_id.trim().is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "{}: document_id is empty",
+                at()
+            )));
+        }
+        let nul = |s: &str| s.contains('\0');
+        if nul(&doc.document_id) || nul(&doc.text) || doc.tags.iter().any(|t| nul(t)) {
+            return Err(Error::InvalidInput(format!(
+                "{}: holds a NUL character (\\u0000), which no store keeps",
+                at()
+            )));
+        }
+        if let Some(first) = lines_of.insert(doc.document_id.clone(), n + 1) {
+            return Err(Error::InvalidInput(format!(
+                "{}: document id `{}` appears twice (first on line {first})",
+                at(),
+                doc.document_id
+            )));
+        }
+        documents.push(doc);
+    }
+    nonempty(path, documents)
 }
 
 fn collect_files(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {

@@ -1,0 +1,165 @@
+//! The CLI's argument values fuzzed (issue #19): ids, durations, kinds, numbers, rates,
+//! cron expressions, zones, payloads and catch-up values of any text, each through the real
+//! binary against a SQLite store holding a batch. Every run exits 0 or with a documented
+//! code (1 failure, 2 invalid input, 3 not found, 4 conflict) and a one-line `error:` —
+//! never a panic (101) — and a run that did not succeed changed nothing in the store.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use fascicle::{NewBatch, NewOperation, Queue, Store};
+use proptest::prelude::*;
+use serde_json::json;
+
+/// The commands, each with one value the generator fills (`{}`).
+const TEMPLATES: &[&[&str]] = &[
+    &["status", "{}"],
+    &["cancel", "{}"],
+    &["retry", "{}"],
+    &["prune", "--older-than", "{}"],
+    &["pause", "{}"],
+    &["resume", "{}"],
+    &["limit", "set", "{}", "--running", "3"],
+    &["limit", "set", "work", "--running", "{}"],
+    &["limit", "set", "work", "--rate", "{}"],
+    &["limit", "clear", "{}"],
+    &["schedule", "add", "{}", "--every", "1m", "--kind", "work"],
+    &["schedule", "add", "s", "--every", "{}", "--kind", "work"],
+    &["schedule", "add", "s", "--cron", "{}", "--kind", "work"],
+    &[
+        "schedule",
+        "add",
+        "s",
+        "--cron",
+        "*/5 * * * *",
+        "--zone",
+        "{}",
+        "--kind",
+        "work",
+    ],
+    &["schedule", "add", "s", "--every", "1m", "--kind", "{}"],
+    &[
+        "schedule",
+        "add",
+        "s",
+        "--every",
+        "1m",
+        "--kind",
+        "work",
+        "--payload",
+        "{}",
+    ],
+    &[
+        "schedule",
+        "add",
+        "s",
+        "--every",
+        "1m",
+        "--kind",
+        "work",
+        "--priority",
+        "{}",
+    ],
+    &[
+        "schedule",
+        "add",
+        "s",
+        "--every",
+        "1m",
+        "--kind",
+        "work",
+        "--catch-up",
+        "{}",
+    ],
+    &[
+        "schedule", "add", "s", "--every", "1m", "--kind", "work", "--grace", "{}",
+    ],
+    &["schedule", "remove", "{}"],
+    &["schedule", "pause", "{}"],
+];
+
+/// Values of any text (no NUL: an argument cannot hold one), numbers at their limits, and
+/// the shapes each argument expects, slightly wrong.
+fn value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "[^\u{0}]{0,24}",
+        2 => any::<i64>().prop_map(|n| n.to_string()),
+        1 => any::<u64>().prop_map(|n| n.to_string()),
+        2 => ("[0-9]{1,22}", "(ms|s|m|h|d|w|y|)").prop_map(|(n, u)| format!("{n}{u}")),
+        1 => ("[0-9]{1,12}", "[0-9]{0,12}", "(ms|s|m|h|d|)").prop_map(|(a, b, u)| format!("{a}/{b}{u}")),
+        1 => "[0-9*/,-]{1,4}( [0-9*/,-]{1,4}){3,7}",
+        1 => "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+        1 => "(run-all=|run-once|skip|)[0-9-]{0,12}",
+        1 => prop_oneof![
+            Just(String::new()),
+            Just(" ".to_string()),
+            Just("99999999999d".to_string()),
+            Just("-1".to_string()),
+            Just("{\"a\": [1, 2".to_string()),
+            Just("Mars/Phobos".to_string()),
+            Just("[".repeat(5000)),
+            Just("x".repeat(5000)),
+        ],
+    ]
+}
+
+/// What a refused run must leave as it was: operations by state, batches, limits,
+/// schedules, paused kinds.
+async fn snapshot(store: &Arc<dyn Store>) -> String {
+    let stats = store.stats().await.unwrap();
+    let limits = store.limits().await.unwrap();
+    let schedules = store.schedules().await.unwrap();
+    format!("{stats:?} {limits:?} {schedules:?}")
+}
+
+async fn prepare(db: &Path) -> Arc<dyn Store> {
+    let store = fascicle::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    Queue::new(Arc::clone(&store))
+        .submit_batch(
+            NewBatch::new("fuzz")
+                .children((0..3).map(|i| NewOperation::new("work", json!({ "i": i })))),
+        )
+        .await
+        .unwrap();
+    store
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_argument_value_exits_with_a_documented_code_and_refusals_write_nothing(
+        template in 0..TEMPLATES.len(),
+        value in value(),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("fuzz.db");
+        let store = runtime.block_on(prepare(&db));
+        let before = runtime.block_on(snapshot(&store));
+        let args: Vec<&str> = TEMPLATES[template]
+            .iter()
+            .map(|a| if *a == "{}" { value.as_str() } else { a })
+            .collect();
+        let output = common::fascicle(&db, &args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let code = output.status.code();
+        prop_assert!(
+            matches!(code, Some(0..=4)),
+            "{:?} exited {:?}: {}", args, code, stderr
+        );
+        prop_assert!(!stderr.contains("panicked"), "{:?}: {}", args, stderr);
+        if code != Some(0) {
+            prop_assert!(
+                stderr.trim_start().starts_with("error"),
+                "{:?}: the refusal is not an error line: {}", args, stderr
+            );
+            let after = runtime.block_on(snapshot(&store));
+            prop_assert_eq!(before, after, "{:?} was refused but changed the store", args);
+        }
+    }
+}

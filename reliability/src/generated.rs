@@ -1,0 +1,37 @@
+//! Generated inputs shared by the fuzz tests (issue #19).
+
+use proptest::prelude::*;
+use serde_json::Value;
+
+/// Any text: short, with any characters (NUL, controls, quotes, astral ones), or long.
+pub fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => ".{0,12}",
+        1 => "[a-z]{250,260}",
+        1 => Just("nul\u{0}inside".to_string()),
+        1 => Just("  ".to_string()),
+    ]
+}
+
+/// JSON values of a few levels: strings of any text, integers at their limits, floating-point
+/// numbers (normal, subnormal, signed zero), booleans, null, arrays and objects.
+pub fn json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        proptest::num::f64::NORMAL
+            .prop_union(proptest::num::f64::SUBNORMAL)
+            .or(proptest::num::f64::ZERO)
+            .prop_map(Value::from),
+        text().prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map(text(), inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
