@@ -128,8 +128,17 @@ async fn prepare(db: &Path) -> Arc<dyn Store> {
     store
 }
 
+/// The cases: `PROPTEST_CASES` when set (the longer run of docs/RELIABILITY.md), else
+/// `default` (what CI runs).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(160), ..ProptestConfig::default() })]
 
     #[test]
     fn any_argument_value_exits_with_a_documented_code_and_refusals_write_nothing(

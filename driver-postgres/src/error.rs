@@ -67,7 +67,8 @@ pub fn redact_url(url: &str) -> String {
     // that is no scheme (`://user:pass@…`, or a password holding `://`) is no URL.
     let is_scheme = |s: &str| {
         s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
     };
     match url.find("://").filter(|&end| is_scheme(&url[..end])) {
         Some(scheme_end) => {

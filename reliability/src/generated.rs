@@ -3,6 +3,15 @@
 use proptest::prelude::*;
 use serde_json::Value;
 
+/// The cases of a fuzz test: `PROPTEST_CASES` when set (the longer run of
+/// docs/RELIABILITY.md), else `default` (what CI runs).
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Any text: short, with any characters (NUL, controls, quotes, astral ones), or long.
 pub fn text() -> impl Strategy<Value = String> {
     prop_oneof![

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use fascicle::chrono::{DateTime, TimeDelta, Utc};
 use fascicle::{CatchUp, Error, KindLimit, NewOperation, Queue, RateLimit, Schedule};
+use fascicle_reliability::generated::cases;
 use proptest::prelude::*;
 use serde_json::json;
 
@@ -81,7 +82,7 @@ fn check_plan(s: &Schedule, last: DateTime<Utc>, now: DateTime<Utc>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(256), ..ProptestConfig::default() })]
 
     #[test]
     fn any_rate_text_parses_to_a_valid_rate_or_is_refused(text in ".{0,16}|[0-9]{1,12}/[0-9]{0,12}(ms|s|m|h|d|y)?") {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fascicle::postgres::PostgresStore;
 use fascicle::{HandlerError, NewOperation, OperationId, Queue, Registry, Status, Store, Worker};
-use fascicle_reliability::generated::{json, text};
+use fascicle_reliability::generated::{cases, json, text};
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
@@ -176,7 +176,7 @@ async fn check(stores: &[Arc<dyn Store>], returns: &[Returned]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(12), ..ProptestConfig::default() })]
 
     #[test]
     fn generated_results_and_errors_are_recorded_or_fail_readably_on_every_driver(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use fascicle::chrono::{DateTime, Utc};
 use fascicle::postgres::PostgresStore;
 use fascicle::{Error, NewOperation, Queue, Store};
-use fascicle_reliability::generated::{json, text};
+use fascicle_reliability::generated::{cases, json, text};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -115,7 +115,7 @@ async fn check(stores: &[Arc<dyn Store>], inputs: &[Input]) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(24), ..ProptestConfig::default() })]
     #[test]
     fn generated_operations_round_trip_or_are_refused_on_every_driver(
         inputs in proptest::collection::vec(input(), 1..12)

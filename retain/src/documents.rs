@@ -96,12 +96,20 @@ fn nonempty(path: &Path, documents: Vec<Document>) -> Result<Vec<Document>> {
     Ok(documents)
 }
 
-/// The documents of a `.jsonl` file, one per non-blank line (a UTF-8 byte order mark at
-/// its start and CRLF line ends are accepted). Every refusal names the file and the line.
+/// The documents of a `.jsonl` file.
 fn read_jsonl(path: &Path) -> Result<Vec<Document>> {
     let bytes = std::fs::read(path)
         .map_err(|e| Error::InvalidInput(format!("cannot read {}: {e}", path.display())))?;
-    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
+    documents_from_jsonl(&bytes, path)
+}
+
+/// The documents of `.jsonl` content read from `path` (named in errors): one
+/// `{"document_id", "text", "tags"}` object per non-blank line; a UTF-8 byte order mark at
+/// its start and CRLF line ends are accepted. Every refusal is `Error::InvalidInput`
+/// naming the file and the line: not UTF-8, malformed, an empty id, a NUL character (no
+/// store keeps it), an id seen on an earlier line; and no documents at all.
+pub fn documents_from_jsonl(bytes: &[u8], path: &Path) -> Result<Vec<Document>> {
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
     let mut documents = Vec::new();
     // Each document id with the line it came from.
     let mut lines_of: std::collections::BTreeMap<String, usize> = Default::default();

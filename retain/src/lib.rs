@@ -25,7 +25,7 @@ use fascicle::{
 use serde::{Deserialize, Serialize};
 
 pub use bank::{BankCounts, ConsolidateReport, RetainReport};
-pub use documents::{Document, read_documents, split_units, terms};
+pub use documents::{Document, documents_from_jsonl, read_documents, split_units, terms};
 
 use backend::{Backend, Done};
 use bank::{Work, WorkReport};

@@ -94,8 +94,17 @@ fn check(path: &Path, line: Option<usize>) -> Result<usize, String> {
     })
 }
 
+/// The cases: `PROPTEST_CASES` when set (the longer run of docs/RELIABILITY.md), else
+/// `default` (what CI runs).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(64), ..ProptestConfig::default() })]
 
     /// Arbitrary bytes as a `.jsonl` file: documents or a typed refusal naming the file.
     #[test]
