@@ -1,12 +1,13 @@
 //! Generated operations submitted to every driver (issue #19): each submit either
 //! succeeds and reads back identical — kind, payload, key, priority, attempts, run_at — or
-//! is refused with `InvalidInput` and stores nothing. Never a panic, never another error.
+//! is refused with `InvalidInput` and stores nothing. Generated batches likewise: stored
+//! whole, or refused with nothing stored. Never a panic, never another error.
 
 use std::sync::Arc;
 
 use fascicle::chrono::{DateTime, Utc};
 use fascicle::postgres::PostgresStore;
-use fascicle::{Error, NewOperation, Queue, Store};
+use fascicle::{Error, NewBatch, NewOperation, Queue, Store};
 use fascicle_reliability::generated::{cases, json, text};
 use proptest::prelude::*;
 use serde_json::Value;
@@ -114,8 +115,73 @@ async fn check(stores: &[Arc<dyn Store>], inputs: &[Input]) {
     }
 }
 
+/// A generated batch (kind, metadata, children) on every driver: submitted whole — the
+/// parent with its kind and metadata, every child with its kind, payload and key, read
+/// back identical — or refused with `InvalidInput` and nothing stored, parent included.
+async fn check_batch(stores: &[Arc<dyn Store>], kind: &str, metadata: &Value, inputs: &[Input]) {
+    for store in stores {
+        let driver = store.driver();
+        let children = inputs.iter().map(|input| {
+            let op = NewOperation::new(input.kind.clone(), input.payload.clone())
+                .with_priority(input.priority);
+            match &input.key {
+                Some(key) => op.with_serialization_key(key.clone()),
+                None => op,
+            }
+        });
+        let batch = NewBatch::new(kind)
+            .with_metadata(metadata.clone())
+            .children(children);
+        let count = |stats: fascicle::Stats| (stats.work().total(), stats.batches.total());
+        let before = count(store.stats().await.unwrap());
+        match Queue::new(Arc::clone(store)).submit_batch(batch).await {
+            Ok(receipt) => {
+                let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
+                assert_eq!(parent.kind, kind, "{driver}");
+                assert_eq!(parent.metadata.as_ref(), Some(metadata), "{driver}");
+                assert_eq!(receipt.child_ids.len(), inputs.len(), "{driver}");
+                for (id, input) in receipt.child_ids.iter().zip(inputs) {
+                    let child = store.get(*id).await.unwrap().unwrap();
+                    assert_eq!(child.kind, input.kind, "{driver}");
+                    assert_eq!(child.payload.as_ref(), Some(&input.payload), "{driver}");
+                    assert_eq!(child.serialization_key, input.key, "{driver}");
+                    assert_eq!(child.parent_id, Some(receipt.parent_id), "{driver}");
+                }
+            }
+            Err(Error::InvalidInput(message)) => {
+                assert!(!message.is_empty());
+                let after = count(store.stats().await.unwrap());
+                assert_eq!(after, before, "{driver}: a refused batch wrote rows");
+            }
+            Err(other) => panic!("{driver}: batch {kind:?} gave {other:?}, not InvalidInput"),
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(24), ..ProptestConfig::default() })]
+
+    #[test]
+    fn generated_batches_are_stored_whole_or_refused_on_every_driver(
+        kind in text(),
+        metadata in json(),
+        inputs in proptest::collection::vec(input(), 0..8)
+    ) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let (stores, postgres) = stores(dir.path()).await;
+            check_batch(&stores, &kind, &metadata, &inputs).await;
+            if let Some(store) = postgres {
+                fascicle_reliability::drop_schema(&store).await;
+            }
+        });
+    }
+
     #[test]
     fn generated_operations_round_trip_or_are_refused_on_every_driver(
         inputs in proptest::collection::vec(input(), 1..12)
