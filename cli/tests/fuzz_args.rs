@@ -1,8 +1,9 @@
 //! The CLI's argument values fuzzed (issue #19): ids, durations, kinds, numbers, rates,
 //! cron expressions, zones, payloads and catch-up values of any text, each through the real
 //! binary against a SQLite store holding a batch. Every run exits 0 or with a documented
-//! code (1 failure, 2 invalid input, 3 not found, 4 conflict) and a one-line `error:` —
-//! never a panic (101) — and a run that did not succeed changed nothing in the store.
+//! code for a refusal (2 invalid input, 3 not found, 4 conflict; never 1, a failure of
+//! the store) and an `error:` line — never a panic (101) — and a run that did not succeed
+//! changed nothing in the store. A refused `retain` input creates no database at all.
 
 mod common;
 
@@ -157,8 +158,9 @@ proptest! {
         let output = common::fascicle(&db, &args);
         let stderr = String::from_utf8_lossy(&output.stderr);
         let code = output.status.code();
+        // 1 is a failure of the store, never an answer to a bad argument.
         prop_assert!(
-            matches!(code, Some(0..=4)),
+            matches!(code, Some(0 | 2..=4)),
             "{:?} exited {:?}: {}", args, code, stderr
         );
         prop_assert!(!stderr.contains("panicked"), "{:?}: {}", args, stderr);
@@ -169,6 +171,36 @@ proptest! {
             );
             let after = runtime.block_on(snapshot(&store));
             prop_assert_eq!(before, after, "{:?} was refused but changed the store", args);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(48), ..ProptestConfig::default() })]
+
+    /// `fascicle retain <file>` of arbitrary bytes (as `.jsonl`) or of broken lines: a
+    /// refusal exits 2 naming the file, before any database is opened (none is created).
+    #[test]
+    fn refused_retain_inputs_create_no_database(
+        bytes in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            Just(b"{\"document_id\": \"a\", \"text\": \"x\"}\n{\"document_id\": \"a\", \"text\": \"y\"}\n".to_vec()),
+            Just(b"{\"document_id\": \"a\", \"text\": \"nul \\u0000\"}\n".to_vec()),
+        ],
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("never.db");
+        let input = dir.path().join("input.jsonl");
+        std::fs::write(&input, &bytes).unwrap();
+        let output = common::fascicle(&db, &["retain", input.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        match output.status.code() {
+            Some(0) => {}
+            Some(2) => {
+                prop_assert!(stderr.contains("input.jsonl"), "{}", stderr);
+                prop_assert!(!db.exists(), "a refused input created the database");
+            }
+            other => prop_assert!(false, "exit {:?}: {}", other, stderr),
         }
     }
 }

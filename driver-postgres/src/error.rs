@@ -93,8 +93,9 @@ fn redact_userinfo(rest: &str) -> String {
 }
 
 /// Replaces the value of every `?key=` or `&key=` parameter named in [`SECRET_KEYS`]. The
-/// value runs up to the next `?` or `&` that starts a `name=` parameter, so a password
-/// holding `&`, `?`, `#`, `/` or `@` is hidden whole.
+/// value runs up to the next `&` that starts a `name=` parameter (or the next `?` that
+/// does, outside a secret), so a password holding `&`, `?`, `#`, `/` or `@` is hidden
+/// whole.
 fn redact_query_passwords(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut in_secret = false;
@@ -108,7 +109,9 @@ fn redact_query_passwords(text: &str) -> String {
         let segment = &rest[1..end];
         rest = &rest[end..];
         match segment.split_once('=') {
-            Some((key, _)) if looks_like_key(key) => {
+            // Inside the query a `?` is no separator (the parser splits on `&` only): a
+            // secret value goes on past `?name=` (`password=ab?cd=ef` is one password).
+            Some((key, _)) if looks_like_key(key) && !(in_secret && delimiter == '?') => {
                 in_secret = is_secret_key(key);
                 out.push(delimiter);
                 if in_secret {
@@ -238,6 +241,12 @@ mod tests {
 
     /// Each form a password can take: (url, the secret, what must stay readable).
     const FORMS: &[(&str, &str, &[&str])] = &[
+        // A query password holding `?name=`: one value to the parser (found by review).
+        (
+            "postgres://db/q?password=ab?cd=ef&sslmode=require",
+            "cd=ef",
+            &["db/q", "sslmode=require"],
+        ),
         // In the userinfo, plain or with characters that end an authority when unescaped.
         (
             "postgres://app:plainsecret@db:5432/q",

@@ -55,10 +55,35 @@ fn parse(url: &str) -> Result<(Scheme, &str)> {
     if url == "memory://" || url == "memory:" {
         return Ok((Scheme::Memory, ""));
     }
-    if let Some((scheme, _)) = url.split_once("://") {
+    // A scheme is a letter, then letters, digits, `+`, `-` or `.`; one letter is a Windows
+    // drive (`C:\q.db`), a path. Only the scheme is quoted back: what follows may hold a
+    // password.
+    let is_scheme = |s: &str| {
+        s.len() > 1
+            && s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    };
+    if let Some((scheme, after)) = url.split_once(':')
+        && is_scheme(scheme)
+    {
+        let hint = match scheme {
+            "postgres" | "postgresql" => format!("write {scheme}://user:password@host/db"),
+            _ => "use postgres://, sqlite://path or memory:// (a path holding `:` is \
+                  written sqlite://path)"
+                .to_string(),
+        };
+        let written = if after.starts_with("//") { "://" } else { ":" };
         return Err(Error::InvalidInput(format!(
-            "unknown database URL scheme `{scheme}://`; use postgres://, sqlite://path or memory://"
+            "unknown database URL scheme `{scheme}{written}`; {hint}"
         )));
+    }
+    if url.contains("://") {
+        return Err(Error::InvalidInput(
+            "the database URL has no scheme before `://`; use postgres://, sqlite://path or \
+             memory://"
+                .into(),
+        ));
     }
     // A bare path is a SQLite file.
     Ok((Scheme::Sqlite, url))
@@ -81,7 +106,9 @@ fn not_compiled(driver: &str, feature: &str) -> Error {
 /// | `memory://` | [`memory::MemoryStore`] | `memory` |
 ///
 /// A scheme whose driver is not compiled in is an `Error::InvalidInput` naming the
-/// feature to enable. Passwords never appear in errors.
+/// feature to enable; an unknown scheme (any `name:` prefix of two letters or more) is one
+/// naming the accepted schemes, so a SQLite path holding `:` is written `sqlite://path`.
+/// Passwords never appear in errors.
 pub async fn connect(url: &str) -> Result<Arc<dyn Store>> {
     Ok(open(url).await?.store())
 }
@@ -182,7 +209,15 @@ mod tests {
         );
         assert_eq!(parse("sqlite::memory:").unwrap().0, Scheme::SqliteTemporary);
         assert_eq!(parse("memory://").unwrap().0, Scheme::Memory);
-        for bad in ["", "sqlite://", "mysql://root@h/db", "redis://h"] {
+        for bad in [
+            "",
+            "sqlite://",
+            "sqlite:",
+            "mysql://root@h/db",
+            "redis://h",
+            "postgres:app:secret@db/q",
+            "://app:secret@db",
+        ] {
             assert!(matches!(parse(bad), Err(Error::InvalidInput(_))), "{bad}");
         }
     }
@@ -212,10 +247,10 @@ mod tests {
                 Ok(_) => {}
                 Err(Error::InvalidInput(message)) => {
                     proptest::prop_assert!(
-                        message.contains("sqlite://"),
+                        message.contains("sqlite://") || message.contains("postgres"),
                         "the refusal names no accepted scheme: {}", message
                     );
-                    if rest.trim().len() >= 6 && separator == "://" {
+                    if rest.trim().len() >= 6 && !separator.is_empty() {
                         proptest::prop_assert!(
                             !message.contains(rest.trim()),
                             "the refusal quotes the URL: {}", message
