@@ -44,3 +44,33 @@ pub async fn drop_schema(store: &PostgresStore) {
         eprintln!("could not drop test schema {}: {e}", store.schema());
     }
 }
+
+/// Every driver's store for one test case: memory, SQLite (`<dir>/<file>`) and, with
+/// `DATABASE_URL`, PostgreSQL on a fresh schema `<prefix>_<random>` — also returned apart,
+/// to drop afterwards ([`drop_schema`]). `what` names the case in the skip line.
+pub async fn every_store(
+    dir: &std::path::Path,
+    file: &str,
+    what: &str,
+    prefix: &str,
+) -> (
+    Vec<std::sync::Arc<dyn fascicle::Store>>,
+    Option<PostgresStore>,
+) {
+    let mut stores: Vec<std::sync::Arc<dyn fascicle::Store>> = vec![
+        fascicle::connect("memory://")
+            .await
+            .expect("the memory store"),
+        fascicle::connect(&format!("sqlite://{}", dir.join(file).display()))
+            .await
+            .expect("the SQLite store"),
+    ];
+    let postgres = match postgres_url(what) {
+        Some(url) => Some(fresh_postgres(&url, prefix, |o| o).await),
+        None => None,
+    };
+    if let Some(store) = &postgres {
+        stores.push(std::sync::Arc::new(store.clone()));
+    }
+    (stores, postgres)
+}

@@ -71,20 +71,13 @@ fn stored_error(text: &str) -> String {
 }
 
 async fn stores(dir: &std::path::Path) -> (Vec<Arc<dyn Store>>, Option<PostgresStore>) {
-    let mut stores: Vec<Arc<dyn Store>> = vec![
-        fascicle::connect("memory://").await.unwrap(),
-        fascicle::connect(&format!("sqlite://{}", dir.join("outcomes.db").display()))
-            .await
-            .unwrap(),
-    ];
-    let postgres = match fascicle_reliability::postgres_url("the PostgreSQL outcome fuzz") {
-        Some(url) => Some(fascicle_reliability::fresh_postgres(&url, "fascicle_o", |o| o).await),
-        None => None,
-    };
-    if let Some(store) = &postgres {
-        stores.push(Arc::new(store.clone()));
-    }
-    (stores, postgres)
+    fascicle_reliability::every_store(
+        dir,
+        "outcomes.db",
+        "the PostgreSQL outcome fuzz",
+        "fascicle_o",
+    )
+    .await
 }
 
 /// Runs a worker until every one of `ids` is terminal (30 s at most).

@@ -49,20 +49,8 @@ fn input() -> impl Strategy<Value = Input> {
 }
 
 async fn stores(dir: &std::path::Path) -> (Vec<Arc<dyn Store>>, Option<PostgresStore>) {
-    let mut stores: Vec<Arc<dyn Store>> = vec![
-        fascicle::connect("memory://").await.unwrap(),
-        fascicle::connect(&format!("sqlite://{}", dir.join("fuzz.db").display()))
-            .await
-            .unwrap(),
-    ];
-    let postgres = match fascicle_reliability::postgres_url("the PostgreSQL submit fuzz") {
-        Some(url) => Some(fascicle_reliability::fresh_postgres(&url, "fascicle_f", |o| o).await),
-        None => None,
-    };
-    if let Some(store) = &postgres {
-        stores.push(Arc::new(store.clone()));
-    }
-    (stores, postgres)
+    fascicle_reliability::every_store(dir, "fuzz.db", "the PostgreSQL submit fuzz", "fascicle_f")
+        .await
 }
 
 async fn check(stores: &[Arc<dyn Store>], inputs: &[Input]) {
