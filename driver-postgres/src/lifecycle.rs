@@ -948,7 +948,9 @@ pub(crate) async fn complete(
     let n = completions.len();
     let mut tokens = Vec::with_capacity(n);
     let mut statuses = Vec::with_capacity(n);
-    let mut results: Vec<Option<Value>> = Vec::with_capacity(n);
+    // As text written by `to_stored_text`, cast to jsonb by the statement: sqlx's own
+    // encoding would write a whole float as `1e17`, read back as an integer.
+    let mut results: Vec<Option<String>> = Vec::with_capacity(n);
     let mut errors: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut run_ats: Vec<Option<chrono::DateTime<chrono::Utc>>> = Vec::with_capacity(n);
     // The error a retry stores instead when a cancel was requested (`retry_after_cancel`).
@@ -956,7 +958,12 @@ pub(crate) async fn complete(
     for c in completions {
         tokens.push(*c.lease_token.as_uuid());
         let (status, result, error, run_at) = match &c.outcome {
-            Outcome::Completed(value) => (Status::Completed, Some(value.clone()), None, None),
+            Outcome::Completed(value) => (
+                Status::Completed,
+                Some(fascicle_api::to_stored_text(value)),
+                None,
+                None,
+            ),
             Outcome::Failed(error) => (Status::Failed, None, Some(error.as_str()), None),
             Outcome::Cancelled(reason) => (Status::Cancelled, None, Some(reason.as_str()), None),
             Outcome::Retry { error, run_at } => {
@@ -975,7 +982,7 @@ pub(crate) async fn complete(
     let statement = format!(
         "WITH input AS (
              SELECT *, (status = 'pending') AS retry
-             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::text[],
+             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                          $6::timestamptz[], $7::text[])
                  AS t(id, token, status, result, error, run_at, cancel_error)),
          updated AS (
@@ -984,7 +991,7 @@ pub(crate) async fn complete(
              UPDATE {{s}}.operations AS o
              SET status = CASE WHEN i.retry AND o.cancel_requested THEN 'cancelled'
                                ELSE i.status END,
-                 result = i.result,
+                 result = i.result::jsonb,
                  error = CASE WHEN i.retry AND o.cancel_requested THEN i.cancel_error
                               ELSE i.error END,
                  -- One clock: the retry's delay (its run_at less the client's now, $8)

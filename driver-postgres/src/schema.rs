@@ -438,7 +438,7 @@ fn insert_parent(conflict: &str) -> String {
                 (id, kind, status, payload, metadata, parent_id, priority, attempts, max_attempts,
                  run_at, children_total, children_completed, children_failed, children_cancelled,
                  created_at, updated_at, failure_policy, callbacks, dependents)
-         SELECT $1, $2, 'pending', NULL, $3, $8, 0, 0, 0, at, $5, 0, 0, 0, at, at, $6, $7::jsonb,
+         SELECT $1, $2, 'pending', NULL, $3::jsonb, $8, 0, 0, 0, at, $5, 0, 0, 0, at, at, $6, $7::jsonb,
                 $9::jsonb
          FROM clock
          {conflict}

@@ -59,15 +59,32 @@ const PLANNER_SETTINGS: &[&str] = &[
     "jit",
 ];
 
+/// Begins a store transaction (`STORE_BEGIN`) on a connection of `pool`, in a task of
+/// its own, so that a caller who gives up while `BEGIN` is on the wire cannot leave the
+/// connection inside a transaction. sqlx counts a transaction only once its `BEGIN` has
+/// answered: cancelled before that, it rolls nothing back and the connection goes back
+/// to the pool in a transaction that the next plain statement on it would join, holding
+/// its locks with no one to commit. The task always finishes the `BEGIN`; if the caller
+/// is gone, the transaction it yields is dropped there and rolled back by sqlx.
+async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin_with(AssertSqlSafe(STORE_BEGIN)).await })
+        .await
+        .map_err(|e| {
+            Error::backend(
+                DRIVER,
+                fascicle_api::BackendErrorKind::Connection,
+                format!("beginning a transaction did not finish: {e}"),
+            )
+        })?
+        .map_err(error::map)
+}
+
 /// Runs `$body` (which uses `$conn: &mut PgConnection`) in a transaction of `$store`'s
 /// pool, committing when it returns `Ok`.
 macro_rules! transact {
     ($store:ident, $conn:ident => $body:expr) => {{
-        let mut tx = $store
-            .pool
-            .begin_with(AssertSqlSafe(STORE_BEGIN))
-            .await
-            .map_err(error::map)?;
+        let mut tx = begin(&$store.pool).await?;
         let $conn: &mut PgConnection = &mut tx;
         match $body.await {
             Ok(out) => {
@@ -414,7 +431,63 @@ impl PostgresStore {
 
 /// The connection options `url` names, or `InvalidInput` naming the URL with its password
 /// hidden — whatever the URL, and whatever the parser's message quotes of it.
+/// The query parameters sqlx's PostgreSQL driver reads (sqlx-postgres 0.9,
+/// `options/parse.rs`), besides `options[name]`. It ignores any other after logging it
+/// at `warn` *with its value*.
+const READ_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// Refuses a URL with a query parameter the driver does not read. sqlx would log it with
+/// its value — a secret, for `sslpassword` (encrypted client keys are not supported) or a
+/// `Password` in another case — and go on without it: a misspelt `sslmod=require` would
+/// connect without TLS. The message names the parameter, never its value, and not even
+/// the name when the query holds an `@` (a password with a `?` puts the userinfo there).
+fn refuse_unread_parameters(url: &str) -> Result<()> {
+    // A URL that does not parse is refused by sqlx's own parser, with its message.
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    let query = parsed.query().unwrap_or_default();
+    for (key, _) in parsed.query_pairs() {
+        let read =
+            READ_PARAMETERS.contains(&&*key) || (key.starts_with("options[") && key.ends_with(']'));
+        if !read {
+            let named = if query.contains('@') {
+                "a parameter".to_string()
+            } else {
+                format!("the parameter `{key}`")
+            };
+            return Err(Error::InvalidInput(format!(
+                "{} has {named}, which the PostgreSQL driver does not read (it would be \
+                 ignored); remove it. The parameters read are {} and options[name]",
+                redact_url(url),
+                READ_PARAMETERS.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn connect_options(url: &str) -> Result<PgConnectOptions> {
+    refuse_unread_parameters(url)?;
     PgConnectOptions::from_str(url).map_err(|e| {
         Error::InvalidInput(format!(
             "{} is not a usable PostgreSQL URL: {}",
@@ -503,11 +576,7 @@ impl Store for PostgresStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>> {
-        let tx = self
-            .pool
-            .begin_with(AssertSqlSafe(STORE_BEGIN))
-            .await
-            .map_err(error::map)?;
+        let tx = begin(&self.pool).await?;
         Ok(Box::new(PostgresTransaction::new(
             tx,
             Arc::clone(&self.sql),
@@ -907,6 +976,62 @@ fn stored_schedule(row: &PgRow) -> Result<fascicle_api::StoredSchedule> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// sqlx ignores a parameter it does not read after logging it with its value: a
+    /// secret in `sslpassword` or `Password` would reach the logs, and a misspelt
+    /// `sslmod=require` would connect without TLS. Both are refused, naming the
+    /// parameter and never its value.
+    #[test]
+    fn parameters_the_driver_does_not_read_are_refused() {
+        for (url, key) in [
+            ("postgres://app@db/q?sslpassword=hunter22", "sslpassword"),
+            (
+                "postgres://app@db/q?sslmode=require&Password=hunter22",
+                "Password",
+            ),
+            ("postgres://app@db/q?sslmod=require", "sslmod"),
+            ("postgres://app@db/q?connect_timeout=10", "connect_timeout"),
+        ] {
+            match connect_options(url) {
+                Err(Error::InvalidInput(message)) => {
+                    assert!(message.contains(&format!("`{key}`")), "{message}");
+                    assert!(!message.contains("hunter22"), "{message}");
+                    assert!(message.contains("sslmode"), "lists what is read: {message}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        // What sqlx reads is accepted, `options[…]` included.
+        for url in [
+            "postgres://app:pw@db:5432/q?sslmode=disable&application_name=a&options=-c%20x%3D1",
+            "postgres://db/q?user=app&password=pw&dbname=q&port=5433&host=db",
+            "postgres://db/q?options[search_path]=s&statement-cache-capacity=10",
+            "postgres:///q?host=/var/run/postgresql&ssl-mode=prefer",
+            // Percent-encoded names are read decoded, as sqlx reads them.
+            "postgres://app@db/q?pass%77ord=pw",
+        ] {
+            connect_options(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        }
+        // A key that may hold part of a password is not shown: a password's `?` makes
+        // the rest of the userinfo a query.
+        for url in [
+            "postgres://app:ab?x&hunter22@db/q",
+            "postgres://app:ab@db/q?x&hunter22@db",
+        ] {
+            match connect_options(url) {
+                Err(Error::InvalidInput(message)) => {
+                    assert!(!message.contains("hunter22"), "{message}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        match connect_options("postgres://db/q?sslmode=disable&x@y") {
+            Err(Error::InvalidInput(message)) => {
+                assert!(message.contains("has a parameter,"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]

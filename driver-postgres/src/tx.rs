@@ -95,7 +95,7 @@ pub(crate) async fn insert_parent(
     let read: Option<DateTime<Utc>> = sqlx::query_scalar(sql(statement))
         .bind(parent.id.as_uuid())
         .bind(&parent.kind)
-        .bind(&parent.metadata)
+        .bind(fascicle_api::to_stored_text(&parent.metadata))
         .bind(parent.created_at)
         .bind(parent.children_total as i64)
         .bind(parent.plan.policy_stored())

@@ -105,6 +105,89 @@ async fn a_backend_killed_before_commit_leaves_zero_rows() {
     });
 }
 
+/// Yields until `wait` has passed: a cancellation point finer than the timer's 1 ms.
+async fn spin(wait: std::time::Duration) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < wait {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A caller that gives up while `BEGIN` is on the wire (a timeout, a dropped request)
+/// must not leave the pooled connection inside a transaction: sqlx counts the
+/// transaction only once `BEGIN` has answered, so its guard rolled back nothing and the
+/// next plain statement on that connection would run in a transaction no one commits,
+/// holding its locks. Cancelled at every instant through `begin`, the store's own
+/// transactions (`rescue`) and a commit, no connection is ever left in a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_begin_leaves_no_connection_in_a_transaction() {
+    with_store!(|url, store| {
+        let app = format!("fascicle-cancel-{}", uuid::Uuid::new_v4().simple());
+        let victim = PostgresStore::connect_with(
+            PostgresOptions::new(&url)
+                .schema(store.schema().to_string())
+                .application_name(&app)
+                .max_connections(2),
+        )
+        .await
+        .unwrap();
+        let mut stuck = Vec::new();
+        for step in 0..600u64 {
+            let wait = std::time::Duration::from_micros(step * 3);
+            let work = async {
+                match step % 3 {
+                    0 => drop(victim.begin().await),
+                    1 => drop(victim.rescue_expired_leases().await),
+                    _ => {
+                        if let Ok(tx) = victim.begin().await {
+                            let _ = tx.commit().await;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                () = work => {}
+                () = spin(wait) => {}
+            }
+            // Every connection back in the pool (returning runs in a task).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while victim.pool().num_idle() < victim.pool().size() as usize {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a connection never came back"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let in_transaction: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+            )
+            .bind(&app)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+            if in_transaction > 0 {
+                stuck.push(step);
+                // Out of the way, so each later step is judged alone.
+                sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE application_name = $1 AND state LIKE 'idle in transaction%'",
+                )
+                .bind(&app)
+                .execute(store.pool())
+                .await
+                .unwrap();
+            }
+        }
+        assert!(
+            stuck.is_empty(),
+            "left in a transaction after steps {stuck:?}"
+        );
+        victim.pool().close().await;
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caller_transaction_enqueue_follows_the_callers_commit_or_rollback() {
     with_store!(|_url, store| {

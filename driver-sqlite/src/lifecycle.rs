@@ -798,9 +798,11 @@ pub(crate) fn complete(
             end_one(tx, &c.id, token, status, error, result, now, &mut parents)
         };
         let changed = match &c.outcome {
-            Outcome::Completed(result) => {
-                terminal(Status::Completed, None, Some(result.to_string()))?
-            }
+            Outcome::Completed(result) => terminal(
+                Status::Completed,
+                None,
+                Some(fascicle_api::to_stored_text(result)),
+            )?,
             Outcome::Failed(error) => terminal(Status::Failed, Some(error), None)?,
             Outcome::Cancelled(reason) => terminal(Status::Cancelled, Some(reason), None)?,
             Outcome::Retry { error, run_at } => {

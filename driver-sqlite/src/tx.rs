@@ -223,7 +223,7 @@ impl SqliteTransaction {
             conn.prepare_cached(INSERT_PARENT)?.execute(params![
                 parent.id.as_bytes(),
                 parent.kind,
-                parent.metadata.to_string(),
+                fascicle_api::to_stored_text(&parent.metadata),
                 micros(parent.created_at),
                 0i64,
                 parent.plan.policy_stored(),

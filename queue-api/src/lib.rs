@@ -4,6 +4,7 @@
 mod capabilities;
 mod error;
 pub mod flow;
+mod json;
 mod lifecycle;
 mod notify;
 mod queue;
@@ -16,6 +17,7 @@ pub mod workflow;
 pub use capabilities::Capabilities;
 pub use error::{BackendErrorKind, BoxError, Error, Result};
 pub use flow::{KindLimit, RateLimit, validate_limit};
+pub use json::to_stored_text;
 pub use lifecycle::{
     Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
     LeaseToken, Outcome, PRUNE_CHUNK_ROWS, PruneReport, ReconcileReport, RescueReport, RetryPolicy,

@@ -874,8 +874,7 @@ fn serialize_json(
         }
         None => {}
     }
-    let text = serde_json::to_string(value)
-        .map_err(|e| Error::InvalidInput(format!("{what} cannot be serialized: {e}")))?;
+    let text = crate::to_stored_text(value);
     if text.len() > max_bytes {
         return Err(Error::InvalidInput(format!(
             "{what} is {} bytes serialized; the limit is {max_bytes}",

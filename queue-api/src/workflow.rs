@@ -279,7 +279,7 @@ pub fn fire(
                 id: OperationId::new(),
                 parent_id: None,
                 kind: c.kind.clone(),
-                payload_json: serde_json::to_string(&c.payload).expect("payload serializes"),
+                payload_json: crate::to_stored_text(&c.payload),
                 payload: c.payload.clone(),
                 priority: c.priority,
                 run_at: now,

@@ -23,7 +23,8 @@ pub fn text() -> impl Strategy<Value = String> {
 }
 
 /// JSON values of a few levels: strings of any text, integers at their limits, floating-point
-/// numbers (normal, subnormal, signed zero), booleans, null, arrays and objects.
+/// numbers (normal, subnormal, signed zero, and whole numbers past 2^53 that a decimal
+/// store could give back as integers), booleans, null, arrays and objects.
 pub fn json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
@@ -34,6 +35,9 @@ pub fn json() -> impl Strategy<Value = Value> {
             .prop_union(proptest::num::f64::SUBNORMAL)
             .or(proptest::num::f64::ZERO)
             .prop_map(Value::from),
+        // Whole numbers written as floats between 2^53 and 2^64, where serde_json's
+        // exponent form (`1e17`) reads back as an integer from a decimal column.
+        (-64i32..=64, 53u32..64).prop_map(|(m, e)| Value::from(m as f64 * 2f64.powi(e as i32))),
         text().prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 24, 4, |inner| {

@@ -169,6 +169,23 @@ async fn check(stores: &[Arc<dyn Store>], returns: &[Returned]) {
     }
 }
 
+/// Whole floats from 1e16 to 2^64 returned by handlers: serde_json writes them as `1e17`,
+/// which PostgreSQL's `jsonb` kept as a decimal and gave back as an integer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_floats_as_results_round_trip_on_every_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stores, postgres) = stores(dir.path()).await;
+    let returns: Vec<Returned> = [1e16, 1e17, -1e17, 1.5e19, 18446744073709549568.0, 0.5]
+        .iter()
+        .map(|&f| Returned::Result(json!({ "f": f, "list": [f, -f] })))
+        .chain([Returned::Result(json!(1e17))])
+        .collect();
+    check(&stores, &returns).await;
+    if let Some(store) = postgres {
+        fascicle_reliability::drop_schema(&store).await;
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(12), ..ProptestConfig::default() })]
 
