@@ -322,12 +322,12 @@ impl PostgresStore {
     /// transaction. Workers are woken by the `NOTIFY` PostgreSQL delivers on commit.
     ///
     /// ```no_run
-    /// # async fn example(store: fascicle_postgres::PostgresStore) -> fascicle_api::Result<()> {
-    /// use fascicle_api::{NewBatch, NewOperation};
+    /// # async fn example(store: fascicle::postgres::PostgresStore) -> fascicle::Result<()> {
+    /// use fascicle::{NewBatch, NewOperation, json};
     /// let mut tx = store.pool().begin().await.unwrap();
     /// // ... the caller's own writes on `tx` ...
     /// let batch = NewBatch::new("batch_retain")
-    ///     .child(NewOperation::new("retain", serde_json::json!({"doc": 1})));
+    ///     .child(NewOperation::new("retain", json!({"doc": 1})));
     /// store.submit_batch_in(&mut tx, batch).await?;
     /// tx.commit().await.unwrap();
     /// # Ok(()) }
@@ -386,11 +386,11 @@ impl PostgresStore {
     /// should roll back its writes.
     ///
     /// ```no_run
-    /// # async fn example(store: fascicle_postgres::PostgresStore, ctx: fascicle_api::Context) -> fascicle_api::Result<()> {
+    /// # async fn example(store: fascicle::postgres::PostgresStore, ctx: fascicle::Context) -> fascicle::Result<()> {
     /// let mut tx = store.pool().begin().await.unwrap();
     /// // ... the handler's own writes on `tx` ...
-    /// let applied = store.complete_in(&mut tx, &[ctx.completion(serde_json::json!({}))]).await?;
-    /// if applied == [fascicle_api::Applied::Applied] {
+    /// let applied = store.complete_in(&mut tx, &[ctx.completion(fascicle::json!({}))]).await?;
+    /// if applied == [fascicle::Applied::Applied] {
     ///     tx.commit().await.unwrap();
     /// }
     /// # Ok(()) }

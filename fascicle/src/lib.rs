@@ -1,10 +1,19 @@
-#![doc = include_str!("../README.md")]
+// The README's examples are compiled and run as a downstream crate would (facade only)
+// by `downstream/`; here it is the crate's documentation.
+#![cfg_attr(not(doctest), doc = include_str!("../README.md"))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::sync::Arc;
 
+/// serde_json's `json!`, for payloads: `fascicle::json!({ "document": "a.txt" })`.
+pub use fascicle_api::serde_json::json;
 pub use fascicle_api::*;
 
+/// The conformance suite every driver runs (`suite!`, `Fixture`, the cases), at this
+/// facade's version.
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub use fascicle_conformance as conformance;
 /// The in-process memory driver.
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]

@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use fascicle_api::{KindLimit, RateLimit};
+//! use fascicle::{KindLimit, RateLimit};
 //!
 //! let limit = KindLimit::running(4).with_rate(RateLimit::new(100, Duration::from_secs(60)));
 //! assert_eq!(limit.to_string(), "running ≤ 4, 100 starts per 60s");

@@ -1,4 +1,6 @@
-#![doc = include_str!("../README.md")]
+// The README's examples are compiled and run as a downstream crate would (facade only)
+// by `downstream/`; here it is the crate's documentation.
+#![cfg_attr(not(doctest), doc = include_str!("../README.md"))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod capabilities;
@@ -6,6 +8,8 @@ mod error;
 pub mod flow;
 mod json;
 mod lifecycle;
+#[cfg(any(test, feature = "mock"))]
+mod mocking;
 mod notify;
 mod queue;
 pub mod schedule;
@@ -43,6 +47,11 @@ pub use types::{
 pub use worker::{Context, HandlerError, Registry, Worker, WorkerReport};
 pub use workflow::{BatchInfo, BatchPlan, Callback, CallbackOn, FailurePolicy};
 
+/// The mockall this crate's mocks are generated with: use it (`fascicle::mockall::Sequence`,
+/// `mockall::predicate::*`) rather than a `mockall` of your own, whose version may differ.
+#[cfg(feature = "mock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
+pub use mockall;
 #[cfg(any(test, feature = "mock"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub use notify::MockNotifier;
@@ -52,5 +61,8 @@ pub use store::{MockStore, MockTransaction};
 
 pub use async_trait::async_trait;
 pub use chrono;
+/// The `metrics` facade the worker's counters and gauges go through: install a recorder
+/// built on this version.
+pub use metrics;
 pub use serde_json;
 pub use uuid;

@@ -9,8 +9,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use fascicle_api::{CatchUp, NewOperation, Schedule};
-//! use serde_json::json;
+//! use fascicle::{CatchUp, NewOperation, Schedule, json};
 //!
 //! let nightly = Schedule::cron("nightly-report", "0 2 * * *", NewOperation::new("report", json!({})))
 //!     .in_zone("Europe/Paris")

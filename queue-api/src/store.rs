@@ -342,7 +342,9 @@ pub trait Transaction: Send {
 
     /// Inserts many children. The provided version calls
     /// [`insert_child`](Transaction::insert_child) for each; a driver should override it
-    /// with a bulk statement (one round trip where it can).
+    /// with a bulk statement (one round trip where it can). `MockTransaction` (feature
+    /// `mock`) mocks this method itself, like every other: expect `insert_children`, not
+    /// one `insert_child` per child (`MockTransaction::expecting_one_batch` does).
     async fn insert_children(&mut self, children: &[ChildRecord]) -> Result<()> {
         for child in children {
             self.insert_child(child).await?;

@@ -516,7 +516,7 @@ pub struct ChildRecord {
     pub payload: Value,
     /// `payload` serialized as compact JSON, as validated: SQL drivers store this text
     /// instead of serializing the payload again. Must equal
-    /// `serde_json::to_string(&payload)`.
+    /// [`to_stored_text(&payload)`](crate::to_stored_text).
     pub payload_json: String,
     /// Higher runs first.
     pub priority: i32,

@@ -324,12 +324,13 @@ struct Running {
 /// blocking work to `tokio::task::spawn_blocking`).
 ///
 /// ```no_run
-/// # async fn example(store: std::sync::Arc<dyn fascicle_api::Store>) -> fascicle_api::Result<()> {
-/// use fascicle_api::{HandlerError, Registry, Worker};
+/// # async fn example(store: std::sync::Arc<dyn fascicle::Store>) -> fascicle::Result<()> {
+/// use fascicle::serde_json::Value;
+/// use fascicle::{HandlerError, Registry, Worker, json};
 ///
 /// let mut registry = Registry::new();
-/// registry.register("retain", |doc: serde_json::Value, _ctx| async move {
-///     Ok::<_, HandlerError>(serde_json::json!({ "stored": doc }))
+/// registry.register("retain", |doc: Value, _ctx| async move {
+///     Ok::<_, HandlerError>(json!({ "stored": doc }))
 /// });
 /// let report = Worker::new(store, registry)
 ///     .concurrency(8)
