@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use fascicle_api::Store;
 use fascicle_conformance::broken::{BrokenPromise, BrokenStore};
-use fascicle_conformance::faults::AutocommitParentStore;
+use fascicle_conformance::faults::autocommit_parent_store;
 use fascicle_conformance::{CaseFn, Fixture, cases};
 use fascicle_memory::MemoryStore;
 
@@ -288,7 +288,7 @@ fn the_same_cases_pass_on_the_real_store() {
 #[test]
 fn suite_catches_a_parent_committed_outside_the_batch() {
     let store =
-        || -> Arc<dyn Store> { Arc::new(AutocommitParentStore::new(Arc::new(MemoryStore::new()))) };
+        || -> Arc<dyn Store> { Arc::new(autocommit_parent_store(Arc::new(MemoryStore::new()))) };
     install_quiet_panic_hook();
     QUIET_CASES.fetch_add(1, Ordering::SeqCst);
     let verdict = run_one(

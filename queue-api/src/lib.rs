@@ -7,6 +7,7 @@ mod capabilities;
 mod error;
 pub mod flow;
 mod json;
+pub mod layer;
 mod lifecycle;
 #[cfg(any(test, feature = "mock"))]
 mod mocking;
@@ -22,6 +23,7 @@ pub use capabilities::Capabilities;
 pub use error::{BackendErrorKind, BoxError, Error, Result};
 pub use flow::{KindLimit, RateLimit, validate_limit};
 pub use json::to_stored_text;
+pub use layer::{Call, Layer, Layered};
 pub use lifecycle::{
     Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
     LeaseToken, Outcome, PRUNE_CHUNK_ROWS, PruneReport, ReconcileReport, RescueReport, RetryPolicy,

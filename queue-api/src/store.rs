@@ -50,7 +50,9 @@ use crate::types::{ChildRecord, Operation, OperationId, ParentRecord, Stats};
 /// Implement this trait and [`Transaction`], then run the shared behaviour suite from
 /// your driver's `tests/` with one call of `fascicle_conformance::suite!` (crate
 /// `fascicle-conformance`). Policy — validation, idempotency, notification order — lives
-/// in [`Queue`](crate::Queue); a driver supplies only atomic primitives.
+/// in [`Queue`](crate::Queue); a driver supplies only atomic primitives. `docs/DRIVER_KIT.md`
+/// lists the shared rules and helpers a driver uses. To wrap a store (metrics, tracing,
+/// fault injection) rather than implement one, see [`Layered`](crate::Layered).
 #[cfg_attr(any(test, feature = "mock"), mockall::automock)]
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {

@@ -7,12 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fascicle_api::chrono::{DateTime, Utc};
 use fascicle_api::{
-    Applied, BackendErrorKind, CancelReport, Capabilities, ClaimRequest, ClaimedOperation,
-    Completion, Error, HandlerError, Lease, LeaseStatus, NewOperation, Operation, OperationId,
-    Outcome, PruneReport, Queue, ReconcileReport, Registry, RescueReport, Result, Stats, Status,
-    Store, Transaction, messages,
+    Applied, BackendErrorKind, Call, Completion, Error, HandlerError, Layer, Layered, NewOperation,
+    OperationId, Outcome, Queue, Registry, Result, Status, Store, messages,
 };
 use serde_json::{Value, json};
 
@@ -35,46 +32,14 @@ enum Meddle {
 }
 
 /// A real store with one behaviour changed, to put the worker in situations a healthy
-/// store produces only rarely.
-#[derive(Debug)]
-struct Meddling {
-    inner: Arc<dyn Store>,
-    meddle: Meddle,
-}
+/// store produces only rarely: the store seen through the [`Meddle`] as a [`Layer`].
+type Meddling = Layered<Meddle>;
 
 #[async_trait]
-impl Store for Meddling {
-    fn driver(&self) -> &'static str {
-        self.inner.driver()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    async fn begin(&self) -> Result<Box<dyn Transaction>> {
-        self.inner.begin().await
-    }
-
-    async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
-        self.inner.get(id).await
-    }
-
-    async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
-        self.inner.children_of(parent_id).await
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        self.inner.stats().await
-    }
-
-    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<ClaimedOperation>> {
-        self.inner.claim(request).await
-    }
-
-    async fn complete(&self, completions: &[Completion]) -> Result<Vec<Applied>> {
-        match &self.meddle {
-            Meddle::RefuseSuccessOf(id)
+impl Layer for Meddle {
+    async fn before(&self, call: &Call<'_>) -> Result<()> {
+        match (self, call) {
+            (Meddle::RefuseSuccessOf(id), Call::Complete(completions))
                 if completions
                     .iter()
                     .any(|c| c.id == *id && matches!(c.outcome, Outcome::Completed(_))) =>
@@ -83,119 +48,36 @@ impl Store for Meddling {
                     "the store refuses the result of {id}"
                 )))
             }
-            Meddle::CompleteUnavailable(down) if down.load(Ordering::SeqCst) => {
+            (Meddle::CompleteUnavailable(down), Call::Complete(_))
+                if down.load(Ordering::SeqCst) =>
+            {
                 Err(Error::backend(
                     "meddling",
                     BackendErrorKind::Connection,
                     "the database is unreachable",
                 ))
             }
-            Meddle::CompleteBroken(broken) if broken.load(Ordering::SeqCst) => Err(Error::backend(
-                "meddling",
-                BackendErrorKind::Other,
-                "permission denied for table operations",
-            )),
-            Meddle::CompleteHangs => std::future::pending().await,
-            _ => self.inner.complete(completions).await,
+            (Meddle::CompleteBroken(broken), Call::Complete(_))
+                if broken.load(Ordering::SeqCst) =>
+            {
+                Err(Error::backend(
+                    "meddling",
+                    BackendErrorKind::Other,
+                    "permission denied for table operations",
+                ))
+            }
+            (Meddle::CompleteHangs, Call::Complete(_)) => std::future::pending().await,
+            (Meddle::SlowHeartbeats(delay), Call::Heartbeat(..)) => {
+                tokio::time::sleep(*delay).await;
+                Ok(())
+            }
+            _ => Ok(()),
         }
-    }
-
-    async fn heartbeat(&self, leases: &[Lease], lease: Duration) -> Result<Vec<LeaseStatus>> {
-        if let Meddle::SlowHeartbeats(delay) = &self.meddle {
-            tokio::time::sleep(*delay).await;
-        }
-        self.inner.heartbeat(leases, lease).await
-    }
-
-    async fn release(&self, leases: &[Lease]) -> Result<u64> {
-        self.inner.release(leases).await
-    }
-
-    async fn rescue_expired_leases(&self) -> Result<RescueReport> {
-        self.inner.rescue_expired_leases().await
-    }
-
-    async fn reconcile_orphan_parents(&self) -> Result<ReconcileReport> {
-        self.inner.reconcile_orphan_parents().await
-    }
-
-    async fn cancel(&self, id: OperationId) -> Result<CancelReport> {
-        self.inner.cancel(id).await
-    }
-
-    async fn retry_batch(&self, parent_id: OperationId) -> Result<u64> {
-        self.inner.retry_batch(parent_id).await
-    }
-
-    async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
-        self.inner.prune(completed_before).await
-    }
-
-    async fn pause(&self, kind: &str) -> Result<bool> {
-        self.inner.pause(kind).await
-    }
-
-    async fn resume(&self, kind: &str) -> Result<bool> {
-        self.inner.resume(kind).await
-    }
-
-    async fn put_schedule(
-        &self,
-        schedule: &fascicle_api::Schedule,
-        now: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
-    ) -> Result<bool> {
-        self.inner.put_schedule(schedule, now).await
-    }
-
-    async fn remove_schedule(&self, name: &str) -> Result<bool> {
-        self.inner.remove_schedule(name).await
-    }
-
-    async fn pause_schedule(&self, name: &str, paused: bool) -> Result<bool> {
-        self.inner.pause_schedule(name, paused).await
-    }
-
-    async fn schedules(&self) -> Result<Vec<fascicle_api::StoredSchedule>> {
-        self.inner.schedules().await
-    }
-
-    async fn due_schedules(
-        &self,
-        now: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
-    ) -> Result<Vec<fascicle_api::StoredSchedule>> {
-        self.inner.due_schedules(now).await
-    }
-
-    async fn advance_schedule(
-        &self,
-        name: &str,
-        version: i64,
-        last_tick: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
-        next_tick: fascicle_api::chrono::DateTime<fascicle_api::chrono::Utc>,
-    ) -> Result<bool> {
-        self.inner
-            .advance_schedule(name, version, last_tick, next_tick)
-            .await
-    }
-
-    async fn set_limit(
-        &self,
-        kind: &str,
-        limit: fascicle_api::KindLimit,
-    ) -> Result<fascicle_api::KindLimit> {
-        self.inner.set_limit(kind, limit).await
-    }
-
-    async fn limits(&self) -> Result<std::collections::BTreeMap<String, fascicle_api::KindLimit>> {
-        self.inner.limits().await
     }
 }
 
 fn meddling(store: &Arc<dyn Store>, meddle: Meddle) -> Arc<dyn Store> {
-    Arc::new(Meddling {
-        inner: Arc::clone(store),
-        meddle,
-    })
+    Arc::new(Meddling::new(Arc::clone(store), meddle))
 }
 
 async fn submit_numbered(queue: &Queue, kind: &str, n: usize) -> Vec<OperationId> {
@@ -654,10 +536,10 @@ pub async fn per_operation_timeout_overrides_the_worker(store: Arc<dyn Store>) {
 pub async fn a_store_in_trouble_never_turns_success_into_failure(store: Arc<dyn Store>) {
     let queue = Queue::new(Arc::clone(&store));
     let ids = submit_numbered(&queue, "work", 5).await;
-    let broken = Arc::new(Meddling {
-        inner: Arc::clone(&store),
-        meddle: Meddle::CompleteBroken(AtomicBool::new(true)),
-    });
+    let broken = Arc::new(Meddling::new(
+        Arc::clone(&store),
+        Meddle::CompleteBroken(AtomicBool::new(true)),
+    ));
     let mut registry = Registry::new();
     registry.register("work", |_: Value, _| async move {
         tokio::task::yield_now().await;
@@ -677,7 +559,7 @@ pub async fn a_store_in_trouble_never_turns_success_into_failure(store: Arc<dyn 
             "a successful attempt was recorded as a failure while the store was in trouble"
         );
     }
-    if let Meddle::CompleteBroken(flag) = &broken.meddle {
+    if let Meddle::CompleteBroken(flag) = broken.layer() {
         flag.store(false, Ordering::SeqCst);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
