@@ -429,8 +429,6 @@ impl PostgresStore {
     }
 }
 
-/// The connection options `url` names, or `InvalidInput` naming the URL with its password
-/// hidden — whatever the URL, and whatever the parser's message quotes of it.
 /// The query parameters sqlx's PostgreSQL driver reads (sqlx-postgres 0.9,
 /// `options/parse.rs`), besides `options[name]`. It ignores any other after logging it
 /// at `warn` *with its value*.
@@ -486,6 +484,8 @@ fn refuse_unread_parameters(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// The connection options `url` names, or `InvalidInput` naming the URL with its password
+/// hidden — whatever the URL, and whatever the parser's message quotes of it.
 fn connect_options(url: &str) -> Result<PgConnectOptions> {
     refuse_unread_parameters(url)?;
     PgConnectOptions::from_str(url).map_err(|e| {

@@ -53,18 +53,25 @@ async fn count_rows(store: &PostgresStore) -> i64 {
     .unwrap()
 }
 
+/// A second store on `store`'s schema with its own application name (returned, so a
+/// test can find its backends in `pg_stat_activity`) and two connections.
+async fn victim(url: &str, store: &PostgresStore, tag: &str) -> (String, PostgresStore) {
+    let app = format!("fascicle-{tag}-{}", uuid::Uuid::new_v4().simple());
+    let victim = PostgresStore::connect_with(
+        PostgresOptions::new(url)
+            .schema(store.schema().to_string())
+            .application_name(&app)
+            .max_connections(2),
+    )
+    .await
+    .unwrap();
+    (app, victim)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_before_commit_leaves_zero_rows() {
     with_store!(|url, store| {
-        let app = format!("fascicle-kill-{}", uuid::Uuid::new_v4().simple());
-        let victim = PostgresStore::connect_with(
-            PostgresOptions::new(&url)
-                .schema(store.schema().to_string())
-                .application_name(&app)
-                .max_connections(2),
-        )
-        .await
-        .unwrap();
+        let (app, victim) = victim(&url, &store, "kill").await;
         let prepared = fascicle_api::Limits::default()
             .prepare_batch(batch(500))
             .unwrap();
@@ -122,15 +129,7 @@ async fn spin(wait: std::time::Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_begin_leaves_no_connection_in_a_transaction() {
     with_store!(|url, store| {
-        let app = format!("fascicle-cancel-{}", uuid::Uuid::new_v4().simple());
-        let victim = PostgresStore::connect_with(
-            PostgresOptions::new(&url)
-                .schema(store.schema().to_string())
-                .application_name(&app)
-                .max_connections(2),
-        )
-        .await
-        .unwrap();
+        let (app, victim) = victim(&url, &store, "cancel").await;
         let mut stuck = Vec::new();
         for step in 0..600u64 {
             let wait = std::time::Duration::from_micros(step * 3);

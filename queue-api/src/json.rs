@@ -11,8 +11,13 @@ use std::io;
 /// back without exponent or fraction, which serde_json reads as an integer: a different
 /// `Value` than the float that was stored. With the fraction it stays a float.
 ///
-/// Drivers write payloads, metadata and results with this function; every other value
-/// is written exactly as `serde_json::to_string` writes it.
+/// Drivers write payloads, batch metadata, callbacks (through
+/// [`BatchPlan::callbacks_json`](crate::BatchPlan::callbacks_json)) and results with this
+/// function; every other value is written exactly as `serde_json::to_string` writes it.
+///
+/// One difference remains: PostgreSQL's `jsonb` gives `-0.0` back as `0`, read as the
+/// float `0.0`. The two are equal under `Value`'s `==` (and `f64`'s), so a payload
+/// compares equal after the round trip, but the sign of a negative zero is not kept there.
 pub fn to_stored_text(value: &Value) -> String {
     let mut out = Vec::with_capacity(128);
     let mut serializer = serde_json::Serializer::with_formatter(&mut out, WholeFloats);

@@ -184,10 +184,14 @@ impl BatchPlan {
         self.failure_policy == FailurePolicy::WaitAll && self.callbacks.is_empty()
     }
 
-    /// The callbacks as drivers store them (a JSON array), or `None` when there is none.
+    /// The callbacks as drivers store them (a JSON array written by
+    /// [`to_stored_text`](crate::to_stored_text), so a payload's whole floats read back as
+    /// floats), or `None` when there is none.
     pub fn callbacks_json(&self) -> Option<String> {
-        (!self.callbacks.is_empty())
-            .then(|| serde_json::to_string(&self.callbacks).expect("callbacks serialize"))
+        (!self.callbacks.is_empty()).then(|| {
+            let value = serde_json::to_value(&self.callbacks).expect("callbacks serialize");
+            crate::to_stored_text(&value)
+        })
     }
 
     /// The policy name drivers store, or `None` for the default (`WaitAll`), so rows of

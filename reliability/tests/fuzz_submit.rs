@@ -103,9 +103,10 @@ async fn check(stores: &[Arc<dyn Store>], inputs: &[Input]) {
     }
 }
 
-/// A generated batch (kind, metadata, children) on every driver: submitted whole — the
-/// parent with its kind and metadata, every child with its kind, payload and key, read
-/// back identical — or refused with `InvalidInput` and nothing stored, parent included.
+/// A generated batch (kind, metadata, children, and callbacks whose payload is the
+/// metadata) on every driver: submitted whole — the parent with its kind, metadata and
+/// callbacks, every child with its kind, payload and key, read back identical — or
+/// refused with `InvalidInput` and nothing stored, parent included.
 async fn check_batch(stores: &[Arc<dyn Store>], kind: &str, metadata: &Value, inputs: &[Input]) {
     for store in stores {
         let driver = store.driver();
@@ -119,6 +120,11 @@ async fn check_batch(stores: &[Arc<dyn Store>], kind: &str, metadata: &Value, in
         });
         let batch = NewBatch::new(kind)
             .with_metadata(metadata.clone())
+            .on_success(NewOperation::new("succeeded", metadata.clone()))
+            .on_complete(NewOperation::new(
+                "completed",
+                serde_json::json!([metadata]),
+            ))
             .children(children);
         let count = |stats: fascicle::Stats| (stats.work().total(), stats.batches.total());
         let before = count(store.stats().await.unwrap());
@@ -127,6 +133,10 @@ async fn check_batch(stores: &[Arc<dyn Store>], kind: &str, metadata: &Value, in
                 let parent = store.get(receipt.parent_id).await.unwrap().unwrap();
                 assert_eq!(parent.kind, kind, "{driver}");
                 assert_eq!(parent.metadata.as_ref(), Some(metadata), "{driver}");
+                let plan = parent.plan.expect("a batch parent has a plan");
+                let payloads: Vec<&Value> = plan.callbacks.iter().map(|c| &c.payload).collect();
+                let completed = serde_json::json!([metadata]);
+                assert_eq!(payloads, [metadata, &completed], "{driver}: callbacks");
                 assert_eq!(receipt.child_ids.len(), inputs.len(), "{driver}");
                 for (id, input) in receipt.child_ids.iter().zip(inputs) {
                     let child = store.get(*id).await.unwrap().unwrap();
