@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog]... [--quick] [--json] [--runs N]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many]... [--quick] [--json] [--runs N] [--peer-gw PATH]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -14,6 +14,7 @@ mod backlog;
 mod drain;
 mod latency;
 mod limits;
+mod many;
 mod schedules;
 mod submit;
 
@@ -36,6 +37,9 @@ struct Args {
     runs: usize,
     /// Only these scenarios (`--only`); empty: all of them.
     only: Vec<Scenario>,
+    /// The graphile_worker peer's binary (`--peer-gw PATH`, or `FASCICLE_PEER_GW`), run
+    /// beside fascicle where a scenario has a peer measurement.
+    peer_gw: Option<std::path::PathBuf>,
 }
 
 /// The benchmark's scenarios, each with its own baselines.
@@ -48,9 +52,10 @@ enum Scenario {
     Limits,
     Schedules,
     Backlog,
+    Many,
 }
 
-const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog]... [--quick] [--json] [--runs N]";
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many]... [--quick] [--json] [--runs N] [--peer-gw PATH]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -59,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         json: false,
         runs: 0,
         only: Vec::new(),
+        peer_gw: std::env::var_os("FASCICLE_PEER_GW").map(Into::into),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -85,8 +91,13 @@ fn parse_args() -> Result<Args, String> {
                     "limits" => Scenario::Limits,
                     "schedules" => Scenario::Schedules,
                     "backlog" => Scenario::Backlog,
+                    "many" => Scenario::Many,
                     other => return Err(format!("unknown scenario `{other}`\n{USAGE}")),
                 });
+            }
+            "--peer-gw" => {
+                let value = it.next().ok_or("--peer-gw needs the peer binary's path")?;
+                args.peer_gw = Some(value.into());
             }
             "--runs" => {
                 let value = it.next().ok_or("--runs needs a value")?;
@@ -248,6 +259,7 @@ async fn main() {
             Scenario::Limits,
             Scenario::Schedules,
             Scenario::Backlog,
+            Scenario::Many,
         ] {
             if !wanted(scenario) {
                 continue;
@@ -263,6 +275,9 @@ async fn main() {
                 (Driver::Postgres, Scenario::Limits) => limits::postgres(&args, &url).await,
                 (Driver::Memory, Scenario::Schedules) => schedules::memory(&args).await,
                 (Driver::Memory, Scenario::Backlog) => backlog::memory(&args).await,
+                (Driver::Memory, Scenario::Many) => many::memory(&args).await,
+                (Driver::Sqlite, Scenario::Many) => many::sqlite(&args).await,
+                (Driver::Postgres, Scenario::Many) => many::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Backlog) => backlog::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Backlog) => backlog::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Schedules) => schedules::sqlite(&args).await,

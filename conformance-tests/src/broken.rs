@@ -179,6 +179,7 @@ impl BrokenPromise {
                 "large_batch_10k_children_commits_atomically",
                 "standalone_rollback_on_commit_failure",
                 "standalone_dropped_transaction_rolls_back",
+                "submit_many_is_all_or_nothing",
             ],
             Self::AutocommitParent => &[
                 "rollback_on_child_failure",
@@ -194,6 +195,7 @@ impl BrokenPromise {
                 "standalone_dropped_transaction_rolls_back",
                 "standalone_explicit_rollback",
                 "standalone_uncommitted_is_invisible_to_get_stats_and_claim",
+                "submit_many_is_all_or_nothing",
             ],
             Self::LostCancelRequest => &["cancel_batch_cascades"],
             Self::UnfencedCompletion => &["rescued_worker_cannot_complete"],

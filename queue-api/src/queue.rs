@@ -181,6 +181,181 @@ impl Queue {
         Ok(self.created(record.id).await)
     }
 
+    /// Submits independent stand-alone operations in one transaction — all of them or, on
+    /// any error before the commit, none — and notifies workers once after it. The
+    /// operations go to the store in one bulk insert ([`Transaction::insert_children`]:
+    /// one round trip per chunk on PostgreSQL), so a thousand operations cost about what
+    /// one costs.
+    ///
+    /// - Every operation is validated before anything is written; one that
+    ///   [`submit`](Self::submit) would refuse makes the whole call `InvalidInput`, naming
+    ///   its index. At most [`Limits::max_children`] operations per call; an empty list is
+    ///   answered with no receipt and no transaction.
+    /// - The receipts are in the order of `operations`.
+    /// - Idempotent per caller id, like `submit`: an operation whose id is already stored
+    ///   (as a stand-alone operation) is not inserted again and its receipt says
+    ///   `created == false`; an id used by a batch parent is a `Conflict` and nothing is
+    ///   written. The same caller id twice in one call is `InvalidInput`.
+    /// - An operation with a unique key is inserted in the same transaction through
+    ///   [`Transaction::insert_unique`] (one round trip each); when the key is held, its
+    ///   receipt carries the holder's id with `created == false`.
+    /// - A submit racing another over the same ids or keys is tried again (at most three
+    ///   more times) with what the first try found stored: each id is stored once, and
+    ///   exactly one of the racers answers `created == true` for it.
+    pub async fn submit_many(
+        &self,
+        operations: impl IntoIterator<Item = NewOperation>,
+    ) -> Result<Vec<Receipt>> {
+        let now = Utc::now();
+        let mut records = Vec::new();
+        // Each record's unique key, by index.
+        let mut uniques: Vec<Option<crate::Unique>> = Vec::new();
+        let mut caller_ids: std::collections::HashMap<OperationId, usize> =
+            std::collections::HashMap::new();
+        for (index, op) in operations.into_iter().enumerate() {
+            if index == self.limits.max_children {
+                return Err(Error::InvalidInput(format!(
+                    "submit_many takes at most {} operations in one call (Limits::max_children); \
+                     split them over several calls",
+                    self.limits.max_children
+                )));
+            }
+            let caller_id = op.id;
+            let unique = op.unique.clone();
+            let record = self
+                .limits
+                .prepare_operation(op, None, now)
+                .map_err(|e| match e {
+                    Error::InvalidInput(reason) => Error::InvalidInput(format!(
+                        "submit_many: the operation at index {index} was refused, so none was \
+                         submitted: {reason}"
+                    )),
+                    other => other,
+                })?;
+            if let Some(id) = caller_id
+                && let Some(first) = caller_ids.insert(id, index)
+            {
+                return Err(Error::InvalidInput(format!(
+                    "submit_many: the operations at index {first} and {index} have the same id \
+                     {id}; an id names one operation, so none was submitted"
+                )));
+            }
+            uniques.push(unique);
+            records.push(record);
+        }
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        // Caller ids found already stored, by index: they are answered, not inserted.
+        let mut stored = vec![false; records.len()];
+        let mut tries = 0;
+        let holders = loop {
+            match self.try_submit_many(&records, &uniques, &stored).await {
+                Ok(holders) => break holders,
+                Err(Error::Conflict(reason)) if tries < 3 => {
+                    tries += 1;
+                    // Lost a race over an id (or, in a store that checks unique keys at
+                    // commit, over a key: the next try finds the holder).
+                    let mut found = false;
+                    for (&id, &index) in &caller_ids {
+                        if !stored[index] {
+                            match self.store.get(id).await? {
+                                Some(op) if op.is_parent() => {
+                                    return Err(Error::Conflict(format!(
+                                        "submit_many: id {id} (index {index}) is already used \
+                                         by a batch parent, not a stand-alone operation; \
+                                         nothing was submitted"
+                                    )));
+                                }
+                                Some(_) => {
+                                    stored[index] = true;
+                                    found = true;
+                                }
+                                None => {}
+                            }
+                        }
+                    }
+                    if !found && uniques.iter().all(Option::is_none) {
+                        return Err(Error::Conflict(reason));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+
+        let created: Vec<OperationId> = records
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !stored[*i] && !holders.contains_key(i))
+            .map(|(_, r)| r.id)
+            .collect();
+        let notified = created.is_empty()
+            || self
+                .notify(&Submitted {
+                    parent_id: None,
+                    operation_ids: created,
+                })
+                .await;
+        Ok(records
+            .iter()
+            .enumerate()
+            .map(|(i, record)| match holders.get(&i) {
+                Some(&holder) => Receipt {
+                    id: holder,
+                    created: false,
+                    notified: true,
+                },
+                None if stored[i] => Receipt {
+                    id: record.id,
+                    created: false,
+                    notified: true,
+                },
+                None => Receipt {
+                    id: record.id,
+                    created: true,
+                    notified,
+                },
+            })
+            .collect())
+    }
+
+    /// One try of [`submit_many`](Self::submit_many): every record not already `stored`,
+    /// the plain ones in one bulk insert, then the unique ones; committed. Answers the
+    /// holders of the unique keys found held, by index.
+    async fn try_submit_many(
+        &self,
+        records: &[ChildRecord],
+        uniques: &[Option<crate::Unique>],
+        stored: &[bool],
+    ) -> Result<std::collections::HashMap<usize, OperationId>> {
+        let plain = |i: &usize| !stored[*i] && uniques[*i].is_none();
+        let mut tx = self.store.begin().await?;
+        if (0..records.len()).all(|i| plain(&i)) {
+            // The common case, with nothing to copy.
+            tx.insert_children(records).await?;
+        } else {
+            let some: Vec<ChildRecord> = (0..records.len())
+                .filter(plain)
+                .map(|i| records[i].clone())
+                .collect();
+            if !some.is_empty() {
+                tx.insert_children(&some).await?;
+            }
+        }
+        let mut holders = std::collections::HashMap::new();
+        for (index, unique) in uniques.iter().enumerate() {
+            if let Some(unique) = unique
+                && !stored[index]
+                && let Some(holder) = tx.insert_unique(&records[index], unique).await?
+            {
+                holders.insert(index, holder);
+            }
+        }
+        tx.commit().await?;
+        Ok(holders)
+    }
+
     /// A stand-alone submit with a unique key: the store inserts it or answers the
     /// operation holding the key. A commit refused for a collision found only then (a
     /// store that checks keys at commit, like the memory store) is tried again: the second

@@ -1,0 +1,253 @@
+//! Scenario `many`: 10,000 independent stand-alone operations submitted with
+//! `Queue::submit_many` (one transaction, the driver's bulk insert). Baselines in the
+//! same run that do not move with fascicle's schema: the raw bound — the same number of
+//! rows bulk-inserted into a minimal jobs table by one statement — and, on PostgreSQL
+//! with `--peer-gw`, the graphile_worker crate's `add_jobs` (1,000 jobs a call, its
+//! documented way of enqueueing many).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use fascicle_api::{NewOperation, Queue, Store};
+use fascicle_postgres::{PostgresOptions, PostgresStore};
+use fascicle_sqlite::SqliteStore;
+use serde_json::json;
+use sqlx::AssertSqlSafe;
+
+use crate::{Args, Measurement, Target, per_second};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+const OPERATIONS: usize = 10_000;
+
+fn scenario() -> String {
+    format!("submit_many of {OPERATIONS} stand-alone operations")
+}
+
+/// The operations, made before the clock starts (as the peer's jobs are).
+fn operations() -> Vec<NewOperation> {
+    (0..OPERATIONS)
+        .map(|i| NewOperation::new("noop", json!({ "i": i })))
+        .collect()
+}
+
+async fn submit_many_once(store: Arc<dyn Store>) -> Result<f64, BoxError> {
+    let queue = Queue::new(store);
+    let input = operations();
+    let start = Instant::now();
+    let receipts = queue.submit_many(input).await?;
+    let elapsed = start.elapsed();
+    assert_eq!(receipts.len(), OPERATIONS);
+    assert!(receipts.iter().all(|r| r.created));
+    Ok(per_second(OPERATIONS, elapsed))
+}
+
+pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
+    let mut samples = Vec::new();
+    for _ in 0..args.runs {
+        samples.push(submit_many_once(Arc::new(fascicle_memory::MemoryStore::new())).await?);
+    }
+    Ok(vec![Measurement {
+        scenario: scenario(),
+        driver: "memory",
+        unit: "rows/s",
+        samples,
+        baseline_name: None,
+        baseline_samples: Vec::new(),
+        target: None,
+    }])
+}
+
+/// The raw bound on SQLite: the rows inserted by one prepared statement in one
+/// transaction into a minimal table, with the store's durability settings.
+fn sqlite_raw(path: &std::path::Path) -> Result<f64, BoxError> {
+    let mut conn = rusqlite::Connection::open(path)?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+         CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, kind TEXT NOT NULL,
+             payload TEXT NOT NULL, run_at INTEGER NOT NULL, status TEXT NOT NULL);
+         DELETE FROM jobs;",
+    )?;
+    let payloads: Vec<String> = (0..OPERATIONS)
+        .map(|i| json!({ "i": i }).to_string())
+        .collect();
+    let start = Instant::now();
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let mut stmt = tx.prepare_cached(
+            "INSERT INTO jobs (kind, payload, run_at, status) VALUES ('noop', ?1, ?2, 'pending')",
+        )?;
+        let now = chrono::Utc::now().timestamp_micros();
+        for payload in &payloads {
+            stmt.execute(rusqlite::params![payload, now])?;
+        }
+    }
+    tx.commit()?;
+    Ok(per_second(OPERATIONS, start.elapsed()))
+}
+
+pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
+    let mut fascicle = Vec::new();
+    let mut raw = Vec::new();
+    let dir = tempfile::tempdir()?;
+    for run in 0..args.runs {
+        // Interleaved, so that machine noise hits both sides alike.
+        let store = SqliteStore::open_temporary().await?;
+        fascicle.push(submit_many_once(Arc::new(store)).await?);
+        let path = dir.path().join(format!("raw{run}.db"));
+        raw.push(tokio::task::spawn_blocking(move || sqlite_raw(&path)).await??);
+    }
+    Ok(vec![Measurement {
+        scenario: scenario(),
+        driver: "sqlite",
+        unit: "rows/s",
+        samples: fascicle,
+        baseline_name: Some("raw bound: 1 prepared INSERT/row, 1 tx, minimal table".into()),
+        baseline_samples: raw,
+        target: Some(Target::AtLeast { value: 300_000.0 }),
+    }])
+}
+
+/// The raw bound on PostgreSQL: the rows in one `INSERT … SELECT unnest(…)` into a
+/// minimal jobs table (a bigserial key, a partial index on pending rows), one round trip.
+async fn postgres_raw(pool: &sqlx::PgPool, table: &str) -> Result<f64, BoxError> {
+    sqlx::query(AssertSqlSafe(format!("TRUNCATE {table}")))
+        .execute(pool)
+        .await?;
+    let payloads: Vec<String> = (0..OPERATIONS)
+        .map(|i| json!({ "i": i }).to_string())
+        .collect();
+    let start = Instant::now();
+    let mut tx = pool.begin().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {table} (kind, payload) SELECT 'noop', p::jsonb FROM unnest($1::text[]) AS p"
+    )))
+    .bind(&payloads)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(per_second(OPERATIONS, start.elapsed()))
+}
+
+/// The peer's `add_jobs` rate for `OPERATIONS` jobs, from one run of its binary against
+/// its own database (created if missing), with no latency phase.
+async fn peer_add_jobs(
+    peer: &std::path::Path,
+    pool: &sqlx::PgPool,
+    url: &str,
+) -> Result<f64, BoxError> {
+    let exists: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'peer_rs_gw')",
+    )
+    .fetch_one(pool)
+    .await?;
+    if !exists {
+        sqlx::query("CREATE DATABASE peer_rs_gw")
+            .execute(pool)
+            .await?;
+    }
+    let peer_url = match url.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/peer_rs_gw"),
+        None => return Err(format!("cannot place the peer's database beside {url}").into()),
+    };
+    let mut command = std::process::Command::new(peer);
+    command
+        .env("DATABASE_URL", peer_url)
+        .env("N", OPERATIONS.to_string())
+        .env("CHUNK", "1000")
+        .env("LQ", "500")
+        .env("BATCH_MS", "1")
+        .env("CONC", "24")
+        .env("LAT", "0");
+    let output = tokio::task::spawn_blocking(move || command.output()).await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!(
+            "the peer {} failed ({}): {}",
+            peer.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    let rate = stdout
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("enqueue_rows_per_s="))
+        .ok_or_else(|| format!("the peer printed no enqueue_rows_per_s: {stdout}"))?;
+    Ok(rate.parse()?)
+}
+
+pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>, BoxError> {
+    let schema = format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple());
+    let store = PostgresStore::connect_with(
+        PostgresOptions::new(url)
+            .schema(schema.clone())
+            .max_connections(4),
+    )
+    .await?;
+    let table = format!("{schema}.raw_jobs");
+    let outcome = async {
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE {table} (id bigserial PRIMARY KEY, kind text NOT NULL,
+                 payload jsonb NOT NULL, run_at timestamptz NOT NULL DEFAULT now(),
+                 status text NOT NULL DEFAULT 'pending')"
+        )))
+        .execute(store.pool())
+        .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE INDEX ON {table} (run_at, id) WHERE status = 'pending'"
+        )))
+        .execute(store.pool())
+        .await?;
+        let truncate = || {
+            sqlx::query(AssertSqlSafe(format!("TRUNCATE {schema}.operations")))
+                .execute(store.pool())
+        };
+        // One warm-up of each: prepared statements and warm caches on both sides.
+        submit_many_once(Arc::new(store.clone())).await?;
+        postgres_raw(store.pool(), &table).await?;
+        let (mut fascicle, mut raw, mut peer) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..args.runs {
+            truncate().await?;
+            fascicle.push(submit_many_once(Arc::new(store.clone())).await?);
+            raw.push(postgres_raw(store.pool(), &table).await?);
+            if let Some(binary) = &args.peer_gw {
+                peer.push(peer_add_jobs(binary, store.pool(), url).await?);
+            }
+        }
+        let mut rows = vec![Measurement {
+            scenario: scenario(),
+            driver: "postgres",
+            unit: "rows/s",
+            samples: fascicle.clone(),
+            baseline_name: Some("raw bound: 1 INSERT … unnest, minimal table".into()),
+            baseline_samples: raw,
+            target: Some(Target::AtLeast { value: 100_000.0 }),
+        }];
+        if !peer.is_empty() {
+            rows.push(Measurement {
+                scenario: scenario(),
+                driver: "postgres",
+                unit: "rows/s",
+                samples: fascicle,
+                baseline_name: Some("graphile_worker 0.14.1 add_jobs, 1,000 a call".into()),
+                baseline_samples: peer,
+                target: Some(Target::AtLeast { value: 100_000.0 }),
+            });
+        } else {
+            eprintln!(
+                "postgres: submit_many runs without the graphile_worker peer (pass --peer-gw \
+                 PATH or set FASCICLE_PEER_GW to measure it beside)"
+            );
+        }
+        Ok::<_, BoxError>(rows)
+    }
+    .await;
+    let _ = sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(store.pool())
+    .await;
+    store.pool().close().await;
+    outcome
+}
