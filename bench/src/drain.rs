@@ -335,6 +335,115 @@ async fn postgres_bound(store: &PostgresStore, n: usize) -> Result<f64, BoxError
     Ok(per_second(n, start.elapsed()))
 }
 
+/// Fills the store with `n` stand-alone no-op operations, 10,000 per `submit_many`.
+async fn fill_standalone(store: &Arc<dyn Store>, n: usize) -> Result<(), BoxError> {
+    let queue = Queue::new(Arc::clone(store));
+    let mut left = n;
+    while left > 0 {
+        let take = left.min(10_000);
+        queue
+            .submit_many((0..take).map(|i| NewOperation::new("noop", json!({ "i": i }))))
+            .await?;
+        left -= take;
+    }
+    Ok(())
+}
+
+/// One tuned PostgreSQL drain in a fresh schema, with what it cost the database: WAL
+/// bytes per job (`pg_stat_wal`, cluster-wide, read around the drain) and rows written
+/// per job (inserted, updated or deleted in the schema's tables, from
+/// `pg_stat_user_tables` once the store's connections closed and flushed their counts;
+/// the fill's inserts are subtracted).
+struct Costed {
+    rate: f64,
+    wal_bytes_per_job: f64,
+    rows_per_job: f64,
+}
+
+async fn postgres_costed(url: &str, n: usize, standalone: bool) -> Result<Costed, BoxError> {
+    let schema = format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await?;
+    let store = PostgresStore::connect_with(
+        PostgresOptions::new(url)
+            .schema(schema.clone())
+            .max_connections(8),
+    )
+    .await?;
+    let shared: Arc<dyn Store> = Arc::new(store.clone());
+    let outcome = async {
+        let filled = if standalone {
+            fill_standalone(&shared, n).await?;
+            n
+        } else {
+            fill(&shared, n).await?;
+            n + n.div_ceil(10_000)
+        };
+        let wal = "SELECT wal_bytes::float8 FROM pg_stat_wal";
+        let wal_before: f64 = sqlx::query_scalar(wal).fetch_one(&admin).await?;
+        let rate = drain(&shared, n, 2, TUNED).await?;
+        let wal_after: f64 = sqlx::query_scalar(wal).fetch_one(&admin).await?;
+        store.pool().close().await;
+        // A closed backend has reported its counts; give the stats system a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let written: f64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::float8
+             FROM pg_stat_user_tables WHERE schemaname = $1",
+        )
+        .bind(&schema)
+        .fetch_one(&admin)
+        .await?;
+        Ok::<_, BoxError>(Costed {
+            rate,
+            wal_bytes_per_job: (wal_after - wal_before) / n as f64,
+            rows_per_job: (written - filled as f64) / n as f64,
+        })
+    }
+    .await;
+    let _ = sqlx::query(AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(&admin)
+    .await;
+    admin.close().await;
+    outcome
+}
+
+/// `../shared/peers/raw_bound.sh` (or `--raw-bound PATH`): claim-50 `SKIP LOCKED` plus one
+/// completing `UPDATE` on a minimal table, by `pgbench` with 4 clients — the database's
+/// job-queue ceiling on this host, independent of fascicle's schema. Its jobs/s.
+fn raw_bound_script(script: &std::path::Path, quick: bool) -> Result<f64, BoxError> {
+    let mut command = std::process::Command::new("bash");
+    command.arg(script);
+    if quick {
+        command.env("ROWS", "300000").env("SECS", "3");
+    }
+    let output = command.output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!(
+            "{} failed ({}): {}",
+            script.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    let rate = stdout
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("jobs_per_s="))
+        .ok_or_else(|| format!("{} printed no jobs_per_s: {stdout}", script.display()))?;
+    Ok(rate.parse()?)
+}
+
+/// The graphile_worker peer's drain of `n` no-op jobs (tuned as its documentation
+/// advises for throughput: local queue 500, batched completions, concurrency 24).
+fn peer_drain(peer: &std::path::Path, url: &str, n: usize) -> Result<f64, BoxError> {
+    crate::many::peer_field(peer, url, n, "drain_jobs_per_s")
+}
+
 pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>, BoxError> {
     let n = size(args);
     let mut bound = Vec::new();
@@ -360,25 +469,114 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
         drop_schema(store).await;
     }
     let default = fascicle_runs(args, &make, 1, DEFAULT).await?;
-    let tuned = fascicle_runs(args, &make, 2, TUNED).await?;
-    Ok(vec![
-        row(
+
+    // Interleaved run by run: the schema-independent raw bound, the peer, and fascicle's
+    // tuned drain of batch children and of stand-alone operations.
+    let script = args.raw_bound.clone();
+    if script.is_none() {
+        eprintln!(
+            "postgres: drain runs without the raw bound of ../shared/peers/raw_bound.sh (pass \
+             --raw-bound PATH; it needs psql and pgbench)"
+        );
+    }
+    if args.peer_gw.is_none() {
+        eprintln!(
+            "postgres: drain runs without the graphile_worker peer (pass --peer-gw PATH or set \
+             FASCICLE_PEER_GW)"
+        );
+    }
+    let (mut raw, mut peer, mut children, mut standalone) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs(args) {
+        if let Some(script) = script.clone() {
+            let quick = args.quick;
+            raw.push(tokio::task::spawn_blocking(move || raw_bound_script(&script, quick)).await??);
+        }
+        if let Some(binary) = args.peer_gw.clone() {
+            let url = url.clone();
+            peer.push(tokio::task::spawn_blocking(move || peer_drain(&binary, &url, n)).await??);
+        }
+        children.push(postgres_costed(&url, n, false).await?);
+        standalone.push(postgres_costed(&url, n, true).await?);
+    }
+    let rates = |c: &[Costed]| c.iter().map(|c| c.rate).collect::<Vec<_>>();
+    let mut rows = vec![row(
+        args,
+        "postgres",
+        "default settings",
+        default,
+        Some((
+            "claim-50 x4 on fascicle's table (moves with our schema)",
+            bound.clone(),
+        )),
+        None,
+    )];
+    for (label, costed) in [
+        ("tuned (2 workers, concurrency 128, claim 128)", &children),
+        (
+            "tuned (2 workers, concurrency 128, claim 128), stand-alone operations",
+            &standalone,
+        ),
+    ] {
+        rows.push(row(
             args,
             "postgres",
-            "default settings",
-            default,
-            Some(("raw SKIP LOCKED claim-50 x4", bound.clone())),
+            label,
+            rates(costed),
+            Some((
+                "claim-50 x4 on fascicle's table (moves with our schema)",
+                bound.clone(),
+            )),
             None,
-        ),
-        row(
-            args,
-            "postgres",
-            "tuned (2 workers, concurrency 128, claim 128)",
-            tuned,
-            Some(("raw SKIP LOCKED claim-50 x4", bound)),
-            Some(Target::RatioAtLeast { value: 0.75 }),
-        ),
-    ])
+        ));
+        if !raw.is_empty() {
+            rows.push(row(
+                args,
+                "postgres",
+                label,
+                rates(costed),
+                Some((
+                    "raw bound: raw_bound.sh, minimal table, pgbench -c 4",
+                    raw.clone(),
+                )),
+                Some(Target::RatioAtLeast { value: 0.75 }),
+            ));
+        }
+        if !peer.is_empty() {
+            rows.push(row(
+                args,
+                "postgres",
+                label,
+                rates(costed),
+                Some((
+                    "graphile_worker 0.14.1 (local queue 500, batched, conc 24)",
+                    peer.clone(),
+                )),
+                Some(Target::RatioAtLeast { value: 1.2 }),
+            ));
+        }
+        for (what, unit, values) in [
+            (
+                "WAL bytes per job",
+                "B/job",
+                costed
+                    .iter()
+                    .map(|c| c.wal_bytes_per_job)
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                "rows written per job",
+                "rows/job",
+                costed.iter().map(|c| c.rows_per_job).collect(),
+            ),
+        ] {
+            let mut measured = row(args, "postgres", label, values, None, None);
+            measured.scenario = format!("{}: {what}", measured.scenario);
+            measured.unit = unit;
+            rows.push(measured);
+        }
+    }
+    Ok(rows)
 }
 
 /// A fresh memory store.

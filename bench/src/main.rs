@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many]... [--quick] [--json] [--runs N] [--peer-gw PATH]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -40,6 +40,9 @@ struct Args {
     /// The graphile_worker peer's binary (`--peer-gw PATH`, or `FASCICLE_PEER_GW`), run
     /// beside fascicle where a scenario has a peer measurement.
     peer_gw: Option<std::path::PathBuf>,
+    /// `../shared/peers/raw_bound.sh` (`--raw-bound PATH`; found there by default), run
+    /// beside the PostgreSQL drain.
+    raw_bound: Option<std::path::PathBuf>,
 }
 
 /// The benchmark's scenarios, each with its own baselines.
@@ -55,7 +58,7 @@ enum Scenario {
     Many,
 }
 
-const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many]... [--quick] [--json] [--runs N] [--peer-gw PATH]";
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -65,6 +68,8 @@ fn parse_args() -> Result<Args, String> {
         runs: 0,
         only: Vec::new(),
         peer_gw: std::env::var_os("FASCICLE_PEER_GW").map(Into::into),
+        raw_bound: Some(std::path::PathBuf::from("../shared/peers/raw_bound.sh"))
+            .filter(|p| p.exists()),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -98,6 +103,10 @@ fn parse_args() -> Result<Args, String> {
             "--peer-gw" => {
                 let value = it.next().ok_or("--peer-gw needs the peer binary's path")?;
                 args.peer_gw = Some(value.into());
+            }
+            "--raw-bound" => {
+                let value = it.next().ok_or("--raw-bound needs the script's path")?;
+                args.raw_bound = Some(value.into());
             }
             "--runs" => {
                 let value = it.next().ok_or("--runs needs a value")?;

@@ -129,37 +129,32 @@ async fn postgres_raw(pool: &sqlx::PgPool, table: &str) -> Result<f64, BoxError>
     Ok(per_second(OPERATIONS, start.elapsed()))
 }
 
-/// The peer's `add_jobs` rate for `OPERATIONS` jobs, from one run of its binary against
-/// its own database (created if missing), with no latency phase.
-async fn peer_add_jobs(
+/// One field of the graphile_worker peer's line (`enqueue_rows_per_s`,
+/// `drain_jobs_per_s`) from one run of its binary on `n` jobs, against its own database
+/// `peer_rs_gw` beside `url`'s (created if missing), with no latency phase.
+pub(crate) fn peer_field(
     peer: &std::path::Path,
-    pool: &sqlx::PgPool,
     url: &str,
+    n: usize,
+    field: &str,
 ) -> Result<f64, BoxError> {
-    let exists: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = 'peer_rs_gw')",
-    )
-    .fetch_one(pool)
-    .await?;
-    if !exists {
-        sqlx::query("CREATE DATABASE peer_rs_gw")
-            .execute(pool)
-            .await?;
-    }
-    let peer_url = match url.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/peer_rs_gw"),
-        None => return Err(format!("cannot place the peer's database beside {url}").into()),
+    let Some((server, _)) = url.rsplit_once('/') else {
+        return Err(format!("cannot place the peer's database beside {url}").into());
     };
-    let mut command = std::process::Command::new(peer);
-    command
-        .env("DATABASE_URL", peer_url)
-        .env("N", OPERATIONS.to_string())
+    let psql = std::process::Command::new("psql")
+        .args(["-X", "-q", "-d", url, "-c", "CREATE DATABASE peer_rs_gw"])
+        .output();
+    // Fails when it exists: the peer's own connection below says whether it is usable.
+    drop(psql);
+    let output = std::process::Command::new(peer)
+        .env("DATABASE_URL", format!("{server}/peer_rs_gw"))
+        .env("N", n.to_string())
         .env("CHUNK", "1000")
         .env("LQ", "500")
         .env("BATCH_MS", "1")
         .env("CONC", "24")
-        .env("LAT", "0");
-    let output = tokio::task::spawn_blocking(move || command.output()).await??;
+        .env("LAT", "0")
+        .output()?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         return Err(format!(
@@ -170,11 +165,12 @@ async fn peer_add_jobs(
         )
         .into());
     }
-    let rate = stdout
+    let prefix = format!("{field}=");
+    let value = stdout
         .split_whitespace()
-        .find_map(|field| field.strip_prefix("enqueue_rows_per_s="))
-        .ok_or_else(|| format!("the peer printed no enqueue_rows_per_s: {stdout}"))?;
-    Ok(rate.parse()?)
+        .find_map(|f| f.strip_prefix(prefix.as_str()))
+        .ok_or_else(|| format!("the peer printed no {field}: {stdout}"))?;
+    Ok(value.parse()?)
 }
 
 pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>, BoxError> {
@@ -211,8 +207,14 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
             truncate().await?;
             fascicle.push(submit_many_once(Arc::new(store.clone())).await?);
             raw.push(postgres_raw(store.pool(), &table).await?);
-            if let Some(binary) = &args.peer_gw {
-                peer.push(peer_add_jobs(binary, store.pool(), url).await?);
+            if let Some(binary) = args.peer_gw.clone() {
+                let url = url.to_string();
+                peer.push(
+                    tokio::task::spawn_blocking(move || {
+                        peer_field(&binary, &url, OPERATIONS, "enqueue_rows_per_s")
+                    })
+                    .await??,
+                );
             }
         }
         let mut rows = vec![Measurement {
