@@ -329,26 +329,35 @@ pub(crate) const CURRENT_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings `schema` to [`CURRENT_VERSION`]. Several processes may call it at once: an
 /// advisory lock keyed by the schema name serializes them.
-pub(crate) async fn migrate(pool: &PgPool, schema: &str, location: &str) -> Result<()> {
+pub(crate) async fn migrate(
+    pool: &PgPool,
+    schema: &str,
+    location: &str,
+    persistent: bool,
+) -> Result<()> {
     let mut tx = pool.begin().await.map_err(|e| connect_error(location, e))?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .persistent(persistent)
         .bind(format!("fascicle-migrate:{schema}"))
         .execute(&mut *tx)
         .await
         .map_err(error::map)?;
     let ddl = |sql: &str| AssertSqlSafe(sql.replace("{schema}", schema));
     sqlx::query(ddl("CREATE SCHEMA IF NOT EXISTS {schema}"))
+        .persistent(persistent)
         .execute(&mut *tx)
         .await
         .map_err(error::map)?;
     sqlx::query(ddl("CREATE TABLE IF NOT EXISTS {schema}.schema_version (
             singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
             version bigint NOT NULL)"))
+    .persistent(persistent)
     .execute(&mut *tx)
     .await
     .map_err(error::map)?;
     let version: Option<i64> =
         sqlx::query_scalar(ddl("SELECT version FROM {schema}.schema_version"))
+            .persistent(persistent)
             .fetch_optional(&mut *tx)
             .await
             .map_err(error::map)?;
@@ -371,6 +380,7 @@ pub(crate) async fn migrate(pool: &PgPool, schema: &str, location: &str) -> Resu
         "INSERT INTO {schema}.schema_version (version) VALUES ($1)
          ON CONFLICT (singleton) DO UPDATE SET version = EXCLUDED.version",
     ))
+    .persistent(persistent)
     .bind(CURRENT_VERSION)
     .execute(&mut *tx)
     .await
@@ -460,10 +470,22 @@ pub(crate) struct Sql {
     pub(crate) children_of: Arc<str>,
     pub(crate) stats: Arc<str>,
     pub(crate) children_ids: Arc<str>,
+    /// Whether statements are prepared once per connection and cached (named), or
+    /// prepared anew each time (unnamed): behind a transaction pooler a named statement
+    /// prepared on one server connection is unknown on the next.
+    pub(crate) persistent: bool,
+    /// The text that begins every store transaction (`STORE_BEGIN`, and behind a
+    /// transaction pooler the statement timeout set for the transaction).
+    pub(crate) begin: String,
+    /// Behind a transaction pooler: every statement runs inside a transaction, so the
+    /// pooler keeps one server connection from its parse to its result.
+    pub(crate) pooled: bool,
 }
 
 impl Sql {
-    pub(crate) fn new(schema: &str) -> Self {
+    /// The statements of `schema`; `pooled` behind a transaction pooler; `begin` the text
+    /// that begins each store transaction.
+    pub(crate) fn new(schema: &str, pooled: bool, begin: String) -> Self {
         let s = |text: &str| -> Arc<str> { text.replace("{schema}", schema).into() };
         Self {
             schema: schema.to_string(),
@@ -514,6 +536,9 @@ impl Sql {
                 UNION ALL
                 SELECT kind, 'pending', false, false, false, 0, true FROM {schema}.paused_kinds"),
             children_ids: s("SELECT id FROM {schema}.operations WHERE parent_id = $1 ORDER BY seq"),
+            persistent: !pooled,
+            begin,
+            pooled,
         }
     }
 }
@@ -571,7 +596,7 @@ mod tests {
     fn the_longest_accepted_schema_keeps_every_derived_identifier_within_63_bytes() {
         let longest = "s".repeat(LONGEST);
         assert!(validate_schema(&longest).is_ok());
-        let sql = Sql::new(&longest);
+        let sql = Sql::new(&longest, false, String::new());
         assert!(
             sql.channel.len() <= PG_IDENTIFIER_BYTES,
             "channel {} is {} bytes",

@@ -66,9 +66,10 @@ const PLANNER_SETTINGS: &[&str] = &[
 /// to the pool in a transaction that the next plain statement on it would join, holding
 /// its locks with no one to commit. The task always finishes the `BEGIN`; if the caller
 /// is gone, the transaction it yields is dropped there and rolled back by sqlx.
-async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+async fn begin(pool: &PgPool, sql: &Sql) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
     let pool = pool.clone();
-    tokio::spawn(async move { pool.begin_with(AssertSqlSafe(STORE_BEGIN)).await })
+    let text = sql.begin.clone();
+    tokio::spawn(async move { pool.begin_with(AssertSqlSafe(text)).await })
         .await
         .map_err(|e| {
             Error::backend(
@@ -84,7 +85,7 @@ async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgre
 /// pool, committing when it returns `Ok`.
 macro_rules! transact {
     ($store:ident, $conn:ident => $body:expr) => {{
-        let mut tx = begin(&$store.pool).await?;
+        let mut tx = begin(&$store.pool, &$store.sql).await?;
         let $conn: &mut PgConnection = &mut tx;
         match $body.await {
             Ok(out) => {
@@ -97,6 +98,26 @@ macro_rules! transact {
                 let _ = tx.rollback().await;
                 Err(e)
             }
+        }
+    }};
+}
+
+/// Runs `$body` — a statement's future that uses `$db` as its executor and yields a
+/// `sqlx::Result` — on `$store`'s pool, mapped to this crate's errors. Behind a
+/// transaction pooler it runs inside a store transaction of its own instead: the pooler
+/// hands a server connection out per transaction, and a statement outside one could have
+/// its parse and its execution sent to two different server connections.
+macro_rules! on_pool {
+    ($store:ident, $db:ident => $body:expr) => {{
+        if $store.sql.pooled {
+            let mut tx = begin(&$store.pool, &$store.sql).await?;
+            let $db: &mut PgConnection = &mut tx;
+            let out = $body.await.map_err(error::map)?;
+            tx.commit().await.map_err(error::map)?;
+            Ok::<_, Error>(out)
+        } else {
+            let $db = &$store.pool;
+            $body.await.map_err(error::map)
         }
     }};
 }
@@ -122,6 +143,8 @@ pub struct PostgresOptions {
     statement_timeout: Option<Duration>,
     acquire_timeout: Duration,
     application_name: Option<String>,
+    transaction_pooler: bool,
+    listen_url: Option<String>,
 }
 
 impl fmt::Debug for PostgresOptions {
@@ -133,6 +156,8 @@ impl fmt::Debug for PostgresOptions {
             .field("statement_timeout", &self.statement_timeout)
             .field("acquire_timeout", &self.acquire_timeout)
             .field("application_name", &self.application_name)
+            .field("transaction_pooler", &self.transaction_pooler)
+            .field("listen_url", &self.listen_url.as_deref().map(redact_url))
             .finish()
     }
 }
@@ -148,6 +173,8 @@ impl PostgresOptions {
             statement_timeout: None,
             acquire_timeout: Duration::from_secs(30),
             application_name: None,
+            transaction_pooler: false,
+            listen_url: None,
         }
     }
 
@@ -181,6 +208,35 @@ impl PostgresOptions {
         self.application_name = Some(name.into());
         self
     }
+
+    /// The URL reaches PostgreSQL through a pooler in **transaction** mode (PgBouncer
+    /// with `pool_mode = transaction`, PgCat, Supavisor…), which lends a server
+    /// connection per transaction: default `false`. The store then relies on no session
+    /// state:
+    /// - statements are not prepared once and cached under a name (a name prepared on one
+    ///   server connection is unknown on the next): each is parsed again, unnamed;
+    /// - every statement runs inside a transaction, reads included, so its parse and its
+    ///   execution reach the same server connection;
+    /// - the statement timeout ([`statement_timeout`](Self::statement_timeout)) is set in
+    ///   each transaction (`SET LOCAL`) instead of as a connection parameter, which
+    ///   poolers refuse or drop, and no `extra_float_digits` parameter is sent;
+    /// - [`PostgresStore::listen`] needs a direct connection: give one with
+    ///   [`listen_url`](Self::listen_url), or workers find new work by polling.
+    ///
+    /// Each read costs a `BEGIN` and a `COMMIT` more than on a direct connection, and each
+    /// statement a parse. Migrations take a transaction-scoped advisory lock, which works
+    /// behind such a pooler as directly.
+    pub fn transaction_pooler(mut self, behind: bool) -> Self {
+        self.transaction_pooler = behind;
+        self
+    }
+
+    /// A direct connection (not through a transaction pooler) for `LISTEN`, used by
+    /// [`PostgresStore::listen`] when the store is behind one; default none.
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_url = Some(url.into());
+        self
+    }
 }
 
 /// The PostgreSQL store: many processes on many machines against one schema.
@@ -199,6 +255,8 @@ pub struct PostgresStore {
     /// is claimed only after its limit is read — only for a new one to start being
     /// claimed.
     no_limits_since: Arc<std::sync::Mutex<LimitsCache>>,
+    /// Behind a transaction pooler: the direct connection `listen` uses.
+    listen_url: Option<String>,
 }
 
 /// What claims know of the stored limits: when one last found none, and how many times
@@ -236,7 +294,17 @@ impl PostgresStore {
         if let Some(name) = &options.application_name {
             connect = connect.application_name(name);
         }
-        if let Some(timeout) = options.statement_timeout {
+        let mut begin_text = STORE_BEGIN.to_string();
+        if options.transaction_pooler {
+            // No cached named statements; no startup parameter a pooler refuses.
+            connect = connect.statement_cache_capacity(0).extra_float_digits(None);
+            if let Some(timeout) = options.statement_timeout {
+                begin_text.push_str(&format!(
+                    "; SET LOCAL statement_timeout = {}",
+                    timeout.as_millis()
+                ));
+            }
+        } else if let Some(timeout) = options.statement_timeout {
             connect = connect.options([("statement_timeout", timeout.as_millis().to_string())]);
         }
         // One direct connection first: an unreachable server or a refused login fails at
@@ -251,23 +319,39 @@ impl PostgresStore {
             .connect_with(connect)
             .await
             .map_err(|e| schema::connect_error(&location, e))?;
-        schema::migrate(&pool, &options.schema, &location).await?;
-        Ok(Self::assemble(pool, &options.schema))
+        schema::migrate(
+            &pool,
+            &options.schema,
+            &location,
+            !options.transaction_pooler,
+        )
+        .await?;
+        let mut store = Self::assemble(
+            pool,
+            &options.schema,
+            options.transaction_pooler,
+            begin_text,
+        );
+        if options.transaction_pooler {
+            store.listen_url = options.listen_url;
+        }
+        Ok(store)
     }
 
     /// Uses an existing pool; migrates `schema` first.
     pub async fn from_pool(pool: PgPool, schema: &str) -> Result<Self> {
         schema::validate_schema(schema)?;
-        schema::migrate(&pool, schema, "existing pool").await?;
-        Ok(Self::assemble(pool, schema))
+        schema::migrate(&pool, schema, "existing pool", true).await?;
+        Ok(Self::assemble(pool, schema, false, STORE_BEGIN.to_string()))
     }
 
-    fn assemble(pool: PgPool, schema: &str) -> Self {
+    fn assemble(pool: PgPool, schema: &str, pooled: bool, begin: String) -> Self {
         Self {
             pool,
             schema: schema.into(),
-            sql: Arc::new(Sql::new(schema)),
+            sql: Arc::new(Sql::new(schema, pooled, begin)),
             no_limits_since: Arc::default(),
+            listen_url: None,
         }
     }
 
@@ -292,10 +376,35 @@ impl PostgresStore {
     /// A lost connection is re-established by the next receive; wake-ups sent meanwhile
     /// are missed, which the workers' poll interval covers. The listener holds one of the
     /// pool's connections: drop it before closing the pool.
+    ///
+    /// Behind a transaction pooler ([`PostgresOptions::transaction_pooler`]) it connects
+    /// to [`PostgresOptions::listen_url`] instead, directly; without one it is
+    /// `Unsupported` (a pooler lends its server connections per transaction, and a
+    /// `LISTEN` ends with the transaction's): workers then find new work by polling.
     pub async fn listen(&self, waker: InProcessWaker) -> Result<NotificationListener> {
-        let mut listener = PgListener::connect_with(&self.pool)
-            .await
-            .map_err(error::map)?;
+        let mut listener = if self.sql.pooled {
+            let Some(url) = &self.listen_url else {
+                // A pooler lends its server connections per transaction; a LISTEN
+                // ends with the transaction's. Workers poll.
+                return Err(Error::unsupported(
+                    "LISTEN behind a transaction pooler without PostgresOptions::listen_url \
+                     (a direct connection)",
+                    DRIVER,
+                ));
+            };
+            let options = connect_options(url)?;
+            let location = redact_url(url);
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options)
+                .await
+                .map_err(|e| schema::connect_error(&location, e))?;
+            PgListener::connect_with(&pool).await.map_err(error::map)?
+        } else {
+            PgListener::connect_with(&self.pool)
+                .await
+                .map_err(error::map)?
+        };
         listener
             .listen(&self.sql.channel)
             .await
@@ -353,6 +462,7 @@ impl PostgresStore {
         let mut clock = insert_parent(&mut *conn, &self.sql, parent, true).await?;
         if clock.is_none() {
             let child_ids: Vec<Uuid> = sqlx::query_scalar(sql(&self.sql.children_ids))
+                .persistent(self.sql.persistent)
                 .bind(parent.id.as_uuid())
                 .fetch_all(&mut *conn)
                 .await
@@ -413,6 +523,7 @@ impl PostgresStore {
                  LATERAL (SELECT current_setting(s.name) AS old,
                                  set_config(s.name, 'off', true)) AS c",
         )
+        .persistent(self.sql.persistent)
         .bind(PLANNER_SETTINGS)
         .fetch_all(&mut *conn)
         .await
@@ -420,6 +531,7 @@ impl PostgresStore {
         let applied = lifecycle::complete(conn, &self.sql, completions).await?;
         // (After an error the transaction is aborted: it rolls back, settings included.)
         sqlx::query("SELECT set_config(name, old, true) FROM unnest($1::text[], $2::text[]) AS s(name, old)")
+            .persistent(self.sql.persistent)
             .bind(PLANNER_SETTINGS)
             .bind(&yours)
             .execute(&mut *conn)
@@ -576,7 +688,7 @@ impl Store for PostgresStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>> {
-        let tx = begin(&self.pool).await?;
+        let tx = begin(&self.pool, &self.sql).await?;
         Ok(Box::new(PostgresTransaction::new(
             tx,
             Arc::clone(&self.sql),
@@ -584,11 +696,10 @@ impl Store for PostgresStore {
     }
 
     async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
-        let row = sqlx::query(sql(&self.sql.get))
+        let row = on_pool!(self, db => sqlx::query(sql(&self.sql.get))
+            .persistent(self.sql.persistent)
             .bind(id.as_uuid())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(error::map)?;
+            .fetch_optional(db))?;
         row.as_ref()
             .map(operation_from_row)
             .transpose()
@@ -596,11 +707,10 @@ impl Store for PostgresStore {
     }
 
     async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
-        let rows = sqlx::query(sql(&self.sql.children_of))
+        let rows = on_pool!(self, db => sqlx::query(sql(&self.sql.children_of))
+            .persistent(self.sql.persistent)
             .bind(parent_id.as_uuid())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(error::map)?;
+            .fetch_all(db))?;
         rows.iter()
             .map(operation_from_row)
             .collect::<sqlx::Result<_>>()
@@ -608,22 +718,20 @@ impl Store for PostgresStore {
     }
 
     async fn child_ids_of(&self, parent_id: OperationId) -> Result<Vec<OperationId>> {
-        let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+        let ids: Vec<uuid::Uuid> = on_pool!(self, db => sqlx::query_scalar(
             self.sql
                 .text("SELECT id FROM {s}.operations WHERE parent_id = $1 ORDER BY seq"),
         )
+        .persistent(self.sql.persistent)
         .bind(parent_id.as_uuid())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(error::map)?;
+        .fetch_all(db))?;
         Ok(ids.into_iter().map(OperationId::from_uuid).collect())
     }
 
     async fn stats(&self) -> Result<Stats> {
-        let rows = sqlx::query(sql(&self.sql.stats))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(error::map)?;
+        let rows = on_pool!(self, db => sqlx::query(sql(&self.sql.stats))
+            .persistent(self.sql.persistent)
+            .fetch_all(db))?;
         let mut stats = Stats::default();
         for row in rows {
             let kind: String = row.try_get(0).map_err(error::map)?;
@@ -650,74 +758,74 @@ impl Store for PostgresStore {
 
     async fn pause(&self, kind: &str) -> Result<bool> {
         fascicle_api::validate_kind(kind)?;
-        let inserted =
-            sqlx::query(self.sql.text(
+        let inserted = on_pool!(self, db => sqlx::query(self.sql.text(
                 "INSERT INTO {s}.paused_kinds (kind) VALUES ($1) ON CONFLICT (kind) DO NOTHING",
             ))
+            .persistent(self.sql.persistent)
             .bind(kind)
-            .execute(&self.pool)
-            .await
-            .map_err(error::map)?;
+            .execute(db))?;
         Ok(inserted.rows_affected() == 1)
     }
 
     async fn resume(&self, kind: &str) -> Result<bool> {
         fascicle_api::validate_kind(kind)?;
-        let deleted = sqlx::query(
+        let deleted = on_pool!(self, db => sqlx::query(
             self.sql
                 .text("DELETE FROM {s}.paused_kinds WHERE kind = $1"),
         )
+        .persistent(self.sql.persistent)
         .bind(kind)
-        .execute(&self.pool)
-        .await
-        .map_err(error::map)?;
+        .execute(db))?;
         Ok(deleted.rows_affected() == 1)
     }
 
     async fn set_limit(&self, kind: &str, limit: KindLimit) -> Result<KindLimit> {
         fascicle_api::validate_limit(kind, &limit)?;
         let previous = transact!(self, conn => async {
-            let previous = sqlx::query(self.sql.text(
-                "SELECT max_running, rate_starts, rate_period_us FROM {s}.kind_limits
-                 WHERE kind = $1 FOR UPDATE",
-            ))
-            .bind(kind)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(error::map)?;
-            let previous = match previous {
-                Some(row) => lifecycle::limit_from_columns(
-                    row.try_get(0).map_err(error::map)?,
-                    row.try_get(1).map_err(error::map)?,
-                    row.try_get(2).map_err(error::map)?,
-                ),
-                None => KindLimit::default(),
-            };
-            if limit.is_none() {
-                sqlx::query(self.sql.text("DELETE FROM {s}.kind_limits WHERE kind = $1"))
+                    let previous = sqlx::query(self.sql.text(
+                        "SELECT max_running, rate_starts, rate_period_us FROM {s}.kind_limits
+                         WHERE kind = $1 FOR UPDATE",
+                    ))
+        .persistent(self.sql.persistent)
                     .bind(kind)
-                    .execute(&mut *conn)
+                    .fetch_optional(&mut *conn)
                     .await
                     .map_err(error::map)?;
-            } else {
-                // The starts kept for the old rate (at most its `starts`, none without one)
-                // count against the new one.
-                sqlx::query(self.sql.text(
-                    "INSERT INTO {s}.kind_limits (kind, max_running, rate_starts, rate_period_us)
+                    let previous = match previous {
+                        Some(row) => lifecycle::limit_from_columns(
+                            row.try_get(0).map_err(error::map)?,
+                            row.try_get(1).map_err(error::map)?,
+                            row.try_get(2).map_err(error::map)?,
+                        ),
+                        None => KindLimit::default(),
+                    };
+                    if limit.is_none() {
+                        sqlx::query(self.sql.text("DELETE FROM {s}.kind_limits WHERE kind = $1"))
+        .persistent(self.sql.persistent)
+                            .bind(kind)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(error::map)?;
+                    } else {
+                        // The starts kept for the old rate (at most its `starts`, none without one)
+                        // count against the new one.
+                        sqlx::query(self.sql.text(
+                            "INSERT INTO {s}.kind_limits (kind, max_running, rate_starts, rate_period_us)
                      VALUES ($1, $2, $3, $4)
                      ON CONFLICT (kind) DO UPDATE SET max_running = $2, rate_starts = $3,
                          rate_period_us = $4",
-                ))
-                .bind(kind)
-                .bind(limit.running.map(|n| n as i32))
-                .bind(limit.rate.map(|r| r.starts as i32))
-                .bind(limit.rate.map(|r| r.per.as_micros() as i64))
-                .execute(&mut *conn)
-                .await
-                .map_err(error::map)?;
-            }
-            Ok::<_, Error>(previous)
-        })?;
+                        ))
+        .persistent(self.sql.persistent)
+                        .bind(kind)
+                        .bind(limit.running.map(|n| n as i32))
+                        .bind(limit.rate.map(|r| r.starts as i32))
+                        .bind(limit.rate.map(|r| r.per.as_micros() as i64))
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(error::map)?;
+                    }
+                    Ok::<_, Error>(previous)
+                })?;
         // This process claims the kind under its new limit from now on.
         {
             let mut cache = self.no_limits_since.lock().expect("limits cache");
@@ -730,14 +838,15 @@ impl Store for PostgresStore {
         // and reached the gate just after the first wait began.
         for _ in 0..2 {
             transact!(self, conn => async {
-                sqlx::query(self.sql.text(&format!(
-                    "SELECT pg_advisory_xact_lock({})",
-                    lifecycle::LIMITS_GATE
-                )))
-                .execute(&mut *conn)
-                .await
-                .map_err(error::map)
-            })?;
+                            sqlx::query(self.sql.text(&format!(
+                                "SELECT pg_advisory_xact_lock({})",
+                                lifecycle::LIMITS_GATE
+                            )))
+            .persistent(self.sql.persistent)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(error::map)
+                        })?;
         }
         Ok(previous)
     }
@@ -749,44 +858,41 @@ impl Store for PostgresStore {
     ) -> Result<bool> {
         let spec = serde_json::to_string(schedule).expect("a schedule serializes");
         // `xmax = 0`: the row was inserted, not updated.
-        let created: bool = sqlx::query_scalar(self.sql.text(
+        let created: bool = on_pool!(self, db => sqlx::query_scalar(self.sql.text(
             "INSERT INTO {s}.schedules (name, spec, paused, last_tick, next_tick, version)
              VALUES ($1, $2, false, $3, $3, 1)
              ON CONFLICT (name) DO UPDATE SET spec = $2, next_tick = $3,
                  version = {s}.schedules.version + 1
              RETURNING xmax = 0",
         ))
+        .persistent(self.sql.persistent)
         .bind(&schedule.name)
         .bind(spec)
         .bind(now)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(error::map)?;
+        .fetch_one(db))?;
         Ok(created)
     }
 
     async fn remove_schedule(&self, name: &str) -> Result<bool> {
-        let deleted = sqlx::query(self.sql.text("DELETE FROM {s}.schedules WHERE name = $1"))
+        let deleted = on_pool!(self, db => sqlx::query(self.sql.text("DELETE FROM {s}.schedules WHERE name = $1"))
+            .persistent(self.sql.persistent)
             .bind(name)
-            .execute(&self.pool)
-            .await
-            .map_err(error::map)?;
+            .execute(db))?;
         Ok(deleted.rows_affected() == 1)
     }
 
     async fn pause_schedule(&self, name: &str, paused: bool) -> Result<bool> {
         // The old value, from the row as locked by the update.
-        let was: Option<bool> = sqlx::query_scalar(self.sql.text(
+        let was: Option<bool> = on_pool!(self, db => sqlx::query_scalar(self.sql.text(
             "UPDATE {s}.schedules AS n SET paused = $2, version = n.version + 1
              FROM (SELECT name, paused FROM {s}.schedules WHERE name = $1 FOR UPDATE) AS o
              WHERE n.name = o.name
              RETURNING o.paused",
         ))
+        .persistent(self.sql.persistent)
         .bind(name)
         .bind(paused)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(error::map)?;
+        .fetch_optional(db))?;
         match was {
             Some(was) => Ok(was != paused),
             None => Err(Error::NotFound(fascicle_api::messages::no_such_schedule(
@@ -796,13 +902,12 @@ impl Store for PostgresStore {
     }
 
     async fn schedules(&self) -> Result<Vec<fascicle_api::StoredSchedule>> {
-        let rows = sqlx::query(self.sql.text(
+        let rows = on_pool!(self, db => sqlx::query(self.sql.text(
             "SELECT name, spec, paused, last_tick, next_tick, version FROM {s}.schedules
              ORDER BY name",
         ))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(error::map)?;
+        .persistent(self.sql.persistent)
+        .fetch_all(db))?;
         rows.iter().map(stored_schedule).collect()
     }
 
@@ -810,14 +915,13 @@ impl Store for PostgresStore {
         &self,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<Vec<fascicle_api::StoredSchedule>> {
-        let rows = sqlx::query(self.sql.text(
+        let rows = on_pool!(self, db => sqlx::query(self.sql.text(
             "SELECT name, spec, paused, last_tick, next_tick, version FROM {s}.schedules
              WHERE NOT paused AND next_tick <= $1 ORDER BY name",
         ))
+        .persistent(self.sql.persistent)
         .bind(now)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(error::map)?;
+        .fetch_all(db))?;
         // One row whose definition cannot be read never stops the passes: skipped here,
         // an error naming it in `schedules`.
         Ok(rows
@@ -839,28 +943,26 @@ impl Store for PostgresStore {
         last_tick: chrono::DateTime<chrono::Utc>,
         next_tick: chrono::DateTime<chrono::Utc>,
     ) -> Result<bool> {
-        let updated = sqlx::query(self.sql.text(
+        let updated = on_pool!(self, db => sqlx::query(self.sql.text(
             "UPDATE {s}.schedules SET last_tick = $3, next_tick = $4, version = version + 1
              WHERE name = $1 AND version = $2",
         ))
+        .persistent(self.sql.persistent)
         .bind(name)
         .bind(version)
         .bind(last_tick)
         .bind(next_tick)
-        .execute(&self.pool)
-        .await
-        .map_err(error::map)?;
+        .execute(db))?;
         Ok(updated.rows_affected() == 1)
     }
 
     async fn limits(&self) -> Result<BTreeMap<String, KindLimit>> {
-        let rows = sqlx::query(
+        let rows = on_pool!(self, db => sqlx::query(
             self.sql
                 .text("SELECT kind, max_running, rate_starts, rate_period_us FROM {s}.kind_limits"),
         )
-        .fetch_all(&self.pool)
-        .await
-        .map_err(error::map)?;
+        .persistent(self.sql.persistent)
+        .fetch_all(db))?;
         rows.iter()
             .map(|row| {
                 Ok((

@@ -2,6 +2,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod pooler;
+
 use std::sync::OnceLock;
 
 use fascicle_conformance::Fixture;
@@ -123,33 +125,50 @@ pub async fn fixture() -> Fixture {
         // A second pool on the same schema, as a second process would open: it connects
         // and runs the (idempotent, advisory-locked) migration again.
         .with_twin(move || {
-            let options = PostgresOptions::new(url.clone())
-                .schema(schema.clone())
-                .max_connections(6);
-            async move {
-                let twin = PostgresStore::connect_with(options)
-                    .await
-                    .unwrap_or_else(|e| panic!("cannot open a second pool on the schema: {e}"));
-                std::sync::Arc::new(twin) as std::sync::Arc<dyn fascicle_api::Store>
-            }
+            open_twin(
+                PostgresOptions::new(url.clone())
+                    .schema(schema.clone())
+                    .max_connections(6),
+            )
         })
-        .with_tamper(move |parent, total| {
-            let store = tamper.clone();
-            async move {
-                let statement = format!(
-                    "UPDATE {}.operations SET children_total = $2 WHERE id = $1",
-                    store.schema()
-                );
-                sqlx::query(sqlx::AssertSqlSafe(statement))
-                    .bind(parent.as_uuid())
-                    .bind(total as i64)
-                    .execute(store.pool())
-                    .await
-                    .unwrap();
-            }
-        })
+        .with_tamper(move |parent, total| tamper_total(tamper.clone(), parent, total))
         .with_cleanup(async move {
             drop_schema(&cleanup).await;
             drop(database);
         })
+}
+
+/// A second store on a case's schema, opened with `options` as a second process would.
+pub async fn open_twin(options: PostgresOptions) -> std::sync::Arc<dyn fascicle_api::Store> {
+    let twin = PostgresStore::connect_with(options)
+        .await
+        .unwrap_or_else(|e| panic!("cannot open a second pool on the schema: {e}"));
+    std::sync::Arc::new(twin)
+}
+
+/// The suite's tampering: overwrites a parent's stored child total, through `store`
+/// (a direct connection).
+pub async fn tamper_total(store: PostgresStore, parent: fascicle_api::OperationId, total: u64) {
+    let statement = format!(
+        "UPDATE {}.operations SET children_total = $2 WHERE id = $1",
+        store.schema()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .bind(parent.as_uuid())
+        .bind(total as i64)
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+/// A direct store (two connections) on `schema`: for clean-up and tampering beside a
+/// store under test that reaches the schema another way.
+pub async fn direct_store(url: &str, schema: &str) -> PostgresStore {
+    PostgresStore::connect_with(
+        PostgresOptions::new(url)
+            .schema(schema.to_string())
+            .max_connections(2),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("cannot connect to the test database: {e}"))
 }

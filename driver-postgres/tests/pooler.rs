@@ -1,0 +1,230 @@
+//! Behind PgBouncer in transaction pooling mode (issue #17): the whole conformance suite
+//! runs through a pooler with `PostgresOptions::transaction_pooler(true)`, workers drain
+//! through it woken by `LISTEN` on a direct connection (or by polling when there is
+//! none), and — the control that shows the pooler really lends connections per
+//! transaction — a store without the option fails there.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use fascicle_api::{
+    Error, HandlerError, InProcessWaker, NewOperation, Queue, Registry, Store, Worker,
+};
+use fascicle_postgres::{PostgresOptions, PostgresStore};
+use serde_json::{Value, json};
+
+use common::pooler;
+
+mod conformance {
+    fascicle_conformance::suite!(crate::common::pooler::fixture());
+}
+
+/// The test database and a pooler in front of it, or `None` after a skip line.
+async fn database_and_pooler(pool_size: u32) -> Option<(common::Database, pooler::Pooler)> {
+    let database = match common::database().await {
+        Ok(database) => database,
+        Err(reason) => {
+            common::announce_skip(&reason);
+            return None;
+        }
+    };
+    match pooler::start(&database.url, pool_size) {
+        Ok(pooler) => Some((database, pooler)),
+        Err(reason) => {
+            common::announce_skip(&reason);
+            None
+        }
+    }
+}
+
+/// Without `transaction_pooler`, the store's cached, named statements meet server
+/// connections that other clients prepared theirs on: errors. (If this ever passes, the
+/// pooler under test is not lending connections per transaction and the suite above
+/// proves nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
+    let Some((database, pooler)) = database_and_pooler(2).await else {
+        return;
+    };
+    let schema = common::fresh_schema();
+    let direct = common::direct_store(&database.url, &schema).await;
+    let mut failures = 0;
+    for _ in 0..3 {
+        let naive = PostgresStore::connect_with(
+            PostgresOptions::new(&pooler.url)
+                .schema(schema.clone())
+                .max_connections(4),
+        )
+        .await;
+        let Ok(naive) = naive else {
+            failures += 1;
+            continue;
+        };
+        let calls = (0..4).map(|_| {
+            let store = naive.clone();
+            tokio::spawn(async move {
+                let mut failed = 0;
+                for _ in 0..25 {
+                    if store.stats().await.is_err() {
+                        failed += 1;
+                    }
+                }
+                failed
+            })
+        });
+        for call in calls.collect::<Vec<_>>() {
+            failures += call.await.unwrap();
+        }
+        naive.pool().close().await;
+    }
+    common::drop_schema(&direct).await;
+    drop(pooler);
+    drop(database);
+    assert!(
+        failures > 0,
+        "a store without transaction_pooler(true) worked behind PgBouncer in transaction mode"
+    );
+}
+
+/// Two workers drain 2,000 operations submitted by 4 submitters, all through the pooler;
+/// every operation runs once. Then a worker waits for work with a poll interval of a
+/// minute: only the `LISTEN` on the direct connection can wake it in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_submitters_work_through_the_pooler() {
+    let Some((database, pooler)) = database_and_pooler(8).await else {
+        return;
+    };
+    let schema = common::fresh_schema();
+    let store = PostgresStore::connect_with(pooler::options(&pooler, &database.url, &schema))
+        .await
+        .unwrap();
+    let direct = common::direct_store(&database.url, &schema).await;
+    let shared: Arc<dyn Store> = Arc::new(store.clone());
+    let outcome = tokio::spawn({
+        let shared = Arc::clone(&shared);
+        let store = store.clone();
+        async move {
+            const N: usize = 2_000;
+            let submits = (0..4).map(|k| {
+                let queue = Queue::new(Arc::clone(&shared));
+                tokio::spawn(async move {
+                    for i in 0..N / 4 {
+                        queue
+                            .submit(NewOperation::new("pooled", json!({ "k": k, "i": i })))
+                            .await
+                            .unwrap();
+                    }
+                })
+            });
+            for submit in submits.collect::<Vec<_>>() {
+                submit.await.unwrap();
+            }
+            let ran = Arc::new(AtomicUsize::new(0));
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let workers = (0..2).map(|_| {
+                let mut registry = Registry::new();
+                let counter = Arc::clone(&ran);
+                registry.register("pooled", move |_: Value, _| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    async { Ok::<_, HandlerError>(Value::Null) }
+                });
+                let mut stop = stop_rx.clone();
+                let worker = Worker::new(Arc::clone(&shared), registry)
+                    .concurrency(16)
+                    .poll_interval(Duration::from_millis(10));
+                tokio::spawn(worker.run(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }))
+            });
+            let workers: Vec<_> = workers.collect();
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            loop {
+                let stats = shared.stats().await.unwrap();
+                if stats
+                    .kinds
+                    .get("pooled")
+                    .is_some_and(|k| k.completed as usize == N)
+                {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "drain stalled: {stats:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = stop_tx.send(true);
+            for worker in workers {
+                worker.await.unwrap().unwrap();
+            }
+            assert_eq!(ran.load(Ordering::SeqCst), N, "an operation ran twice");
+
+            // Woken by LISTEN on the direct connection, not by a poll a minute away.
+            let waker = InProcessWaker::new();
+            let listener = store.listen(waker.clone()).await.unwrap();
+            let mut registry = Registry::new();
+            let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+            registry.register("woken", move |_: Value, _| {
+                let _ = seen_tx.send(());
+                async { Ok::<_, HandlerError>(Value::Null) }
+            });
+            let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+            let worker = Worker::new(Arc::clone(&shared), registry)
+                .poll_interval(Duration::from_secs(60))
+                .wake_on(waker.subscribe());
+            let worker = tokio::spawn(worker.run(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            }));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Queue::new(Arc::clone(&shared))
+                .submit(NewOperation::new("woken", json!({})))
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+                .await
+                .expect("the worker was not woken through the direct LISTEN connection");
+            let _ = stop_tx.send(true);
+            worker.await.unwrap().unwrap();
+            drop(listener);
+        }
+    })
+    .await;
+    store.pool().close().await;
+    common::drop_schema(&direct).await;
+    drop(pooler);
+    drop(database);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Behind a pooler with no direct URL, `listen` says what is missing instead of
+/// listening on a connection the pooler takes back after each transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_behind_a_pooler_needs_a_direct_url() {
+    let Some((database, pooler)) = database_and_pooler(4).await else {
+        return;
+    };
+    let schema = common::fresh_schema();
+    let store = PostgresStore::connect_with(
+        PostgresOptions::new(&pooler.url)
+            .schema(schema.clone())
+            .transaction_pooler(true),
+    )
+    .await
+    .unwrap();
+    let result = store.listen(InProcessWaker::new()).await;
+    let direct = common::direct_store(&database.url, &schema).await;
+    store.pool().close().await;
+    common::drop_schema(&direct).await;
+    drop(pooler);
+    match result {
+        Err(e @ Error::Unsupported { .. }) => {
+            assert!(e.to_string().contains("listen_url"), "{e}")
+        }
+        other => panic!("listen behind a pooler without a direct URL gave {other:?}"),
+    }
+}
