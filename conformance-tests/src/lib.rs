@@ -256,6 +256,7 @@ macro_rules! __for_each_case {
             submit_many_is_idempotent_per_caller_id,
             racing_submit_many_store_each_id_once,
             submit_many_answers_unique_key_holders,
+            submit_many_keeps_the_input_order,
             children_join_only_the_batch_of_their_transaction,
             child_ids_of_lists_the_children_in_order,
             a_transaction_whose_insert_failed_cannot_commit,

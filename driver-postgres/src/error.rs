@@ -46,9 +46,10 @@ pub fn map(error: sqlx::Error) -> Error {
     Error::backend(DRIVER, kind, error)
 }
 
-/// Connection parameters whose value is a secret: the password, and the passphrase of
-/// the client's TLS key.
-const SECRET_KEYS: &[&str] = &["password", "sslpassword"];
+/// Connection parameters whose value is a secret: the password, the passphrase of the
+/// client's TLS key, and fascicle's direct URL for `LISTEN` (which holds a password of
+/// its own).
+const SECRET_KEYS: &[&str] = &["password", "sslpassword", "fascicle_listen_url"];
 
 /// What replaces a secret.
 const MASK: &str = "***";

@@ -477,6 +477,8 @@ pub(crate) struct Sql {
     /// The text that begins every store transaction (`STORE_BEGIN`, and behind a
     /// transaction pooler the statement timeout set for the transaction).
     pub(crate) begin: String,
+    /// The text that begins a read's transaction behind a transaction pooler.
+    pub(crate) begin_read: String,
     /// Behind a transaction pooler: every statement runs inside a transaction, so the
     /// pooler keeps one server connection from its parse to its result.
     pub(crate) pooled: bool,
@@ -485,7 +487,7 @@ pub(crate) struct Sql {
 impl Sql {
     /// The statements of `schema`; `pooled` behind a transaction pooler; `begin` the text
     /// that begins each store transaction.
-    pub(crate) fn new(schema: &str, pooled: bool, begin: String) -> Self {
+    pub(crate) fn new(schema: &str, pooled: bool, (begin, begin_read): (String, String)) -> Self {
         let s = |text: &str| -> Arc<str> { text.replace("{schema}", schema).into() };
         Self {
             schema: schema.to_string(),
@@ -538,6 +540,7 @@ impl Sql {
             children_ids: s("SELECT id FROM {schema}.operations WHERE parent_id = $1 ORDER BY seq"),
             persistent: !pooled,
             begin,
+            begin_read,
             pooled,
         }
     }
@@ -596,7 +599,7 @@ mod tests {
     fn the_longest_accepted_schema_keeps_every_derived_identifier_within_63_bytes() {
         let longest = "s".repeat(LONGEST);
         assert!(validate_schema(&longest).is_ok());
-        let sql = Sql::new(&longest, false, String::new());
+        let sql = Sql::new(&longest, false, (String::new(), String::new()));
         assert!(
             sql.channel.len() <= PG_IDENTIFIER_BYTES,
             "channel {} is {} bytes",

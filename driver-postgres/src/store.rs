@@ -46,6 +46,11 @@ use crate::tx::{PostgresTransaction, insert_children, insert_parent};
 /// JIT compilation is off too: a statement the planner overestimates (an empty table never
 /// analysed is estimated at hundreds of rows) was JIT-compiled on every claim, 5.6 ms
 /// each, to read one row.
+/// How a read begins behind a transaction pooler (it needs a transaction, not the
+/// lifecycle's planner settings: its statement is not cached, and `stats` counts the
+/// whole table).
+const READ_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 const STORE_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
     SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
     SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
@@ -66,9 +71,9 @@ const PLANNER_SETTINGS: &[&str] = &[
 /// to the pool in a transaction that the next plain statement on it would join, holding
 /// its locks with no one to commit. The task always finishes the `BEGIN`; if the caller
 /// is gone, the transaction it yields is dropped there and rolled back by sqlx.
-async fn begin(pool: &PgPool, sql: &Sql) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+async fn begin(pool: &PgPool, text: &str) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
     let pool = pool.clone();
-    let text = sql.begin.clone();
+    let text = text.to_string();
     tokio::spawn(async move { pool.begin_with(AssertSqlSafe(text)).await })
         .await
         .map_err(|e| {
@@ -85,7 +90,7 @@ async fn begin(pool: &PgPool, sql: &Sql) -> Result<sqlx::Transaction<'static, sq
 /// pool, committing when it returns `Ok`.
 macro_rules! transact {
     ($store:ident, $conn:ident => $body:expr) => {{
-        let mut tx = begin(&$store.pool, &$store.sql).await?;
+        let mut tx = begin(&$store.pool, &$store.sql.begin).await?;
         let $conn: &mut PgConnection = &mut tx;
         match $body.await {
             Ok(out) => {
@@ -110,7 +115,7 @@ macro_rules! transact {
 macro_rules! on_pool {
     ($store:ident, $db:ident => $body:expr) => {{
         if $store.sql.pooled {
-            let mut tx = begin(&$store.pool, &$store.sql).await?;
+            let mut tx = begin(&$store.pool, &$store.sql.begin_read).await?;
             let $db: &mut PgConnection = &mut tx;
             let out = $body.await.map_err(error::map)?;
             tx.commit().await.map_err(error::map)?;
@@ -225,7 +230,12 @@ impl PostgresOptions {
     ///
     /// Each read costs a `BEGIN` and a `COMMIT` more than on a direct connection, and each
     /// statement a parse. Migrations take a transaction-scoped advisory lock, which works
-    /// behind such a pooler as directly.
+    /// behind such a pooler as directly (their wait is not bounded by the statement
+    /// timeout there). Your own statements on [`PostgresStore::pool`] — a transaction for
+    /// [`PostgresStore::submit_batch_in`] or [`PostgresStore::complete_in`] — follow the
+    /// same rules: `.persistent(false)`, inside a transaction, with your own
+    /// `SET LOCAL statement_timeout` if you want one
+    /// ([`PostgresStore::behind_transaction_pooler`] says which applies).
     pub fn transaction_pooler(mut self, behind: bool) -> Self {
         self.transaction_pooler = behind;
         self
@@ -290,22 +300,38 @@ impl PostgresStore {
     pub async fn connect_with(options: PostgresOptions) -> Result<Self> {
         schema::validate_schema(&options.schema)?;
         let location = redact_url(&options.url);
-        let mut connect = connect_options(&options.url)?;
+        let (url, own) = take_own_parameters(&options.url)?;
+        let mut options = options;
+        if let Some(pooled) = own.transaction_pooler {
+            options.transaction_pooler |= pooled;
+        }
+        if let Some(listen) = own.listen_url {
+            options.listen_url.get_or_insert(listen);
+        }
+        if options.listen_url.is_some() && !options.transaction_pooler {
+            return Err(Error::InvalidInput(format!(
+                "{location}: a listen URL is for a store behind a transaction pooler \
+                 (fascicle_pooler=transaction, or PostgresOptions::transaction_pooler); \
+                 directly, LISTEN uses the store's own connections"
+            )));
+        }
+        let mut connect = connect_options(&url)?;
         if let Some(name) = &options.application_name {
             connect = connect.application_name(name);
         }
-        let mut begin_text = STORE_BEGIN.to_string();
+        // Whole milliseconds, at least one: 0 would mean no timeout.
+        let timeout_ms = options.statement_timeout.map(|t| t.as_millis().max(1));
+        let mut begin_texts = (STORE_BEGIN.to_string(), READ_BEGIN.to_string());
         if options.transaction_pooler {
             // No cached named statements; no startup parameter a pooler refuses.
             connect = connect.statement_cache_capacity(0).extra_float_digits(None);
-            if let Some(timeout) = options.statement_timeout {
-                begin_text.push_str(&format!(
-                    "; SET LOCAL statement_timeout = {}",
-                    timeout.as_millis()
-                ));
+            if let Some(ms) = timeout_ms {
+                let set = format!("; SET LOCAL statement_timeout = {ms}");
+                begin_texts.0.push_str(&set);
+                begin_texts.1.push_str(&set);
             }
-        } else if let Some(timeout) = options.statement_timeout {
-            connect = connect.options([("statement_timeout", timeout.as_millis().to_string())]);
+        } else if let Some(ms) = timeout_ms {
+            connect = connect.options([("statement_timeout", ms.to_string())]);
         }
         // One direct connection first: an unreachable server or a refused login fails at
         // once with its own error, instead of the pool retrying until acquire_timeout.
@@ -330,7 +356,7 @@ impl PostgresStore {
             pool,
             &options.schema,
             options.transaction_pooler,
-            begin_text,
+            begin_texts,
         );
         if options.transaction_pooler {
             store.listen_url = options.listen_url;
@@ -338,14 +364,26 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Uses an existing pool; migrates `schema` first.
+    /// Uses an existing pool; migrates `schema` first. The pool's connection options are
+    /// yours, and the store takes it for a direct connection (or a pooler in session
+    /// mode): behind a pooler in transaction mode, use
+    /// [`connect_with`](Self::connect_with) and
+    /// [`PostgresOptions::transaction_pooler`].
     pub async fn from_pool(pool: PgPool, schema: &str) -> Result<Self> {
         schema::validate_schema(schema)?;
         schema::migrate(&pool, schema, "existing pool", true).await?;
-        Ok(Self::assemble(pool, schema, false, STORE_BEGIN.to_string()))
+        let begin_texts = (STORE_BEGIN.to_string(), READ_BEGIN.to_string());
+        Ok(Self::assemble(pool, schema, false, begin_texts))
     }
 
-    fn assemble(pool: PgPool, schema: &str, pooled: bool, begin: String) -> Self {
+    /// Whether the store was opened behind a transaction pooler
+    /// ([`PostgresOptions::transaction_pooler`]): your own statements on
+    /// [`pool`](Self::pool) must then be `.persistent(false)` and inside a transaction.
+    pub fn behind_transaction_pooler(&self) -> bool {
+        self.sql.pooled
+    }
+
+    fn assemble(pool: PgPool, schema: &str, pooled: bool, begin: (String, String)) -> Self {
         Self {
             pool,
             schema: schema.into(),
@@ -587,7 +625,8 @@ fn refuse_unread_parameters(url: &str) -> Result<()> {
             };
             return Err(Error::InvalidInput(format!(
                 "{} has {named}, which the PostgreSQL driver does not read (it would be \
-                 ignored); remove it. The parameters read are {} and options[name]",
+                 ignored); remove it. The parameters read are {}, options[name], and \
+                 fascicle's own fascicle_pooler and fascicle_listen_url",
                 redact_url(url),
                 READ_PARAMETERS.join(", ")
             )));
@@ -598,6 +637,60 @@ fn refuse_unread_parameters(url: &str) -> Result<()> {
 
 /// The connection options `url` names, or `InvalidInput` naming the URL with its password
 /// hidden — whatever the URL, and whatever the parser's message quotes of it.
+/// fascicle's own URL parameters, read by [`take_own_parameters`].
+#[derive(Debug, Default, PartialEq)]
+struct OwnParameters {
+    /// `fascicle_pooler=transaction` (`true`) or `none` (`false`).
+    transaction_pooler: Option<bool>,
+    /// `fascicle_listen_url=…`, the direct URL for `LISTEN` (percent-encoded).
+    listen_url: Option<String>,
+}
+
+/// The URL without fascicle's own query parameters, and their values, so that a URL alone
+/// (`fascicle::connect`, the CLI's `--database-url`) can say what
+/// [`PostgresOptions::transaction_pooler`] and [`PostgresOptions::listen_url`] say:
+/// `fascicle_pooler=transaction|none` and `fascicle_listen_url=<URL, percent-encoded>`.
+/// A URL without them is returned as it is.
+fn take_own_parameters(url: &str) -> Result<(String, OwnParameters)> {
+    const POOLER: &str = "fascicle_pooler";
+    const LISTEN: &str = "fascicle_listen_url";
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        // sqlx's parser refuses it, with its message.
+        return Ok((url.to_string(), OwnParameters::default()));
+    };
+    let ours = |key: &str| key == POOLER || key == LISTEN;
+    if !parsed.query_pairs().any(|(key, _)| ours(&key)) {
+        return Ok((url.to_string(), OwnParameters::default()));
+    }
+    let mut own = OwnParameters::default();
+    let mut rest = Vec::new();
+    for (key, value) in parsed.query_pairs() {
+        match &*key {
+            POOLER => {
+                own.transaction_pooler = Some(match &*value {
+                    "transaction" => true,
+                    "none" => false,
+                    other => {
+                        return Err(Error::InvalidInput(format!(
+                            "{}: {POOLER} must be `transaction` (behind a pooler in \
+                             transaction mode) or `none`, got `{other}`",
+                            redact_url(url)
+                        )));
+                    }
+                })
+            }
+            LISTEN => own.listen_url = Some(value.into_owned()),
+            _ => rest.push((key.into_owned(), value.into_owned())),
+        }
+    }
+    if rest.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(rest);
+    }
+    Ok((parsed.to_string(), own))
+}
+
 fn connect_options(url: &str) -> Result<PgConnectOptions> {
     refuse_unread_parameters(url)?;
     PgConnectOptions::from_str(url).map_err(|e| {
@@ -688,7 +781,7 @@ impl Store for PostgresStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn Transaction>> {
-        let tx = begin(&self.pool, &self.sql).await?;
+        let tx = begin(&self.pool, &self.sql.begin).await?;
         Ok(Box::new(PostgresTransaction::new(
             tx,
             Arc::clone(&self.sql),
@@ -1078,6 +1171,48 @@ fn stored_schedule(row: &PgRow) -> Result<fascicle_api::StoredSchedule> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// fascicle's own URL parameters say what `PostgresOptions` says, and are taken out
+    /// before sqlx reads the URL; the others stay as they were. A bad value is refused
+    /// without echoing a password, and the listen URL (which holds one) is hidden whole.
+    #[test]
+    fn own_url_parameters_are_read_and_removed() {
+        let plain = "postgres://app:secret@db:6432/q?sslmode=disable";
+        assert_eq!(
+            take_own_parameters(plain).unwrap(),
+            (plain.to_string(), OwnParameters::default())
+        );
+        let url = "postgres://app:secret@pgbouncer:6432/q?fascicle_pooler=transaction\
+                   &sslmode=disable&fascicle_listen_url=postgres%3A%2F%2Fapp%3Asecret%40db%3A5432%2Fq";
+        let (rest, own) = take_own_parameters(url).unwrap();
+        assert_eq!(
+            rest,
+            "postgres://app:secret@pgbouncer:6432/q?sslmode=disable"
+        );
+        assert_eq!(
+            own,
+            OwnParameters {
+                transaction_pooler: Some(true),
+                listen_url: Some("postgres://app:secret@db:5432/q".into()),
+            }
+        );
+        let (rest, own) = take_own_parameters("postgres://app@db/q?fascicle_pooler=none").unwrap();
+        assert_eq!(rest, "postgres://app@db/q");
+        assert_eq!(own.transaction_pooler, Some(false));
+        match take_own_parameters("postgres://app:secret@db/q?fascicle_pooler=session") {
+            Err(Error::InvalidInput(message)) => {
+                assert!(message.contains("`session`"), "{message}");
+                assert!(!message.contains("secret"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!redact_url(url).contains("secret"), "{}", redact_url(url));
+        assert!(
+            !redact_url(url).contains("db%3A5432"),
+            "{}",
+            redact_url(url)
+        );
+    }
 
     /// sqlx ignores a parameter it does not read after logging it with its value: a
     /// secret in `sslpassword` or `Password` would reach the logs, and a misspelt

@@ -23,7 +23,7 @@ mod conformance {
 }
 
 /// The test database and a pooler in front of it, or `None` after a skip line.
-async fn database_and_pooler(pool_size: u32) -> Option<(common::Database, pooler::Pooler)> {
+async fn database_and_pooler(config: pooler::Config) -> Option<(common::Database, pooler::Pooler)> {
     let database = match common::database().await {
         Ok(database) => database,
         Err(reason) => {
@@ -31,7 +31,7 @@ async fn database_and_pooler(pool_size: u32) -> Option<(common::Database, pooler
             return None;
         }
     };
-    match pooler::start(&database.url, pool_size) {
+    match pooler::start(&database.url, config) {
         Ok(pooler) => Some((database, pooler)),
         Err(reason) => {
             common::announce_skip(&reason);
@@ -40,18 +40,25 @@ async fn database_and_pooler(pool_size: u32) -> Option<(common::Database, pooler
     }
 }
 
-/// Without `transaction_pooler`, the store's cached, named statements meet server
-/// connections that other clients prepared theirs on: errors. (If this ever passes, the
-/// pooler under test is not lending connections per transaction and the suite above
-/// proves nothing.)
+/// Without `transaction_pooler`, the store's named statements meet server connections
+/// that other clients prepared theirs on: `prepared statement … already exists` (or
+/// `does not exist`). The pooler here ignores sqlx's `extra_float_digits` startup
+/// parameter, so the store connects and the statements are what fails. (If this ever
+/// passes, the pooler under test is not lending connections per transaction and the
+/// suite above proves nothing.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
-    let Some((database, pooler)) = database_and_pooler(2).await else {
+    let config = pooler::Config {
+        pool_size: 2,
+        lenient: true,
+    };
+    let Some((database, pooler)) = database_and_pooler(config).await else {
         return;
     };
     let schema = common::fresh_schema();
     let direct = common::direct_store(&database.url, &schema).await;
-    let mut failures = 0;
+    // The schema exists (migrated directly), so connecting runs only the version check.
+    let mut failures = Vec::new();
     for _ in 0..3 {
         let naive = PostgresStore::connect_with(
             PostgresOptions::new(&pooler.url)
@@ -59,24 +66,27 @@ async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
                 .max_connections(4),
         )
         .await;
-        let Ok(naive) = naive else {
-            failures += 1;
-            continue;
+        let naive = match naive {
+            Ok(naive) => naive,
+            Err(e) => {
+                failures.push(e.to_string());
+                continue;
+            }
         };
         let calls = (0..4).map(|_| {
             let store = naive.clone();
             tokio::spawn(async move {
-                let mut failed = 0;
+                let mut failed = Vec::new();
                 for _ in 0..25 {
-                    if store.stats().await.is_err() {
-                        failed += 1;
+                    if let Err(e) = store.stats().await {
+                        failed.push(e.to_string());
                     }
                 }
                 failed
             })
         });
         for call in calls.collect::<Vec<_>>() {
-            failures += call.await.unwrap();
+            failures.extend(call.await.unwrap());
         }
         naive.pool().close().await;
     }
@@ -84,8 +94,12 @@ async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
     drop(pooler);
     drop(database);
     assert!(
-        failures > 0,
+        !failures.is_empty(),
         "a store without transaction_pooler(true) worked behind PgBouncer in transaction mode"
+    );
+    assert!(
+        failures.iter().all(|f| f.contains("prepared statement")),
+        "failed for another reason than its named statements: {failures:?}"
     );
 }
 
@@ -94,7 +108,11 @@ async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
 /// minute: only the `LISTEN` on the direct connection can wake it in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_submitters_work_through_the_pooler() {
-    let Some((database, pooler)) = database_and_pooler(8).await else {
+    let config = pooler::Config {
+        pool_size: 8,
+        lenient: false,
+    };
+    let Some((database, pooler)) = database_and_pooler(config).await else {
         return;
     };
     let schema = common::fresh_schema();
@@ -178,14 +196,21 @@ async fn workers_and_submitters_work_through_the_pooler() {
             let worker = tokio::spawn(worker.run(async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             }));
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            Queue::new(Arc::clone(&shared))
-                .submit(NewOperation::new("woken", json!({})))
-                .await
-                .unwrap();
-            tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
-                .await
-                .expect("the worker was not woken through the direct LISTEN connection");
+            // The first may be found by the worker's first look for work; the second is
+            // submitted once the worker, having run the first, waits for its next poll
+            // a minute away — only a wake-up can bring it sooner.
+            for nth in ["first", "second"] {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Queue::new(Arc::clone(&shared))
+                    .submit(NewOperation::new("woken", json!({ "nth": nth })))
+                    .await
+                    .unwrap();
+                tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+                    .await
+                    .unwrap_or_else(|_| {
+                        panic!("the {nth} operation did not wake the worker through LISTEN")
+                    });
+            }
             let _ = stop_tx.send(true);
             worker.await.unwrap().unwrap();
             drop(listener);
@@ -205,7 +230,11 @@ async fn workers_and_submitters_work_through_the_pooler() {
 /// listening on a connection the pooler takes back after each transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_behind_a_pooler_needs_a_direct_url() {
-    let Some((database, pooler)) = database_and_pooler(4).await else {
+    let config = pooler::Config {
+        pool_size: 4,
+        lenient: false,
+    };
+    let Some((database, pooler)) = database_and_pooler(config).await else {
         return;
     };
     let schema = common::fresh_schema();
@@ -226,5 +255,51 @@ async fn listen_behind_a_pooler_needs_a_direct_url() {
             assert!(e.to_string().contains("listen_url"), "{e}")
         }
         other => panic!("listen behind a pooler without a direct URL gave {other:?}"),
+    }
+}
+
+/// A URL alone can say that the store is behind a transaction pooler and where `LISTEN`
+/// connects, so `fascicle::connect` and the CLI's `--database-url` work there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_alone_can_put_the_store_behind_a_pooler() {
+    let config = pooler::Config {
+        pool_size: 2,
+        lenient: false,
+    };
+    let Some((database, pooler)) = database_and_pooler(config).await else {
+        return;
+    };
+    let schema = common::fresh_schema();
+    let listen: String = url::form_urlencoded::byte_serialize(database.url.as_bytes()).collect();
+    let url = format!(
+        "{}?fascicle_pooler=transaction&fascicle_listen_url={listen}",
+        pooler.url
+    );
+    let store = PostgresStore::connect_with(PostgresOptions::new(&url).schema(schema.clone()))
+        .await
+        .unwrap();
+    assert!(store.behind_transaction_pooler());
+    let inner = store.clone();
+    let outcome = tokio::spawn(async move {
+        let store = inner;
+        let listener = store.listen(InProcessWaker::new()).await;
+        assert!(listener.is_ok(), "{listener:?}");
+        let shared: Arc<dyn Store> = Arc::new(store.clone());
+        let receipts = Queue::new(Arc::clone(&shared))
+            .submit_many((0..50).map(|i| NewOperation::new("by_url", json!({ "i": i }))))
+            .await
+            .unwrap();
+        for receipt in &receipts {
+            assert!(shared.get(receipt.id).await.unwrap().is_some());
+        }
+        assert_eq!(shared.stats().await.unwrap().work().ready, 50);
+    })
+    .await;
+    let direct = common::direct_store(&database.url, &schema).await;
+    store.pool().close().await;
+    common::drop_schema(&direct).await;
+    drop(pooler);
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
     }
 }

@@ -193,12 +193,16 @@ impl Queue {
     ///   answered with no receipt and no transaction.
     /// - The receipts are in the order of `operations`.
     /// - Idempotent per caller id, like `submit`: an operation whose id is already stored
-    ///   (as a stand-alone operation) is not inserted again and its receipt says
-    ///   `created == false`; an id used by a batch parent is a `Conflict` and nothing is
-    ///   written. The same caller id twice in one call is `InvalidInput`.
+    ///   (as an operation — stand-alone, or a batch's child — not a batch parent) is not
+    ///   inserted again and its receipt says `created == false`; an id used by a batch
+    ///   parent is a `Conflict` and nothing is written. The same caller id twice in one
+    ///   call is `InvalidInput`. Found stored only after a first try conflicted, ids are
+    ///   looked up one by one.
     /// - An operation with a unique key is inserted in the same transaction through
-    ///   [`Transaction::insert_unique`] (one round trip each); when the key is held, its
-    ///   receipt carries the holder's id with `created == false`.
+    ///   [`Transaction::insert_unique`] (one round trip each), in input order among the
+    ///   others; when the key is held, its receipt carries the holder's id with
+    ///   `created == false`. With a caller id too, the id is looked up first, as `submit`
+    ///   does: stored, the receipt is that operation's, whoever holds the key now.
     /// - A submit racing another over the same ids or keys is tried again (at most three
     ///   more times) with what the first try found stored: each id is stored once, and
     ///   exactly one of the racers answers `created == true` for it.
@@ -249,6 +253,13 @@ impl Queue {
 
         // Caller ids found already stored, by index: they are answered, not inserted.
         let mut stored = vec![false; records.len()];
+        // An operation with both a caller id and a unique key is looked up by its id
+        // first, as `submit` does: stored, it is the answer, whoever holds the key now.
+        for (&id, &index) in &caller_ids {
+            if uniques[index].is_some() {
+                stored[index] = self.stored_standalone(id, index).await?;
+            }
+        }
         let mut tries = 0;
         let holders = loop {
             match self.try_submit_many(&records, &uniques, &stored).await {
@@ -259,21 +270,9 @@ impl Queue {
                     // commit, over a key: the next try finds the holder).
                     let mut found = false;
                     for (&id, &index) in &caller_ids {
-                        if !stored[index] {
-                            match self.store.get(id).await? {
-                                Some(op) if op.is_parent() => {
-                                    return Err(Error::Conflict(format!(
-                                        "submit_many: id {id} (index {index}) is already used \
-                                         by a batch parent, not a stand-alone operation; \
-                                         nothing was submitted"
-                                    )));
-                                }
-                                Some(_) => {
-                                    stored[index] = true;
-                                    found = true;
-                                }
-                                None => {}
-                            }
+                        if !stored[index] && self.stored_standalone(id, index).await? {
+                            stored[index] = true;
+                            found = true;
                         }
                     }
                     if !found && uniques.iter().all(Option::is_none) {
@@ -320,6 +319,19 @@ impl Queue {
             .collect())
     }
 
+    /// Whether `id` (the caller id of `submit_many`'s operation at `index`) is stored as an
+    /// operation; a `Conflict` when a batch parent has it.
+    async fn stored_standalone(&self, id: OperationId, index: usize) -> Result<bool> {
+        match self.store.get(id).await? {
+            Some(op) if op.is_parent() => Err(Error::Conflict(format!(
+                "submit_many: id {id} (index {index}) is already used by a batch parent, not \
+                 an operation; nothing was submitted"
+            ))),
+            Some(_) => Ok(true),
+            None => Ok(false),
+        }
+    }
+
     /// One try of [`submit_many`](Self::submit_many): every record not already `stored`,
     /// the plain ones in one bulk insert, then the unique ones; committed. Answers the
     /// holders of the unique keys found held, by index.
@@ -329,27 +341,34 @@ impl Queue {
         uniques: &[Option<crate::Unique>],
         stored: &[bool],
     ) -> Result<std::collections::HashMap<usize, OperationId>> {
-        let plain = |i: &usize| !stored[*i] && uniques[*i].is_none();
         let mut tx = self.store.begin().await?;
-        if (0..records.len()).all(|i| plain(&i)) {
-            // The common case, with nothing to copy.
+        let mut holders = std::collections::HashMap::new();
+        if uniques.iter().all(Option::is_none) && !stored.contains(&true) {
+            // The common case: one bulk insert, with nothing to copy.
             tx.insert_children(records).await?;
         } else {
-            let some: Vec<ChildRecord> = (0..records.len())
-                .filter(plain)
-                .map(|i| records[i].clone())
-                .collect();
-            if !some.is_empty() {
-                tx.insert_children(&some).await?;
+            // In input order, so that rows are stored (and claimed, among equals) in the
+            // order given: the plain operations between two unique ones in one bulk
+            // insert, each unique one on its own.
+            let mut run: Vec<ChildRecord> = Vec::new();
+            for (index, record) in records.iter().enumerate() {
+                if stored[index] {
+                    continue;
+                }
+                match &uniques[index] {
+                    None => run.push(record.clone()),
+                    Some(unique) => {
+                        if !run.is_empty() {
+                            tx.insert_children(&std::mem::take(&mut run)).await?;
+                        }
+                        if let Some(holder) = tx.insert_unique(record, unique).await? {
+                            holders.insert(index, holder);
+                        }
+                    }
+                }
             }
-        }
-        let mut holders = std::collections::HashMap::new();
-        for (index, unique) in uniques.iter().enumerate() {
-            if let Some(unique) = unique
-                && !stored[index]
-                && let Some(holder) = tx.insert_unique(&records[index], unique).await?
-            {
-                holders.insert(index, holder);
+            if !run.is_empty() {
+                tx.insert_children(&run).await?;
             }
         }
         tx.commit().await?;

@@ -10,6 +10,7 @@ use fascicle_api::{
 };
 use serde_json::json;
 
+use super::lifecycle::request;
 use crate::faults::{FaultPlan, FaultyStore};
 
 /// `n` operations with chosen ids, kinds, payloads, priorities and keys that differ.
@@ -293,4 +294,53 @@ pub async fn submit_many_answers_unique_key_holders(store: Arc<dyn Store>) {
     assert_eq!(work(&store).await, 3);
     let stored = store.get(receipts[1].id).await.unwrap().unwrap();
     assert_eq!(stored.payload, Some(json!({ "n": 2 })));
+
+    // An operation with a caller id and a key is answered by its id when stored, as
+    // `submit` answers it — not by the key's later holder.
+    let own = OperationId::new();
+    let keyed = NewOperation::new("report", json!({ "n": 5 }))
+        .with_id(own)
+        .unique("report:moving");
+    assert!(queue.submit(keyed.clone()).await.unwrap().created);
+    store.cancel(own).await.unwrap();
+    let next = queue
+        .submit(NewOperation::new("report", json!({ "n": 6 })).unique("report:moving"))
+        .await
+        .unwrap();
+    assert!(next.created && next.id != own);
+    let again = queue.submit_many([keyed]).await.unwrap();
+    assert_eq!(
+        (again[0].id, again[0].created),
+        (own, false),
+        "answered by the key's new holder, not by the caller's id"
+    );
+}
+
+/// Plain and unique-key operations mixed in one call are stored in the order given:
+/// claimed one at a time (same priority, same instant), they come back in input order.
+pub async fn submit_many_keeps_the_input_order(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let input: Vec<NewOperation> = (0..7)
+        .map(|i| {
+            let op = NewOperation::new("ordered", json!({ "i": i }));
+            if i % 3 == 0 {
+                op.unique(format!("ordered:{i}"))
+            } else {
+                op
+            }
+        })
+        .collect();
+    let receipts = queue.submit_many(input).await.unwrap();
+    assert!(receipts.iter().all(|r| r.created));
+    let mut claimed = Vec::new();
+    for _ in 0..receipts.len() {
+        let one = store.claim(&request(1)).await.unwrap();
+        assert_eq!(one.len(), 1);
+        claimed.push(one[0].operation.id);
+    }
+    assert_eq!(
+        claimed,
+        receipts.iter().map(|r| r.id).collect::<Vec<_>>(),
+        "not claimed in the order submitted"
+    );
 }

@@ -39,9 +39,23 @@ fn binary() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-/// Starts PgBouncer (`pool_mode = transaction`, `pool_size` server connections) in front
-/// of `database_url`, or the reason it cannot (a failure when `REQUIRE_PGBOUNCER=1`).
-pub fn start(database_url: &str, pool_size: u32) -> Result<Pooler, String> {
+/// How the pooler is configured beyond `pool_mode = transaction`.
+#[derive(Clone, Copy)]
+pub struct Config {
+    /// Server connections per database and user.
+    pub pool_size: u32,
+    /// `ignore_startup_parameters = extra_float_digits`, which a client sending sqlx's
+    /// default parameters needs to connect at all. Off, the pooler refuses a client that
+    /// sends it.
+    pub lenient: bool,
+}
+
+/// Starts PgBouncer (`pool_mode = transaction`, `server_round_robin = 1` so consecutive
+/// transactions go to different server connections) in front of `database_url`, or the
+/// reason it cannot (a failure when `REQUIRE_PGBOUNCER=1`).
+pub fn start(database_url: &str, config: Config) -> Result<Pooler, String> {
+    let Config { pool_size, lenient } = config;
+    let ignore = if lenient { "extra_float_digits" } else { "" };
     let Some(binary) = binary() else {
         let reason = "no pgbouncer binary on PATH or in /usr/sbin (Debian package pgbouncer; \
                       or set PGBOUNCER=path); pooler tests skipped"
@@ -84,6 +98,8 @@ pub fn start(database_url: &str, pool_size: u32) -> Result<Pooler, String> {
              pool_mode = transaction\n\
              max_client_conn = 2000\n\
              default_pool_size = {pool_size}\n\
+             server_round_robin = 1\n\
+             ignore_startup_parameters = {ignore}\n\
              unix_socket_dir =\n\
              logfile = {log}\n",
             users = path.join("users.txt").display(),
@@ -152,7 +168,13 @@ pub async fn fixture() -> Fixture {
         Ok(database) => database,
         Err(reason) => return Fixture::skipped(reason),
     };
-    let pooler = match start(&database.url, 20) {
+    // Few server connections, handed out in turn: a statement sent outside a
+    // transaction would soon meet a server connection it was not parsed on.
+    let config = Config {
+        pool_size: 4,
+        lenient: false,
+    };
+    let pooler = match start(&database.url, config) {
         Ok(pooler) => pooler,
         Err(reason) => return Fixture::skipped(reason),
     };
