@@ -505,7 +505,15 @@ async fn work(
     };
     let bank = MemoryBank::new(driver).await?;
     let _listening = match listener {
-        Some(store) => Some(store.listen(bank.waker().clone()).await?),
+        Some(store) => match store.listen(bank.waker().clone()).await {
+            Ok(listening) => Some(listening),
+            // Behind a transaction pooler without a direct URL for LISTEN.
+            Err(e @ fascicle::Error::Unsupported { .. }) => {
+                eprintln!("not listening for submits ({e}); polling for work instead");
+                None
+            }
+            Err(e) => return Err(e),
+        },
         None => None,
     };
     let worker = Worker::new(bank.store(), bank.registry())

@@ -391,10 +391,21 @@ pub(crate) async fn migrate(
 /// A failure to reach the server, worded for a person and without the password.
 pub(crate) fn connect_error(location: &str, e: sqlx::Error) -> Error {
     match e {
-        sqlx::Error::Database(db) => Error::Storage {
-            location: location.to_string(),
-            reason: format!("the server refused the connection: {}", db.message()),
-        },
+        sqlx::Error::Database(db) => {
+            // PgBouncer refusing sqlx's default startup parameters: a pooler the store
+            // was not told about.
+            let hint = if db.message().contains("unsupported startup parameter") {
+                " (a connection pooler? behind one in transaction mode, add \
+                 fascicle_pooler=transaction to the URL or use \
+                 PostgresOptions::transaction_pooler)"
+            } else {
+                ""
+            };
+            Error::Storage {
+                location: location.to_string(),
+                reason: format!("the server refused the connection: {}{hint}", db.message()),
+            }
+        }
         sqlx::Error::Configuration(msg) => {
             Error::InvalidInput(format!("{location} is not a usable PostgreSQL URL: {msg}"))
         }

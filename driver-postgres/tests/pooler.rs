@@ -303,3 +303,24 @@ async fn a_url_alone_can_put_the_store_behind_a_pooler() {
         std::panic::resume_unwind(e.into_panic());
     }
 }
+
+/// A store not told about the pooler is refused by it at once (PgBouncer refuses sqlx's
+/// `extra_float_digits` startup parameter), and the error says what to add.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooler_the_store_was_not_told_about_is_named_in_the_error() {
+    let config = pooler::Config {
+        pool_size: 2,
+        lenient: false,
+    };
+    let Some((_database, pooler)) = database_and_pooler(config).await else {
+        return;
+    };
+    let result = PostgresStore::connect_with(
+        PostgresOptions::new(&pooler.url).schema(common::fresh_schema()),
+    )
+    .await;
+    match result {
+        Err(e) => assert!(e.to_string().contains("fascicle_pooler=transaction"), "{e}"),
+        Ok(_) => panic!("a store without transaction_pooler connected through a strict pooler"),
+    }
+}

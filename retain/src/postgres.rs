@@ -58,12 +58,16 @@ struct Sql {
     observations_for_terms: String,
     insert_observations: String,
     counts: String,
+    /// `false` behind a transaction pooler: statements are parsed unnamed, each time
+    /// (see `PostgresOptions::transaction_pooler`).
+    persistent: bool,
 }
 
 impl Sql {
-    fn new(schema: &str) -> Self {
+    fn new(schema: &str, persistent: bool) -> Self {
         let s = |template: &str| template.replace("{s}", schema);
         Self {
+            persistent,
             schema: schema.to_string(),
             document_hash: s("SELECT content_hash FROM {s}.bank_documents WHERE id = $1"),
             unit_ids_of: s(
@@ -124,7 +128,7 @@ pub(crate) struct PostgresBackend {
 
 impl PostgresBackend {
     pub(crate) fn new(store: PostgresStore) -> Self {
-        let sql = Arc::new(Sql::new(store.schema()));
+        let sql = Arc::new(Sql::new(store.schema(), !store.behind_transaction_pooler()));
         Self { store, sql }
     }
 }
@@ -139,12 +143,14 @@ impl Backend for PostgresBackend {
         let mut tx = self.store.pool().begin().await.map_err(map_error)?;
         // Concurrent migrations of one schema would race in the catalog.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))")
+            .persistent(self.sql.persistent)
             .bind(format!("{}.bank", self.sql.schema))
             .execute(&mut *tx)
             .await
             .map_err(map_error)?;
         for ddl in SCHEMA {
             sqlx::query(AssertSqlSafe(ddl.replace("{s}", &self.sql.schema)))
+                .persistent(self.sql.persistent)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_error)?;
@@ -160,6 +166,7 @@ impl Backend for PostgresBackend {
         match &work {
             Work::Retain(documents) => {
                 sqlx::query("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 2))")
+                    .persistent(self.sql.persistent)
                     .bind(format!("{}.bank", self.sql.schema))
                     .execute(&mut *tx)
                     .await
@@ -173,6 +180,7 @@ impl Backend for PostgresBackend {
                          SELECT DISTINCT hashtextextended(d, 3) AS k FROM unnest($1::text[]) AS d
                          ORDER BY 1) AS keys",
                 )
+                .persistent(self.sql.persistent)
                 .bind(&ids)
                 .execute(&mut *tx)
                 .await
@@ -180,6 +188,7 @@ impl Backend for PostgresBackend {
             }
             Work::Consolidate => {
                 sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 2))")
+                    .persistent(self.sql.persistent)
                     .bind(format!("{}.bank", self.sql.schema))
                     .execute(&mut *tx)
                     .await
@@ -216,6 +225,9 @@ impl Backend for PostgresBackend {
     }
 
     async fn counts(&self) -> Result<BankCounts> {
+        // In a transaction: behind a transaction pooler a statement's parse and execution
+        // must reach one server connection.
+        let mut tx = self.store.pool().begin().await.map_err(map_error)?;
         let (documents, memory_units, unconsolidated_units, observations, observation_sources): (
             i64,
             i64,
@@ -223,9 +235,11 @@ impl Backend for PostgresBackend {
             i64,
             i64,
         ) = sqlx::query_as(q(&self.sql.counts))
-            .fetch_one(self.store.pool())
+            .persistent(self.sql.persistent)
+            .fetch_one(&mut *tx)
             .await
             .map_err(map_error)?;
+        tx.commit().await.map_err(map_error)?;
         Ok(BankCounts {
             documents: documents as u64,
             memory_units: memory_units as u64,
@@ -244,6 +258,7 @@ struct PgTx<'a> {
 impl BankTx for PgTx<'_> {
     async fn document_hash(&mut self, document_id: &str) -> Result<Option<String>> {
         sqlx::query_scalar(q(&self.sql.document_hash))
+            .persistent(self.sql.persistent)
             .bind(document_id)
             .fetch_optional(&mut *self.conn)
             .await
@@ -252,6 +267,7 @@ impl BankTx for PgTx<'_> {
 
     async fn unit_ids_of(&mut self, document_id: &str) -> Result<Vec<Uuid>> {
         sqlx::query_scalar(q(&self.sql.unit_ids_of))
+            .persistent(self.sql.persistent)
             .bind(document_id)
             .fetch_all(&mut *self.conn)
             .await
@@ -264,6 +280,7 @@ impl BankTx for PgTx<'_> {
 
     async fn citing_via_source_array(&mut self, units: &[Uuid]) -> Result<Vec<Cited>> {
         let rows: Vec<(Uuid, Vec<Uuid>)> = sqlx::query_as(q(&self.sql.citing))
+            .persistent(self.sql.persistent)
             .bind(units)
             .fetch_all(&mut *self.conn)
             .await
@@ -279,6 +296,7 @@ impl BankTx for PgTx<'_> {
 
     async fn set_consolidated(&mut self, units: &[Uuid], consolidated: bool) -> Result<()> {
         sqlx::query(q(&self.sql.set_consolidated))
+            .persistent(self.sql.persistent)
             .bind(units)
             .bind(consolidated)
             .execute(&mut *self.conn)
@@ -289,6 +307,7 @@ impl BankTx for PgTx<'_> {
 
     async fn delete_observations(&mut self, ids: &[Uuid]) -> Result<u64> {
         sqlx::query(q(&self.sql.delete_observations))
+            .persistent(self.sql.persistent)
             .bind(ids)
             .execute(&mut *self.conn)
             .await
@@ -298,6 +317,7 @@ impl BankTx for PgTx<'_> {
 
     async fn delete_units(&mut self, ids: &[Uuid]) -> Result<()> {
         sqlx::query(q(&self.sql.delete_units))
+            .persistent(self.sql.persistent)
             .bind(ids)
             .execute(&mut *self.conn)
             .await
@@ -307,6 +327,7 @@ impl BankTx for PgTx<'_> {
 
     async fn upsert_document(&mut self, doc: &DocumentRow) -> Result<()> {
         sqlx::query(q(&self.sql.upsert_document))
+            .persistent(self.sql.persistent)
             .bind(&doc.id)
             .bind(&doc.content_hash)
             .bind(&doc.tags)
@@ -331,6 +352,7 @@ impl BankTx for PgTx<'_> {
             .map(|u| serde_json::to_string(&u.terms).expect("strings serialize"))
             .collect();
         sqlx::query(q(&self.sql.insert_units))
+            .persistent(self.sql.persistent)
             .bind(&ids)
             .bind(&documents)
             .bind(&positions)
@@ -344,6 +366,7 @@ impl BankTx for PgTx<'_> {
 
     async fn unit_terms(&mut self) -> Result<Vec<UnitTerms>> {
         let rows: Vec<(Uuid, String, Vec<String>, bool)> = sqlx::query_as(q(&self.sql.unit_terms))
+            .persistent(self.sql.persistent)
             .fetch_all(&mut *self.conn)
             .await
             .map_err(map_error)?;
@@ -360,6 +383,7 @@ impl BankTx for PgTx<'_> {
 
     async fn observations_for_terms(&mut self, terms: &[String]) -> Result<Vec<Uuid>> {
         sqlx::query_scalar(q(&self.sql.observations_for_terms))
+            .persistent(self.sql.persistent)
             .bind(terms)
             .fetch_all(&mut *self.conn)
             .await
@@ -378,6 +402,7 @@ impl BankTx for PgTx<'_> {
             .map(|o| serde_json::to_string(&o.sources).expect("uuids serialize"))
             .collect();
         sqlx::query(q(&self.sql.insert_observations))
+            .persistent(self.sql.persistent)
             .bind(&ids)
             .bind(&terms)
             .bind(&texts)
