@@ -46,14 +46,14 @@ use crate::tx::{PostgresTransaction, insert_children, insert_parent};
 /// JIT compilation is off too: a statement the planner overestimates (an empty table never
 /// analysed is estimated at hundreds of rows) was JIT-compiled on every claim, 5.6 ms
 /// each, to read one row.
+const STORE_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
+    SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
+    SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
+
 /// How a read begins behind a transaction pooler (it needs a transaction, not the
 /// lifecycle's planner settings: its statement is not cached, and `stats` counts the
 /// whole table).
 const READ_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
-
-const STORE_BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED; \
-    SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
-    SET LOCAL enable_bitmapscan = off; SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
 
 /// The planner settings `STORE_BEGIN` turns off (and `complete_in` for its call).
 const PLANNER_SETTINGS: &[&str] = &[
@@ -148,7 +148,8 @@ pub struct PostgresOptions {
     statement_timeout: Option<Duration>,
     acquire_timeout: Duration,
     application_name: Option<String>,
-    transaction_pooler: bool,
+    /// `None`: as the URL says (`fascicle_pooler`), else not behind one.
+    transaction_pooler: Option<bool>,
     listen_url: Option<String>,
 }
 
@@ -178,7 +179,7 @@ impl PostgresOptions {
             statement_timeout: None,
             acquire_timeout: Duration::from_secs(30),
             application_name: None,
-            transaction_pooler: false,
+            transaction_pooler: None,
             listen_url: None,
         }
     }
@@ -196,7 +197,8 @@ impl PostgresOptions {
         self
     }
 
-    /// A server-side `statement_timeout` for every connection; default none.
+    /// A server-side `statement_timeout` for every connection; default none (and
+    /// `Duration::ZERO` is none too). Below a millisecond it is one millisecond.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = Some(timeout);
         self
@@ -216,7 +218,8 @@ impl PostgresOptions {
 
     /// The URL reaches PostgreSQL through a pooler in **transaction** mode (PgBouncer
     /// with `pool_mode = transaction`, PgCat, Supavisor…), which lends a server
-    /// connection per transaction: default `false`. The store then relies on no session
+    /// connection per transaction. Default: what the URL's `fascicle_pooler` parameter
+    /// says (`transaction` or `none`), else `false`; a call here wins over the URL. The store then relies on no session
     /// state:
     /// - statements are not prepared once and cached under a name (a name prepared on one
     ///   server connection is unknown on the next): each is parsed again, unnamed;
@@ -237,12 +240,14 @@ impl PostgresOptions {
     /// `SET LOCAL statement_timeout` if you want one
     /// ([`PostgresStore::behind_transaction_pooler`] says which applies).
     pub fn transaction_pooler(mut self, behind: bool) -> Self {
-        self.transaction_pooler = behind;
+        self.transaction_pooler = Some(behind);
         self
     }
 
     /// A direct connection (not through a transaction pooler) for `LISTEN`, used by
-    /// [`PostgresStore::listen`] when the store is behind one; default none.
+    /// [`PostgresStore::listen`] when the store is behind one; default the URL's
+    /// `fascicle_listen_url` (percent-encoded), else none. Ignored, with a warning, when
+    /// the store is not behind a transaction pooler.
     pub fn listen_url(mut self, url: impl Into<String>) -> Self {
         self.listen_url = Some(url.into());
         self
@@ -301,28 +306,31 @@ impl PostgresStore {
         schema::validate_schema(&options.schema)?;
         let location = redact_url(&options.url);
         let (url, own) = take_own_parameters(&options.url)?;
-        let mut options = options;
-        if let Some(pooled) = own.transaction_pooler {
-            options.transaction_pooler |= pooled;
-        }
-        if let Some(listen) = own.listen_url {
-            options.listen_url.get_or_insert(listen);
-        }
-        if options.listen_url.is_some() && !options.transaction_pooler {
-            return Err(Error::InvalidInput(format!(
-                "{location}: a listen URL is for a store behind a transaction pooler \
-                 (fascicle_pooler=transaction, or PostgresOptions::transaction_pooler); \
-                 directly, LISTEN uses the store's own connections"
-            )));
+        // What the options say wins over the URL's parameters.
+        let transaction_pooler = options
+            .transaction_pooler
+            .or(own.transaction_pooler)
+            .unwrap_or(false);
+        let listen_url = options.listen_url.clone().or(own.listen_url);
+        if listen_url.is_some() && !transaction_pooler {
+            tracing::warn!(
+                url = %location,
+                "a listen URL is given but the store is not behind a transaction pooler: \
+                 it is ignored (directly, LISTEN uses the store's own connections)"
+            );
         }
         let mut connect = connect_options(&url)?;
         if let Some(name) = &options.application_name {
             connect = connect.application_name(name);
         }
-        // Whole milliseconds, at least one: 0 would mean no timeout.
-        let timeout_ms = options.statement_timeout.map(|t| t.as_millis().max(1));
+        // Whole milliseconds, at least one (PostgreSQL reads 0 as no timeout); a zero
+        // duration is no timeout, as it always was.
+        let timeout_ms = options
+            .statement_timeout
+            .filter(|t| !t.is_zero())
+            .map(|t| t.as_millis().max(1));
         let mut begin_texts = (STORE_BEGIN.to_string(), READ_BEGIN.to_string());
-        if options.transaction_pooler {
+        if transaction_pooler {
             // No cached named statements; no startup parameter a pooler refuses.
             connect = connect.statement_cache_capacity(0).extra_float_digits(None);
             if let Some(ms) = timeout_ms {
@@ -345,21 +353,10 @@ impl PostgresStore {
             .connect_with(connect)
             .await
             .map_err(|e| schema::connect_error(&location, e))?;
-        schema::migrate(
-            &pool,
-            &options.schema,
-            &location,
-            !options.transaction_pooler,
-        )
-        .await?;
-        let mut store = Self::assemble(
-            pool,
-            &options.schema,
-            options.transaction_pooler,
-            begin_texts,
-        );
-        if options.transaction_pooler {
-            store.listen_url = options.listen_url;
+        schema::migrate(&pool, &options.schema, &location, !transaction_pooler).await?;
+        let mut store = Self::assemble(pool, &options.schema, transaction_pooler, begin_texts);
+        if transaction_pooler {
+            store.listen_url = listen_url;
         }
         Ok(store)
     }
@@ -635,8 +632,6 @@ fn refuse_unread_parameters(url: &str) -> Result<()> {
     Ok(())
 }
 
-/// The connection options `url` names, or `InvalidInput` naming the URL with its password
-/// hidden — whatever the URL, and whatever the parser's message quotes of it.
 /// fascicle's own URL parameters, read by [`take_own_parameters`].
 #[derive(Debug, Default, PartialEq)]
 struct OwnParameters {
@@ -661,6 +656,22 @@ fn take_own_parameters(url: &str) -> Result<(String, OwnParameters)> {
     let ours = |key: &str| key == POOLER || key == LISTEN;
     if !parsed.query_pairs().any(|(key, _)| ours(&key)) {
         return Ok((url.to_string(), OwnParameters::default()));
+    }
+    // A URL inside a URL must be percent-encoded: unencoded, its `&` would cut it into
+    // parameters of the outer URL (a password's tail among them) and its `+` would read
+    // as a space. Refused without quoting any of it.
+    let raw_query = parsed.query().unwrap_or_default();
+    for segment in raw_query.split('&') {
+        if let Some(value) = segment.strip_prefix("fascicle_listen_url=")
+            && value.contains([':', '/', '@', '?', '+', '#'])
+        {
+            return Err(Error::InvalidInput(
+                "fascicle_listen_url must be percent-encoded (`:` as %3A, `/` as %2F, `@` as \
+                 %40, `+` as %2B …), or its password could be cut into other parameters; \
+                 the URL is not shown"
+                    .into(),
+            ));
+        }
     }
     let mut own = OwnParameters::default();
     let mut rest = Vec::new();
@@ -691,6 +702,8 @@ fn take_own_parameters(url: &str) -> Result<(String, OwnParameters)> {
     Ok((parsed.to_string(), own))
 }
 
+/// The connection options `url` names, or `InvalidInput` naming the URL with its password
+/// hidden — whatever the URL, and whatever the parser's message quotes of it.
 fn connect_options(url: &str) -> Result<PgConnectOptions> {
     refuse_unread_parameters(url)?;
     PgConnectOptions::from_str(url).map_err(|e| {
@@ -1207,6 +1220,17 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(!redact_url(url).contains("secret"), "{}", redact_url(url));
+        // Unencoded, the listen URL's `&` would make its password's tail a parameter.
+        let raw = "postgres://app@pgbouncer/q?fascicle_pooler=transaction\
+                   &fascicle_listen_url=postgres://app:pa&ss@db/q";
+        match take_own_parameters(raw) {
+            Err(Error::InvalidInput(message)) => {
+                assert!(message.contains("percent-encoded"), "{message}");
+                assert!(!message.contains("pa&ss"), "{message}");
+                assert!(!message.contains("ss@db"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(
             !redact_url(url).contains("db%3A5432"),
             "{}",
