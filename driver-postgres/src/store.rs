@@ -236,8 +236,8 @@ impl PostgresOptions {
     /// behind such a pooler as directly (their wait is not bounded by the statement
     /// timeout there). Your own statements on [`PostgresStore::pool`] — a transaction for
     /// [`PostgresStore::submit_batch_in`] or [`PostgresStore::complete_in`] — follow the
-    /// same rules: `.persistent(false)`, inside a transaction, with your own
-    /// `SET LOCAL statement_timeout` if you want one
+    /// same rules: `.persistent(false)`, inside a transaction —
+    /// [`PostgresStore::begin_transaction`] begins one with the statement timeout
     /// ([`PostgresStore::behind_transaction_pooler`] says which applies).
     pub fn transaction_pooler(mut self, behind: bool) -> Self {
         self.transaction_pooler = Some(behind);
@@ -371,6 +371,15 @@ impl PostgresStore {
         schema::migrate(&pool, schema, "existing pool", true).await?;
         let begin_texts = (STORE_BEGIN.to_string(), READ_BEGIN.to_string());
         Ok(Self::assemble(pool, schema, false, begin_texts))
+    }
+
+    /// A transaction on the store's pool for your own statements, begun as the store
+    /// begins its reads: `READ COMMITTED`, and behind a transaction pooler with the
+    /// [statement timeout](PostgresOptions::statement_timeout) set for it (a pooler
+    /// drops the connection parameter that sets it directly). Like the store's own
+    /// `BEGIN`, it runs to the end even if the caller gives up meanwhile.
+    pub async fn begin_transaction(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        begin(&self.pool, &self.sql.begin_read).await
     }
 
     /// Whether the store was opened behind a transaction pooler

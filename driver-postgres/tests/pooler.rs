@@ -13,7 +13,7 @@ use std::time::Duration;
 use fascicle_api::{
     Error, HandlerError, InProcessWaker, NewOperation, Queue, Registry, Store, Worker,
 };
-use fascicle_postgres::{PostgresOptions, PostgresStore};
+use fascicle_postgres::{PostgresOptions, PostgresStore, sqlx};
 use serde_json::{Value, json};
 
 use common::pooler;
@@ -42,7 +42,8 @@ async fn database_and_pooler(config: pooler::Config) -> Option<(common::Database
 
 /// Without `transaction_pooler`, the store's named statements meet server connections
 /// that other clients prepared theirs on: `prepared statement … already exists` (or
-/// `does not exist`). The pooler here ignores sqlx's `extra_float_digits` startup
+/// `does not exist`) — or, worse, another client's statement of the same name runs with
+/// our parameters (sqlx then panics decoding a row of the wrong shape). The pooler here ignores sqlx's `extra_float_digits` startup
 /// parameter, so the store connects and the statements are what fails. (If this ever
 /// passes, the pooler under test is not lending connections per transaction and the
 /// suite above proves nothing.)
@@ -60,18 +61,21 @@ async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
     // The schema exists (migrated directly), so connecting runs only the version check.
     let mut failures = Vec::new();
     for _ in 0..3 {
-        let naive = PostgresStore::connect_with(
-            PostgresOptions::new(&pooler.url)
-                .schema(schema.clone())
-                .max_connections(4),
-        )
-        .await;
+        let options = PostgresOptions::new(&pooler.url)
+            .schema(schema.clone())
+            .max_connections(4);
+        let naive = tokio::spawn(PostgresStore::connect_with(options)).await;
         let naive = match naive {
-            Ok(naive) => naive,
-            Err(e) => {
+            Ok(Ok(naive)) => naive,
+            Ok(Err(e)) => {
                 failures.push(e.to_string());
                 continue;
             }
+            Err(e) if e.is_panic() => {
+                failures.push(format!("sqlx panicked: {e}"));
+                continue;
+            }
+            Err(e) => panic!("{e}"),
         };
         let calls = (0..4).map(|_| {
             let store = naive.clone();
@@ -86,7 +90,13 @@ async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
             })
         });
         for call in calls.collect::<Vec<_>>() {
-            failures.extend(call.await.unwrap());
+            match call.await {
+                Ok(failed) => failures.extend(failed),
+                // A name collision can run another client's statement under ours: sqlx
+                // then panics decoding a row of the wrong shape.
+                Err(e) if e.is_panic() => failures.push(format!("sqlx panicked: {e}")),
+                Err(e) => panic!("{e}"),
+            }
         }
         naive.pool().close().await;
     }
@@ -98,7 +108,9 @@ async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
         "a store without transaction_pooler(true) worked behind PgBouncer in transaction mode"
     );
     assert!(
-        failures.iter().all(|f| f.contains("prepared statement")),
+        failures
+            .iter()
+            .all(|f| f.contains("prepared statement") || f.starts_with("sqlx panicked")),
         "failed for another reason than its named statements: {failures:?}"
     );
 }
@@ -323,4 +335,42 @@ async fn a_pooler_the_store_was_not_told_about_is_named_in_the_error() {
         Err(e) => assert!(e.to_string().contains("fascicle_pooler=transaction"), "{e}"),
         Ok(_) => panic!("a store without transaction_pooler connected through a strict pooler"),
     }
+}
+
+/// Behind a pooler the statement timeout cannot be a connection parameter: it is set in
+/// each transaction, the store's own and those of `begin_transaction`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_timeout_holds_behind_a_pooler() {
+    let config = pooler::Config {
+        pool_size: 2,
+        lenient: false,
+    };
+    let Some((database, pooler)) = database_and_pooler(config).await else {
+        return;
+    };
+    let schema = common::fresh_schema();
+    let store = PostgresStore::connect_with(
+        pooler::options(&pooler, &database.url, &schema)
+            .statement_timeout(Duration::from_millis(150)),
+    )
+    .await
+    .unwrap();
+    let mut tx = store.begin_transaction().await.unwrap();
+    let shown: String = sqlx::query_scalar("SHOW statement_timeout")
+        .persistent(false)
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    let slept = sqlx::query("SELECT pg_sleep(2)")
+        .persistent(false)
+        .execute(&mut *tx)
+        .await;
+    drop(tx);
+    let direct = common::direct_store(&database.url, &schema).await;
+    store.pool().close().await;
+    common::drop_schema(&direct).await;
+    drop(pooler);
+    assert_eq!(shown, "150ms");
+    let err = slept.expect_err("a 2 s statement outlived a 150 ms timeout");
+    assert!(err.to_string().contains("statement timeout"), "{err}");
 }

@@ -140,7 +140,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn migrate(&self) -> Result<()> {
-        let mut tx = self.store.pool().begin().await.map_err(map_error)?;
+        let mut tx = self.store.begin_transaction().await?;
         // Concurrent migrations of one schema would race in the catalog.
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))")
             .persistent(self.sql.persistent)
@@ -160,7 +160,7 @@ impl Backend for PostgresBackend {
 
     async fn run(&self, work: Work, ctx: Option<Context>) -> Result<Done> {
         let capabilities = self.store.capabilities();
-        let mut tx = self.store.pool().begin().await.map_err(map_error)?;
+        let mut tx = self.store.begin_transaction().await?;
         // Retains share the bank and lock their own documents; a consolidation has the
         // bank to itself, so it never cites a unit a retain is deleting.
         match &work {
@@ -227,7 +227,7 @@ impl Backend for PostgresBackend {
     async fn counts(&self) -> Result<BankCounts> {
         // In a transaction: behind a transaction pooler a statement's parse and execution
         // must reach one server connection.
-        let mut tx = self.store.pool().begin().await.map_err(map_error)?;
+        let mut tx = self.store.begin_transaction().await?;
         let (documents, memory_units, unconsolidated_units, observations, observation_sources): (
             i64,
             i64,
