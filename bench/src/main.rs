@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -16,6 +16,7 @@ mod latency;
 mod limits;
 mod many;
 mod schedules;
+mod status;
 mod submit;
 
 use std::time::Duration;
@@ -56,9 +57,10 @@ enum Scenario {
     Schedules,
     Backlog,
     Many,
+    Status,
 }
 
-const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]";
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -97,6 +99,7 @@ fn parse_args() -> Result<Args, String> {
                     "schedules" => Scenario::Schedules,
                     "backlog" => Scenario::Backlog,
                     "many" => Scenario::Many,
+                    "status" => Scenario::Status,
                     other => return Err(format!("unknown scenario `{other}`\n{USAGE}")),
                 });
             }
@@ -269,6 +272,7 @@ async fn main() {
             Scenario::Schedules,
             Scenario::Backlog,
             Scenario::Many,
+            Scenario::Status,
         ] {
             if !wanted(scenario) {
                 continue;
@@ -287,6 +291,9 @@ async fn main() {
                 (Driver::Memory, Scenario::Many) => many::memory(&args).await,
                 (Driver::Sqlite, Scenario::Many) => many::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Many) => many::postgres(&args, &url).await,
+                (Driver::Memory, Scenario::Status) => Ok(Vec::new()),
+                (Driver::Sqlite, Scenario::Status) => status::sqlite(&args).await,
+                (Driver::Postgres, Scenario::Status) => status::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Backlog) => backlog::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Backlog) => backlog::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Schedules) => schedules::sqlite(&args).await,

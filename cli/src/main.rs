@@ -86,6 +86,10 @@ enum Command {
     Status {
         /// The operation or batch id.
         id: String,
+        /// Children shown per batch, first ones first (the progress line counts them
+        /// all; a batch's children are read by page, never all of a huge batch).
+        #[arg(long, default_value_t = 100)]
+        children: usize,
     },
     /// Cancel an operation, or every open child of a batch.
     Cancel {
@@ -257,7 +261,9 @@ async fn run(cli: Cli) -> fascicle::Result<()> {
             exit_when_idle,
         } => work(driver, concurrency, exit_when_idle, cli.json).await,
         Command::Stats => stats(&store, cli.json).await,
-        Command::Status { id } => status(&store, parse_id(&id)?, cli.json).await,
+        Command::Status { id, children } => {
+            status(&store, parse_id(&id)?, children, cli.json).await
+        }
         Command::Cancel { id } => {
             let id = parse_id(&id)?;
             let report = store.cancel(id).await?;
@@ -967,7 +973,10 @@ async fn stats(store: &Arc<dyn Store>, json: bool) -> fascicle::Result<()> {
 /// A batch read with its children, and the batches nested in it read the same way.
 struct Tree {
     operation: Operation,
+    /// The first children (at most the `--children` limit).
     children: Vec<Operation>,
+    /// How many children of the batch are not in `children`.
+    more: u64,
     /// The trees of the children that are batches, in the order of `children`.
     nested: Vec<Tree>,
 }
@@ -978,24 +987,28 @@ impl Tree {
         store: &'a Arc<dyn Store>,
         operation: Operation,
         depth: usize,
+        limit: usize,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = fascicle::Result<Tree>> + Send + 'a>>
     {
         Box::pin(async move {
             let children = if operation.is_parent() {
-                store.children_of(operation.id).await?
+                store.children_page(operation.id, None, limit).await?
             } else {
                 Vec::new()
             };
+            let total = operation.children.map_or(0, |c| c.total);
+            let more = total.saturating_sub(children.len() as u64);
             let mut nested = Vec::new();
             // Batches nest at most MAX_BATCH_DEPTH levels; a deeper store is not followed.
             if depth < fascicle::MAX_BATCH_DEPTH {
                 for child in children.iter().filter(|c| c.is_parent()) {
-                    nested.push(Tree::read(store, child.clone(), depth + 1).await?);
+                    nested.push(Tree::read(store, child.clone(), depth + 1, limit).await?);
                 }
             }
             Ok(Tree {
                 operation,
                 children,
+                more,
                 nested,
             })
         })
@@ -1007,6 +1020,7 @@ impl Tree {
         json!({
             "operation": self.operation,
             "children": self.children,
+            "more_children": self.more,
             "nested": self.nested.iter().map(Tree::to_json).collect::<Vec<_>>(),
         })
     }
@@ -1043,7 +1057,7 @@ impl Tree {
         out: &mut Vec<[String; 4]>,
     ) {
         for (i, child) in self.children.iter().enumerate() {
-            let last = i + 1 == self.children.len();
+            let last = i + 1 == self.children.len() && self.more == 0;
             let branch = if last { "└─" } else { "├─" };
             let note = match (&child.error, waiting_for(child, statuses)) {
                 (_, Some(waiting)) => waiting,
@@ -1071,15 +1085,28 @@ impl Tree {
                 tree.lines(&inner, statuses, out);
             }
         }
+        if self.more > 0 {
+            out.push([
+                format!("{prefix}└─ … {} more (--children N shows more)", self.more),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
     }
 }
 
-async fn status(store: &Arc<dyn Store>, id: OperationId, json: bool) -> fascicle::Result<()> {
+async fn status(
+    store: &Arc<dyn Store>,
+    id: OperationId,
+    children: usize,
+    json: bool,
+) -> fascicle::Result<()> {
     let op = store
         .get(id)
         .await?
         .ok_or_else(|| Error::NotFound(format!("no operation or batch has id {id}")))?;
-    let tree = Tree::read(store, op, 1).await?;
+    let tree = Tree::read(store, op, 1, children).await?;
     if json {
         print(true, &tree.to_json(), String::new);
         return Ok(());

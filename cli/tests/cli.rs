@@ -93,6 +93,21 @@ async fn operators_inspect_cancel_retry_reap_and_prune() {
     let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(status["operation"]["status"], "failed");
     assert_eq!(status["children"].as_array().unwrap().len(), 3);
+    assert_eq!(status["more_children"], 0);
+
+    // A batch shows its first children only, read by page, and says how many more.
+    let out = fascicle(&db, &["status", &parent, "--children", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("… 2 more (--children N shows more)"),
+        "{text}"
+    );
+    assert!(text.contains("children finished"), "{text}");
+    let out = fascicle(&db, &["--json", "status", &parent, "--children", "2"]);
+    let status: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["children"].as_array().unwrap().len(), 2);
+    assert_eq!(status["more_children"], 1);
 
     let out = fascicle(&db, &["retry", &parent]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -259,6 +259,7 @@ macro_rules! __for_each_case {
             submit_many_keeps_the_input_order,
             children_join_only_the_batch_of_their_transaction,
             child_ids_of_lists_the_children_in_order,
+            children_page_walks_a_batch_in_order,
             a_transaction_whose_insert_failed_cannot_commit,
             large_batch_10k_children_commits_atomically,
             standalone_rollback_on_commit_failure,

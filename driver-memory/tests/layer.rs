@@ -94,6 +94,10 @@ async fn every_call_passes_through_the_layers_hooks() {
     store.get(receipt.parent_id).await.unwrap();
     store.children_of(receipt.parent_id).await.unwrap();
     store.child_ids_of(receipt.parent_id).await.unwrap();
+    store
+        .children_page(receipt.parent_id, None, 10)
+        .await
+        .unwrap();
     store.stats().await.unwrap();
     let claimed = store
         .claim(&ClaimRequest {
@@ -157,6 +161,7 @@ async fn every_call_passes_through_the_layers_hooks() {
         "get",
         "children_of",
         "child_ids_of",
+        "children_page",
         "stats",
         "claim",
         "heartbeat",

@@ -832,6 +832,44 @@ impl Store for PostgresStore {
             .map_err(error::map)
     }
 
+    async fn children_page(
+        &self,
+        parent_id: OperationId,
+        after: Option<OperationId>,
+        limit: usize,
+    ) -> Result<Vec<Operation>> {
+        // The cursor's place in the batch, then an index walk (`operations_by_parent`,
+        // on parent and seq) from it: a page costs what it holds.
+        let from: i64 = match after {
+            None => 0,
+            Some(cursor) => on_pool!(self, db => sqlx::query_scalar(self.sql.text(
+                "SELECT seq FROM {s}.operations WHERE id = $1 AND parent_id = $2"
+            ))
+            .persistent(self.sql.persistent)
+            .bind(cursor.as_uuid())
+            .bind(parent_id.as_uuid())
+            .fetch_optional(db))?
+            .ok_or_else(|| {
+                Error::InvalidInput(fascicle_api::messages::not_a_child(cursor, parent_id))
+            })?,
+        };
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = on_pool!(self, db => sqlx::query(self.sql.text(&format!(
+            "SELECT {} FROM {{s}}.operations WHERE parent_id = $1 AND seq > $2
+             ORDER BY seq LIMIT $3",
+            schema::COLUMNS
+        )))
+        .persistent(self.sql.persistent)
+        .bind(parent_id.as_uuid())
+        .bind(from)
+        .bind(limit)
+        .fetch_all(db))?;
+        rows.iter()
+            .map(operation_from_row)
+            .collect::<sqlx::Result<_>>()
+            .map_err(error::map)
+    }
+
     async fn child_ids_of(&self, parent_id: OperationId) -> Result<Vec<OperationId>> {
         let ids: Vec<uuid::Uuid> = on_pool!(self, db => sqlx::query_scalar(
             self.sql

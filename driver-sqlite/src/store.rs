@@ -513,6 +513,50 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn children_page(
+        &self,
+        parent_id: OperationId,
+        after: Option<OperationId>,
+        limit: usize,
+    ) -> Result<Vec<Operation>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.with_conn(move |conn| {
+            // The cursor's place in the batch, then a walk of the parent index from it.
+            let from: i64 = match after {
+                None => 0,
+                Some(cursor) => conn
+                    .prepare_cached(
+                        "SELECT seq FROM fascicle_operations WHERE id = ?1 AND parent_id = ?2",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.query_row(params![cursor.as_bytes(), parent_id.as_bytes()], |r| {
+                            r.get(0)
+                        })
+                        .optional()
+                    })
+                    .map_err(error::map)?
+                    .ok_or_else(|| {
+                        fascicle_api::Error::InvalidInput(fascicle_api::messages::not_a_child(
+                            cursor, parent_id,
+                        ))
+                    })?,
+            };
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM fascicle_operations
+                     WHERE parent_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                ))
+                .map_err(error::map)?;
+            stmt.query_map(
+                params![parent_id.as_bytes(), from, limit],
+                operation_from_row,
+            )
+            .and_then(|rows| rows.collect())
+            .map_err(error::map)
+        })
+        .await
+    }
+
     async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
         self.with_conn(move |conn| {
             let mut stmt = conn

@@ -69,6 +69,7 @@ pub enum Call<'a> {
     Get(OperationId),
     ChildrenOf(OperationId),
     ChildIdsOf(OperationId),
+    ChildrenPage(OperationId, Option<OperationId>, usize),
     Stats,
     Claim(&'a ClaimRequest),
     Complete(&'a [Completion]),
@@ -111,6 +112,7 @@ impl Call<'_> {
             Call::Get(_) => "get",
             Call::ChildrenOf(_) => "children_of",
             Call::ChildIdsOf(_) => "child_ids_of",
+            Call::ChildrenPage(..) => "children_page",
             Call::Stats => "stats",
             Call::Claim(_) => "claim",
             Call::Complete(_) => "complete",
@@ -141,13 +143,14 @@ impl Call<'_> {
     }
 
     /// Whether the call may write (every call but the reads: `get`, `children_of`,
-    /// `child_ids_of`, `stats`, `limits`, `schedules`, `due_schedules`).
+    /// `child_ids_of`, `children_page`, `stats`, `limits`, `schedules`, `due_schedules`).
     pub fn writes(&self) -> bool {
         !matches!(
             self,
             Call::Get(_)
                 | Call::ChildrenOf(_)
                 | Call::ChildIdsOf(_)
+                | Call::ChildrenPage(..)
                 | Call::Stats
                 | Call::Limits
                 | Call::Schedules
@@ -274,6 +277,17 @@ impl<L: Layer> Store for Layered<L> {
     async fn child_ids_of(&self, parent_id: OperationId) -> Result<Vec<OperationId>> {
         let call = Call::ChildIdsOf(parent_id);
         hooked(&*self.layer, call, self.inner.child_ids_of(parent_id)).await
+    }
+
+    async fn children_page(
+        &self,
+        parent_id: OperationId,
+        after: Option<OperationId>,
+        limit: usize,
+    ) -> Result<Vec<Operation>> {
+        let call = Call::ChildrenPage(parent_id, after, limit);
+        let page = self.inner.children_page(parent_id, after, limit);
+        hooked(&*self.layer, call, page).await
     }
 
     async fn stats(&self) -> Result<Stats> {

@@ -84,6 +84,34 @@ pub trait Store: Send + Sync + fmt::Debug {
             .collect())
     }
 
+    /// A page of a batch's children, in insertion order: at most `limit`, from the one
+    /// after `after` (a child of this batch: the last of the previous page), or from the
+    /// first. An `after` that is not a child of `parent_id` is `InvalidInput`. Drivers
+    /// answer it by keyset — an index walk from the cursor, never a scan of the batch or
+    /// an `OFFSET` — so a page of a million-child batch costs what a page costs; the
+    /// provided version reads [`children_of`](Store::children_of) and is only correct.
+    async fn children_page(
+        &self,
+        parent_id: OperationId,
+        after: Option<OperationId>,
+        limit: usize,
+    ) -> Result<Vec<Operation>> {
+        let children = self.children_of(parent_id).await?;
+        let start = match after {
+            None => 0,
+            Some(cursor) => {
+                children
+                    .iter()
+                    .position(|child| child.id == cursor)
+                    .ok_or_else(|| {
+                        crate::Error::InvalidInput(crate::messages::not_a_child(cursor, parent_id))
+                    })?
+                    + 1
+            }
+        };
+        Ok(children.into_iter().skip(start).take(limit).collect())
+    }
+
     /// Queue depth by kind, with batch parents reported separately.
     async fn stats(&self) -> Result<Stats>;
 

@@ -203,3 +203,60 @@ pub async fn a_transaction_whose_insert_failed_cannot_commit(store: Arc<dyn Stor
     assert_eq!(store.stats().await.unwrap().work().total(), 1);
     assert_eq!(store.stats().await.unwrap().batches.total(), 0);
 }
+
+/// A batch read page by page (`children_page`, keyset by the last child of the previous
+/// page) gives its children once each, in insertion order — what `children_of` gives —
+/// and then an empty page; a page after something that is not a child of the batch (the
+/// parent, another batch's child, an unknown id) is `InvalidInput`.
+pub async fn children_page_walks_a_batch_in_order(store: Arc<dyn Store>) {
+    let queue = Queue::new(Arc::clone(&store));
+    let batch = queue
+        .submit_batch(batch_of("batch_retain", 250))
+        .await
+        .unwrap();
+    let other = queue
+        .submit_batch(batch_of("batch_retain", 2))
+        .await
+        .unwrap();
+    let mut walked = Vec::new();
+    let mut after = None;
+    let mut sizes = Vec::new();
+    loop {
+        let page = store
+            .children_page(batch.parent_id, after, 100)
+            .await
+            .unwrap();
+        sizes.push(page.len());
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        for child in &page {
+            assert_eq!(child.parent_id, Some(batch.parent_id));
+        }
+        walked.extend(page.iter().map(|c| c.id));
+    }
+    assert_eq!(sizes, [100, 100, 50, 0]);
+    assert_eq!(
+        walked, batch.child_ids,
+        "pages out of order, or a child twice"
+    );
+    let first = store.children_page(batch.parent_id, None, 1).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        first[0],
+        store.get(batch.child_ids[0]).await.unwrap().unwrap()
+    );
+    assert!(
+        store
+            .children_page(batch.parent_id, None, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for cursor in [batch.parent_id, other.child_ids[0], OperationId::new()] {
+        let refused = store.children_page(batch.parent_id, Some(cursor), 10).await;
+        assert!(
+            matches!(refused, Err(Error::InvalidInput(_))),
+            "a page after {cursor}, no child of the batch, gave {refused:?}"
+        );
+    }
+}

@@ -53,6 +53,14 @@ pub fn commit_after_failed_insert(reason: &str) -> String {
     )
 }
 
+/// Why a page of children was refused: its cursor is no child of the batch.
+pub fn not_a_child(cursor: impl std::fmt::Display, parent: impl std::fmt::Display) -> String {
+    format!(
+        "{cursor} is not a child of batch {parent}: a page of children starts after one of \
+         the batch's own children (the last of the previous page)"
+    )
+}
+
 /// Why a child was refused: it names a parent that this transaction did not insert.
 /// Children join a batch only in the transaction that creates it, so a committed batch's
 /// counters always match its rows.
