@@ -444,6 +444,9 @@ fn peer_drain(peer: &std::path::Path, url: &str, n: usize) -> Result<f64, BoxErr
     crate::many::peer_field(peer, url, n, "drain_jobs_per_s")
 }
 
+/// The claim-50 loop on fascicle's own table: a baseline that moves with our schema.
+const OWN_TABLE: &str = "claim-50 x4 on fascicle's table (moves with our schema)";
+
 pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>, BoxError> {
     let n = size(args);
     let mut bound = Vec::new();
@@ -505,10 +508,7 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
         "postgres",
         "default settings",
         default,
-        Some((
-            "claim-50 x4 on fascicle's table (moves with our schema)",
-            bound.clone(),
-        )),
+        Some((OWN_TABLE, bound.clone())),
         None,
     )];
     for (label, costed) in [
@@ -518,42 +518,31 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
             &standalone,
         ),
     ] {
-        rows.push(row(
-            args,
-            "postgres",
-            label,
-            rates(costed),
-            Some((
-                "claim-50 x4 on fascicle's table (moves with our schema)",
-                bound.clone(),
-            )),
-            None,
-        ));
-        if !raw.is_empty() {
-            rows.push(row(
-                args,
-                "postgres",
-                label,
-                rates(costed),
-                Some((
-                    "raw bound: raw_bound.sh, minimal table, pgbench -c 4",
-                    raw.clone(),
-                )),
+        let baselines = [
+            (OWN_TABLE, &bound, None),
+            (
+                "raw bound: raw_bound.sh, minimal table, pgbench -c 4",
+                &raw,
                 Some(Target::RatioAtLeast { value: 0.75 }),
-            ));
-        }
-        if !peer.is_empty() {
-            rows.push(row(
-                args,
-                "postgres",
-                label,
-                rates(costed),
-                Some((
-                    "graphile_worker 0.14.1 (local queue 500, batched, conc 24)",
-                    peer.clone(),
-                )),
+            ),
+            (
+                "graphile_worker 0.14.1 (local queue 500, batched, conc 24)",
+                &peer,
                 Some(Target::RatioAtLeast { value: 1.2 }),
-            ));
+            ),
+        ];
+        for (name, samples, target) in baselines {
+            if !samples.is_empty() {
+                let baseline = Some((name, samples.clone()));
+                rows.push(row(
+                    args,
+                    "postgres",
+                    label,
+                    rates(costed),
+                    baseline,
+                    target,
+                ));
+            }
         }
         for (what, unit, values) in [
             (

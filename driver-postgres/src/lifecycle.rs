@@ -98,7 +98,7 @@ pub(crate) async fn claim(
                 .limit
                 .record_starts(&limit.recent_starts, started, limit.now);
             sqlx::query(sql.text("UPDATE {s}.kind_limits SET recent_starts = $2 WHERE kind = $1"))
-                .persistent(sql.persistent)
+                .persistent(sql.persistent())
                 .bind(&limit.kind)
                 .bind(&kept)
                 .execute(&mut *conn)
@@ -202,7 +202,7 @@ async fn limited_rooms(
     kinds: Option<&[String]>,
 ) -> Result<LimitedRooms> {
     let rows = sqlx::query(sql.text(&format!("{READ_LIMITS} ORDER BY l.kind")))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .fetch_all(&mut *conn)
         .await
         .db()?;
@@ -238,7 +238,7 @@ async fn lock_limited(
     let locked: Vec<String> = sqlx::query_scalar(
         sql.text("SELECT kind FROM {s}.kind_limits WHERE kind = ANY($1) ORDER BY kind FOR UPDATE"),
     )
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(open)
     .fetch_all(&mut *conn)
     .await
@@ -246,7 +246,7 @@ async fn lock_limited(
     let rows = sqlx::query(sql.text(&format!(
         "{READ_LIMITS} WHERE l.kind = ANY($1) ORDER BY l.kind"
     )))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(&locked)
     .fetch_all(&mut *conn)
     .await
@@ -365,7 +365,7 @@ async fn claim_lanes(
             .collect();
         let held: Vec<bool> = open.iter().map(|l| l.locked).collect();
         let rows = sqlx::query(sql.text(&statement))
-            .persistent(sql.persistent)
+            .persistent(sql.persistent())
             .bind(room as i64)
             .bind(&kinds)
             .bind(&request.worker_id)
@@ -430,7 +430,7 @@ async fn lock_parents_of(conn: &mut PgConnection, sql: &Sql, ids: &[Uuid]) -> Re
          ORDER BY (payload IS NULL AND parent_id IS NULL) DESC, (payload IS NULL) DESC, id
          FOR UPDATE",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(ids)
     .execute(&mut *conn)
     .await
@@ -585,7 +585,7 @@ async fn release_dependents(
          FROM {s}.operations AS o, jsonb_array_elements(o.dependents) AS e
          WHERE o.id = ANY($1)",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(ended)
     .fetch_all(&mut *conn)
     .await
@@ -615,7 +615,7 @@ async fn release_dependents(
              FROM unnest($1::uuid[], $2::int4[]) AS r(id, n)
              WHERE o.id = r.id AND o.status = 'pending'",
         ))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(&ids)
         .bind(&counts)
         .execute(&mut *conn)
@@ -636,7 +636,7 @@ async fn first_failure(
         "SELECT id, error FROM {s}.operations
          WHERE parent_id = $1 AND status = 'failed' ORDER BY completed_at, seq LIMIT 1",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(parent)
     .fetch_optional(&mut *conn)
     .await
@@ -663,7 +663,7 @@ async fn finalize_if_done(conn: &mut PgConnection, sql: &Sql, parent: Uuid) -> R
                 failure_policy
          FROM {s}.operations WHERE id = $1 AND status = 'pending'",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(parent)
     .fetch_optional(&mut *conn)
     .await
@@ -715,7 +715,7 @@ async fn cancel_tree(
          {MOVE_PARENTS}"
     );
     let rows = sqlx::query(sql.text(&statement))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(root)
         .bind(reason)
         .fetch_all(&mut *conn)
@@ -727,7 +727,7 @@ async fn cancel_tree(
          UPDATE {{s}}.operations SET cancel_requested = true, updated_at = now()
          WHERE parent_id = ANY(ARRAY(SELECT id FROM tree)) AND status = 'processing'"
     )))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(root)
     .execute(&mut *conn)
     .await
@@ -747,7 +747,7 @@ async fn batch_ended(conn: &mut PgConnection, sql: &Sql, id: Uuid) -> Result<()>
          {MOVE_PARENTS}"
     );
     let rows = sqlx::query(sql.text(&statement))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(id)
         .fetch_all(&mut *conn)
         .await
@@ -820,7 +820,7 @@ async fn end_statement(
          {MOVE_PARENTS}"
     );
     sqlx::query(sql.text(&statement))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(&ids)
         .bind(&tokens)
         .bind(&from)
@@ -866,7 +866,7 @@ async fn finalize_parent(
                  WHERE parent_id = $1 AND status = 'failed' AND error IS NOT NULL
                  GROUP BY error ORDER BY count(*) DESC, error COLLATE \"C\" LIMIT 1",
             ))
-            .persistent(sql.persistent)
+            .persistent(sql.persistent())
             .bind(parent)
             .fetch_optional(&mut *conn)
             .await
@@ -881,7 +881,7 @@ async fn finalize_parent(
          WHERE id = $1 AND status = 'pending'
          RETURNING kind, callbacks, parent_id IS NOT NULL OR dependents IS NOT NULL",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(parent)
     .bind(outcome.as_str())
     .bind(&error)
@@ -931,7 +931,7 @@ async fn fire_callbacks(
              VALUES ($1, $2, 'pending', $3::jsonb, NULL, $4, $5, 0, $6, now(), now(), now(),
                      $7, $8::jsonb)",
         ))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(record.id.as_uuid())
         .bind(&record.kind)
         .bind(&record.payload_json)
@@ -945,7 +945,7 @@ async fn fire_callbacks(
         .db()?;
     }
     sqlx::query("SELECT pg_notify($1, $2)")
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(&sql.channel)
         .bind(fired.len().to_string())
         .execute(&mut *conn)
@@ -1028,7 +1028,7 @@ pub(crate) async fn complete(
          {MOVE_PARENTS}"
     );
     let rows = sqlx::query(sql.text(&statement))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(&ids)
         .bind(&tokens)
         .bind(&statuses)
@@ -1070,7 +1070,7 @@ pub(crate) async fn heartbeat(
          WHERE o.id = l.id AND o.status = 'processing' AND o.lease_token = l.token
          RETURNING o.id, o.cancel_requested",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(&ids)
     .bind(&tokens)
     .bind(lease.as_secs_f64())
@@ -1105,7 +1105,7 @@ pub(crate) async fn release(conn: &mut PgConnection, sql: &Sql, leases: &[Lease]
          WHERE o.id = l.id AND o.status = 'processing' AND o.lease_token = l.token
            AND NOT o.cancel_requested",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(&ids)
     .bind(&tokens)
     .execute(&mut *conn)
@@ -1135,7 +1135,7 @@ pub(crate) async fn rescue(conn: &mut PgConnection, sql: &Sql) -> Result<RescueR
         "SELECT id, attempts, max_attempts, cancel_requested FROM {s}.operations
          WHERE status = 'processing' AND lease_expires_at < now()",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .fetch_all(&mut *conn)
     .await
     .db()?;
@@ -1169,7 +1169,7 @@ pub(crate) async fn rescue(conn: &mut PgConnection, sql: &Sql) -> Result<RescueR
          WHERE id = ANY($1) AND status = 'processing' AND lease_expires_at < now()
            AND attempts < max_attempts AND NOT cancel_requested",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(&requeue)
     .bind(messages::LEASE_EXPIRED)
     .execute(&mut *conn)
@@ -1211,7 +1211,7 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
            AND NOT EXISTS (SELECT 1 FROM {s}.operations AS c
                            WHERE c.parent_id = p.id AND c.status IN ('pending', 'processing'))";
     let stranded: Vec<(Uuid, Option<String>)> = sqlx::query_as(sql.text(STRANDED))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .fetch_all(&mut *conn)
         .await
         .db()?;
@@ -1226,7 +1226,7 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
         let still: Option<i32> = sqlx::query_scalar(
             sql.text(&format!("SELECT 1 FROM ({STRANDED}) AS s WHERE s.id = $1")),
         )
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(parent)
         .fetch_optional(&mut *conn)
         .await
@@ -1241,7 +1241,7 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
                     count(*) FILTER (WHERE status = 'cancelled')
              FROM {s}.operations WHERE parent_id = $1",
         ))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(parent)
         .fetch_one(&mut *conn)
         .await
@@ -1254,7 +1254,7 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
                  WHERE id = $1 AND status = 'pending'
                  RETURNING kind, callbacks, parent_id IS NOT NULL OR dependents IS NOT NULL",
             ))
-            .persistent(sql.persistent)
+            .persistent(sql.persistent())
             .bind(parent)
             .bind(ZERO_CHILDREN_REASON)
             .fetch_optional(&mut *conn)
@@ -1281,7 +1281,7 @@ pub(crate) async fn reconcile(conn: &mut PgConnection, sql: &Sql) -> Result<Reco
                  children_failed = $4, children_cancelled = $5
              WHERE id = $1",
         ))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(parent)
         .bind(counters.total as i64)
         .bind(counters.completed as i64)
@@ -1307,7 +1307,7 @@ pub(crate) async fn cancel(
     let found: Option<(String, bool)> = sqlx::query_as(
         sql.text("SELECT status, payload IS NULL FROM {s}.operations WHERE id = $1"),
     )
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(id)
     .fetch_optional(&mut *conn)
     .await
@@ -1322,7 +1322,7 @@ pub(crate) async fn cancel(
         let status: String = sqlx::query_scalar(
             sql.text("SELECT status FROM {s}.operations WHERE id = $1 FOR UPDATE"),
         )
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(id)
         .fetch_one(&mut *conn)
         .await
@@ -1355,7 +1355,7 @@ pub(crate) async fn cancel(
          SELECT count(*) FROM {{s}}.operations
          WHERE parent_id = ANY(ARRAY(SELECT id FROM tree)) AND payload IS NOT NULL"
     )))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(id)
     .fetch_one(&mut *conn)
     .await
@@ -1375,7 +1375,7 @@ async fn request_cancel(conn: &mut PgConnection, sql: &Sql, filter: &str, id: Uu
         "UPDATE {{s}}.operations SET cancel_requested = true, updated_at = now()
          WHERE {filter} AND status = 'processing'"
     )))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(id)
     .execute(&mut *conn)
     .await
@@ -1390,7 +1390,7 @@ pub(crate) async fn retry_batch(
 ) -> Result<u64> {
     let is_parent: Option<bool> =
         sqlx::query_scalar(sql.text("SELECT payload IS NULL FROM {s}.operations WHERE id = $1"))
-            .persistent(sql.persistent)
+            .persistent(sql.persistent())
             .bind(parent.as_uuid())
             .fetch_optional(&mut *conn)
             .await
@@ -1423,7 +1423,7 @@ pub(crate) async fn retry_batch(
            AND (d.parent_id IS NULL OR NOT d.parent_id = ANY(ARRAY(SELECT id FROM tree)))
          LIMIT 1"
     )))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(parent)
     .fetch_optional(&mut *conn)
     .await
@@ -1450,7 +1450,7 @@ pub(crate) async fn retry_batch(
                 coalesce(array_agg(id) FILTER (WHERE waits), '{{}}')
          FROM retried"
         )))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(parent)
         .fetch_one(&mut *conn)
         .await
@@ -1474,7 +1474,7 @@ pub(crate) async fn retry_batch(
          WHERE id IN (SELECT id FROM up)
          RETURNING id",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(&batches)
     .fetch_all(&mut *conn)
     .await
@@ -1490,7 +1490,7 @@ pub(crate) async fn retry_batch(
                FROM {s}.operations WHERE parent_id = ANY($1) GROUP BY parent_id) AS c
          WHERE p.id = c.parent_id",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(&reopened)
     .execute(&mut *conn)
     .await
@@ -1507,7 +1507,7 @@ pub(crate) async fn retry_batch(
                                 AND d.status IN ('failed', 'cancelled'))))
              WHERE o.id = ANY($1)",
         ))
-        .persistent(sql.persistent)
+        .persistent(sql.persistent())
         .bind(&waiting)
         .execute(&mut *conn)
         .await
@@ -1569,7 +1569,7 @@ pub(crate) async fn prune(
          SELECT (SELECT count(*) FROM parents), (SELECT count(*) FROM children),
                 (SELECT count(*) FROM standalone)",
     ))
-    .persistent(sql.persistent)
+    .persistent(sql.persistent())
     .bind(before)
     .bind(budget as i64)
     // One clock: the cut-off's distance from the caller's now ($3) is taken from the

@@ -481,10 +481,6 @@ pub(crate) struct Sql {
     pub(crate) children_of: Arc<str>,
     pub(crate) stats: Arc<str>,
     pub(crate) children_ids: Arc<str>,
-    /// Whether statements are prepared once per connection and cached (named), or
-    /// prepared anew each time (unnamed): behind a transaction pooler a named statement
-    /// prepared on one server connection is unknown on the next.
-    pub(crate) persistent: bool,
     /// The text that begins every store transaction (`STORE_BEGIN`, and behind a
     /// transaction pooler the statement timeout set for the transaction).
     pub(crate) begin: String,
@@ -496,6 +492,13 @@ pub(crate) struct Sql {
 }
 
 impl Sql {
+    /// Whether statements are prepared once per connection and cached (named), or
+    /// prepared anew each time (unnamed): behind a transaction pooler a named statement
+    /// prepared on one server connection is unknown on the next.
+    pub(crate) fn persistent(&self) -> bool {
+        !self.pooled
+    }
+
     /// The statements of `schema`; `pooled` behind a transaction pooler; `begin` the text
     /// that begins each store transaction.
     pub(crate) fn new(schema: &str, pooled: bool, (begin, begin_read): (String, String)) -> Self {
@@ -549,7 +552,6 @@ impl Sql {
                 UNION ALL
                 SELECT kind, 'pending', false, false, false, 0, true FROM {schema}.paused_kinds"),
             children_ids: s("SELECT id FROM {schema}.operations WHERE parent_id = $1 ORDER BY seq"),
-            persistent: !pooled,
             begin,
             begin_read,
             pooled,

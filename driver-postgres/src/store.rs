@@ -506,7 +506,7 @@ impl PostgresStore {
         let mut clock = insert_parent(&mut *conn, &self.sql, parent, true).await?;
         if clock.is_none() {
             let child_ids: Vec<Uuid> = sqlx::query_scalar(sql(&self.sql.children_ids))
-                .persistent(self.sql.persistent)
+                .persistent(self.sql.persistent())
                 .bind(parent.id.as_uuid())
                 .fetch_all(&mut *conn)
                 .await
@@ -567,7 +567,7 @@ impl PostgresStore {
                  LATERAL (SELECT current_setting(s.name) AS old,
                                  set_config(s.name, 'off', true)) AS c",
         )
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(PLANNER_SETTINGS)
         .fetch_all(&mut *conn)
         .await
@@ -575,7 +575,7 @@ impl PostgresStore {
         let applied = lifecycle::complete(conn, &self.sql, completions).await?;
         // (After an error the transaction is aborted: it rolls back, settings included.)
         sqlx::query("SELECT set_config(name, old, true) FROM unnest($1::text[], $2::text[]) AS s(name, old)")
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(PLANNER_SETTINGS)
             .bind(&yours)
             .execute(&mut *conn)
@@ -812,7 +812,7 @@ impl Store for PostgresStore {
 
     async fn get(&self, id: OperationId) -> Result<Option<Operation>> {
         let row = on_pool!(self, db => sqlx::query(sql(&self.sql.get))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(id.as_uuid())
             .fetch_optional(db))?;
         row.as_ref()
@@ -823,7 +823,7 @@ impl Store for PostgresStore {
 
     async fn children_of(&self, parent_id: OperationId) -> Result<Vec<Operation>> {
         let rows = on_pool!(self, db => sqlx::query(sql(&self.sql.children_of))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(parent_id.as_uuid())
             .fetch_all(db))?;
         rows.iter()
@@ -845,7 +845,7 @@ impl Store for PostgresStore {
             Some(cursor) => on_pool!(self, db => sqlx::query_scalar(self.sql.text(
                 "SELECT seq FROM {s}.operations WHERE id = $1 AND parent_id = $2"
             ))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(cursor.as_uuid())
             .bind(parent_id.as_uuid())
             .fetch_optional(db))?
@@ -859,7 +859,7 @@ impl Store for PostgresStore {
              ORDER BY seq LIMIT $3",
             schema::COLUMNS
         )))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(parent_id.as_uuid())
         .bind(from)
         .bind(limit)
@@ -875,7 +875,7 @@ impl Store for PostgresStore {
             self.sql
                 .text("SELECT id FROM {s}.operations WHERE parent_id = $1 ORDER BY seq"),
         )
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(parent_id.as_uuid())
         .fetch_all(db))?;
         Ok(ids.into_iter().map(OperationId::from_uuid).collect())
@@ -883,7 +883,7 @@ impl Store for PostgresStore {
 
     async fn stats(&self) -> Result<Stats> {
         let rows = on_pool!(self, db => sqlx::query(sql(&self.sql.stats))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .fetch_all(db))?;
         let mut stats = Stats::default();
         for row in rows {
@@ -914,7 +914,7 @@ impl Store for PostgresStore {
         let inserted = on_pool!(self, db => sqlx::query(self.sql.text(
                 "INSERT INTO {s}.paused_kinds (kind) VALUES ($1) ON CONFLICT (kind) DO NOTHING",
             ))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(kind)
             .execute(db))?;
         Ok(inserted.rows_affected() == 1)
@@ -926,7 +926,7 @@ impl Store for PostgresStore {
             self.sql
                 .text("DELETE FROM {s}.paused_kinds WHERE kind = $1"),
         )
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(kind)
         .execute(db))?;
         Ok(deleted.rows_affected() == 1)
@@ -939,7 +939,7 @@ impl Store for PostgresStore {
                         "SELECT max_running, rate_starts, rate_period_us FROM {s}.kind_limits
                          WHERE kind = $1 FOR UPDATE",
                     ))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
                     .bind(kind)
                     .fetch_optional(&mut *conn)
                     .await
@@ -954,7 +954,7 @@ impl Store for PostgresStore {
                     };
                     if limit.is_none() {
                         sqlx::query(self.sql.text("DELETE FROM {s}.kind_limits WHERE kind = $1"))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
                             .bind(kind)
                             .execute(&mut *conn)
                             .await
@@ -968,7 +968,7 @@ impl Store for PostgresStore {
                      ON CONFLICT (kind) DO UPDATE SET max_running = $2, rate_starts = $3,
                          rate_period_us = $4",
                         ))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
                         .bind(kind)
                         .bind(limit.running.map(|n| n as i32))
                         .bind(limit.rate.map(|r| r.starts as i32))
@@ -995,7 +995,7 @@ impl Store for PostgresStore {
                                 "SELECT pg_advisory_xact_lock({})",
                                 lifecycle::LIMITS_GATE
                             )))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
                             .execute(&mut *conn)
                             .await
                             .map_err(error::map)
@@ -1018,7 +1018,7 @@ impl Store for PostgresStore {
                  version = {s}.schedules.version + 1
              RETURNING xmax = 0",
         ))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(&schedule.name)
         .bind(spec)
         .bind(now)
@@ -1028,7 +1028,7 @@ impl Store for PostgresStore {
 
     async fn remove_schedule(&self, name: &str) -> Result<bool> {
         let deleted = on_pool!(self, db => sqlx::query(self.sql.text("DELETE FROM {s}.schedules WHERE name = $1"))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(name)
             .execute(db))?;
         Ok(deleted.rows_affected() == 1)
@@ -1042,7 +1042,7 @@ impl Store for PostgresStore {
              WHERE n.name = o.name
              RETURNING o.paused",
         ))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(name)
         .bind(paused)
         .fetch_optional(db))?;
@@ -1059,7 +1059,7 @@ impl Store for PostgresStore {
             "SELECT name, spec, paused, last_tick, next_tick, version FROM {s}.schedules
              ORDER BY name",
         ))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .fetch_all(db))?;
         rows.iter().map(stored_schedule).collect()
     }
@@ -1072,7 +1072,7 @@ impl Store for PostgresStore {
             "SELECT name, spec, paused, last_tick, next_tick, version FROM {s}.schedules
              WHERE NOT paused AND next_tick <= $1 ORDER BY name",
         ))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(now)
         .fetch_all(db))?;
         // One row whose definition cannot be read never stops the passes: skipped here,
@@ -1100,7 +1100,7 @@ impl Store for PostgresStore {
             "UPDATE {s}.schedules SET last_tick = $3, next_tick = $4, version = version + 1
              WHERE name = $1 AND version = $2",
         ))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(name)
         .bind(version)
         .bind(last_tick)
@@ -1114,7 +1114,7 @@ impl Store for PostgresStore {
             self.sql
                 .text("SELECT kind, max_running, rate_starts, rate_period_us FROM {s}.kind_limits"),
         )
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .fetch_all(db))?;
         rows.iter()
             .map(|row| {

@@ -93,7 +93,7 @@ pub(crate) async fn insert_parent(
         &statements.insert_parent
     };
     let read: Option<DateTime<Utc>> = sqlx::query_scalar(sql(statement))
-        .persistent(statements.persistent)
+        .persistent(statements.persistent())
         .bind(parent.id.as_uuid())
         .bind(&parent.kind)
         .bind(fascicle_api::to_stored_text(&parent.metadata))
@@ -129,7 +129,7 @@ pub(crate) async fn insert_children(
             Some(clock) => *clock,
             None => {
                 let read = sqlx::query_scalar("SELECT statement_timestamp()")
-                    .persistent(statements.persistent)
+                    .persistent(statements.persistent())
                     .fetch_one(&mut *conn)
                     .await
                     .map_err(error::map)?;
@@ -233,7 +233,7 @@ async fn copy_children(
         ));
     }
     sqlx::query("SELECT pg_notify($1, $2)")
-        .persistent(statements.persistent)
+        .persistent(statements.persistent())
         .bind(&statements.channel)
         .bind(inserted.to_string())
         .execute(&mut *conn)
@@ -284,7 +284,7 @@ async fn insert_children_unnest(
             });
         }
         let row = sqlx::query(sql(&statements.insert_children))
-            .persistent(statements.persistent)
+            .persistent(statements.persistent())
             .bind(&ids)
             .bind(&kinds)
             .bind(&payloads)
@@ -387,7 +387,7 @@ impl PostgresTransaction {
             "INSERT INTO {s}.unique_keys (key, operation) VALUES ($1, $2)
              ON CONFLICT (key) DO NOTHING",
         ))
-        .persistent(self.sql.persistent)
+        .persistent(self.sql.persistent())
         .bind(&unique.key)
         .bind(child.id.as_uuid())
         .execute(&mut *self.tx)
@@ -402,7 +402,7 @@ impl PostgresTransaction {
                 self.sql
                     .text("SELECT operation FROM {s}.unique_keys WHERE key = $1 FOR UPDATE"),
             )
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(&unique.key)
             .fetch_one(&mut *self.tx)
             .await
@@ -410,7 +410,7 @@ impl PostgresTransaction {
             let state = sqlx::query(self.sql.text(
                 "SELECT status, completed_at, clock_timestamp() FROM {s}.operations WHERE id = $1",
             ))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(holder)
             .fetch_optional(&mut *self.tx)
             .await
@@ -427,7 +427,7 @@ impl PostgresTransaction {
                 self.sql
                     .text("UPDATE {s}.unique_keys SET operation = $2 WHERE key = $1"),
             )
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(&unique.key)
             .bind(child.id.as_uuid())
             .execute(&mut *self.tx)
@@ -454,7 +454,7 @@ impl PostgresTransaction {
                  FROM unnest($1::uuid[], $2::bigint[]) AS t(id, total)
                  WHERE p.id = t.id",
             ))
-            .persistent(self.sql.persistent)
+            .persistent(self.sql.persistent())
             .bind(&parents)
             .bind(&totals)
             .execute(&mut *self.tx)

@@ -22,6 +22,22 @@ mod conformance {
     fascicle_conformance::suite!(crate::common::pooler::fixture());
 }
 
+/// A pooler of `pool_size` server connections that lets no unknown startup parameter
+/// through, as PgBouncer's defaults do.
+fn strict(pool_size: u32) -> pooler::Config {
+    pooler::Config {
+        pool_size,
+        lenient: false,
+    }
+}
+
+/// Closes `store`'s pool, then drops its schema through a direct connection.
+async fn clean_up(store: &PostgresStore, database_url: &str) {
+    store.pool().close().await;
+    let direct = common::direct_store(database_url, store.schema()).await;
+    common::drop_schema(&direct).await;
+}
+
 /// The test database and a pooler in front of it, or `None` after a skip line.
 async fn database_and_pooler(config: pooler::Config) -> Option<(common::Database, pooler::Pooler)> {
     let database = match common::database().await {
@@ -120,18 +136,13 @@ async fn without_the_option_a_store_fails_behind_a_transaction_pooler() {
 /// minute: only the `LISTEN` on the direct connection can wake it in time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_submitters_work_through_the_pooler() {
-    let config = pooler::Config {
-        pool_size: 8,
-        lenient: false,
-    };
-    let Some((database, pooler)) = database_and_pooler(config).await else {
+    let Some((database, pooler)) = database_and_pooler(strict(8)).await else {
         return;
     };
     let schema = common::fresh_schema();
     let store = PostgresStore::connect_with(pooler::options(&pooler, &database.url, &schema))
         .await
         .unwrap();
-    let direct = common::direct_store(&database.url, &schema).await;
     let shared: Arc<dyn Store> = Arc::new(store.clone());
     let outcome = tokio::spawn({
         let shared = Arc::clone(&shared);
@@ -229,8 +240,7 @@ async fn workers_and_submitters_work_through_the_pooler() {
         }
     })
     .await;
-    store.pool().close().await;
-    common::drop_schema(&direct).await;
+    clean_up(&store, &database.url).await;
     drop(pooler);
     drop(database);
     if let Err(e) = outcome {
@@ -242,11 +252,7 @@ async fn workers_and_submitters_work_through_the_pooler() {
 /// listening on a connection the pooler takes back after each transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_behind_a_pooler_needs_a_direct_url() {
-    let config = pooler::Config {
-        pool_size: 4,
-        lenient: false,
-    };
-    let Some((database, pooler)) = database_and_pooler(config).await else {
+    let Some((database, pooler)) = database_and_pooler(strict(4)).await else {
         return;
     };
     let schema = common::fresh_schema();
@@ -258,9 +264,7 @@ async fn listen_behind_a_pooler_needs_a_direct_url() {
     .await
     .unwrap();
     let result = store.listen(InProcessWaker::new()).await;
-    let direct = common::direct_store(&database.url, &schema).await;
-    store.pool().close().await;
-    common::drop_schema(&direct).await;
+    clean_up(&store, &database.url).await;
     drop(pooler);
     match result {
         Err(e @ Error::Unsupported { .. }) => {
@@ -274,11 +278,7 @@ async fn listen_behind_a_pooler_needs_a_direct_url() {
 /// connects, so `fascicle::connect` and the CLI's `--database-url` work there too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_url_alone_can_put_the_store_behind_a_pooler() {
-    let config = pooler::Config {
-        pool_size: 2,
-        lenient: false,
-    };
-    let Some((database, pooler)) = database_and_pooler(config).await else {
+    let Some((database, pooler)) = database_and_pooler(strict(2)).await else {
         return;
     };
     let schema = common::fresh_schema();
@@ -307,9 +307,7 @@ async fn a_url_alone_can_put_the_store_behind_a_pooler() {
         assert_eq!(shared.stats().await.unwrap().work().ready, 50);
     })
     .await;
-    let direct = common::direct_store(&database.url, &schema).await;
-    store.pool().close().await;
-    common::drop_schema(&direct).await;
+    clean_up(&store, &database.url).await;
     drop(pooler);
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
@@ -320,11 +318,7 @@ async fn a_url_alone_can_put_the_store_behind_a_pooler() {
 /// `extra_float_digits` startup parameter), and the error says what to add.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooler_the_store_was_not_told_about_is_named_in_the_error() {
-    let config = pooler::Config {
-        pool_size: 2,
-        lenient: false,
-    };
-    let Some((_database, pooler)) = database_and_pooler(config).await else {
+    let Some((_database, pooler)) = database_and_pooler(strict(2)).await else {
         return;
     };
     let result = PostgresStore::connect_with(
@@ -341,11 +335,7 @@ async fn a_pooler_the_store_was_not_told_about_is_named_in_the_error() {
 /// each transaction, the store's own and those of `begin_transaction`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_statement_timeout_holds_behind_a_pooler() {
-    let config = pooler::Config {
-        pool_size: 2,
-        lenient: false,
-    };
-    let Some((database, pooler)) = database_and_pooler(config).await else {
+    let Some((database, pooler)) = database_and_pooler(strict(2)).await else {
         return;
     };
     let schema = common::fresh_schema();
@@ -366,9 +356,7 @@ async fn the_statement_timeout_holds_behind_a_pooler() {
         .execute(&mut *tx)
         .await;
     drop(tx);
-    let direct = common::direct_store(&database.url, &schema).await;
-    store.pool().close().await;
-    common::drop_schema(&direct).await;
+    clean_up(&store, &database.url).await;
     drop(pooler);
     assert_eq!(shown, "150ms");
     let err = slept.expect_err("a 2 s statement outlived a 150 ms timeout");
