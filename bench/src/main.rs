@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status|huge]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -12,6 +12,7 @@
 mod aggregation;
 mod backlog;
 mod drain;
+mod huge;
 mod latency;
 mod limits;
 mod many;
@@ -58,9 +59,10 @@ enum Scenario {
     Backlog,
     Many,
     Status,
+    Huge,
 }
 
-const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]";
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status|huge]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -100,6 +102,7 @@ fn parse_args() -> Result<Args, String> {
                     "backlog" => Scenario::Backlog,
                     "many" => Scenario::Many,
                     "status" => Scenario::Status,
+                    "huge" => Scenario::Huge,
                     other => return Err(format!("unknown scenario `{other}`\n{USAGE}")),
                 });
             }
@@ -273,6 +276,7 @@ async fn main() {
             Scenario::Backlog,
             Scenario::Many,
             Scenario::Status,
+            Scenario::Huge,
         ] {
             if !wanted(scenario) {
                 continue;
@@ -291,7 +295,9 @@ async fn main() {
                 (Driver::Memory, Scenario::Many) => many::memory(&args).await,
                 (Driver::Sqlite, Scenario::Many) => many::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Many) => many::postgres(&args, &url).await,
-                (Driver::Memory, Scenario::Status) => Ok(Vec::new()),
+                (Driver::Memory, Scenario::Status | Scenario::Huge) => Ok(Vec::new()),
+                (Driver::Sqlite, Scenario::Huge) => huge::sqlite(&args).await,
+                (Driver::Postgres, Scenario::Huge) => huge::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Status) => status::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Status) => status::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Backlog) => backlog::sqlite(&args).await,

@@ -60,7 +60,7 @@ pub(crate) async fn memory(args: &Args) -> Result<Vec<Measurement>, BoxError> {
 
 /// The raw bound on SQLite: the rows inserted by one prepared statement in one
 /// transaction into a minimal table, with the store's durability settings.
-fn sqlite_raw(path: &std::path::Path) -> Result<f64, BoxError> {
+pub(crate) fn sqlite_raw(path: &std::path::Path, n: usize) -> Result<f64, BoxError> {
     let mut conn = rusqlite::Connection::open(path)?;
     conn.execute_batch(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
@@ -68,9 +68,7 @@ fn sqlite_raw(path: &std::path::Path) -> Result<f64, BoxError> {
              payload TEXT NOT NULL, run_at INTEGER NOT NULL, status TEXT NOT NULL);
          DELETE FROM jobs;",
     )?;
-    let payloads: Vec<String> = (0..OPERATIONS)
-        .map(|i| json!({ "i": i }).to_string())
-        .collect();
+    let payloads: Vec<String> = (0..n).map(|i| json!({ "i": i }).to_string()).collect();
     let start = Instant::now();
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     {
@@ -83,7 +81,7 @@ fn sqlite_raw(path: &std::path::Path) -> Result<f64, BoxError> {
         }
     }
     tx.commit()?;
-    Ok(per_second(OPERATIONS, start.elapsed()))
+    Ok(per_second(n, start.elapsed()))
 }
 
 pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
@@ -95,7 +93,7 @@ pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
         let store = SqliteStore::open_temporary().await?;
         fascicle.push(submit_many_once(Arc::new(store)).await?);
         let path = dir.path().join(format!("raw{run}.db"));
-        raw.push(tokio::task::spawn_blocking(move || sqlite_raw(&path)).await??);
+        raw.push(tokio::task::spawn_blocking(move || sqlite_raw(&path, OPERATIONS)).await??);
     }
     Ok(vec![Measurement {
         scenario: scenario(),
@@ -110,13 +108,15 @@ pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
 
 /// The raw bound on PostgreSQL: the rows in one `INSERT … SELECT unnest(…)` into a
 /// minimal jobs table (a bigserial key, a partial index on pending rows), one round trip.
-async fn postgres_raw(pool: &sqlx::PgPool, table: &str) -> Result<f64, BoxError> {
+pub(crate) async fn postgres_raw(
+    pool: &sqlx::PgPool,
+    table: &str,
+    n: usize,
+) -> Result<f64, BoxError> {
     sqlx::query(AssertSqlSafe(format!("TRUNCATE {table}")))
         .execute(pool)
         .await?;
-    let payloads: Vec<String> = (0..OPERATIONS)
-        .map(|i| json!({ "i": i }).to_string())
-        .collect();
+    let payloads: Vec<String> = (0..n).map(|i| json!({ "i": i }).to_string()).collect();
     let start = Instant::now();
     let mut tx = pool.begin().await?;
     sqlx::query(AssertSqlSafe(format!(
@@ -126,7 +126,24 @@ async fn postgres_raw(pool: &sqlx::PgPool, table: &str) -> Result<f64, BoxError>
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(per_second(OPERATIONS, start.elapsed()))
+    Ok(per_second(n, start.elapsed()))
+}
+
+/// The raw bound's minimal jobs table: a bigserial key, a partial index on pending rows.
+pub(crate) async fn create_raw_table(pool: &sqlx::PgPool, table: &str) -> Result<(), BoxError> {
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE {table} (id bigserial PRIMARY KEY, kind text NOT NULL,
+             payload jsonb NOT NULL, run_at timestamptz NOT NULL DEFAULT now(),
+             status text NOT NULL DEFAULT 'pending')"
+    )))
+    .execute(pool)
+    .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE INDEX ON {table} (run_at, id) WHERE status = 'pending'"
+    )))
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// One field of the graphile_worker peer's line (`enqueue_rows_per_s`,
@@ -183,30 +200,19 @@ pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>,
     .await?;
     let table = format!("{schema}.raw_jobs");
     let outcome = async {
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE TABLE {table} (id bigserial PRIMARY KEY, kind text NOT NULL,
-                 payload jsonb NOT NULL, run_at timestamptz NOT NULL DEFAULT now(),
-                 status text NOT NULL DEFAULT 'pending')"
-        )))
-        .execute(store.pool())
-        .await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE INDEX ON {table} (run_at, id) WHERE status = 'pending'"
-        )))
-        .execute(store.pool())
-        .await?;
+        create_raw_table(store.pool(), &table).await?;
         let truncate = || {
             sqlx::query(AssertSqlSafe(format!("TRUNCATE {schema}.operations")))
                 .execute(store.pool())
         };
         // One warm-up of each: prepared statements and warm caches on both sides.
         submit_many_once(Arc::new(store.clone())).await?;
-        postgres_raw(store.pool(), &table).await?;
+        postgres_raw(store.pool(), &table, OPERATIONS).await?;
         let (mut fascicle, mut raw, mut peer) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.runs {
             truncate().await?;
             fascicle.push(submit_many_once(Arc::new(store.clone())).await?);
-            raw.push(postgres_raw(store.pool(), &table).await?);
+            raw.push(postgres_raw(store.pool(), &table, OPERATIONS).await?);
             if let Some(binary) = args.peer_gw.clone() {
                 let url = url.to_string();
                 peer.push(

@@ -22,9 +22,9 @@ fn size(args: &Args) -> usize {
 
 async fn batch(store: &Arc<dyn Store>, n: usize) -> Result<OperationId, BoxError> {
     let receipt = Queue::new(Arc::clone(store))
-        .submit_batch(
-            NewBatch::new("huge")
-                .children((0..n).map(|i| NewOperation::new("noop", json!({ "i": i })))),
+        .submit_batch_from(
+            NewBatch::new("huge"),
+            (0..n).map(|i| NewOperation::new("noop", json!({ "i": i }))),
         )
         .await?;
     Ok(receipt.parent_id)

@@ -180,6 +180,7 @@ impl BrokenPromise {
                 "standalone_rollback_on_commit_failure",
                 "standalone_dropped_transaction_rolls_back",
                 "submit_many_is_all_or_nothing",
+                "streamed_batch_is_all_or_nothing",
             ],
             Self::AutocommitParent => &[
                 "rollback_on_child_failure",
@@ -189,6 +190,8 @@ impl BrokenPromise {
                 "explicit_rollback",
                 "uncommitted_rows_are_invisible_to_other_callers",
                 "large_batch_10k_children_commits_atomically",
+                "streamed_batch_is_all_or_nothing",
+                "streamed_batch_is_invisible_until_its_commit",
             ],
             Self::AutocommitStandalone => &[
                 "standalone_rollback_on_commit_failure",

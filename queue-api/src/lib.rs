@@ -34,7 +34,7 @@ pub use lifecycle::{messages, table};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
 pub use queue::{
     Limits, MAX_BATCH_DEPTH, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, PreparedBatch, Queue,
-    earliest_run_at, latest_run_at, validate_kind,
+    STREAM_CHUNK, earliest_run_at, latest_run_at, validate_kind,
 };
 pub use schedule::{CatchUp, Schedule, StoredSchedule, Timing};
 pub use store::{
@@ -63,6 +63,8 @@ pub use store::{MockStore, MockTransaction};
 
 pub use async_trait::async_trait;
 pub use chrono;
+/// The `Stream` trait [`Queue::submit_batch_stream`] reads a batch's children from.
+pub use futures_core::Stream;
 /// The `metrics` facade the worker's counters and gauges go through: install a recorder
 /// built on this version.
 pub use metrics;

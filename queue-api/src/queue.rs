@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -16,6 +17,32 @@ use crate::types::{
     OperationId, ParentRecord, Receipt,
 };
 use crate::workflow::{BatchPlan, Callback, CallbackOn};
+
+/// How many children of a streamed batch ([`Queue::submit_batch_from`],
+/// [`Queue::submit_batch_stream`]) are validated and handed to the store in one insert:
+/// what bounds the memory such a submit holds, whatever the batch's size.
+pub const STREAM_CHUNK: usize = 10_000;
+
+/// An iterator seen as a stream that is always ready.
+struct FromIter<I>(I);
+
+// Never pinned structurally: the iterator is only ever reached through `&mut`.
+impl<I> Unpin for FromIter<I> {}
+
+impl<I: Iterator<Item = NewOperation>> futures_core::Stream for FromIter<I> {
+    type Item = std::result::Result<NewOperation, std::convert::Infallible>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::task::Poll::Ready(self.0.next().map(Ok))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
 
 /// Input limits enforced before anything is written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,15 +125,89 @@ impl Queue {
     /// payload is read. A notifier failing after the commit does not lose the batch; the
     /// receipt says `notified == false`.
     pub async fn submit_batch(&self, batch: NewBatch) -> Result<BatchReceipt> {
+        self.submit_tree(
+            batch,
+            None::<Pin<&mut FromIter<std::iter::Empty<NewOperation>>>>,
+        )
+        .await
+    }
+
+    /// Submits a batch whose children come from an iterator, in bounded memory: they are
+    /// validated and handed to the store [`STREAM_CHUNK`] at a time, inside the one
+    /// transaction of the batch, so a batch of a million children commits atomically
+    /// without ever being held whole. Everything [`submit_batch`](Self::submit_batch)
+    /// promises holds: the parent and every child become visible together at the commit,
+    /// or — on any error, a refused child at any index included — nothing is written and
+    /// nothing notified; a caller-supplied parent id already stored returns the existing
+    /// batch without reading `children` at all.
+    ///
+    /// - `batch` gives the parent (id, kind, metadata, failure policy, callbacks) and may
+    ///   hold children and nested batches of its own: its children come first, then the
+    ///   iterator's, then the nested batches. The batch needs at least one child in all.
+    /// - A streamed child cannot wait for another (`after`, `after_any`): dependencies
+    ///   are checked over the whole tree, which a stream never is; submit such a batch
+    ///   with `submit_batch`. Streamed children with caller ids are checked for repeats.
+    /// - [`Limits::max_children`] counts the streamed children with the others.
+    /// - The receipt lists every child id (16 bytes each: 16 MB for a million).
+    ///
+    /// ```
+    /// # async fn demo(queue: fascicle::Queue) -> fascicle::Result<()> {
+    /// use fascicle::{NewBatch, NewOperation, json};
+    ///
+    /// let children = (0..100_000).map(|i| NewOperation::new("resize", json!({ "image": i })));
+    /// let receipt = queue
+    ///     .submit_batch_from(NewBatch::new("resize_all"), children)
+    ///     .await?;
+    /// assert_eq!(receipt.child_ids.len(), 100_000);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn submit_batch_from<I>(&self, batch: NewBatch, children: I) -> Result<BatchReceipt>
+    where
+        I: IntoIterator<Item = NewOperation>,
+        I::IntoIter: Send,
+    {
+        let mut stream = FromIter(children.into_iter());
+        self.submit_tree(batch, Some(Pin::new(&mut stream))).await
+    }
+
+    /// [`submit_batch_from`](Self::submit_batch_from) for children read from a stream
+    /// (a file, a cursor, a channel): the same chunks, the same single transaction. An
+    /// item that is an error ends the submit with `InvalidInput` naming the child's index
+    /// and the error, and nothing is written.
+    pub async fn submit_batch_stream<S, E>(
+        &self,
+        batch: NewBatch,
+        children: S,
+    ) -> Result<BatchReceipt>
+    where
+        S: futures_core::Stream<Item = std::result::Result<NewOperation, E>> + Send,
+        E: fmt::Display + Send,
+    {
+        let children = std::pin::pin!(children);
+        self.submit_tree(batch, Some(children)).await
+    }
+
+    /// Submits a batch tree, with the root's `streamed` children after its own.
+    async fn submit_tree<S, E>(
+        &self,
+        batch: NewBatch,
+        mut streamed: Option<Pin<&mut S>>,
+    ) -> Result<BatchReceipt>
+    where
+        S: futures_core::Stream<Item = std::result::Result<NewOperation, E>> + Send + ?Sized,
+        E: fmt::Display + Send,
+    {
         // A fresh UUID v7 cannot be taken yet: only a caller's id needs looking up.
         if let Some(id) = batch.id
             && let Some(existing) = self.existing_batch(id).await?
         {
             return Ok(existing);
         }
-        let prepared = self.limits.prepare_batch(batch)?;
+        let prepared = self.limits.prepare_tree(batch, streamed.is_some())?;
         let root = prepared.root().id;
         let mut tx = self.store.begin().await?;
+        let mut streamed_ids = Vec::new();
         for (level, (parent, children)) in prepared.batches.iter().enumerate() {
             match tx.insert_parent(parent).await {
                 Ok(()) => {}
@@ -121,6 +222,13 @@ impl Queue {
                 Err(e) => return Err(e),
             }
             tx.insert_children(children).await?;
+            if level == 0
+                && let Some(stream) = streamed.as_mut()
+            {
+                streamed_ids = self
+                    .insert_streamed(&mut *tx, &prepared, stream.as_mut())
+                    .await?;
+            }
         }
         match tx.commit().await {
             Ok(()) => {}
@@ -135,17 +243,107 @@ impl Queue {
             Err(e) => return Err(e),
         }
 
+        let mut operation_ids = prepared.operation_ids();
+        operation_ids.extend_from_slice(&streamed_ids);
         let submitted = Submitted {
             parent_id: Some(root),
-            operation_ids: prepared.operation_ids(),
+            operation_ids,
         };
         let notified = self.notify(&submitted).await;
+        drop(submitted);
+        // The root's own children, the streamed ones, then its nested batches.
+        let mut child_ids = prepared.child_ids();
+        let own = prepared.batches[0].1.len();
+        child_ids.splice(own..own, streamed_ids);
         Ok(BatchReceipt {
             parent_id: root,
-            child_ids: prepared.child_ids(),
+            child_ids,
             created: true,
             notified,
         })
+    }
+
+    /// Validates and inserts the streamed children of `prepared`'s root, a chunk at a
+    /// time, in `tx`; answers their ids in order.
+    async fn insert_streamed<S, E>(
+        &self,
+        tx: &mut dyn crate::Transaction,
+        prepared: &PreparedBatch,
+        mut stream: Pin<&mut S>,
+    ) -> Result<Vec<OperationId>>
+    where
+        S: futures_core::Stream<Item = std::result::Result<NewOperation, E>> + Send + ?Sized,
+        E: fmt::Display + Send,
+    {
+        let root = prepared.root();
+        // The tree's rows besides the root count against the limit with the streamed ones.
+        let mut rows = prepared.rows() - 1;
+        let mut seen: HashSet<OperationId> = prepared
+            .batches
+            .iter()
+            .flat_map(|(p, c)| std::iter::once(p.id).chain(c.iter().map(|c| c.id)))
+            .collect();
+        let mut index = prepared.batches[0].1.len();
+        let mut ids = Vec::new();
+        let mut chunk: Vec<ChildRecord> = Vec::with_capacity(STREAM_CHUNK);
+        while let Some(item) = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)).await {
+            let op = item.map_err(|e| {
+                Error::InvalidInput(format!(
+                    "child #{index} of batch `{}` could not be read from its stream, so nothing \
+                     was submitted: {e}",
+                    root.kind
+                ))
+            })?;
+            rows += 1;
+            if rows > self.limits.max_children {
+                return Err(Error::InvalidInput(format!(
+                    "batch `{}` has more than {} children (counting the operations and \
+                     batches nested in it); the limit is {}, and nothing was submitted",
+                    root.kind, self.limits.max_children, self.limits.max_children
+                )));
+            }
+            let caller_id = op.id;
+            let what = Subject::Child(index);
+            let record = self
+                .limits
+                .prepare_child(op, Some(root.id), root.created_at, what)?;
+            if let Some(dependency) = record.after.first() {
+                return Err(Error::InvalidInput(format!(
+                    "{what} waits for {}: a streamed child cannot have dependencies (after, \
+                     after_any), which are checked over the whole batch; submit it with \
+                     submit_batch",
+                    dependency.id
+                )));
+            }
+            if caller_id.is_some() && !seen.insert(record.id) {
+                return Err(Error::InvalidInput(format!(
+                    "{what} repeats id {} already used in this batch; ids must be unique",
+                    record.id
+                )));
+            }
+            ids.push(record.id);
+            chunk.push(record);
+            if chunk.len() == STREAM_CHUNK {
+                tx.insert_children(&chunk).await?;
+                chunk.clear();
+            }
+            index += 1;
+        }
+        if !chunk.is_empty() {
+            tx.insert_children(&chunk).await?;
+        }
+        if index == 0
+            && !prepared
+                .batches
+                .iter()
+                .any(|(p, _)| p.parent_id == Some(root.id))
+        {
+            return Err(Error::InvalidInput(format!(
+                "batch `{}` has no children; a batch needs at least one child operation",
+                root.kind
+            )));
+        }
+        Ok(ids)
     }
 
     /// Submits one stand-alone operation (no parent). Idempotent on a caller-supplied id.
@@ -485,6 +683,12 @@ impl Limits {
     /// insert it. Drivers that enqueue inside a caller's own transaction use it to apply
     /// the same rules.
     pub fn prepare_batch(&self, batch: NewBatch) -> Result<PreparedBatch> {
+        self.prepare_tree(batch, false)
+    }
+
+    /// [`prepare_batch`](Self::prepare_batch), for a root that may have no children of
+    /// its own when `streamed` (its children come from a stream, checked as they come).
+    fn prepare_tree(&self, batch: NewBatch, streamed: bool) -> Result<PreparedBatch> {
         let now = Utc::now();
         let mut tree = Tree {
             limits: self,
@@ -492,6 +696,7 @@ impl Limits {
             seen: HashSet::new(),
             batches: Vec::new(),
             nodes: 0,
+            streamed,
         };
         let root_id = batch.id.unwrap_or_default();
         tree.add(batch, root_id, None, 0)?;
@@ -680,6 +885,8 @@ struct Tree<'a> {
     batches: Vec<(ParentRecord, Vec<ChildRecord>)>,
     /// Rows so far, against `max_children`.
     nodes: usize,
+    /// The root's children come from a stream as well: it may have none of its own.
+    streamed: bool,
 }
 
 impl Tree<'_> {
@@ -711,7 +918,7 @@ impl Tree<'_> {
             )));
         }
         let direct = batch.children.len() + batch.batches.len();
-        if direct == 0 {
+        if direct == 0 && !(number == 0 && self.streamed) {
             return Err(Error::InvalidInput(format!(
                 "{what} `{}` has no children; a batch needs at least one child operation",
                 batch.kind
