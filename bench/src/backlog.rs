@@ -29,7 +29,7 @@ fn runs(args: &Args) -> usize {
 
 /// Drains `n` operations (of however many are stored) with one tuned worker; returns
 /// completions recorded per second.
-async fn drain(store: &Arc<dyn Store>, n: usize) -> Result<f64, BoxError> {
+pub(crate) async fn drain(store: &Arc<dyn Store>, n: usize) -> Result<f64, BoxError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ran = Arc::new(AtomicUsize::new(0));
     let mut registry = Registry::new();

@@ -2,7 +2,7 @@
 //! baseline measured in the same run, because only ratios compare on a shared machine.
 //!
 //! ```text
-//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status|huge]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]
+//! cargo run --release -p fascicle-bench -- [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status|huge|processes|growth]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]
 //! ```
 //!
 //! PostgreSQL is reached through `DATABASE_URL` (default
@@ -12,10 +12,12 @@
 mod aggregation;
 mod backlog;
 mod drain;
+mod growth;
 mod huge;
 mod latency;
 mod limits;
 mod many;
+mod processes;
 mod schedules;
 mod status;
 mod submit;
@@ -60,9 +62,11 @@ enum Scenario {
     Many,
     Status,
     Huge,
+    Processes,
+    Growth,
 }
 
-const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status|huge]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]";
+const USAGE: &str = "usage: fascicle-bench [--driver memory|sqlite|postgres|all] [--only submit|drain|latency|aggregation|limits|schedules|backlog|many|status|huge|processes|growth]... [--quick] [--json] [--runs N] [--peer-gw PATH] [--raw-bound PATH]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -103,6 +107,8 @@ fn parse_args() -> Result<Args, String> {
                     "many" => Scenario::Many,
                     "status" => Scenario::Status,
                     "huge" => Scenario::Huge,
+                    "processes" => Scenario::Processes,
+                    "growth" => Scenario::Growth,
                     other => return Err(format!("unknown scenario `{other}`\n{USAGE}")),
                 });
             }
@@ -138,6 +144,8 @@ enum Target {
     AtLeast { value: f64 },
     /// The median divided by the baseline median must reach this ratio.
     RatioAtLeast { value: f64 },
+    /// The median divided by the baseline median must not exceed this ratio (sizes).
+    RatioAtMost { value: f64 },
     /// The median must not exceed this value (latencies, cost ratios).
     AtMost { value: f64 },
 }
@@ -186,6 +194,9 @@ impl Measurement {
                 "PASS"
             }
             Some(Target::AtMost { value }) if median(&self.samples) <= value => "PASS",
+            Some(Target::RatioAtMost { value }) if self.ratio().is_some_and(|r| r <= value) => {
+                "PASS"
+            }
             Some(_) => "MISS",
         }
     }
@@ -196,6 +207,7 @@ impl Measurement {
             Some(Target::AtLeast { value }) => format!(">= {}", human(value)),
             Some(Target::RatioAtLeast { value }) => format!(">= {value}x baseline"),
             Some(Target::AtMost { value }) => format!("<= {value}"),
+            Some(Target::RatioAtMost { value }) => format!("<= {value}x baseline"),
         }
     }
 }
@@ -254,6 +266,19 @@ fn per_second(count: usize, elapsed: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(processes::CHILD_FLAG) {
+        // A drain process of the `processes` scenario.
+        let (Some(url), Some(schema)) = (argv.get(2), argv.get(3)) else {
+            eprintln!("usage: fascicle-bench {} URL SCHEMA", processes::CHILD_FLAG);
+            std::process::exit(2);
+        };
+        if let Err(error) = processes::child(url, schema).await {
+            eprintln!("drain process: {error}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let args = match parse_args() {
         Ok(args) => args,
         Err(message) => {
@@ -277,6 +302,8 @@ async fn main() {
             Scenario::Many,
             Scenario::Status,
             Scenario::Huge,
+            Scenario::Processes,
+            Scenario::Growth,
         ] {
             if !wanted(scenario) {
                 continue;
@@ -295,7 +322,14 @@ async fn main() {
                 (Driver::Memory, Scenario::Many) => many::memory(&args).await,
                 (Driver::Sqlite, Scenario::Many) => many::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Many) => many::postgres(&args, &url).await,
-                (Driver::Memory, Scenario::Status | Scenario::Huge) => Ok(Vec::new()),
+                (
+                    Driver::Memory,
+                    Scenario::Status | Scenario::Huge | Scenario::Processes | Scenario::Growth,
+                )
+                | (Driver::Sqlite, Scenario::Growth) => Ok(Vec::new()),
+                (Driver::Postgres, Scenario::Growth) => growth::postgres(&args, &url).await,
+                (Driver::Sqlite, Scenario::Processes) => processes::sqlite(&args).await,
+                (Driver::Postgres, Scenario::Processes) => processes::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Huge) => huge::sqlite(&args).await,
                 (Driver::Postgres, Scenario::Huge) => huge::postgres(&args, &url).await,
                 (Driver::Sqlite, Scenario::Status) => status::sqlite(&args).await,

@@ -967,6 +967,12 @@ async fn stats(store: &Arc<dyn Store>, json: bool) -> fascicle::Result<()> {
         "batches: {} open, {} completed, {} failed, {} cancelled",
         b.open, b.completed, b.failed, b.cancelled
     );
+    match store.leader(fascicle::MAINTENANCE_ROLE).await {
+        Ok(Some(holder)) => println!("maintenance: run by worker {holder}"),
+        Ok(None) => println!("maintenance: no worker runs it now"),
+        Err(Error::Unsupported { .. }) => {}
+        Err(e) => return Err(e),
+    }
     Ok(())
 }
 

@@ -90,6 +90,10 @@ pub enum BrokenPromise {
     /// A pass advances a schedule only at the version it read — broken: any version
     /// advances it (a stale pass moves it back).
     ScheduleAdvancedAtAnyVersion,
+    /// One candidate holds a role at a time — broken: `elect` looks the holder up, then
+    /// takes the role a round trip later, answering from what it saw (racing candidates
+    /// for a free role all win).
+    ElectionCheckedBeforeTaking,
 }
 
 impl BrokenPromise {
@@ -110,6 +114,7 @@ impl BrokenPromise {
         Self::RateLimitIgnored,
         Self::UniqueCheckedBeforeInsert,
         Self::ScheduleAdvancedAtAnyVersion,
+        Self::ElectionCheckedBeforeTaking,
     ];
 
     /// A short snake-case name, also the wrapper's [`Store::driver`].
@@ -130,6 +135,7 @@ impl BrokenPromise {
             Self::RateLimitIgnored => "rate_limit_ignored",
             Self::UniqueCheckedBeforeInsert => "unique_checked_before_insert",
             Self::ScheduleAdvancedAtAnyVersion => "schedule_advanced_at_any_version",
+            Self::ElectionCheckedBeforeTaking => "election_checked_before_taking",
         }
     }
 
@@ -163,6 +169,7 @@ impl BrokenPromise {
             Self::ScheduleAdvancedAtAnyVersion => {
                 "a schedule advances only at the version its pass read"
             }
+            Self::ElectionCheckedBeforeTaking => "one candidate holds a role at a time",
         }
     }
 
@@ -222,6 +229,7 @@ impl BrokenPromise {
                 "a_schedule_submits_one_operation_per_tick",
                 "a_pass_that_read_before_a_change_does_not_undo_it",
             ],
+            Self::ElectionCheckedBeforeTaking => &["racing_candidates_elect_one"],
         }
     }
 }
@@ -727,6 +735,26 @@ impl Store for BrokenStore {
             }
         }
         Ok(report)
+    }
+
+    async fn elect(&self, role: &str, candidate: &str, term: Duration) -> Result<bool> {
+        if self.promise == BrokenPromise::ElectionCheckedBeforeTaking {
+            let holder = self.inner.leader(role).await?;
+            let free = holder.is_none() || holder.as_deref() == Some(candidate);
+            // The round trip between the look-up and the take.
+            tokio::task::yield_now().await;
+            self.inner.elect(role, candidate, term).await?;
+            return Ok(free);
+        }
+        self.inner.elect(role, candidate, term).await
+    }
+
+    async fn resign(&self, role: &str, candidate: &str) -> Result<bool> {
+        self.inner.resign(role, candidate).await
+    }
+
+    async fn leader(&self, role: &str) -> Result<Option<String>> {
+        self.inner.leader(role).await
     }
 }
 

@@ -95,6 +95,8 @@ pub(crate) struct State {
     schedules: BTreeMap<String, fascicle_api::StoredSchedule>,
     /// Limited kinds ([`Store::set_limit`]), with the instants of their last starts.
     limits: BTreeMap<String, Limited>,
+    /// Each role's holder and the end of its term ([`Store::elect`]).
+    roles: HashMap<String, (String, DateTime<Utc>)>,
     next_seq: u64,
     /// Set while one step cancels every pending operation of a batch's tree (a batch's
     /// cancel, a fail-fast): the rows that ended with dependents, released once the step
@@ -1535,6 +1537,51 @@ impl Store for MemoryStore {
             .iter()
             .map(|(kind, limited)| (kind.clone(), limited.limit))
             .collect())
+    }
+
+    async fn elect(&self, role: &str, candidate: &str, term: Duration) -> Result<bool> {
+        fascicle_api::validate_election(role, candidate, term)?;
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(term).expect("a term is at most MAX_LEASE");
+        let mut state = self.lock();
+        match state.roles.get_mut(role) {
+            Some((holder, end)) if holder != candidate && *end > now => Ok(false),
+            Some((holder, end)) => {
+                *holder = candidate.to_string();
+                *end = until;
+                Ok(true)
+            }
+            None => {
+                state
+                    .roles
+                    .insert(role.to_string(), (candidate.to_string(), until));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn resign(&self, role: &str, candidate: &str) -> Result<bool> {
+        fascicle_api::validate_election(role, candidate, Duration::from_millis(1))?;
+        let mut state = self.lock();
+        let held = state
+            .roles
+            .get(role)
+            .is_some_and(|(holder, end)| holder == candidate && *end > Utc::now());
+        if state.roles.get(role).is_some_and(|(h, _)| h == candidate) {
+            state.roles.remove(role);
+        }
+        Ok(held)
+    }
+
+    async fn leader(&self, role: &str) -> Result<Option<String>> {
+        fascicle_api::validate_election(role, "-", Duration::from_millis(1))?;
+        let now = Utc::now();
+        Ok(self
+            .lock()
+            .roles
+            .get(role)
+            .filter(|(_, end)| *end > now)
+            .map(|(holder, _)| holder.clone()))
     }
 
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {

@@ -145,6 +145,14 @@ async fn every_call_passes_through_the_layers_hooks() {
     store.advance_schedule("s", 0, now, now).await.unwrap();
     store.remove_schedule("s").await.unwrap();
     store.prune(now).await.unwrap();
+    assert!(
+        store
+            .elect("maintenance", "w", Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+    store.leader("maintenance").await.unwrap();
+    store.resign("maintenance", "w").await.unwrap();
     // An error of the inner store reaches `after` as a failure.
     assert!(matches!(
         store.cancel(fascicle_api::OperationId::new()).await,
@@ -182,6 +190,9 @@ async fn every_call_passes_through_the_layers_hooks() {
         "advance_schedule",
         "remove_schedule",
         "prune",
+        "elect",
+        "leader",
+        "resign",
         "cancel",
     ];
     let recorder = layered.layer();

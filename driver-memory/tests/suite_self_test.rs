@@ -254,6 +254,7 @@ suite_catches! {
     suite_catches_rate_limit_ignored => RateLimitIgnored,
     suite_catches_unique_checked_before_insert => UniqueCheckedBeforeInsert,
     suite_catches_schedule_advanced_at_any_version => ScheduleAdvancedAtAnyVersion,
+    suite_catches_election_checked_before_taking => ElectionCheckedBeforeTaking,
 }
 
 #[test]

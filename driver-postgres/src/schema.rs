@@ -322,6 +322,15 @@ const MIGRATIONS: &[&str] = &[
         autovacuum_vacuum_threshold = 1000, autovacuum_vacuum_insert_scale_factor = 0.01,
         autovacuum_analyze_scale_factor = 0.02);
     "#,
+    // 12: roles one process holds at a time (`Store::elect`): the maintenance a worker
+    // runs for all of them. A term ends on the server's clock.
+    r#"
+    CREATE TABLE {schema}.roles (
+        role        text PRIMARY KEY,
+        holder      text NOT NULL,
+        term_ends   timestamptz NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -1175,6 +1175,48 @@ impl Store for PostgresStore {
         transact!(self, conn => lifecycle::retry_batch(conn, &self.sql, parent_id))
     }
 
+    async fn elect(&self, role: &str, candidate: &str, term: Duration) -> Result<bool> {
+        fascicle_api::validate_election(role, candidate, term)?;
+        // On the server's clock, which every process on the database shares. A racing
+        // insert of the same role waits for the first, then finds it held.
+        let taken = on_pool!(self, db => sqlx::query(self.sql.text(
+                "INSERT INTO {s}.roles AS r (role, holder, term_ends)
+                 VALUES ($1, $2, clock_timestamp() + $3 * interval '1 microsecond')
+                 ON CONFLICT (role) DO UPDATE
+                     SET holder = EXCLUDED.holder, term_ends = EXCLUDED.term_ends
+                     WHERE r.holder = EXCLUDED.holder OR r.term_ends <= clock_timestamp()",
+            ))
+            .persistent(self.sql.persistent())
+            .bind(role)
+            .bind(candidate)
+            .bind(term.as_micros() as i64)
+            .execute(db))?;
+        Ok(taken.rows_affected() == 1)
+    }
+
+    async fn resign(&self, role: &str, candidate: &str) -> Result<bool> {
+        fascicle_api::validate_election(role, candidate, Duration::from_millis(1))?;
+        let held: Option<bool> = on_pool!(self, db => sqlx::query_scalar(self.sql.text(
+                "DELETE FROM {s}.roles WHERE role = $1 AND holder = $2
+                 RETURNING term_ends > clock_timestamp()",
+            ))
+            .persistent(self.sql.persistent())
+            .bind(role)
+            .bind(candidate)
+            .fetch_optional(db))?;
+        Ok(held == Some(true))
+    }
+
+    async fn leader(&self, role: &str) -> Result<Option<String>> {
+        fascicle_api::validate_election(role, "-", Duration::from_millis(1))?;
+        on_pool!(self, db => sqlx::query_scalar(self.sql.text(
+                "SELECT holder FROM {s}.roles WHERE role = $1 AND term_ends > clock_timestamp()",
+            ))
+            .persistent(self.sql.persistent())
+            .bind(role)
+            .fetch_optional(db))
+    }
+
     async fn prune(&self, completed_before: chrono::DateTime<chrono::Utc>) -> Result<PruneReport> {
         // One transaction per chunk: workers never wait on a long delete.
         let mut report = PruneReport::default();

@@ -203,6 +203,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX fascicle_operations_running_by_kind ON fascicle_operations (kind)
         WHERE status = 'processing';
     "#,
+    // 11: roles one process holds at a time (`Store::elect`): the maintenance a worker
+    // runs for all of them. A term ends at `term_ends` (microseconds).
+    r#"
+    CREATE TABLE fascicle_roles (
+        role        TEXT PRIMARY KEY,
+        holder      TEXT NOT NULL,
+        term_ends   INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

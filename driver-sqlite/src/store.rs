@@ -881,6 +881,62 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn elect(&self, role: &str, candidate: &str, term: Duration) -> Result<bool> {
+        fascicle_api::validate_election(role, candidate, term)?;
+        let (role, candidate) = (role.to_owned(), candidate.to_owned());
+        self.write(move |tx| {
+            // In the write transaction: one writer at a time decides.
+            let now = micros(Utc::now());
+            Ok(tx
+                .prepare_cached(
+                    "INSERT INTO fascicle_roles (role, holder, term_ends) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (role) DO UPDATE
+                         SET holder = excluded.holder, term_ends = excluded.term_ends
+                         WHERE fascicle_roles.holder = excluded.holder
+                            OR fascicle_roles.term_ends <= ?4",
+                )
+                .map_err(error::map)?
+                .execute(params![role, candidate, now + term.as_micros() as i64, now])
+                .map_err(error::map)?
+                == 1)
+        })
+        .await
+    }
+
+    async fn resign(&self, role: &str, candidate: &str) -> Result<bool> {
+        fascicle_api::validate_election(role, candidate, Duration::from_millis(1))?;
+        let (role, candidate) = (role.to_owned(), candidate.to_owned());
+        self.write(move |tx| {
+            let ends: Option<i64> = tx
+                .prepare_cached(
+                    "DELETE FROM fascicle_roles WHERE role = ?1 AND holder = ?2
+                     RETURNING term_ends",
+                )
+                .map_err(error::map)?
+                .query_row(params![role, candidate], |r| r.get(0))
+                .optional()
+                .map_err(error::map)?;
+            Ok(ends.is_some_and(|ends| ends > micros(Utc::now())))
+        })
+        .await
+    }
+
+    async fn leader(&self, role: &str) -> Result<Option<String>> {
+        fascicle_api::validate_election(role, "-", Duration::from_millis(1))?;
+        let role = role.to_owned();
+        self.with_conn(move |conn| {
+            conn.prepare_cached(
+                "SELECT holder FROM fascicle_roles WHERE role = ?1 AND term_ends > ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![role, micros(Utc::now())], |r| r.get(0))
+                    .optional()
+            })
+            .map_err(error::map)
+        })
+        .await
+    }
+
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
         // One write transaction per chunk: other writers get the lock in between.
         let mut report = PruneReport::default();

@@ -95,6 +95,9 @@ pub enum Call<'a> {
         next_tick: DateTime<Utc>,
     },
     Prune(DateTime<Utc>),
+    Elect(&'a str, &'a str, Duration),
+    Resign(&'a str, &'a str),
+    Leader(&'a str),
     InsertParent(&'a ParentRecord),
     InsertChild(&'a ChildRecord),
     InsertChildren(&'a [ChildRecord]),
@@ -133,6 +136,9 @@ impl Call<'_> {
             Call::DueSchedules(_) => "due_schedules",
             Call::AdvanceSchedule { .. } => "advance_schedule",
             Call::Prune(_) => "prune",
+            Call::Elect(..) => "elect",
+            Call::Resign(..) => "resign",
+            Call::Leader(_) => "leader",
             Call::InsertParent(_) => "transaction.insert_parent",
             Call::InsertChild(_) => "transaction.insert_child",
             Call::InsertChildren(_) => "transaction.insert_children",
@@ -143,7 +149,8 @@ impl Call<'_> {
     }
 
     /// Whether the call may write (every call but the reads: `get`, `children_of`,
-    /// `child_ids_of`, `children_page`, `stats`, `limits`, `schedules`, `due_schedules`).
+    /// `child_ids_of`, `children_page`, `stats`, `limits`, `schedules`, `due_schedules`,
+    /// `leader`).
     pub fn writes(&self) -> bool {
         !matches!(
             self,
@@ -155,6 +162,7 @@ impl Call<'_> {
                 | Call::Limits
                 | Call::Schedules
                 | Call::DueSchedules(_)
+                | Call::Leader(_)
         )
     }
 }
@@ -404,6 +412,20 @@ impl<L: Layer> Store for Layered<L> {
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport> {
         let call = Call::Prune(completed_before);
         hooked(&*self.layer, call, self.inner.prune(completed_before)).await
+    }
+
+    async fn elect(&self, role: &str, candidate: &str, term: Duration) -> Result<bool> {
+        let call = Call::Elect(role, candidate, term);
+        hooked(&*self.layer, call, self.inner.elect(role, candidate, term)).await
+    }
+
+    async fn resign(&self, role: &str, candidate: &str) -> Result<bool> {
+        let call = Call::Resign(role, candidate);
+        hooked(&*self.layer, call, self.inner.resign(role, candidate)).await
+    }
+
+    async fn leader(&self, role: &str) -> Result<Option<String>> {
+        hooked(&*self.layer, Call::Leader(role), self.inner.leader(role)).await
     }
 }
 

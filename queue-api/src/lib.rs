@@ -33,8 +33,8 @@ pub use lifecycle::{MAX_LEASE, validate_lease};
 pub use lifecycle::{messages, table};
 pub use notify::{InProcessWaker, InlineExecutor, Notifier, Submitted, WakeSubscription};
 pub use queue::{
-    Limits, MAX_BATCH_DEPTH, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, PreparedBatch, Queue,
-    STREAM_CHUNK, earliest_run_at, latest_run_at, validate_kind,
+    Limits, MAINTENANCE_ROLE, MAX_BATCH_DEPTH, MAX_DEPENDENCY_DEPTH, MAX_JSON_DEPTH, PreparedBatch,
+    Queue, STREAM_CHUNK, earliest_run_at, latest_run_at, validate_election, validate_kind,
 };
 pub use schedule::{CatchUp, Schedule, StoredSchedule, Timing};
 pub use store::{

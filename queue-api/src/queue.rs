@@ -243,8 +243,11 @@ impl Queue {
             Err(e) => return Err(e),
         }
 
+        // In insertion order: the root's own children, the streamed ones, the nested
+        // batches' operations.
         let mut operation_ids = prepared.operation_ids();
-        operation_ids.extend_from_slice(&streamed_ids);
+        let own = prepared.batches[0].1.len();
+        operation_ids.splice(own..own, streamed_ids.iter().copied());
         let submitted = Submitted {
             parent_id: Some(root),
             operation_ids,
@@ -253,7 +256,6 @@ impl Queue {
         drop(submitted);
         // The root's own children, the streamed ones, then its nested batches.
         let mut child_ids = prepared.child_ids();
-        let own = prepared.batches[0].1.len();
         child_ids.splice(own..own, streamed_ids);
         Ok(BatchReceipt {
             parent_id: root,
@@ -285,7 +287,8 @@ impl Queue {
             .collect();
         let mut index = prepared.batches[0].1.len();
         let mut ids = Vec::new();
-        let mut chunk: Vec<ChildRecord> = Vec::with_capacity(STREAM_CHUNK);
+        let mut chunk: Vec<ChildRecord> =
+            Vec::with_capacity(stream.size_hint().0.clamp(1, STREAM_CHUNK));
         while let Some(item) = std::future::poll_fn(|cx| stream.as_mut().poll_next(cx)).await {
             let op = item.map_err(|e| {
                 Error::InvalidInput(format!(
@@ -298,7 +301,7 @@ impl Queue {
             if rows > self.limits.max_children {
                 return Err(Error::InvalidInput(format!(
                     "batch `{}` has more than {} children (counting the operations and \
-                     batches nested in it); the limit is {}, and nothing was submitted",
+                     batches nested in it); the limit is {}",
                     root.kind, self.limits.max_children, self.limits.max_children
                 )));
             }
@@ -1183,6 +1186,26 @@ pub fn validate_kind(kind: &str) -> Result<()> {
     )
 }
 
+/// The role whose holder runs a worker's periodic maintenance (rescue, reconcile, prune,
+/// queue-depth statistics): one worker of all those on a database
+/// ([`Store::elect`]).
+pub const MAINTENANCE_ROLE: &str = "maintenance";
+
+/// Checks the arguments of [`Store::elect`], [`Store::resign`] and [`Store::leader`]:
+/// `role` and `candidate` are names like a kind (not blank, at most 255 bytes, no NUL)
+/// and `term` lies between 1 ms and [`MAX_LEASE`](crate::MAX_LEASE).
+pub fn validate_election(role: &str, candidate: &str, term: std::time::Duration) -> Result<()> {
+    let max = Limits::default().max_name_bytes;
+    validate_name(Subject::Role, "name", role, max)?;
+    validate_name(Subject::Candidate, "name", candidate, max)?;
+    if term < std::time::Duration::from_millis(1) {
+        return Err(Error::InvalidInput(format!(
+            "a term of {term:?} is too short to hold role `{role}`; it must be at least 1 ms"
+        )));
+    }
+    crate::validate_lease(term)
+}
+
 /// Checks a schedule's name like a kind's.
 pub(crate) fn validate_schedule_name(name: &str) -> Result<()> {
     validate_name(
@@ -1226,6 +1249,8 @@ enum Subject {
     Operation,
     Callback(CallbackOn),
     Schedule,
+    Role,
+    Candidate,
 }
 
 impl fmt::Display for Subject {
@@ -1239,6 +1264,8 @@ impl fmt::Display for Subject {
             Self::Operation => f.write_str("operation"),
             Self::Callback(on) => write!(f, "callback {on}"),
             Self::Schedule => f.write_str("schedule"),
+            Self::Role => f.write_str("role"),
+            Self::Candidate => f.write_str("candidate"),
         }
     }
 }

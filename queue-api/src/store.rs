@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::capabilities::Capabilities;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::flow::KindLimit;
 use crate::lifecycle::{
     Applied, CancelReport, ClaimRequest, ClaimedOperation, Completion, Lease, LeaseStatus,
@@ -219,6 +219,34 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// deletes in transactions of about [`PRUNE_CHUNK_ROWS`](crate::PRUNE_CHUNK_ROWS)
     /// rows (whole batches, a larger batch alone), so workers never wait on it for long.
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport>;
+
+    /// Takes or keeps `role` (such as [`MAINTENANCE_ROLE`](crate::MAINTENANCE_ROLE)) for
+    /// `candidate` until `term` from now on the store's clock, when the role is free, its
+    /// holder's term has run out, or `candidate` holds it already; answers whether
+    /// `candidate` holds it now. At most one candidate holds a role at any instant, across
+    /// every process on the database: racing candidates elect one. A holder keeps the role
+    /// by calling again before its term ends. `role` and `candidate` are names (not empty,
+    /// at most 255 bytes, no NUL) and `term` lies between 1 ms and
+    /// [`MAX_LEASE`](crate::MAX_LEASE) ([`validate_election`](crate::validate_election)),
+    /// else `InvalidInput`. The provided version is `Unsupported`: a worker on such a
+    /// store runs its maintenance without an election, as every worker did before.
+    async fn elect(&self, role: &str, candidate: &str, term: Duration) -> Result<bool> {
+        crate::validate_election(role, candidate, term)?;
+        Err(Error::unsupported("elect", self.driver()))
+    }
+
+    /// Gives `role` up if `candidate` holds it, so that the next candidate takes it at
+    /// once instead of after the term; answers whether it held it.
+    async fn resign(&self, role: &str, candidate: &str) -> Result<bool> {
+        crate::validate_election(role, candidate, Duration::from_millis(1))?;
+        Err(Error::unsupported("resign", self.driver()))
+    }
+
+    /// Who holds `role` now (a term not run out), if anyone.
+    async fn leader(&self, role: &str) -> Result<Option<String>> {
+        crate::validate_election(role, "-", Duration::from_millis(1))?;
+        Err(Error::unsupported("leader", self.driver()))
+    }
 }
 
 /// For driver authors: remembers that an insert of a transaction failed, so that the

@@ -306,6 +306,11 @@ pub struct WorkerReport {
     pub unrecorded: u64,
     /// Stranded parents finalized by this worker's maintenance.
     pub reconciled: u64,
+    /// Maintenance rounds this worker ran (as the elected maintainer, or without an
+    /// election).
+    pub maintained: u64,
+    /// Operations its maintenance pruned ([`Worker::prune_finished_after`]).
+    pub pruned: u64,
 }
 
 struct Running {
@@ -348,6 +353,10 @@ pub struct Worker {
     lease: Duration,
     poll_interval: Duration,
     maintenance_interval: Duration,
+    /// Whether the maintenance runs only in the elected worker (the default).
+    elect_maintainer: bool,
+    /// The maintainer prunes what finished longer ago than this.
+    prune_after: Option<Duration>,
     shutdown_timeout: Duration,
     retry: RetryPolicy,
     completion_linger: Duration,
@@ -390,6 +399,8 @@ impl Worker {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             maintenance_interval: Duration::from_secs(15),
+            elect_maintainer: true,
+            prune_after: None,
             shutdown_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             completion_linger: Duration::from_millis(2),
@@ -434,7 +445,23 @@ impl Worker {
         self
     }
 
-    /// How often this worker rescues expired leases and reconciles stranded parents.
+    /// How often the maintenance runs: rescuing expired leases, reconciling stranded
+    /// parents, pruning ([`prune_finished_after`](Self::prune_finished_after)) and
+    /// publishing the queue depth ([`queue_depth_interval`](Self::queue_depth_interval)).
+    ///
+    /// It runs in one worker at a time of all those sharing the store: the holder of
+    /// [`MAINTENANCE_ROLE`](crate::MAINTENANCE_ROLE) ([`Store::elect`]), for a term of
+    /// half the interval, renewed every fifth of it (the others read who holds it as
+    /// often). A round runs in a task of its own, so the term is renewed while it runs;
+    /// a maintainer that loses the role stops its round. When the maintainer stops, it
+    /// resigns and the next worker takes over at its next try; when it dies, its term
+    /// runs out and another takes over — within seven tenths of an interval either way
+    /// — and runs the maintenance at once if a round is due. Give the workers of a store
+    /// the same interval: the holder's term is half of its own. The worker's
+    /// [`id`](Self::id) must then be a name (not blank, at most 255 bytes, no NUL), else
+    /// [`run`](Self::run) is `InvalidInput`. On a store without elections (`Unsupported`)
+    /// every worker maintains, as with
+    /// [`without_maintenance_election`](Self::without_maintenance_election).
     pub fn maintenance_interval(mut self, interval: Duration) -> Self {
         self.maintenance_interval = interval;
         self
@@ -467,9 +494,24 @@ impl Worker {
         self
     }
 
+    /// Runs the maintenance in this worker whatever the others do, without an election
+    /// (each round is safe beside another's: every change it makes is fenced).
+    pub fn without_maintenance_election(mut self) -> Self {
+        self.elect_maintainer = false;
+        self
+    }
+
+    /// Lets the maintainer prune, each round, the terminal operations and whole batches
+    /// that finished more than `age` ago ([`Store::prune`]; off by default, as
+    /// `fascicle prune` is). At least 1 s.
+    pub fn prune_finished_after(mut self, age: Duration) -> Self {
+        self.prune_after = Some(age.max(Duration::from_secs(1)));
+        self
+    }
+
     /// Publishes the gauge `fascicle_queue_depth{kind, state}` from [`Store::stats`] every
-    /// `interval` (off by default: `stats` counts every row, so enable it on one process
-    /// of a deployment, not on every worker).
+    /// `interval` (off by default: `stats` counts every row). Only the elected
+    /// maintainer publishes it, so it may be enabled on every worker.
     pub fn queue_depth_interval(mut self, interval: Duration) -> Self {
         self.queue_depth_interval = Some(interval);
         self
@@ -521,6 +563,18 @@ impl Worker {
     /// bounded by the shutdown timeout (at least 1 s); outcomes that cannot be recorded by
     /// then are released or left to expire, and counted in [`WorkerReport::unrecorded`].
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> Result<WorkerReport> {
+        if self.elect_maintainer {
+            let (_, term) = maintenance_rhythm(self.maintenance_interval);
+            crate::validate_election(crate::MAINTENANCE_ROLE, &self.id, term).map_err(|e| match e {
+                Error::InvalidInput(reason) => Error::InvalidInput(format!(
+                    "worker id {:?} cannot stand for the maintenance ({reason}): give Worker::id a \
+                     name (not blank, at most 255 bytes, no NUL), or use \
+                     without_maintenance_election()",
+                    self.id
+                )),
+                other => other,
+            })?;
+        }
         let queue = crate::Queue::new(Arc::clone(&self.store)).with_limits(self.limits);
         for schedule in &self.schedules {
             crate::schedule::put(&queue, schedule).await?;
@@ -555,16 +609,25 @@ impl Worker {
             self.lease,
             stop_rx.clone(),
         ));
+        let maintaining = Arc::new(AtomicBool::new(false));
+        let stood = Arc::new(AtomicBool::new(false));
         let maintenance = tokio::spawn(maintain(
-            Arc::clone(&self.store),
-            self.maintenance_interval,
-            Arc::clone(&report),
+            Maintenance {
+                store: Arc::clone(&self.store),
+                every: self.maintenance_interval,
+                report: Arc::clone(&report),
+                candidate: self.elect_maintainer.then(|| self.id.clone()),
+                prune_after: self.prune_after,
+                maintaining: Arc::clone(&maintaining),
+                stood: Arc::clone(&stood),
+            },
             stop_rx.clone(),
         ));
         let queue_depth = self.queue_depth_interval.map(|every| {
             tokio::spawn(publish_queue_depth(
                 Arc::clone(&self.store),
                 every,
+                Arc::clone(&maintaining),
                 stop_rx.clone(),
             ))
         });
@@ -726,6 +789,15 @@ impl Worker {
         maintenance.abort();
         let _ = heartbeat.await;
         let _ = maintenance.await;
+        if stood.load(Ordering::SeqCst) {
+            // The next worker takes over at its next try, not when the term runs out.
+            let resign = self.store.resign(crate::MAINTENANCE_ROLE, &self.id);
+            match tokio::time::timeout(grace, resign).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "resigning the maintenance failed"),
+                Err(_) => tracing::warn!("resigning the maintenance did not finish in time"),
+            }
+        }
         if let Some(scheduler) = scheduler {
             scheduler.abort();
             let _ = scheduler.await;
@@ -1245,17 +1317,97 @@ async fn heartbeat_leases(
     }
 }
 
-async fn maintain(
+/// The maintenance's rhythm for an interval: a try for the role every fifth of it, a term
+/// of half of it (at least three tries, at most [`MAX_LEASE`](crate::MAX_LEASE)) — so a
+/// holder renews twice or more per term, and a dead holder's role is taken within
+/// seven tenths of an interval.
+fn maintenance_rhythm(every: Duration) -> (Duration, Duration) {
+    let tick = (every / 5).max(Duration::from_millis(10));
+    let term = (every / 2).max(tick * 3).min(crate::MAX_LEASE);
+    (tick, term)
+}
+
+/// What the maintenance task needs.
+struct Maintenance {
     store: Arc<dyn Store>,
     every: Duration,
     report: Arc<Mutex<WorkerReport>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = tokio::time::sleep(every) => {}
+    /// This worker's id, to stand for [`MAINTENANCE_ROLE`](crate::MAINTENANCE_ROLE);
+    /// `None`: maintain without an election.
+    candidate: Option<String>,
+    prune_after: Option<Duration>,
+    /// Whether this worker is the maintainer now.
+    maintaining: Arc<AtomicBool>,
+    /// Whether it may hold the role (it stood for it): it resigns at shutdown.
+    stood: Arc<AtomicBool>,
+}
+
+impl Maintenance {
+    /// Stands for the role — renews it when holding it; when not, looks at the holder
+    /// first (a read) and stands only when there is none — and updates `maintaining`.
+    async fn stand(&mut self, term: Duration) {
+        let Some(candidate) = self.candidate.clone() else {
+            self.set_maintaining(true);
+            return;
+        };
+        let role = crate::MAINTENANCE_ROLE;
+        let held = if self.maintaining.load(Ordering::SeqCst) {
+            self.store.elect(role, &candidate, term).await
+        } else {
+            match self.store.leader(role).await {
+                Ok(Some(holder)) if holder != candidate => Ok(false),
+                Ok(_) => {
+                    self.stood.store(true, Ordering::SeqCst);
+                    self.store.elect(role, &candidate, term).await
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let held = match held {
+            Ok(held) => held,
+            Err(Error::Unsupported { .. }) => {
+                tracing::info!(
+                    driver = self.store.driver(),
+                    "the store holds no elections: this worker maintains without one"
+                );
+                self.candidate = None;
+                self.stood.store(false, Ordering::SeqCst);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, "standing for the maintenance failed; not maintaining until it succeeds");
+                false
+            }
+        };
+        self.set_maintaining(held);
+    }
+
+    fn set_maintaining(&self, held: bool) {
+        if self.maintaining.swap(held, Ordering::SeqCst) != held {
+            let worker = self.candidate.clone().unwrap_or_default();
+            tracing::info!(
+                %worker,
+                "{}",
+                if held {
+                    "this worker now runs the maintenance"
+                } else {
+                    "another worker runs the maintenance now"
+                }
+            );
+            metrics::gauge!("fascicle_maintainer", "worker" => worker).set(if held {
+                1.0
+            } else {
+                0.0
+            });
         }
+    }
+
+    /// One round: rescue, reconcile, prune.
+    async fn round(
+        store: Arc<dyn Store>,
+        report: Arc<Mutex<WorkerReport>>,
+        prune_after: Option<Duration>,
+    ) {
         match store.rescue_expired_leases().await {
             Ok(rescued) => {
                 let n = rescued.requeued + rescued.failed + rescued.cancelled;
@@ -1271,7 +1423,66 @@ async fn maintain(
             }
             Err(error) => tracing::warn!(%error, "reconciling parents failed"),
         }
+        if let Some(age) = prune_after {
+            let before =
+                Utc::now() - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+            match store.prune(before).await {
+                Ok(pruned) => {
+                    let n = pruned.operations;
+                    report.lock().expect("report").pruned += n;
+                    metrics::counter!("fascicle_pruned_total").increment(n);
+                }
+                Err(error) => tracing::warn!(%error, "pruning failed"),
+            }
+        }
+        report.lock().expect("report").maintained += 1;
     }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn maintain(mut m: Maintenance, mut stop: watch::Receiver<bool>) {
+    // Stand for the role five times an interval; start a round when one is due. The
+    // round runs in a task of its own, so that the term is renewed while it runs, and it
+    // is stopped when the role is lost (its open transaction rolls back) or the worker
+    // stops. The first round is one interval after the start, as a worker always did.
+    let (tick, term) = maintenance_rhythm(m.every);
+    let tick = if m.candidate.is_some() { tick } else { m.every };
+    let mut last_round = tokio::time::Instant::now();
+    let mut running: Option<AbortOnDrop> = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = tokio::time::sleep(tick) => {}
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            () = m.stand(term) => {}
+        }
+        if !m.maintaining.load(Ordering::SeqCst) {
+            // Lost the role: a round still running stops here.
+            running = None;
+            continue;
+        }
+        if running.as_ref().is_some_and(|r| !r.0.is_finished()) || last_round.elapsed() < m.every {
+            continue;
+        }
+        last_round = tokio::time::Instant::now();
+        running = Some(AbortOnDrop(tokio::spawn(Maintenance::round(
+            Arc::clone(&m.store),
+            Arc::clone(&m.report),
+            m.prune_after,
+        ))));
+    }
+    drop(running);
+    m.set_maintaining(false);
 }
 
 /// The scheduler pass of a worker, every `every` until stopped
@@ -1295,19 +1506,33 @@ async fn run_schedules(queue: crate::Queue, every: Duration, mut stop: watch::Re
 async fn publish_queue_depth(
     store: Arc<dyn Store>,
     every: Duration,
+    maintaining: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The kinds this worker published: zeroed when another worker takes over.
+    let mut published: std::collections::BTreeSet<String> = Default::default();
     loop {
-        match store.stats().await {
-            Ok(stats) => {
-                for (kind, k) in &stats.kinds {
-                    metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "ready")
-                        .set(k.ready as f64);
-                    metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "processing")
-                        .set(k.processing as f64);
+        // Published by the maintainer only: one `stats` per interval for a deployment.
+        if maintaining.load(Ordering::SeqCst) {
+            match store.stats().await {
+                Ok(stats) => {
+                    for (kind, k) in &stats.kinds {
+                        metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "ready")
+                            .set(k.ready as f64);
+                        metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => "processing")
+                            .set(k.processing as f64);
+                        published.insert(kind.clone());
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "reading queue depth failed"),
+            }
+        } else {
+            for kind in std::mem::take(&mut published) {
+                for state in ["ready", "processing"] {
+                    metrics::gauge!("fascicle_queue_depth", "kind" => kind.clone(), "state" => state)
+                        .set(0.0);
                 }
             }
-            Err(error) => tracing::warn!(%error, "reading queue depth failed"),
         }
         tokio::select! {
             _ = stop.changed() => return,

@@ -4,6 +4,7 @@
 mod cancel;
 mod coverage;
 mod dependencies;
+mod election;
 mod flow;
 mod instances;
 mod lifecycle;
@@ -21,6 +22,7 @@ mod workflow;
 pub use cancel::*;
 pub use coverage::TRANSITION_CASES;
 pub use dependencies::*;
+pub use election::*;
 pub use flow::*;
 pub use instances::*;
 pub use lifecycle::*;

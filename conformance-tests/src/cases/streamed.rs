@@ -212,6 +212,102 @@ pub async fn streamed_batch_commits_every_child_in_order(store: Arc<dyn Store>) 
         streamed
     );
     assert_eq!(work(&store).await as usize, STREAMED + 2 + STREAM_CHUNK + 1);
+
+    // With a nested batch: the root's own child, the streamed ones, then the nested batch
+    // — in the receipt, in the store and to the notifiers. The limit counts every row of
+    // the tree with the streamed ones: exactly `max_children` go in, one more does not.
+    let before = work(&store).await as usize;
+    let tree = |own: OperationId, nested: OperationId, inner: [OperationId; 2]| {
+        NewBatch::new("streamed_tree")
+            .child(NewOperation::new("own", json!("own")).with_id(own))
+            .child_batch(NewBatch::new("nested").with_id(nested).children([
+                NewOperation::new("inner", json!(0)).with_id(inner[0]),
+                NewOperation::new("inner", json!(1)).with_id(inner[1]),
+            ]))
+    };
+    let recorder = Arc::new(Recorder::default());
+    // 4 rows in the tree below the root (own, nested, its 2) and 20 streamed.
+    let limited = Queue::new(Arc::clone(&store))
+        .with_notifier(recorder.clone())
+        .with_limits(Limits {
+            max_children: 24,
+            ..Limits::default()
+        });
+    let (own, nested, inner, streamed) = (OperationId::new(), OperationId::new(), ids(2), ids(20));
+    let receipt = limited
+        .submit_batch_from(
+            tree(own, nested, [inner[0], inner[1]]),
+            streamed
+                .clone()
+                .into_iter()
+                .enumerate()
+                .map(|(i, id)| child(i, id)),
+        )
+        .await
+        .unwrap();
+    let expected: Vec<OperationId> = std::iter::once(own)
+        .chain(streamed.iter().copied())
+        .chain(std::iter::once(nested))
+        .collect();
+    assert_eq!(receipt.child_ids, expected);
+    assert_eq!(
+        store.child_ids_of(receipt.parent_id).await.unwrap(),
+        expected
+    );
+    let root = store.get(receipt.parent_id).await.unwrap().unwrap();
+    assert_eq!(root.children.map(|c| c.total), Some(22));
+    let inner_batch = store.get(nested).await.unwrap().unwrap();
+    assert_eq!(inner_batch.children.map(|c| c.total), Some(2));
+    let told: Vec<OperationId> = recorder.0.lock().unwrap()[0].operation_ids.clone();
+    let in_order: Vec<OperationId> = std::iter::once(own)
+        .chain(streamed.iter().copied())
+        .chain(inner.iter().copied())
+        .collect();
+    assert_eq!(told, in_order, "notified in insertion order");
+    assert_eq!(work(&store).await as usize, before + 23);
+
+    let (own, nested, inner, streamed) = (OperationId::new(), OperationId::new(), ids(2), ids(21));
+    let result = limited
+        .submit_batch_from(
+            tree(own, nested, [inner[0], inner[1]]),
+            streamed.into_iter().enumerate().map(|(i, id)| child(i, id)),
+        )
+        .await;
+    match result {
+        Err(Error::InvalidInput(reason)) if reason.contains("more than 24 children") => {}
+        other => panic!("one row over the limit: expected InvalidInput, got {other:?}"),
+    }
+    // A streamed id repeating a nested batch's child.
+    let (own, nested, inner) = (OperationId::new(), OperationId::new(), ids(2));
+    let repeat = inner[1];
+    let result = limited
+        .submit_batch_from(
+            tree(own, nested, [inner[0], inner[1]]),
+            [child(0, OperationId::new()), child(1, repeat)],
+        )
+        .await;
+    match result {
+        Err(Error::InvalidInput(reason)) if reason.contains(&format!("repeats id {repeat}")) => {}
+        other => panic!("a streamed id repeating a nested child's: got {other:?}"),
+    }
+    assert!(store.get(own).await.unwrap().is_none());
+    assert_eq!(work(&store).await as usize, before + 23);
+
+    // A root of nested batches only, with an empty stream: a batch like any other.
+    let nested = OperationId::new();
+    let receipt = queue
+        .submit_batch_from(
+            NewBatch::new("streamed_nested_only").child_batch(
+                NewBatch::new("nested")
+                    .with_id(nested)
+                    .child(NewOperation::new("inner", json!(0))),
+            ),
+            std::iter::empty(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipt.child_ids, vec![nested]);
+    assert_eq!(work(&store).await as usize, before + 24);
 }
 
 /// Every way a streamed batch can fail after chunks of it reached the store — a refused
@@ -402,6 +498,8 @@ pub async fn streamed_batch_is_all_or_nothing(store: Arc<dyn Store>) {
     }
     assert!(store.get(parent).await.unwrap().is_none());
     assert_eq!(work(&store).await, 0);
+    // Looked at again after a while: nothing failed above was committed late either.
+    super::submit::assert_still_nothing_stored_after_a_while(&store, None, &[], (0, 0)).await;
 }
 
 /// While a streamed batch waits for its stream after a first chunk reached the store,
@@ -418,7 +516,7 @@ pub async fn streamed_batch_is_invisible_until_its_commit(store: Arc<dyn Store>)
             .map(|(i, id)| Ok(child(i, *id)))
             .collect(),
     );
-    // The first chunk is inserted when the stream gives item STREAM_CHUNK + 1.
+    // The first chunk is inserted once the stream has given STREAM_CHUNK items.
     stream.pause_at = Some(STREAM_CHUNK + 5);
     let paused = Arc::clone(&stream.paused);
     let resume = Arc::clone(&stream.resume);

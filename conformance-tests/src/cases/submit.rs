@@ -127,7 +127,7 @@ async fn let_late_writes_land() {
 /// Looked at again after a while ([`let_late_writes_land`]): the failed write's rows are
 /// still absent and the store still holds exactly `expected` (work, batches) — a case
 /// that looks only once, at once, misses a leak that lands moments later.
-async fn assert_still_nothing_stored_after_a_while(
+pub(crate) async fn assert_still_nothing_stored_after_a_while(
     store: &Arc<dyn Store>,
     parent: Option<OperationId>,
     ids: &[OperationId],

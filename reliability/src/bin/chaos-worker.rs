@@ -2,8 +2,9 @@
 //! `chaos-worker <database-url> <postgres-schema or -> <execution-log>`.
 //!
 //! Runs until killed (or until stdin closes, for a graceful stop), with short leases
-//! and frequent maintenance so that the operations of a killed worker are rescued
-//! within the test.
+//! and frequent maintenance (every 500 ms, in the elected process) so that the
+//! operations of a killed worker are rescued within the test. `CHAOS_WORKER_ID` sets the
+//! worker's id.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,25 @@ async fn main() {
     } else {
         fascicle::connect(url).await.expect("open")
     };
+    // `CHAOS_ROUNDS_LOG`: one line per maintenance round (its rescue call) — the worker's
+    // id and the call's start and end in microseconds since the epoch — for the processes
+    // test to check that rounds of two processes never overlap.
+    let store: Arc<dyn Store> = match std::env::var("CHAOS_ROUNDS_LOG") {
+        Ok(path) => Arc::new(fascicle::Layered::new(
+            store,
+            Rounds {
+                id: std::env::var("CHAOS_WORKER_ID").unwrap_or_default(),
+                log: Mutex::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(path)
+                        .expect("open the rounds log"),
+                ),
+            },
+        )),
+        Err(_) => store,
+    };
     let log = Arc::new(Mutex::new(
         std::fs::OpenOptions::new()
             .create(true)
@@ -59,7 +79,12 @@ async fn main() {
             }
         },
     );
-    let worker = Worker::new(store, registry)
+    let mut worker = Worker::new(store, registry);
+    // The id the processes test names each process by (the maintenance role's holder).
+    if let Ok(id) = std::env::var("CHAOS_WORKER_ID") {
+        worker = worker.id(id);
+    }
+    let worker = worker
         .concurrency(16)
         .claim_batch(16)
         .lease(Duration::from_secs(2))
@@ -76,5 +101,26 @@ async fn main() {
     if let Err(error) = worker.run(stop).await {
         eprintln!("worker stopped with an error: {error}");
         std::process::exit(1);
+    }
+}
+
+/// Logs each maintenance round of this process (see `CHAOS_ROUNDS_LOG`).
+#[derive(Debug)]
+struct Rounds {
+    id: String,
+    log: Mutex<std::fs::File>,
+}
+
+#[fascicle::async_trait]
+impl fascicle::Layer for Rounds {
+    fn after(&self, call: &fascicle::Call<'_>, _: Result<(), &fascicle::Error>, elapsed: Duration) {
+        if matches!(call, fascicle::Call::RescueExpiredLeases) {
+            let end = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after the epoch");
+            let start = end.saturating_sub(elapsed);
+            let line = format!("{} {} {}\n", self.id, start.as_micros(), end.as_micros());
+            let _ = self.log.lock().expect("log").write_all(line.as_bytes());
+        }
     }
 }
