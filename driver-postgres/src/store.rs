@@ -296,6 +296,24 @@ impl fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
+    /// After a prune that deleted rows: `VACUUM` the operations table, so that the space
+    /// of the deleted rows — and of the row versions claims and completions left — is
+    /// reused by the next inserts instead of growing the table until autovacuum's next
+    /// visit (a minute apart at its defaults: a table that work flows through held a
+    /// minute of traffic, 21.6x its live rows, in `fascicle-bench --only growth`).
+    /// `SKIP_LOCKED`: never waits for another vacuum. Not behind a transaction pooler,
+    /// where every statement runs in a transaction, which `VACUUM` refuses; a failure is
+    /// logged, the prune's deletions stand.
+    async fn vacuum_operations(&self) {
+        if self.sql.pooled {
+            return;
+        }
+        let sql = self.sql.text("VACUUM (SKIP_LOCKED) {s}.operations");
+        if let Err(error) = sqlx::raw_sql(sql).execute(&self.pool).await {
+            tracing::warn!(%error, "vacuuming the operations table after a prune failed");
+        }
+    }
+
     /// Connects to `url` with default options and migrates the `fascicle` schema.
     pub async fn connect(url: &str) -> Result<Self> {
         Self::connect_with(PostgresOptions::new(url)).await
@@ -1228,6 +1246,9 @@ impl Store for PostgresStore {
                 fascicle_api::PRUNE_CHUNK_ROWS,
             ))?;
             if chunk.is_empty() {
+                if !report.is_empty() {
+                    self.vacuum_operations().await;
+                }
                 return Ok(report);
             }
             report.add(chunk);
