@@ -27,10 +27,8 @@ fn runs(args: &Args) -> usize {
     if args.quick { 2 } else { args.runs.min(3) }
 }
 
-/// Drains `n` operations (of however many are stored) with one tuned worker; returns
-/// completions recorded per second.
-pub(crate) async fn drain(store: &Arc<dyn Store>, n: usize) -> Result<f64, BoxError> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+/// A registry whose `noop` handler counts its runs in the answered counter.
+pub(crate) fn counting_noop() -> (Registry, Arc<AtomicUsize>) {
     let ran = Arc::new(AtomicUsize::new(0));
     let mut registry = Registry::new();
     let counter = Arc::clone(&ran);
@@ -38,6 +36,14 @@ pub(crate) async fn drain(store: &Arc<dyn Store>, n: usize) -> Result<f64, BoxEr
         counter.fetch_add(1, Ordering::Relaxed);
         async { Ok::<_, HandlerError>(Value::Null) }
     });
+    (registry, ran)
+}
+
+/// Drains `n` operations (of however many are stored) with one tuned worker; returns
+/// completions recorded per second.
+pub(crate) async fn drain(store: &Arc<dyn Store>, n: usize) -> Result<f64, BoxError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (registry, ran) = counting_noop();
     let mut stop = stop_rx.clone();
     let worker = Worker::new(Arc::clone(store), registry)
         .concurrency(128)

@@ -336,7 +336,7 @@ async fn postgres_bound(store: &PostgresStore, n: usize) -> Result<f64, BoxError
 }
 
 /// Fills the store with `n` stand-alone no-op operations, 10,000 per `submit_many`.
-async fn fill_standalone(store: &Arc<dyn Store>, n: usize) -> Result<(), BoxError> {
+pub(crate) async fn fill_standalone(store: &Arc<dyn Store>, n: usize) -> Result<(), BoxError> {
     let queue = Queue::new(Arc::clone(store));
     let mut left = n;
     while left > 0 {
@@ -596,6 +596,20 @@ pub(crate) async fn fresh_postgres(url: &str) -> Fresh {
     });
     let store: Arc<dyn Store> = Arc::new(store);
     Ok((store, cleanup))
+}
+
+/// A PostgreSQL store in a fresh schema of its own (`fascicle_bench_<uuid>`) with at most
+/// `connections` connections; [`drop_schema`] removes it.
+pub(crate) async fn postgres_in_fresh_schema(
+    url: &str,
+    connections: u32,
+) -> Result<PostgresStore, BoxError> {
+    Ok(PostgresStore::connect_with(
+        PostgresOptions::new(url)
+            .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple()))
+            .max_connections(connections),
+    )
+    .await?)
 }
 
 pub(crate) async fn drop_schema(store: &PostgresStore) {

@@ -20,12 +20,12 @@
 //! The drain in a table of 1,000,000 pending is the `backlog` scenario.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fascicle_api::{HandlerError, NewOperation, Queue, Registry, Store, Worker};
-use fascicle_postgres::{PostgresOptions, PostgresStore};
-use serde_json::{Value, json};
+use fascicle_api::{NewOperation, Queue, Store, Worker};
+use fascicle_postgres::PostgresStore;
+use serde_json::json;
 use sqlx::AssertSqlSafe;
 
 use crate::backlog::drain;
@@ -38,26 +38,12 @@ fn size(args: &Args) -> usize {
 }
 
 async fn fresh(url: &str) -> Result<PostgresStore, BoxError> {
-    Ok(PostgresStore::connect_with(
-        PostgresOptions::new(url)
-            .schema(format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple()))
-            .max_connections(8),
-    )
-    .await?)
+    crate::drain::postgres_in_fresh_schema(url, 8).await
 }
 
 /// `n` pending no-op stand-alone operations, 10,000 a call.
 async fn fill(store: &PostgresStore, n: usize) -> Result<(), BoxError> {
-    let queue = Queue::new(Arc::new(store.clone()));
-    let mut left = n;
-    while left > 0 {
-        let take = left.min(10_000);
-        queue
-            .submit_many((0..take).map(|i| NewOperation::new("noop", json!({ "i": i }))))
-            .await?;
-        left -= take;
-    }
-    Ok(())
+    crate::drain::fill_standalone(&(Arc::new(store.clone()) as Arc<dyn Store>), n).await
 }
 
 async fn sql(store: &PostgresStore, text: String) -> Result<(), BoxError> {
@@ -90,13 +76,7 @@ async fn longest_gap(
     total: usize,
     beside: impl Future<Output = Result<(), BoxError>>,
 ) -> Result<(f64, f64), BoxError> {
-    let ran = Arc::new(AtomicUsize::new(0));
-    let mut registry = Registry::new();
-    let counter = Arc::clone(&ran);
-    registry.register("noop", move |_: Value, _| {
-        counter.fetch_add(1, Ordering::Relaxed);
-        async { Ok::<_, HandlerError>(Value::Null) }
-    });
+    let (registry, ran) = crate::backlog::counting_noop();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let worker = Worker::new(Arc::new(store.clone()), registry)
         .concurrency(128)
@@ -187,13 +167,7 @@ async fn bloat(url: &str, n: usize) -> Result<(f64, f64), BoxError> {
         fill(&store, n).await?;
         let mut submitted = n;
         let queue = Queue::new(Arc::new(store.clone()));
-        let ran = Arc::new(AtomicUsize::new(0));
-        let mut registry = Registry::new();
-        let counter = Arc::clone(&ran);
-        registry.register("noop", move |_: Value, _| {
-            counter.fetch_add(1, Ordering::Relaxed);
-            async { Ok::<_, HandlerError>(Value::Null) }
-        });
+        let (registry, ran) = crate::backlog::counting_noop();
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let worker = Worker::new(Arc::new(store.clone()), registry)
             .concurrency(128)

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fascicle_api::{NewBatch, NewOperation, Queue, Store};
-use fascicle_postgres::{PostgresOptions, PostgresStore};
 use fascicle_sqlite::SqliteStore;
 use serde_json::json;
 use sqlx::AssertSqlSafe;
@@ -144,13 +143,8 @@ pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
 
 pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>, BoxError> {
     let n = size(args);
-    let schema = format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple());
-    let store = PostgresStore::connect_with(
-        PostgresOptions::new(url)
-            .schema(schema.clone())
-            .max_connections(4),
-    )
-    .await?;
+    let store = crate::drain::postgres_in_fresh_schema(url, 4).await?;
+    let schema = store.schema().to_string();
     let table = format!("{schema}.raw_jobs");
     let outcome = async {
         create_raw_table(store.pool(), &table).await?;

@@ -12,10 +12,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fascicle_api::{NewOperation, Queue, Registry, Store, Worker};
+use fascicle_api::{Registry, Store, Worker};
 use fascicle_postgres::{PostgresOptions, PostgresStore};
 use fascicle_sqlite::SqliteStore;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::{Args, Measurement, Target, per_second};
 
@@ -85,15 +85,7 @@ async fn drain(
     n: usize,
     processes: usize,
 ) -> Result<f64, BoxError> {
-    let queue = Queue::new(Arc::clone(store));
-    let mut left = n;
-    while left > 0 {
-        let take = left.min(10_000);
-        queue
-            .submit_many((0..take).map(|i| NewOperation::new("noop", json!({ "i": i }))))
-            .await?;
-        left -= take;
-    }
+    crate::drain::fill_standalone(store, n).await?;
     let start = Instant::now();
     let mut children = (0..processes)
         .map(|_| spawn(url, schema))
@@ -153,13 +145,8 @@ pub(crate) async fn sqlite(args: &Args) -> Result<Vec<Measurement>, BoxError> {
 
 pub(crate) async fn postgres(args: &Args, url: &str) -> Result<Vec<Measurement>, BoxError> {
     let n = size(args);
-    let schema = format!("fascicle_bench_{}", uuid::Uuid::new_v4().simple());
-    let store = PostgresStore::connect_with(
-        PostgresOptions::new(url)
-            .schema(schema.clone())
-            .max_connections(4),
-    )
-    .await?;
+    let store = crate::drain::postgres_in_fresh_schema(url, 4).await?;
+    let schema = store.schema().to_string();
     let dyn_store: Arc<dyn Store> = Arc::new(store.clone());
     let outcome = async {
         let (mut four, mut one) = (Vec::new(), Vec::new());
