@@ -296,20 +296,36 @@ impl fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// After a prune that deleted rows: `VACUUM` the operations table, so that the space
-    /// of the deleted rows — and of the row versions claims and completions left — is
-    /// reused by the next inserts instead of growing the table until autovacuum's next
-    /// visit (a minute apart at its defaults: a table that work flows through held a
-    /// minute of traffic, 21.6x its live rows, in `fascicle-bench --only growth`).
-    /// `SKIP_LOCKED`: never waits for another vacuum. Not behind a transaction pooler,
-    /// where every statement runs in a transaction, which `VACUUM` refuses; a failure is
-    /// logged, the prune's deletions stand.
+    /// After a prune that deleted at least a chunk of rows: `VACUUM` the operations
+    /// table, so that the space of the deleted rows — and of the row versions claims and
+    /// completions left — is reused by the next inserts instead of growing the table until
+    /// autovacuum's next visit (a minute apart at its defaults: a table that work flows
+    /// through held a minute of traffic, 21.6x its live rows, in `fascicle-bench --only
+    /// growth`). `SKIP_LOCKED`: never waits for another vacuum or a migration. Without a
+    /// statement timeout (a store's `statement_timeout` would cancel it on a large
+    /// table). Skipped behind a transaction pooler (every statement of this store runs in
+    /// a transaction there). A failure is logged and the deletions stand; PostgreSQL's
+    /// own warnings (a role that does not own the table, a table skipped as locked) reach
+    /// sqlx's `sqlx::postgres::notice` log only.
     async fn vacuum_operations(&self) {
         if self.sql.pooled {
             return;
         }
-        let sql = self.sql.text("VACUUM (SKIP_LOCKED) {s}.operations");
-        if let Err(error) = sqlx::raw_sql(sql).execute(&self.pool).await {
+        let vacuum = async {
+            let mut conn = self.pool.acquire().await?;
+            sqlx::raw_sql(AssertSqlSafe("SET statement_timeout = 0"))
+                .execute(&mut *conn)
+                .await?;
+            let result = sqlx::raw_sql(self.sql.text("VACUUM (SKIP_LOCKED) {s}.operations"))
+                .execute(&mut *conn)
+                .await;
+            // Back to the connection's own setting (its startup value).
+            sqlx::raw_sql(AssertSqlSafe("RESET statement_timeout"))
+                .execute(&mut *conn)
+                .await?;
+            result.map(|_| ())
+        };
+        if let Err(error) = vacuum.await {
             tracing::warn!(%error, "vacuuming the operations table after a prune failed");
         }
     }
@@ -1246,7 +1262,8 @@ impl Store for PostgresStore {
                 fascicle_api::PRUNE_CHUNK_ROWS,
             ))?;
             if chunk.is_empty() {
-                if !report.is_empty() {
+                // A few rows are autovacuum's; a chunk's worth or more, ours.
+                if report.operations + report.batches >= fascicle_api::PRUNE_CHUNK_ROWS {
                     self.vacuum_operations().await;
                 }
                 return Ok(report);

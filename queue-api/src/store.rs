@@ -218,8 +218,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// only as a whole, once its parent is terminal; a child is never deleted alone. It
     /// deletes in transactions of about [`PRUNE_CHUNK_ROWS`](crate::PRUNE_CHUNK_ROWS)
     /// rows (whole batches, a larger batch alone), so workers never wait on it for long.
-    /// The PostgreSQL driver then vacuums the table when it deleted rows, so the space is
-    /// reused at once (not behind a transaction pooler).
+    /// The PostgreSQL driver then vacuums the table when it deleted a chunk's worth or
+    /// more, so that new rows can reuse the space before autovacuum's next visit (not
+    /// behind a transaction pooler).
     async fn prune(&self, completed_before: DateTime<Utc>) -> Result<PruneReport>;
 
     /// Takes or keeps `role` (such as [`MAINTENANCE_ROLE`](crate::MAINTENANCE_ROLE)) for

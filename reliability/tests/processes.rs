@@ -58,8 +58,12 @@ async fn run(driver: &str, store: Arc<dyn Store>, url: &str, schema: &str) {
     // The drain, watching who maintains.
     let started = Instant::now();
     let mut holders: BTreeSet<String> = BTreeSet::new();
-    // Counted once a first holder was seen (the processes start and stand meanwhile).
-    let mut unheld_looks = 0;
+    // Once a first holder was seen (the processes start and stand meanwhile): the longest
+    // time nobody held the role. A holder whose renewal waits too long (SQLite's one
+    // writer, shared by four busy processes) loses it and another takes it — a handover,
+    // not a failure — but the role is never left unheld for an interval.
+    let mut unheld_since: Option<Instant> = None;
+    let mut longest_unheld = Duration::ZERO;
     loop {
         let outstanding = store.stats().await.unwrap().work().outstanding();
         if outstanding == 0 {
@@ -72,9 +76,15 @@ async fn run(driver: &str, store: Arc<dyn Store>, url: &str, schema: &str) {
         match store.leader(MAINTENANCE_ROLE).await.unwrap() {
             Some(holder) => {
                 holders.insert(holder);
+                if let Some(since) = unheld_since.take() {
+                    longest_unheld = longest_unheld.max(since.elapsed());
+                }
             }
             None if holders.is_empty() => {}
-            None => unheld_looks += 1,
+            None => {
+                let since = *unheld_since.get_or_insert_with(Instant::now);
+                longest_unheld = longest_unheld.max(since.elapsed());
+            }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -164,9 +174,10 @@ async fn run(driver: &str, store: Arc<dyn Store>, url: &str, schema: &str) {
         .map(|(_, _, id)| id.as_str())
         .collect();
     eprintln!(
-        "RELIABILITY | {PROCESSES} processes, one backlog | {driver} | {OPERATIONS} | {} executions of {} operations | role held by {holders:?} during the drain | {} rounds by {maintainers:?}, {} overlapping | {:.0} ops/s | maintenance taken over by {successor} {} ms after {leader} was killed (interval {} ms)",
+        "RELIABILITY | {PROCESSES} processes, one backlog | {driver} | {OPERATIONS} | {} executions of {} operations | role held by {holders:?} during the drain, unheld at most {} ms | {} rounds by {maintainers:?}, {} overlapping | {:.0} ops/s | maintenance taken over by {successor} {} ms after {leader} was killed (interval {} ms)",
         lines.len(),
         distinct.len(),
+        longest_unheld.as_millis(),
         spans.len(),
         overlaps.len(),
         OPERATIONS as f64 / drained.as_secs_f64(),
@@ -181,9 +192,9 @@ async fn run(driver: &str, store: Arc<dyn Store>, url: &str, schema: &str) {
         distinct.len()
     );
     assert_eq!(not_completed, 0, "{driver}: operations not completed");
-    assert_eq!(
-        unheld_looks, 0,
-        "{driver}: nobody held the maintenance at times"
+    assert!(
+        longest_unheld < INTERVAL,
+        "{driver}: nobody held the maintenance for {longest_unheld:?} during the drain"
     );
     assert!(ids.contains(&successor));
     assert!(
