@@ -39,17 +39,24 @@ pub(crate) fn counting_noop() -> (Registry, Arc<AtomicUsize>) {
     (registry, ran)
 }
 
-/// Drains `n` operations (of however many are stored) with one tuned worker; returns
-/// completions recorded per second.
-pub(crate) async fn drain(store: &Arc<dyn Store>, n: usize) -> Result<f64, BoxError> {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+/// One tuned worker (concurrency 128, claim 128, polling every 5 ms, maintenance hourly)
+/// over [`counting_noop`], with its counter of runs.
+pub(crate) fn tuned_noop_worker(store: Arc<dyn Store>) -> (Worker, Arc<AtomicUsize>) {
     let (registry, ran) = counting_noop();
-    let mut stop = stop_rx.clone();
-    let worker = Worker::new(Arc::clone(store), registry)
+    let worker = Worker::new(store, registry)
         .concurrency(128)
         .claim_batch(128)
         .poll_interval(Duration::from_millis(5))
         .maintenance_interval(Duration::from_secs(3600));
+    (worker, ran)
+}
+
+/// Drains `n` operations (of however many are stored) with one tuned worker; returns
+/// completions recorded per second.
+pub(crate) async fn drain(store: &Arc<dyn Store>, n: usize) -> Result<f64, BoxError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (worker, ran) = tuned_noop_worker(Arc::clone(store));
+    let mut stop = stop_rx.clone();
     let start = Instant::now();
     let handle = tokio::spawn(worker.run(async move {
         let _ = stop.wait_for(|s| *s).await;

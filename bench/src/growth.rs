@@ -23,12 +23,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fascicle_api::{NewOperation, Queue, Store, Worker};
+use fascicle_api::{NewOperation, Queue, Store};
 use fascicle_postgres::PostgresStore;
 use serde_json::json;
 use sqlx::AssertSqlSafe;
 
-use crate::backlog::drain;
+use crate::backlog::{drain, tuned_noop_worker};
 use crate::{Args, Measurement, Target};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -76,13 +76,8 @@ async fn longest_gap(
     total: usize,
     beside: impl Future<Output = Result<(), BoxError>>,
 ) -> Result<(f64, f64), BoxError> {
-    let (registry, ran) = crate::backlog::counting_noop();
+    let (worker, ran) = tuned_noop_worker(Arc::new(store.clone()));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let worker = Worker::new(Arc::new(store.clone()), registry)
-        .concurrency(128)
-        .claim_batch(128)
-        .poll_interval(Duration::from_millis(5))
-        .maintenance_interval(Duration::from_secs(3600));
     let handle = tokio::spawn(worker.run(async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     }));
@@ -167,14 +162,11 @@ async fn bloat(url: &str, n: usize) -> Result<(f64, f64), BoxError> {
         fill(&store, n).await?;
         let mut submitted = n;
         let queue = Queue::new(Arc::new(store.clone()));
-        let (registry, ran) = crate::backlog::counting_noop();
-        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-        let worker = Worker::new(Arc::new(store.clone()), registry)
-            .concurrency(128)
-            .claim_batch(128)
-            .poll_interval(Duration::from_millis(5))
+        let (worker, ran) = tuned_noop_worker(Arc::new(store.clone()));
+        let worker = worker
             .maintenance_interval(Duration::from_secs(1))
             .prune_finished_after(Duration::from_secs(1));
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
         let handle = tokio::spawn(worker.run(async move {
             let _ = stop_rx.wait_for(|s| *s).await;
         }));
